@@ -1,0 +1,1 @@
+"""splitserve control plane: InferencePool CRD, reconciler and autoscaler."""

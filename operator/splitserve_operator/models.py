@@ -1,0 +1,295 @@
+"""The InferencePool API: pydantic models that are the single source of truth for the CRD.
+
+Field names are snake_case in Python and camelCase on the wire (Kubernetes convention);
+`crd.py` turns these models into the CustomResourceDefinition under crds/.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "splitserve.io"
+API_VERSION = "v1alpha1"
+KIND = "InferencePool"
+PLURAL = "inferencepools"
+
+# A Kubernetes resource quantity such as "500m", "2", "16Gi" or "1e3".
+Quantity = Annotated[
+    str,
+    Field(pattern=r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$", max_length=64),
+]
+# Free-form Kubernetes core objects (tolerations, affinity, env) that we pass through unchanged.
+KubeObject = dict[str, Any]
+
+
+class ApiModel(BaseModel):
+    """Base for every API object: camelCase aliases, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+
+class SecretKeyRef(ApiModel):
+    name: str = Field(min_length=1, description="Name of a Secret in the pool's namespace.")
+    key: str = Field("token", min_length=1, description="Key within the Secret.")
+
+
+class HubSource(ApiModel):
+    """Download weights from the Hugging Face hub at start-up."""
+
+    token_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret holding a hub token (HF_TOKEN), for gated or private models."
+    )
+    endpoint: str | None = Field(None, description="Hub endpoint (HF_ENDPOINT), e.g. a mirror.")
+
+
+class PvcSource(ApiModel):
+    """Weights already on a PersistentVolumeClaim, mounted read-only at `mountPath`."""
+
+    claim_name: str = Field(min_length=1, description="Name of the PersistentVolumeClaim.")
+    mount_path: str = Field("/models", pattern=r"^/", description="Where the claim is mounted.")
+    sub_path: str | None = Field(None, description="Sub-path of the volume to mount.")
+
+
+class HostPathSource(ApiModel):
+    """A node directory used as the Hugging Face cache (HF_HOME), e.g. pre-seeded by a DaemonSet."""
+
+    path: str = Field(pattern=r"^/", description="Directory on the node.")
+    mount_path: str = Field(
+        "/cache/huggingface", pattern=r"^/", description="Where it is mounted; HF_HOME points here."
+    )
+
+
+class ModelSource(ApiModel):
+    """Where weights come from: exactly one of hub, pvc, hostPath (hub when none is set)."""
+
+    hub: HubSource | None = None
+    pvc: PvcSource | None = None
+    host_path: HostPathSource | None = None
+
+    @model_validator(mode="after")
+    def _at_most_one(self) -> ModelSource:
+        chosen = [name for name in ("hub", "pvc", "host_path") if getattr(self, name) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"set only one model source, got {', '.join(chosen)}")
+        return self
+
+
+class ModelSpec(ApiModel):
+    name: str = Field(
+        min_length=1,
+        description="Hugging Face model id (org/name) or a path inside the container "
+        "(e.g. under a PVC's mountPath).",
+    )
+    served_name: str | None = Field(
+        None, description="Model name clients send in requests; defaults to `name`."
+    )
+    revision: str | None = Field(None, description="Hub revision: branch, tag or commit.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight and KV cache dtype; auto = bfloat16 on GPU, float32 on CPU."
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context window in tokens; defaults to the model's own."
+    )
+    source: ModelSource = Field(default_factory=ModelSource, description="Where weights come from.")
+
+
+class ReplicaBounds(ApiModel):
+    min: int = Field(1, ge=1, description="Fewest replicas; the autoscaler never goes below.")
+    max: int = Field(4, ge=1, description="Most replicas; the autoscaler never goes above.")
+    initial: int | None = Field(
+        None, ge=1, description="Replicas at creation, and always when autoscaling is disabled; "
+        "defaults to min."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReplicaBounds:
+        if self.min > self.max:
+            raise ValueError(f"replicas.min ({self.min}) must be <= replicas.max ({self.max})")
+        if self.initial is not None and not self.min <= self.initial <= self.max:
+            raise ValueError(
+                f"replicas.initial ({self.initial}) must lie within min..max ({self.min}..{self.max})"
+            )
+        return self
+
+    @property
+    def start(self) -> int:
+        return self.initial if self.initial is not None else self.min
+
+
+class ResourceRequirements(ApiModel):
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+    limits: dict[str, Quantity] = Field(
+        default_factory=dict,
+        description="GPUs as `nvidia.com/gpu: 1`, or any extended resource.",
+    )
+
+
+class Scheduling(ApiModel):
+    """Pod placement and environment, shared by every workload kind."""
+
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[KubeObject] = Field(default_factory=list, description="Core v1 Tolerations.")
+    affinity: KubeObject | None = Field(None, description="Core v1 Affinity.")
+    priority_class_name: str | None = None
+    env: list[KubeObject] = Field(default_factory=list, description="Core v1 EnvVars, added last.")
+
+
+class WorkerPoolSpec(Scheduling):
+    replicas: ReplicaBounds = Field(default_factory=ReplicaBounds)
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch; defaults to the CPU request, else torch's own."
+    )
+    args: list[str] = Field(default_factory=list, description="Extra `splitserve worker` flags.")
+
+
+class TtftSlo(ApiModel):
+    ttft_seconds: float = Field(1.0, gt=0, description="Time to first token the pool must meet.")
+    percentile: float = Field(0.9, gt=0, lt=1, description="Quantile the target applies to.")
+
+
+class ItlSlo(ApiModel):
+    itl_seconds: float = Field(0.05, gt=0, description="Inter-token latency the pool must meet.")
+    percentile: float = Field(0.9, gt=0, lt=1, description="Quantile the target applies to.")
+
+
+class PrefillPoolSpec(WorkerPoolSpec):
+    slo: TtftSlo = Field(default_factory=TtftSlo)
+    chunk_size: int = Field(
+        512, ge=16, description="Prompt tokens per forward pass; bounds activation memory."
+    )
+
+
+class DecodePoolSpec(WorkerPoolSpec):
+    slo: ItlSlo = Field(default_factory=ItlSlo)
+    max_num_seqs: int = Field(64, ge=1, description="Most sequences in one decode batch.")
+    kv_cache_bytes: Quantity | None = Field(
+        None, description="KV cache budget per replica, e.g. `40Gi`; defaults to 90% of free GPU "
+        "memory after weights, or 2Gi on CPU."
+    )
+
+
+class ServiceSpec(ApiModel):
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class RouterSpec(Scheduling):
+    replicas: int = Field(1, ge=1, description="Router replicas (stateless).")
+    service: ServiceSpec = Field(default_factory=ServiceSpec)
+
+
+class KvTransferSpec(ApiModel):
+    transport: Literal["tcp"] = Field("tcp", description="How KV caches travel prefill -> decode.")
+    port: int = Field(8001, ge=1, le=65535, description="Port decode workers receive KV caches on.")
+    timeout_seconds: float = Field(
+        60.0, gt=0, description="How long a decode worker waits for a request's KV cache."
+    )
+    max_transfer_bytes: Quantity = Field(
+        "8Gi", description="Largest KV cache accepted for one request."
+    )
+
+
+class ScalingRules(ApiModel):
+    """One direction of scaling, after the HPA `behavior` API."""
+
+    stabilization_window_seconds: int = Field(
+        0, ge=0, le=3600, description="Act on the most conservative recommendation seen in this window."
+    )
+    max_step: int = Field(4, ge=1, description="Most replicas added or removed per evaluation.")
+    max_step_percent: int = Field(
+        100, ge=1, description="Most replicas per evaluation as a percentage of current; "
+        "the larger of this and maxStep applies."
+    )
+
+
+def _default_scale_down() -> ScalingRules:
+    return ScalingRules(stabilization_window_seconds=300, max_step=1, max_step_percent=10)
+
+
+class AutoscalingSpec(ApiModel):
+    enabled: bool = True
+    interval_seconds: int = Field(15, ge=1, description="How often each pool is evaluated.")
+    window_seconds: int = Field(60, ge=10, description="Range of the Prometheus rate() queries.")
+    tolerance: float = Field(
+        0.1, ge=0, lt=1, description="No scaling while latency is within target*(1±tolerance)."
+    )
+    predictive: bool = Field(
+        True, description="Also size pools from request/token rates and measured per-replica capacity."
+    )
+    scale_up: ScalingRules = Field(default_factory=ScalingRules)
+    scale_down: ScalingRules = Field(default_factory=_default_scale_down)
+
+    @model_validator(mode="after")
+    def _window_covers_interval(self) -> AutoscalingSpec:
+        if self.window_seconds < self.interval_seconds:
+            raise ValueError(
+                f"autoscaling.windowSeconds ({self.window_seconds}) must be >= "
+                f"intervalSeconds ({self.interval_seconds})"
+            )
+        return self
+
+
+class InferencePoolSpec(ApiModel):
+    model: ModelSpec
+    image: str | None = Field(None, description="Worker image; defaults to the operator's setting.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    prefill: PrefillPoolSpec = Field(default_factory=PrefillPoolSpec)
+    decode: DecodePoolSpec = Field(default_factory=DecodePoolSpec)
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    kv_transfer: KvTransferSpec = Field(default_factory=KvTransferSpec)
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+
+
+# ---- status -----------------------------------------------------------------------------------
+
+ConditionType = Literal["Ready", "Progressing", "Degraded", "MetricsAvailable"]
+
+
+class Condition(ApiModel):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str | None = Field(None, description="RFC 3339 time the status flipped.")
+    observed_generation: int | None = None
+
+
+class PoolStatus(ApiModel):
+    replicas: int = 0
+    ready_replicas: int = 0
+    desired_replicas: int = 0
+    ready: str = Field("0/0", description="ready/desired, for printer columns.")
+    # The autoscaler's last decision, explained.
+    observed_latency_seconds: float | None = Field(
+        None, description="TTFT (prefill) or ITL (decode) at the SLO percentile."
+    )
+    target_latency_seconds: float | None = None
+    predicted_replicas: int | None = Field(None, description="Replicas the predictive planner asks for.")
+    predicted_load: float | None = Field(
+        None, description="Load the planner sized for: prompt tokens/s (prefill), streams (decode)."
+    )
+    reason: str | None = Field(None, description="Why desiredReplicas is what it is.")
+    last_scale_time: str | None = None
+
+
+class RouterStatus(ApiModel):
+    replicas: int = 0
+    ready_replicas: int = 0
+
+
+class InferencePoolStatus(ApiModel):
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    prefill: PoolStatus = Field(default_factory=PoolStatus)
+    decode: PoolStatus = Field(default_factory=PoolStatus)
+    router: RouterStatus = Field(default_factory=RouterStatus)
+    endpoint: str | None = Field(None, description="URL of the router's OpenAI-compatible API.")

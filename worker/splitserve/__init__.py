@@ -1,0 +1,1 @@
+"""splitserve data plane: engine, KV transfer, router and workers."""
