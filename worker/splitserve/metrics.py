@@ -81,7 +81,7 @@ class Metrics:
         self.prefill_tokens = counter("splitserve_prefill_tokens_total",
                                       "Prompt tokens this worker computed (capacity = rate / busy time).")
         self.decode_tokens = counter("splitserve_decode_tokens_total",
-                                     "Tokens this worker's decode steps produced (batch size = rate / steps).")
+                                     "Tokens produced by decode steps (batch size = rate / steps).")
         for outcome in (OUTCOME_SUCCESS, OUTCOME_CLIENT_ERROR, OUTCOME_SERVER_ERROR, OUTCOME_CANCELLED):
             self._requests.labels(**values, outcome=outcome)
 
