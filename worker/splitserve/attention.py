@@ -51,8 +51,13 @@ class PackedBatch:
         return ends.to(device)
 
     def attend(
-        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-        scale: float, window: int | None,
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scale: float,
+        window: int | None,
     ) -> torch.Tensor:
         """query `[Hq, N, D]`, key/value `[H, N, D]` of the new tokens -> output `[N, Hq, D]`."""
         keys_new, values_new = key.split(self.lengths, dim=1), value.split(self.lengths, dim=1)
@@ -69,7 +74,7 @@ class PackedBatch:
         offset = 0
         for segment in self.segments:
             end = segment.start + segment.length
-            begin = max(0, end - window) if window else 0
+            begin = max(0, segment.start + 1 - window) if window else 0  # the first query's window
             keys = segment.kv.keys[layer][:, begin:end]  # [H, T, D]
             values = segment.kv.values[layer][:, begin:end]  # [H, T, D]
             q = query[:, offset : offset + segment.length]  # [Hq, n, D]
@@ -78,8 +83,12 @@ class PackedBatch:
             else:
                 mask = _causal_mask(segment.start, segment.length, begin, end, window, q.device)
                 attended = F.scaled_dot_product_attention(
-                    q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
-                    attn_mask=mask, scale=scale, enable_gqa=True,
+                    q.unsqueeze(0),
+                    keys.unsqueeze(0),
+                    values.unsqueeze(0),
+                    attn_mask=mask,
+                    scale=scale,
+                    enable_gqa=True,
                 )  # [1, Hq, n, D]
                 out[offset : offset + segment.length] = attended[0].transpose(0, 1)
             offset += segment.length
@@ -129,7 +138,8 @@ def ragged_attention(
     if not isinstance(batch, PackedBatch):
         raise RuntimeError(f"{ATTENTION_NAME} attention needs a PackedBatch in `{BATCH_KWARG}`")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    window = getattr(module, "sliding_window", None)
+    # Mistral passes the window as a kwarg, Qwen2/Gemma-style layers carry it as an attribute.
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     layer: int = module.layer_idx  # type: ignore[assignment]
     output = batch.attend(layer, query[0], key[0], value[0], scale, window)
     return output.unsqueeze(0), None

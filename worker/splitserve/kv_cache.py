@@ -39,8 +39,13 @@ class SequenceKV:
         self.capacity = capacity
         self.length = 0
         self.data = torch.empty(  # [L, 2, H, T, D]
-            layout.num_layers, 2, layout.num_kv_heads, capacity, layout.head_dim,
-            dtype=layout.dtype, device=device,
+            layout.num_layers,
+            2,
+            layout.num_kv_heads,
+            capacity,
+            layout.head_dim,
+            dtype=layout.dtype,
+            device=device,
         )
         # Views built once: the attention loop indexes these every step of every layer.
         self.keys = [self.data[layer, 0] for layer in range(layout.num_layers)]  # each [H, T, D]

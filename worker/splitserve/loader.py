@@ -58,8 +58,15 @@ def load_model(config: EngineConfig) -> LoadedModel:
         torch.set_num_threads(config.threads)
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
-    log.info("loading model", extra={"model": config.model, "revision": config.revision,
-                                     "device": str(device), "dtype": str(dtype)})
+    log.info(
+        "loading model",
+        extra={
+            "model": config.model,
+            "revision": config.revision,
+            "device": str(device),
+            "dtype": str(dtype),
+        },
+    )
     started = time.monotonic()
     tokenizer = load_tokenizer(config.model, config.revision)
     model = AutoModelForCausalLM.from_pretrained(
@@ -68,18 +75,10 @@ def load_model(config: EngineConfig) -> LoadedModel:
     model.eval()
     text_config = model.config.get_text_config()
     _check_supported(model, text_config)
-    layout = KVLayout(
-        num_layers=text_config.num_hidden_layers,
-        num_kv_heads=getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
-        head_dim=getattr(text_config, "head_dim", None)
-        or text_config.hidden_size // text_config.num_attention_heads,
-        dtype=dtype,
-    )
+    layout = kv_layout(text_config, dtype)
     model_limit = int(text_config.max_position_embeddings)
     if config.max_model_len and config.max_model_len > model_limit:
-        raise ValueError(
-            f"max_model_len {config.max_model_len} exceeds the model's {model_limit} positions"
-        )
+        raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's {model_limit} positions")
     loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -89,13 +88,27 @@ def load_model(config: EngineConfig) -> LoadedModel:
         eos_token_ids=_eos_ids(model, tokenizer),
         kv_budget_bytes=config.kv_cache_bytes or _default_kv_budget(device),
     )
-    log.info("model loaded", extra={
-        "seconds": round(time.monotonic() - started, 2),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "kv_bytes_per_token": layout.bytes_per_token,
-        "kv_budget_tokens": loaded.kv_budget_bytes // layout.bytes_per_token,
-    })
+    log.info(
+        "model loaded",
+        extra={
+            "seconds": round(time.monotonic() - started, 2),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "kv_bytes_per_token": layout.bytes_per_token,
+            "kv_budget_tokens": loaded.kv_budget_bytes // layout.bytes_per_token,
+        },
+    )
     return loaded
+
+
+def kv_layout(text_config: Any, dtype: torch.dtype) -> KVLayout:
+    """KV shape from a transformers config (num_key_value_heads and head_dim are optional there)."""
+    heads = text_config.num_attention_heads
+    return KVLayout(
+        num_layers=text_config.num_hidden_layers,
+        num_kv_heads=getattr(text_config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // heads,
+        dtype=dtype,
+    )
 
 
 def _check_supported(model: PreTrainedModel, text_config: Any) -> None:

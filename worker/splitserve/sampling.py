@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .params import SamplingParams
+from .params import FinishReason, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -23,9 +23,7 @@ class SamplingRow:
     generated: int  # tokens this sequence already produced (0 for the first token)
 
 
-def sample(
-    logits: torch.Tensor, rows: Sequence[SamplingRow], stop_ids: frozenset[int]
-) -> list[int]:
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], stop_ids: frozenset[int]) -> list[int]:
     """logits `[S, V]` (one row per sequence) -> one token id per sequence.
 
     `stop_ids` (the model's EOS tokens) are masked, together with a request's stop_token_ids,
@@ -62,6 +60,18 @@ def _sample_row(logits: torch.Tensor, row: SamplingRow, generator: torch.Generat
         generator.manual_seed(_row_seed(params.seed, row.generated))
         return int(torch.multinomial(probs, 1, generator=generator))
     return int(torch.multinomial(probs, 1))
+
+
+def finish_reason(
+    params: SamplingParams, stop_ids: frozenset[int], token: int, generated: int
+) -> FinishReason | None:
+    """Whether a sequence ends with `token`, its `generated`-th token (stop strings are the frontend's).
+
+    `sample` masks stop tokens until `min_tokens`, so none can show up here before then.
+    """
+    if token in params.stop_token_ids or (token in stop_ids and not params.ignore_eos):
+        return "stop"
+    return "length" if generated >= params.max_tokens else None
 
 
 def _row_seed(seed: int, generated: int) -> int:
