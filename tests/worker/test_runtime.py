@@ -10,6 +10,7 @@ import pytest
 
 from splitserve.config import EngineConfig, Role
 from splitserve.engine import Engine
+from splitserve.internal_api import Load
 from splitserve.loader import load_model
 from splitserve.metrics import Metrics
 from splitserve.params import GenerationChunk, GenerationError, GenerationRequest, SamplingParams
@@ -75,7 +76,7 @@ async def test_concurrent_requests_batch_and_match_generate(
         expected = reference.greedy(prompt, 12)
         assert tokens == expected
         assert finish == ("length" if len(expected) == 12 else "stop")
-    assert both.budget.reserved_tokens == 0 and both.load()["waiting"] == 0
+    assert both.budget.reserved_tokens == 0 and both.load().waiting == 0
 
 
 async def test_requests_queue_when_the_kv_budget_is_full(
@@ -134,11 +135,7 @@ async def test_closing_a_stream_aborts_and_frees_its_kv(both: EngineRuntime) -> 
         if both.budget.reserved_tokens == 0:
             break
         await asyncio.sleep(0.01)
-    assert both.budget.reserved_tokens == 0 and both.load() == {
-        "running": 0,
-        "waiting": 0,
-        "kv_cache_usage": 0.0,
-    }
+    assert both.budget.reserved_tokens == 0 and both.load() == Load(running=0, waiting=0, kv_cache_usage=0.0)
     tokens, _ = await collect(both.generate(request([5, 6, 7], rid="after")))
     assert tokens  # the engine keeps serving
 

@@ -20,6 +20,7 @@ from typing import Literal
 
 from .config import EngineConfig, Role
 from .engine import Engine
+from .internal_api import Load
 from .kv_cache import KVBudget, SequenceKV
 from .metrics import Metrics
 from .params import GenerationChunk, GenerationError, GenerationRequest, SamplingParams
@@ -83,16 +84,12 @@ class EngineRuntime:
     async def close(self) -> None:
         await asyncio.to_thread(self.engine_loop.stop)
 
-    def load(self) -> dict[str, float]:
+    def load(self) -> Load:
         """What /load reports and the router's least-loaded choice reads."""
         queued = self.engine_loop.queued
         in_engine = sum(1 for stream in self._streams.values() if stream.in_engine)
         admitting = sum(1 for stream in self._streams.values() if not stream.reserved and not stream.closed)
-        return {
-            "running": in_engine - queued,
-            "waiting": admitting + queued,
-            "kv_cache_usage": self.budget.usage,
-        }
+        return Load(running=in_engine - queued, waiting=admitting + queued, kv_cache_usage=self.budget.usage)
 
     # ---- both ---------------------------------------------------------------------------------
 
@@ -283,5 +280,5 @@ class EngineRuntime:
 
     def _update_gauges(self) -> None:
         load = self.load()
-        self.metrics.requests_waiting.set(load["waiting"])
-        self.metrics.kv_cache_usage.set(load["kv_cache_usage"])
+        self.metrics.requests_waiting.set(load.waiting)
+        self.metrics.kv_cache_usage.set(load.kv_cache_usage)

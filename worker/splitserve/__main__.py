@@ -1,0 +1,7 @@
+"""`python -m splitserve` is the `splitserve` console script (tests and containers use either)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
