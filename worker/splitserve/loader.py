@@ -8,7 +8,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from . import attention
 from .config import EngineConfig
@@ -76,15 +82,12 @@ def load_model(config: EngineConfig) -> LoadedModel:
     text_config = model.config.get_text_config()
     _check_supported(model, text_config)
     layout = kv_layout(text_config, dtype)
-    model_limit = int(text_config.max_position_embeddings)
-    if config.max_model_len and config.max_model_len > model_limit:
-        raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's {model_limit} positions")
     loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,
         layout=layout,
         device=device,
-        max_model_len=config.max_model_len or model_limit,
+        max_model_len=_context_length(config, text_config),
         eos_token_ids=_eos_ids(model, tokenizer),
         kv_budget_bytes=config.kv_cache_bytes or _default_kv_budget(device),
     )
@@ -98,6 +101,19 @@ def load_model(config: EngineConfig) -> LoadedModel:
         },
     )
     return loaded
+
+
+def context_length(config: EngineConfig) -> int:
+    """The context window the worker will serve, from the model's config alone (no weights loaded)."""
+    model_config = AutoConfig.from_pretrained(config.model, revision=config.revision)
+    return _context_length(config, model_config.get_text_config())
+
+
+def _context_length(config: EngineConfig, text_config: Any) -> int:
+    model_limit = int(text_config.max_position_embeddings)
+    if config.max_model_len and config.max_model_len > model_limit:
+        raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's {model_limit} positions")
+    return config.max_model_len or model_limit
 
 
 def kv_layout(text_config: Any, dtype: torch.dtype) -> KVLayout:
