@@ -1,0 +1,44 @@
+# Two commands matter to a newcomer:
+#   make demo   set up, run the tiny pool locally and stream one completion (TTFT and ITL printed)
+#   make test   everything CI runs: lint, types and every test, installing what they need
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Debian's prometheus for the autoscaling tests; apt-get needs root (CI) or sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test install lint typecheck pytest prometheus crds
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[test,bench]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/splitserve up examples/local.yaml --demo
+
+prometheus:
+	@command -v prometheus >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@# the package starts a system service on :9090; the tests start their own on free ports
+	@$(SUDO) service prometheus stop >/dev/null 2>&1 || true
+
+lint: install
+	$(BIN)/ruff check operator worker tests bench
+	$(BIN)/ruff format --check operator worker tests bench
+
+typecheck: install
+	$(BIN)/mypy
+
+crds: install
+	$(BIN)/python -m splitserve_operator.crd --out crds/
+
+pytest: install prometheus
+	$(BIN)/pytest
+
+test: lint typecheck pytest
