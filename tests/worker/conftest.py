@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 from aiohttp import web
@@ -13,7 +14,10 @@ from splitserve.http import RunningApp, start_app
 from splitserve.loader import load_tokenizer
 from splitserve.tiny_model import write_tiny_model
 
-Serve = Callable[[web.Application], Awaitable[RunningApp]]
+
+class Serve(Protocol):
+    def __call__(self, app: web.Application, *, host: str = "127.0.0.1", port: int = 0
+                 ) -> Awaitable[RunningApp]: ...
 
 
 @pytest.fixture(scope="session")
@@ -32,8 +36,8 @@ async def serve() -> AsyncIterator[Serve]:
     """Start aiohttp apps on 127.0.0.1 (free ports) the way production serves them; stop at teardown."""
     running: list[RunningApp] = []
 
-    async def start(app: web.Application) -> RunningApp:
-        running.append(await start_app(app, host="127.0.0.1", port=0, shutdown_timeout=1.0))
+    async def start(app: web.Application, *, host: str = "127.0.0.1", port: int = 0) -> RunningApp:
+        running.append(await start_app(app, host=host, port=port, shutdown_timeout=1.0))
         return running[-1]
 
     yield start

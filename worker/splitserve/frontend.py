@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DEFAULT_MAX_BODY_BYTES = 32 << 20  # a full long-context prompt as JSON token ids, batched, fits
 _DONE = b"data: [DONE]\n\n"
+CLEANUP_GRACE_S = 5.0  # how long finished generations may take to close their backend streams
 
 
 def build_openai_app(backend: GenerationBackend, tokenizer: PreTrainedTokenizerBase, *,
@@ -271,19 +272,20 @@ class _OpenAIApi:
         queue: asyncio.Queue[_Event] = asyncio.Queue(maxsize=2 * len(plan.choices))
         tasks = [asyncio.create_task(self._produce(index, choice, queue))
                  for index, choice in enumerate(plan.choices)]
+        outcome = OUTCOME_CANCELLED
         try:
             if plan.stream:
-                return await self._stream(request, plan, queue, timing)
-            return await self._collect(plan, queue, timing), OUTCOME_SUCCESS
+                response, outcome = await self._stream(request, plan, queue, timing)
+            else:
+                response, outcome = await self._collect(plan, queue, timing), OUTCOME_SUCCESS
+            return response, outcome
         except GenerationError as error:  # nothing was sent yet: a plain error response
             log.warning("request failed", extra={"request_id": plan.reply_id, "status": error.status,
                                                  "error": error.message})
             body = _generation_error_body(error)
             return web.json_response(body, status=error.status), _outcome_of(error)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _finish(tasks, graceful=outcome == OUTCOME_SUCCESS)
 
     async def _produce(self, index: int, request: GenerationRequest, queue: asyncio.Queue[_Event]) -> None:
         """Drive one choice's backend stream; closing it early (stop string, cancel) aborts the generation."""
@@ -429,6 +431,21 @@ async def _read_json_body(request: web.Request) -> bytes:
     if content_type != "application/json" and not content_type.endswith("+json"):
         raise ProtocolError(f"Content-Type must be application/json, not {content_type!r}", status=415)
     return await request.read()  # over client_max_size: aiohttp raises 413, rendered by the middleware
+
+
+async def _finish(tasks: list[asyncio.Task[None]], *, graceful: bool) -> None:
+    """End every choice's task. After success they are only closing their backend streams: let them,
+    for a bounded time, rather than cancel that cleanup halfway. Otherwise cancel them at once."""
+    try:
+        if graceful:
+            await asyncio.wait(tasks, timeout=CLEANUP_GRACE_S)
+    finally:
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                log.error("closing a generation failed", exc_info=result)
 
 
 async def _aclose(iterator: AsyncIterator[Any]) -> None:

@@ -24,6 +24,7 @@ class RunningApp:
     runner: web.AppRunner
     host: str
     port: int
+    closed: bool = False
 
     @property
     def url(self) -> str:
@@ -31,8 +32,10 @@ class RunningApp:
         return f"http://{host}:{self.port}"
 
     async def close(self) -> None:
-        """Stop listening, drain in-flight requests (bounded), run the app's cleanup hooks."""
-        await self.runner.cleanup()
+        """Stop listening, drain in-flight requests (bounded), run the app's cleanup hooks. Idempotent."""
+        if not self.closed:
+            self.closed = True
+            await self.runner.cleanup()
 
 
 async def start_app(app: web.Application, *, host: str = "127.0.0.1", port: int = 0,
