@@ -36,6 +36,7 @@ class _FakeWorker:
     def __init__(self) -> None:
         self.running: RunningApp | None = None
         self.disconnected: set[str] = set()  # request ids whose connection went away mid-request
+        self.health_delay = 0.0  # a worker whose loop is busy answers late
         self._active: dict[int, web.Request] = {}  # id() -> request: requests are not hashable
 
     @property
@@ -55,6 +56,7 @@ class _FakeWorker:
         return app
 
     async def _health(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(self.health_delay)
         return web.json_response({"status": "ok"})
 
     async def _load(self, request: web.Request) -> web.Response:
@@ -83,13 +85,15 @@ class FakeDecode(_FakeWorker):
     async def start(self, serve: Serve, *, host: str = "127.0.0.1", port: int = 0) -> FakeDecode:
         self._kv_server = await asyncio.start_server(self._receive_kv, host, 0)
         self.kv_port = self._kv_server.sockets[0].getsockname()[1]
-        self.running = await serve(self._app("/internal/decode", self._decode), host=host, port=port)
+        app = self._app("/internal/decode", self._decode)
+        app.on_cleanup.append(self._close_kv_port)
+        self.running = await serve(app, host=host, port=port)
         return self
 
-    async def die(self) -> None:
+    async def _close_kv_port(self, app: web.Application) -> None:
         assert self._kv_server is not None
         self._kv_server.close()
-        await super().die()
+        await self._kv_server.wait_closed()
 
     async def _receive_kv(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         message = json.loads(await reader.readline())

@@ -17,9 +17,16 @@ import pytest
 from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
-from splitserve.endpoints import Endpoint, Seed, pick_least_loaded, read_discovery_file
+from splitserve.endpoints import (
+    SLOW_PROBES_TOLERATED,
+    Endpoint,
+    Seed,
+    pick_least_loaded,
+    probe,
+    read_discovery_file,
+)
 from splitserve.metrics import Metrics
-from splitserve.router import BACKEND_KEY, RouterBackend, RouterSettings, build_router_app
+from splitserve.router import BACKEND_KEY, RouterBackend, RouterSettings, build_router_app, model_max_len
 
 from .conftest import Serve
 from .fake_workers import FakeDecode, FakePrefill, expected_tokens
@@ -333,3 +340,26 @@ def test_settings_and_discovery_file_validation(tmp_path: Path) -> None:
         read_discovery_file(path)
     path.write_text('{"prefill": ["http://a:1"], "decode": ["b:2"]}')
     assert read_discovery_file(path) == {"prefill": [Seed("a", 1)], "decode": [Seed("b", 2)]}
+
+
+async def test_slow_health_answers_are_tolerated_a_refused_one_is_not(serve: Serve) -> None:
+    worker = await FakeDecode().start(serve)
+    worker.health_delay = 0.3
+    endpoint = Endpoint("decode", "127.0.0.1", worker.port, healthy=True)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(SLOW_PROBES_TOLERATED - 1):
+            await probe(session, endpoint, 0.05)
+        assert endpoint.healthy
+        await probe(session, endpoint, 0.05)
+        assert not endpoint.healthy
+        worker.health_delay = 0.0
+        await probe(session, endpoint, 1.0)
+        assert endpoint.healthy and endpoint.slow_probes == 0
+        await worker.die()
+        await probe(session, endpoint, 1.0)
+        assert not endpoint.healthy
+
+
+def test_context_window_comes_from_the_model_config(tiny_model: Path) -> None:
+    settings = RouterSettings(model=str(tiny_model), prefill=["http://a:1"], decode=["http://b:2"])
+    assert model_max_len(settings) == 8192

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 Role = Literal["prefill", "decode"]
 ROLES: tuple[Role, ...] = ("prefill", "decode")
 Resolver = Callable[[str, int], Awaitable[list[str]]]
+# A worker busy with a long forward pass may answer a probe late: only this many timeouts in a row
+# make it unhealthy. A refused connection (the process is gone) or a 503 counts at once.
+SLOW_PROBES_TOLERATED = 3
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class Endpoint:
     reported_load: int = 0  # its own running + waiting, from the last /load poll
     kv_cache_usage: float = 0.0
     last_pick: int = 0  # least recently picked wins a tie, so equal workers take turns
+    slow_probes: int = 0  # consecutive probes that timed out
 
     @property
     def url(self) -> str:
@@ -203,9 +207,15 @@ async def probe(session: aiohttp.ClientSession, endpoint: Endpoint, limit_s: flo
                     load = await response.json()
                     endpoint.reported_load = int(load.get("running", 0)) + int(load.get("waiting", 0))
                     endpoint.kv_cache_usage = float(load.get("kv_cache_usage", 0.0))
-    except (aiohttp.ClientError, OSError, TimeoutError, ValueError, TypeError, AttributeError) as exc:
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        endpoint.slow_probes += 1
+        if endpoint.slow_probes >= SLOW_PROBES_TOLERATED:
+            endpoint.mark_unhealthy(f"{endpoint.slow_probes} health probes timed out: {exc!r}")
+        return
+    except (aiohttp.ClientError, OSError, ValueError, TypeError, AttributeError) as exc:
         endpoint.mark_unhealthy(f"health probe failed: {exc!r}")
         return
+    endpoint.slow_probes = 0
     if not ready:
         endpoint.mark_unhealthy("not ready")
     elif not endpoint.healthy:

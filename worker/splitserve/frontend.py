@@ -262,7 +262,11 @@ class _OpenAIApi:
                 outcome = OUTCOME_CLIENT_ERROR
                 raise
             self._metrics.prompt_tokens.inc(plan.prompt_tokens)
-            response, outcome = await self._run(request, plan, _Timing(self._metrics, arrival))
+            try:
+                response, outcome = await self._run(request, plan, _Timing(self._metrics, arrival))
+            except Exception:
+                outcome = OUTCOME_SERVER_ERROR
+                raise
             return response
         finally:
             self._metrics.request_finished(outcome)

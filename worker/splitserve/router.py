@@ -157,8 +157,8 @@ class RouterBackend:
         await self._probe(added)
 
     async def _probe(self, endpoints: list[Endpoint]) -> None:
-        timeout = min(self.settings.connect_timeout_s, max(self.settings.health_interval_s, 0.5))
-        await asyncio.gather(*(probe(self.session, e, timeout) for e in endpoints))
+        limit_s = self.settings.connect_timeout_s
+        await asyncio.gather(*(probe(self.session, endpoint, limit_s) for endpoint in endpoints))
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -362,11 +362,11 @@ class _Handoff:
 
 
 async def _raise_worker_error(response: aiohttp.ClientResponse, endpoint: Endpoint) -> None:
-    """A worker refused: 4xx is the request's fault (returned as is), anything else is worth a retry."""
+    """A worker refused: 4xx is the request's fault (returned as is); 429, 5xx are worth a retry elsewhere."""
     message = response.reason or "no reason given"
     with contextlib.suppress(Exception):
         message = str((await response.json())["error"]["message"])
-    if 400 <= response.status < 500:
+    if 400 <= response.status < 500 and response.status != 429:
         raise GenerationError(message, status=response.status, kind="invalid_request_error")
     retry = f"{endpoint.role} worker {endpoint.url} answered {response.status}: {message}"
     if endpoint.role == "prefill":
