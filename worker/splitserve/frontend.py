@@ -13,7 +13,6 @@ Metrics are what the client sees: TTFT when the first token is written, ITL betw
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -31,21 +30,14 @@ from .metrics import (
     OUTCOME_SUCCESS,
     Metrics,
 )
-from .params import GenerationBackend, GenerationError, GenerationRequest
+from .params import FinishReason, GenerationBackend, GenerationError, GenerationRequest
 from .protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     MAX_CHOICES,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatResponseMessage,
-    CompletionChoice,
     CompletionRequest,
-    CompletionResponse,
     ProtocolError,
-    Usage,
+    Replies,
     chat_messages,
     check_token_ids,
     completion_prompts,
@@ -53,6 +45,7 @@ from .protocol import (
     parse_chat_request,
     parse_completion_request,
     sampling_params,
+    sse,
 )
 
 if TYPE_CHECKING:
@@ -291,6 +284,10 @@ class _OpenAIApi:
         finally:
             await _finish(tasks, graceful=outcome == OUTCOME_SUCCESS)
 
+    def _replies(self, plan: _Plan) -> Replies:
+        return Replies(plan.reply_id, self._model, chat=plan.chat, prompt_tokens=plan.prompt_tokens,
+                       include_usage=plan.include_usage)
+
     async def _produce(self, index: int, request: GenerationRequest, queue: asyncio.Queue[_Event]) -> None:
         """Drive one choice's backend stream; closing it early (stop string, cancel) aborts the generation."""
         output = OutputStream(self._tokenizer, request.prompt_token_ids, request.sampling)
@@ -314,7 +311,7 @@ class _OpenAIApi:
     async def _collect(self, plan: _Plan, queue: asyncio.Queue[_Event], timing: _Timing) -> web.Response:
         texts = [""] * len(plan.choices)
         tokens = [0] * len(plan.choices)
-        finishes: list[Any] = [None] * len(plan.choices)
+        finishes: list[FinishReason | None] = [None] * len(plan.choices)
         while any(finish is None for finish in finishes):
             event = await queue.get()
             if event.error is not None:
@@ -325,24 +322,14 @@ class _OpenAIApi:
             tokens[event.index] += event.delta.tokens
             finishes[event.index] = event.delta.finish_reason
         timing.finished()
-        usage = _usage(plan, sum(tokens))
-        head = {"id": plan.reply_id, "created": int(time.time()), "model": self._model, "usage": usage}
-        results = list(enumerate(zip(texts, finishes, strict=True)))
-        body: CompletionResponse | ChatCompletionResponse
-        if plan.chat:
-            body = ChatCompletionResponse(**head, choices=[
-                ChatChoice(index=i, message=ChatResponseMessage(content=text), finish_reason=finish)
-                for i, (text, finish) in results])
-        else:
-            body = CompletionResponse(**head, choices=[
-                CompletionChoice(index=i, text=text, finish_reason=finish) for i, (text, finish) in results])
-        return web.Response(body=body.model_dump_json(), content_type="application/json")
+        body = self._replies(plan).whole(texts, finishes, sum(tokens))
+        return web.Response(body=body, content_type="application/json")
 
     async def _stream(self, request: web.Request, plan: _Plan, queue: asyncio.Queue[_Event],
                       timing: _Timing) -> tuple[web.StreamResponse, str]:
         """SSE, opened at the first token, so a failure before it is still a plain HTTP error."""
         response: web.StreamResponse | None = None
-        chunks = _SseChunks(plan, self._model)
+        replies = self._replies(plan)
         remaining = len(plan.choices)
         completion_tokens = 0
         try:
@@ -353,19 +340,19 @@ class _OpenAIApi:
                         raise event.error
                     log.warning("stream failed", extra={"request_id": plan.reply_id,
                                                         "error": event.error.message})
-                    await response.write(_sse(_generation_error_body(event.error)) + _DONE)
+                    await response.write(sse(_generation_error_body(event.error)) + _DONE)
                     await response.write_eof()
                     return response, _outcome_of(event.error)
                 if response is None:
                     response = await _open_sse(request, plan.reply_id)
                 assert event.delta is not None
-                await response.write(chunks.delta(event.index, event.delta))
+                await response.write(replies.chunk(event.index, event.delta.text, event.delta.finish_reason))
                 timing.written(event.index, event.delta.tokens)
                 completion_tokens += event.delta.tokens
                 remaining -= event.delta.finish_reason is not None
             assert response is not None
             if plan.include_usage:
-                await response.write(chunks.usage(_usage(plan, completion_tokens)))
+                await response.write(replies.usage_chunk(completion_tokens))
             await response.write(_DONE)
             await response.write_eof()
             timing.finished()
@@ -374,53 +361,8 @@ class _OpenAIApi:
             return response or web.Response(status=499), OUTCOME_CANCELLED
 
 
-class _SseChunks:
-    """Serialized stream chunks of one request, in its endpoint's format."""
-
-    def __init__(self, plan: _Plan, model: str) -> None:
-        self._plan, self._model = plan, model
-        self._created = int(time.time())
-        self._opened: set[int] = set()
-
-    def delta(self, index: int, delta: Delta) -> bytes:
-        chunk: CompletionResponse | ChatCompletionChunk
-        if self._plan.chat:
-            content: dict[str, str] = {} if index in self._opened else {"role": "assistant"}
-            self._opened.add(index)
-            if delta.text or "role" in content:
-                content["content"] = delta.text
-            chunk = ChatCompletionChunk(id=self._plan.reply_id, created=self._created, model=self._model,
-                                        choices=[ChatChunkChoice(index=index, delta=content,
-                                                                 finish_reason=delta.finish_reason)])
-        else:
-            chunk = CompletionResponse(id=self._plan.reply_id, created=self._created, model=self._model,
-                                       choices=[CompletionChoice(index=index, text=delta.text,
-                                                                 finish_reason=delta.finish_reason)])
-        # With include_usage, OpenAI sends "usage": null on every chunk and the numbers in a last one.
-        return _sse(chunk.model_dump(exclude=None if self._plan.include_usage else {"usage"}))
-
-    def usage(self, usage: Usage) -> bytes:
-        chunk: CompletionResponse | ChatCompletionChunk
-        if self._plan.chat:
-            chunk = ChatCompletionChunk(id=self._plan.reply_id, created=self._created, model=self._model,
-                                        choices=[], usage=usage)
-        else:
-            chunk = CompletionResponse(id=self._plan.reply_id, created=self._created, model=self._model,
-                                       choices=[], usage=usage)
-        return _sse(chunk.model_dump())
-
-
-def _usage(plan: _Plan, completion_tokens: int) -> Usage:
-    return Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=plan.prompt_tokens + completion_tokens)
-
-
 def _outcome_of(error: GenerationError) -> str:
     return OUTCOME_CLIENT_ERROR if error.status < 500 else OUTCOME_SERVER_ERROR
-
-
-def _sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
 async def _open_sse(request: web.Request, reply_id: str) -> web.StreamResponse:

@@ -8,6 +8,8 @@ tools...) are accepted only at their neutral value: a request we cannot honour f
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
@@ -319,3 +321,57 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+
+class Replies:
+    """The response bodies of one request in its endpoint's format: a whole reply, or SSE chunks."""
+
+    def __init__(self, reply_id: str, model: str, *, chat: bool, prompt_tokens: int,
+                 include_usage: bool = False) -> None:
+        self._id, self._model, self._chat = reply_id, model, chat
+        self._prompt_tokens, self._include_usage = prompt_tokens, include_usage
+        self._created = int(time.time())
+        self._opened: set[int] = set()  # chat choices whose first chunk (with the role) went out
+
+    def usage(self, completion_tokens: int) -> Usage:
+        return Usage(prompt_tokens=self._prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=self._prompt_tokens + completion_tokens)
+
+    def whole(self, texts: list[str], finishes: list[FinishReason | None], completion_tokens: int) -> str:
+        head: dict[str, Any] = {"id": self._id, "created": self._created, "model": self._model,
+                                "usage": self.usage(completion_tokens)}
+        results = list(enumerate(zip(texts, finishes, strict=True)))
+        if self._chat:
+            return ChatCompletionResponse(**head, choices=[
+                ChatChoice(index=i, message=ChatResponseMessage(content=text), finish_reason=finish)
+                for i, (text, finish) in results]).model_dump_json()
+        return CompletionResponse(**head, choices=[
+            CompletionChoice(index=i, text=text, finish_reason=finish) for i, (text, finish) in results
+        ]).model_dump_json()
+
+    def chunk(self, index: int, text: str, finish_reason: FinishReason | None) -> bytes:
+        head: dict[str, Any] = {"id": self._id, "created": self._created, "model": self._model}
+        chunk: CompletionResponse | ChatCompletionChunk
+        if self._chat:
+            delta = {} if index in self._opened else {"role": "assistant"}
+            self._opened.add(index)
+            if text or "role" in delta:
+                delta["content"] = text
+            chunk = ChatCompletionChunk(**head, choices=[
+                ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)])
+        else:
+            chunk = CompletionResponse(**head, choices=[
+                CompletionChoice(index=index, text=text, finish_reason=finish_reason)])
+        # With include_usage, OpenAI sends "usage": null on every chunk and the numbers in a last one.
+        return sse(chunk.model_dump(exclude=None if self._include_usage else {"usage"}))
+
+    def usage_chunk(self, completion_tokens: int) -> bytes:
+        head: dict[str, Any] = {"id": self._id, "created": self._created, "model": self._model,
+                                "choices": [], "usage": self.usage(completion_tokens)}
+        chunk = ChatCompletionChunk(**head) if self._chat else CompletionResponse(**head)
+        return sse(chunk.model_dump())
+
+
+def sse(payload: dict[str, Any]) -> bytes:
+    """One server-sent event."""
+    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
