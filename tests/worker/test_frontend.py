@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 from transformers import PreTrainedTokenizerBase
 
 from splitserve.frontend import build_openai_app
+from splitserve.http import serve_app
 from splitserve.metrics import Metrics
 from splitserve.params import GenerationChunk, GenerationError, GenerationRequest
 
@@ -377,3 +380,18 @@ async def test_metrics_after_traffic(server: Server) -> None:
     assert f"splitserve_prompt_tokens_total{{{labels}}} 2.0" in text  # "hi": 2 tokens
     assert 'splitserve_requests_total{outcome="success",pool="test",role="router"} 1.0' in text
     assert 'splitserve_requests_total{outcome="client_error",pool="test",role="router"} 1.0' in text
+
+
+async def test_serve_app_stops_gracefully_on_sigterm() -> None:
+    app = web.Application()
+    cleaned = asyncio.Event()
+
+    async def cleanup(app: web.Application) -> None:
+        cleaned.set()
+
+    app.on_cleanup.append(cleanup)
+    server = asyncio.create_task(serve_app(app, host="127.0.0.1", port=0, shutdown_timeout=1.0))
+    await asyncio.sleep(0.2)
+    signal.raise_signal(signal.SIGTERM)  # the handler serve_app installed turns it into a clean stop
+    await asyncio.wait_for(server, 5)
+    assert cleaned.is_set()

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,8 +114,7 @@ class RouterBackend:
     async def start(self) -> None:
         """One discovery and health round now (ready at once if workers are up), then keep polling."""
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        await self._discover()
-        await self._probe(self._all_endpoints())
+        await self._discover()  # probes every endpoint it finds
         self._spawn(self._every(self.settings.discovery_interval_s, self._discover))
         self._spawn(self._every(self.settings.health_interval_s, lambda: self._probe(self._all_endpoints())))
 
@@ -135,12 +134,12 @@ class RouterBackend:
                         "reported_load": e.reported_load, "kv_cache_usage": e.kv_cache_usage}
                        for e in pool.endpoints] for role, pool in self.pools.items()}
 
-    def _spawn(self, coroutine: Any) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _every(self, interval: float, action: Any) -> None:
+    async def _every(self, interval: float, action: Callable[[], Awaitable[None]]) -> None:
         while True:
             await asyncio.sleep(interval)
             try:
@@ -175,7 +174,7 @@ class RouterBackend:
             request_id = request.request_id if attempt == 0 else f"{request.request_id[:110]}.retry{attempt}"
             handoff = _Handoff(self, request, request_id)
             try:
-                first = await handoff.open(avoid)
+                chunk = await handoff.open(avoid)
             except _RetryError as retry:
                 handoff.close()
                 log.warning("handoff failed, retrying",
@@ -195,10 +194,10 @@ class RouterBackend:
                 handoff.close()
                 raise
             try:
-                yield first
-                while first.finish_reason is None:
-                    first = await handoff.next_chunk(self.settings.idle_timeout_s, started=True)
-                    yield first
+                yield chunk
+                while chunk.finish_reason is None:
+                    chunk = await handoff.next_chunk(self.settings.idle_timeout_s, started=True)
+                    yield chunk
             finally:
                 handoff.close()
             return
