@@ -328,8 +328,9 @@ def test_least_loaded_pick() -> None:
 def test_settings_and_discovery_file_validation(tmp_path: Path) -> None:
     assert Seed.parse("decode.svc:8001") == Seed("decode.svc", 8001)
     assert Seed.parse("http://[::1]:8001") == Seed("::1", 8001)
-    with pytest.raises(ValueError, match="expected http://HOST:PORT"):
-        Seed.parse("https://decode.svc/v1")
+    for bad in ("https://decode.svc", "http://decode.svc/v1", "http://decode.svc:port", "http://:80"):
+        with pytest.raises(ValueError, match="expected http://HOST:PORT"):
+            Seed.parse(bad)
     with pytest.raises(ValidationError, match="--discovery-file"):
         RouterSettings(model=MODEL, prefill=["http://a:1"])
     with pytest.raises(ValidationError, match="expected http"):

@@ -18,9 +18,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import aiohttp
-from yarl import URL
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,15 @@ class Seed:
 
     @classmethod
     def parse(cls, url: str) -> Seed:
-        parsed = URL(url.strip() if "://" in url else f"http://{url.strip()}")
-        if parsed.scheme != "http" or not parsed.host or parsed.path not in ("", "/"):
+        text = url.strip()
+        try:
+            parsed = urlsplit(text if "://" in text else f"http://{text}")
+            port = parsed.port or 80
+        except ValueError:  # a port that is not a number, or out of range
+            raise ValueError(f"{url!r}: expected http://HOST:PORT") from None
+        if parsed.scheme != "http" or not parsed.hostname or parsed.path not in ("", "/"):
             raise ValueError(f"{url!r}: expected http://HOST:PORT")
-        return cls(parsed.host, parsed.port or 80)
+        return cls(parsed.hostname, port)
 
 
 def endpoint_url(host: str, port: int) -> str:
