@@ -1,0 +1,45 @@
+"""Fixtures of the worker suites: the tiny offline model's tokenizer, and loopback servers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import Protocol
+
+import pytest
+from aiohttp import web
+from transformers import PreTrainedTokenizerBase
+
+from splitserve.http import RunningApp, start_app
+from splitserve.loader import load_tokenizer
+from splitserve.tiny_model import write_tiny_model
+
+
+class Serve(Protocol):
+    def __call__(self, app: web.Application, *, host: str = "127.0.0.1", port: int = 0
+                 ) -> Awaitable[RunningApp]: ...
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random Llama with a real byte-level BPE tokenizer and a ChatML template, written once."""
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model: Path) -> PreTrainedTokenizerBase:
+    return load_tokenizer(str(tiny_model))
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    """Start aiohttp apps on 127.0.0.1 (free ports) the way production serves them; stop at teardown."""
+    running: list[RunningApp] = []
+
+    async def start(app: web.Application, *, host: str = "127.0.0.1", port: int = 0) -> RunningApp:
+        running.append(await start_app(app, host=host, port=port, shutdown_timeout=1.0))
+        return running[-1]
+
+    yield start
+    for app in reversed(running):
+        await app.close()
