@@ -12,18 +12,11 @@ from transformers import PreTrainedTokenizerBase
 
 from splitserve.http import RunningApp, start_app
 from splitserve.loader import load_tokenizer
-from splitserve.tiny_model import write_tiny_model
 
 
 class Serve(Protocol):
     def __call__(self, app: web.Application, *, host: str = "127.0.0.1", port: int = 0
                  ) -> Awaitable[RunningApp]: ...
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random Llama with a real byte-level BPE tokenizer and a ChatML template, written once."""
-    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.fixture(scope="session")

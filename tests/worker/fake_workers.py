@@ -14,7 +14,7 @@ from typing import Any, Literal
 from aiohttp import web
 
 from splitserve.http import RunningApp
-from splitserve.router import KV_PORT_HEADER
+from splitserve.internal_api import KV_PORT_HEADER
 
 from .conftest import Serve
 

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .endpoints import ROLES, Discovery, Endpoint, EndpointPool, Resolver, Role, Seed, probe, resolve_all
 from .frontend import build_openai_app
 from .http import serve_app
+from .internal_api import KV_PORT_HEADER, DecodeCall, PrefillCall, PrefillReply
 from .metrics import Metrics
 from .params import GenerationChunk, GenerationError, GenerationRequest
 
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KV_PORT_HEADER = "X-Splitserve-Kv-Port"
 
 
 class RouterSettings(BaseModel):
@@ -223,7 +223,7 @@ class _Handoff:
         self._settings = backend.settings
         self._decode: Endpoint | None = None
         self._response: aiohttp.ClientResponse | None = None
-        self._prefill_task: asyncio.Task[dict[str, Any]] | None = None
+        self._prefill_task: asyncio.Task[PrefillReply] | None = None
         self._got_token = False
 
     async def open(self, avoid: dict[Role, set[str]]) -> GenerationChunk:
@@ -262,8 +262,8 @@ class _Handoff:
         return chunk
 
     async def _register(self, decode: Endpoint) -> int:
-        body = {"request_id": self._id, "prompt_len": len(self._request.prompt_token_ids),
-                "sampling": self._request.sampling.model_dump(mode="json")}
+        body = DecodeCall(request_id=self._id, prompt_len=len(self._request.prompt_token_ids),
+                          sampling=self._request.sampling).model_dump(mode="json")
         try:
             async with asyncio.timeout(self._settings.register_timeout_s):
                 response = self._response = await self._backend.session.post(
@@ -280,21 +280,21 @@ class _Handoff:
             raise GenerationError(f"decode worker {decode.url} sent no valid {KV_PORT_HEADER} header",
                                   status=502) from None
 
-    async def _prefill(self, kv_target: str, avoid: set[str]) -> dict[str, Any]:
+    async def _prefill(self, kv_target: str, avoid: set[str]) -> PrefillReply:
         pool = self._backend.pools["prefill"]
         prefill = pool.acquire(avoid)
         if prefill is None:
             raise _NoWorkerError("prefill")
-        body = {"request_id": self._id, "prompt_token_ids": list(self._request.prompt_token_ids),
-                "sampling": self._request.sampling.model_dump(mode="json"), "kv_target": kv_target}
+        body = PrefillCall(request_id=self._id, prompt_token_ids=self._request.prompt_token_ids,
+                           sampling=self._request.sampling, kv_target=kv_target).model_dump(mode="json")
         try:
             async with asyncio.timeout(self._settings.prefill_timeout_s), self._backend.session.post(
                     prefill.url + "/internal/prefill", json=body,
                     timeout=aiohttp.ClientTimeout(connect=self._settings.connect_timeout_s)) as response:
                 if response.status != 200:
                     await _raise_worker_error(response, prefill)
-                result: dict[str, Any] = await response.json()
-        except (aiohttp.ClientError, ConnectionError, ValueError) as exc:  # aiohttp's timeouts included
+                result = PrefillReply.model_validate(await response.json())
+        except (aiohttp.ClientError, ConnectionError, ValueError) as exc:  # ValidationError is a ValueError  # aiohttp's timeouts included
             prefill.mark_unhealthy(repr(exc))
             raise _RetryError(f"prefill worker {prefill.url} failed: {exc!r}", prefill=prefill) from exc
         except TimeoutError:
@@ -302,7 +302,7 @@ class _Handoff:
             raise GenerationError(f"prefill worker {prefill.url} took over {waited:g}s", status=504) from None
         finally:
             pool.release(prefill)
-        log.debug("prefill done", extra={"request_id": self._id, **result})
+        log.debug("prefill done", extra={"request_id": self._id, **result.model_dump()})
         return result
 
     async def next_chunk(self, wait_s: float | None, *, started: bool) -> GenerationChunk:

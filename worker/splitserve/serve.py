@@ -36,10 +36,26 @@ def run_worker(config: EngineConfig, args: argparse.Namespace) -> int:
 
 
 def run_router(config: EngineConfig, args: argparse.Namespace) -> int:
-    from .router import serve_router
+    from .router import RouterSettings, run_router
 
-    asyncio.run(serve_router(config, args))
+    settings = RouterSettings(
+        model=config.model,
+        revision=config.revision,
+        served_model_name=config.served_model_name,
+        max_model_len=config.max_model_len,
+        pool=args.pool,
+        host=args.host,
+        port=args.port,
+        prefill=_urls(args.prefill),
+        decode=_urls(args.decode),
+        discovery_file=args.discovery_file,
+    )
+    asyncio.run(run_router(settings))
     return 0
+
+
+def _urls(flag: str) -> list[str]:
+    return [url.strip() for url in flag.split(",") if url.strip()]
 
 
 async def _serve_worker(config: EngineConfig, args: argparse.Namespace) -> None:

@@ -22,7 +22,7 @@ from .kv_cache import SequenceKV
 from .kv_transfer import KVDestination, KVHeader, KVRejected, KVSender, KVTransferError
 from .metrics import Metrics
 from .params import GenerationChunk, GenerationError, GenerationRequest
-from .protocol import error_response
+from .frontend import error_response
 from .runtime import EngineRuntime
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def add_common_routes(app: web.Application, state: WorkerState) -> None:
         try:
             return web.json_response(state.ready_runtime().load().model_dump())
         except GenerationError as error:
-            return error_response(error.status, error.message, error.kind)
+            return error_response(error.status, error.message, type=error.kind)
 
     async def metrics(_: web.Request) -> web.Response:
         body, content_type = state.metrics.exposition()
@@ -128,7 +128,7 @@ def build_prefill_app(state: WorkerState, sender: KVSender) -> web.Application:
             )
             return web.json_response(reply.model_dump())
         except GenerationError as error:
-            return error_response(error.status, error.message, error.kind)
+            return error_response(error.status, error.message, type=error.kind)
         except KVTransferError as error:
             return error_response(
                 502, f"KV transfer to the decode worker failed: {error}", "kv_transfer_error"
@@ -152,7 +152,7 @@ def build_decode_app(state: WorkerState, kv_port: int) -> web.Application:
             runtime = state.ready_runtime()
             runtime.register(call.request_id, call.prompt_len, call.sampling)
         except GenerationError as error:
-            return error_response(error.status, error.message, error.kind)
+            return error_response(error.status, error.message, type=error.kind)
         response = web.StreamResponse(headers={KV_PORT_HEADER: str(kv_port), "Content-Type": NDJSON})
         tokens = runtime.stream(call.request_id)
         try:
