@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import zlib
 
 import pytest
 import torch
@@ -318,3 +319,12 @@ def test_truncated_stream_never_completes(data: st.DataObject) -> None:
     decoder = TransferDecoder(SMALL_LIMITS)
     events = feed(decoder, stream[:cut])
     assert not decoder.done and not any(isinstance(event, End) for event in events)
+
+
+@pytest.mark.parametrize("size", [0, 100, 5000, 70_000, 3 << 20])
+def test_checksum_is_zlib_crc32(size: int) -> None:
+    """Whichever implementation is installed (zlib-ng or the stdlib), the wire value is zlib's CRC-32."""
+    data = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(size))
+    view = data.numpy().data
+    assert checksum(view) == zlib.crc32(view)
+    assert checksum(view[size // 3:], checksum(view[:size // 3])) == zlib.crc32(view)

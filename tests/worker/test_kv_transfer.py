@@ -172,7 +172,7 @@ async def test_many_concurrent_transfers(receiver: TcpKVReceiver, sink: Sink) ->
 async def test_checksum_corruption_aborts_and_tells_the_sender(
         receiver: TcpKVReceiver, sink: Sink, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(kv_transfer, "checksum", lambda data, value=0: checksum(data, value) ^ 1)
+    monkeypatch.setattr(kv_transfer, "layer_checksum", lambda data, value=0: checksum(data, value) ^ 1)
     with caplog.at_level(logging.WARNING, logger="splitserve.kv_transfer"), \
             pytest.raises(KVTransferError, match="layer 0 checksum mismatch") as caught:
         await send(receiver, "corrupt", make_layers(4, (2, 4, 500, 32)))

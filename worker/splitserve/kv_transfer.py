@@ -36,13 +36,13 @@ from splitserve.kv_frames import (
     TransferDecoder,
     check_payload,
     check_reply_prefix,
-    checksum,
     decode_error,
     decode_prefix,
     encode_error,
     encode_frame,
     encode_header,
     encode_layer_prefix,
+    layer_checksum,
     layer_payloads,
 )
 
@@ -479,12 +479,12 @@ class TcpKVSender(KVSender):
             await asyncio.get_running_loop().sock_sendall(sock, data)
 
     async def _stream(self, sock: socket.socket, payloads: list[memoryview]) -> None:
-        crc_next = asyncio.ensure_future(asyncio.to_thread(checksum, payloads[0]))
+        crc_next = _checksum_soon(payloads[0])
         try:
             for index, payload in enumerate(payloads):
                 crc = await crc_next
                 if index + 1 < len(payloads):
-                    crc_next = asyncio.ensure_future(asyncio.to_thread(checksum, payloads[index + 1]))
+                    crc_next = _checksum_soon(payloads[index + 1])
                 await self._send(sock, encode_layer_prefix(index, len(payload), crc))
                 for offset in range(0, len(payload), self._chunk_bytes):
                     await self._send(sock, payload[offset:offset + self._chunk_bytes])
@@ -501,6 +501,16 @@ class TcpKVSender(KVSender):
             return _Reply(prefix.type)
         code, reason = decode_error(payload)
         return _Reply(prefix.type, code, reason)
+
+
+def _checksum_soon(payload: memoryview) -> asyncio.Future[int]:
+    """A layer's checksum. Big layers: in a worker thread, overlapping the previous layer's sending and
+    keeping the event loop free; small ones inline, cheaper than the thread hop (0.4 ms per transfer)."""
+    if len(payload) > CHUNK_BYTES:
+        return asyncio.ensure_future(asyncio.to_thread(layer_checksum, payload))
+    done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    done.set_result(layer_checksum(payload))
+    return done
 
 
 async def _recv_exactly(sock: socket.socket, size: int) -> bytearray:
