@@ -417,13 +417,16 @@ async def test_close_aborts_transfers_in_flight(sink: Sink) -> None:
 
 
 async def test_sender_errors_without_a_receiver() -> None:
-    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # accepts, never answers
+    silent: list[asyncio.StreamWriter] = []
+    server = await asyncio.start_server(lambda r, w: silent.append(w), "127.0.0.1", 0)  # never answers
     port = server.sockets[0].getsockname()[1]
     layers = make_layers(1, (2, 1, 2, 2))
     header = KVHeader.describe("lonely", 0, layers)
     with pytest.raises(KVTransferError) as caught:
         await TcpKVSender(idle_timeout=0.3).send(f"127.0.0.1:{port}", header, layers)
     assert caught.value.code == ErrorCode.TIMEOUT
+    for writer in silent:
+        writer.close()
     server.close()
     await server.wait_closed()
     with pytest.raises(KVTransferError) as caught:
@@ -434,3 +437,28 @@ async def test_sender_errors_without_a_receiver() -> None:
     with pytest.raises(ValueError, match="the header says"):
         await TcpKVSender().send(f"127.0.0.1:{port}", header, layers * 2)
 
+
+
+async def test_a_receiver_that_says_ok_too_early_is_not_believed() -> None:
+    done, handled = asyncio.Event(), asyncio.Event()
+
+    async def premature(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(PREFIX.size)
+        writer.write(encode_frame(FrameType.ACCEPT) + encode_frame(FrameType.OK))  # and reads no layer
+        await writer.drain()
+        await done.wait()
+        writer.close()
+        handled.set()
+
+    server = await asyncio.start_server(premature, "127.0.0.1", 0)
+    layers = [torch.zeros(2, 64, 4000, 32)] * 2  # 64 MB: more than the socket buffers hold
+    header = KVHeader.describe("raw", 5, layers)
+    try:
+        with pytest.raises(KVTransferError, match="OK reply where ERROR was expected") as caught:
+            await TcpKVSender().send(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", header, layers)
+        assert caught.value.code == ErrorCode.PROTOCOL
+    finally:
+        done.set()
+        await handled.wait()
+        server.close()
+        await server.wait_closed()

@@ -452,18 +452,20 @@ class TcpKVSender(KVSender):
         streaming = asyncio.ensure_future(self._stream(sock, payloads))
         try:
             await asyncio.wait([replying, streaming], return_when=asyncio.FIRST_COMPLETED)
-            if streaming.done() and not replying.done():
-                try:
-                    streaming.result()
-                except OSError:  # the receiver hung up: its ERROR may still be readable
-                    await asyncio.wait([replying], timeout=1.0)
-                    if not replying.done():
-                        raise
+            if not streaming.done():  # the receiver spoke before END: only an ERROR may do that
+                self._expect(header, replying.result(), FrameType.ERROR)
+            try:
+                streaming.result()
+            except OSError:  # the receiver hung up: its ERROR may still be readable
+                await asyncio.wait([replying], timeout=1.0)
+                if not replying.done():
+                    raise
             async with asyncio.timeout(self._idle_timeout):
                 reply = await replying
         finally:
-            replying.cancel()
-            streaming.cancel()
+            for task in (replying, streaming):
+                task.cancel()
+            await asyncio.gather(replying, streaming, return_exceptions=True)  # off the socket before close
         self._expect(header, reply, FrameType.OK)
         return accept_seconds
 
