@@ -226,7 +226,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     small = results["cases"][cases[0]]
     latency.boxplot([[t * 1e3 for t in small[key]["samples_s"]] for key in series], whis=(10, 90))
     latency.set_xticks(range(1, len(series) + 1), [key.replace("_", "\n") for key in series], fontsize=7)
-    latency.set_ylabel("ms per transfer (box: quartiles, whiskers: p10-p90)")
+    latency.set_ylabel("ms per transfer (whiskers p10-p90)")
     latency.set_title(cases[0], fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 STAGING_BYTES = 64 << 10  # per connection: small frames land here; reading pauses when it is full
 DIRECT_BYTES = 16 << 10  # reads at least this big land straight in the caller's buffer
+INLINE_CHECKSUM_BYTES = 4 << 20  # the sender checksums layers up to this size on the event loop
 
 
 class KVRejected(Exception):  # noqa: N818 (the name the worker contract uses)
@@ -507,8 +508,9 @@ class TcpKVSender(KVSender):
 
 def _checksum_soon(payload: memoryview) -> asyncio.Future[int]:
     """A layer's checksum. Big layers: in a worker thread, overlapping the previous layer's sending and
-    keeping the event loop free; small ones inline, cheaper than the thread hop (0.4 ms per transfer)."""
-    if len(payload) > CHUNK_BYTES:
+    keeping the event loop free; small ones inline (at most ~0.2 ms with zlib-ng, 1 ms with the stdlib),
+    cheaper than the thread hop: 0.5 ms less per 16 MB transfer."""
+    if len(payload) > INLINE_CHECKSUM_BYTES:
         return asyncio.ensure_future(asyncio.to_thread(layer_checksum, payload))
     done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     done.set_result(layer_checksum(payload))
