@@ -60,6 +60,9 @@ CASES = [
 
 
 def _pin(core: int) -> None:
+    """One core per side, as the disaggregated benchmark pins prefill and decode; torch's own thread pool
+    would otherwise fight itself on that core."""
+    torch.set_num_threads(1)
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {core})
 
