@@ -61,9 +61,9 @@ def _stalled(status: Object) -> str | None:
     for condition in status.get("conditions") or []:
         kind, state, reason = condition.get("type"), condition.get("status"), condition.get("reason")
         if kind == "Progressing" and state == "False" and reason == "ProgressDeadlineExceeded":
-            return condition.get("message") or reason
+            return str(condition.get("message") or reason)
         if kind == "ReplicaFailure" and state == "True":
-            return condition.get("message") or reason or kind
+            return str(condition.get("message") or reason or kind)
     return None
 
 

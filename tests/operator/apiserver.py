@@ -1,0 +1,106 @@
+"""kmock's KubernetesEmulator plus the few apiserver behaviours an operator relies on.
+
+The emulator stores objects and streams watch events; a real apiserver also assigns uids and
+creation timestamps, bumps metadata.generation on spec changes, and its garbage collector deletes
+children whose owner is gone. Those are added here, so the operator is tested against them too.
+Also used by bench/reconcile.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import uuid
+from typing import Any
+
+import kmock
+from kmock._internal import enums, rendering  # the hooks below extend kmock's internals
+from kmock._internal.dicts import patch_dict
+
+API_GROUP = "splitserve.io"
+POOLS = f"{API_GROUP}/v1alpha1/inferencepools"
+WRITE_ACTIONS = frozenset({enums.action.CREATE, enums.action.UPDATE, enums.action.DELETE})
+
+
+class ApiServer(kmock.KubernetesEmulator):
+    """An in-memory apiserver over real HTTP, for kopf and for the Helm library alike."""
+
+    _versions = itertools.count(1)
+
+    def declare(self, *, pod_monitors: bool = False, peering: bool = False) -> None:
+        """Serve the built-in API plus the InferencePool CRD (and optional extra APIs) in discovery."""
+        self.resources.load_bundled()
+        self.resources[POOLS] = kmock.ResourceInfo(
+            kind="InferencePool", singular="inferencepool", namespaced=True,
+            verbs={"get", "list", "watch", "create", "update", "patch", "delete"}, subresources={"status"},
+        )
+        if pod_monitors:
+            self.resources["monitoring.coreos.com/v1/podmonitors"] = kmock.ResourceInfo(
+                kind="PodMonitor", singular="podmonitor", namespaced=True,
+                verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+            )
+        if peering:
+            for plural, kind, namespaced in (("clusterkopfpeerings", "ClusterKopfPeering", False),
+                                             ("kopfpeerings", "KopfPeering", True)):
+                self.resources[f"kopf.dev/v1/{plural}"] = kmock.ResourceInfo(
+                    kind=kind, singular=kind.lower(), namespaced=namespaced,
+                    verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+                )
+
+    async def _serve_version(self, request: rendering.Request) -> Any:
+        # kmock names the core group-version "/v1"; clients (client-go in Helm) expect "v1".
+        doc = await super()._serve_version(request)
+        if isinstance(doc, dict) and doc.get("groupVersion") == "/v1":
+            doc["groupVersion"] = "v1"
+        return doc
+
+    async def _handle(self, request: rendering.Request) -> Any:
+        data = request.data if isinstance(request.data, dict) else None
+        deleted_uid = None
+        if request.resource is not None and data is not None:
+            meta = data.setdefault("metadata", {})
+            if request.action == enums.action.CREATE:
+                if not meta.get("name") and meta.get("generateName"):
+                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault("creationTimestamp", _now())
+                meta["generation"] = 1
+                meta["resourceVersion"] = str(next(self._versions))
+            elif request.action == enums.action.UPDATE and request.name is not None:
+                meta["resourceVersion"] = str(next(self._versions))
+                key = (request.resource, request.namespace, request.name)
+                if key in self.objects and not self.objects[key].deleted and request.subresource is None:
+                    current = self.objects[key].raw
+                    generation = int(current.get("metadata", {}).get("generation", 1))
+                    changed = patch_dict(current, data).get("spec") != current.get("spec")
+                    meta["generation"] = generation + 1 if changed else generation
+        if request.resource is not None and request.action == enums.action.DELETE and request.name:
+            key = (request.resource, request.namespace, request.name)
+            if key in self.objects and not self.objects[key].deleted:
+                deleted_uid = self.objects[key].raw.get("metadata", {}).get("uid")
+        response = await super()._handle(request)
+        if deleted_uid is not None:
+            await self._collect_garbage(deleted_uid)
+        return response
+
+    async def _collect_garbage(self, owner_uid: str) -> None:
+        """Delete every object owned by `owner_uid`, as the kube-controller-manager's GC does."""
+        for (resource, _, _), obj in list(self.objects.items()):
+            if obj.deleted:
+                continue
+            refs = obj.raw.get("metadata", {}).get("ownerReferences") or []
+            if any(ref.get("uid") == owner_uid for ref in refs):
+                raw = obj.raw
+                obj.delete()
+                await self._buses[resource].put({"type": "DELETED", "object": raw})
+
+    def writes(self, since: int = 0) -> list[rendering.Request]:
+        """Requests that changed state (create, patch/update, delete), from request number `since`."""
+        return [r for r in list(self)[since:] if r.action in WRITE_ACTIONS]
+
+    def count(self) -> int:
+        return len(list(self))
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
