@@ -37,7 +37,7 @@ def covers(actual: Any, desired: Any, *, _quantities: bool = False) -> bool:
             if want is None or _empty(want):
                 if not _empty(have):
                     return False
-            elif not covers(have, want, _quantities=key in _QUANTITY_MAPS):
+            elif not covers(have, want, _quantities=_quantities or key in _QUANTITY_MAPS):
                 return False
         return True
     if isinstance(desired, list):

@@ -31,19 +31,28 @@ class ApiServer(kmock.KubernetesEmulator):
         """Serve the built-in API plus the InferencePool CRD (and optional extra APIs) in discovery."""
         self.resources.load_bundled()
         self.resources[POOLS] = kmock.ResourceInfo(
-            kind="InferencePool", singular="inferencepool", namespaced=True,
-            verbs={"get", "list", "watch", "create", "update", "patch", "delete"}, subresources={"status"},
+            kind="InferencePool",
+            singular="inferencepool",
+            namespaced=True,
+            verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+            subresources={"status"},
         )
         if pod_monitors:
             self.resources["monitoring.coreos.com/v1/podmonitors"] = kmock.ResourceInfo(
-                kind="PodMonitor", singular="podmonitor", namespaced=True,
+                kind="PodMonitor",
+                singular="podmonitor",
+                namespaced=True,
                 verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
             )
         if peering:
-            for plural, kind, namespaced in (("clusterkopfpeerings", "ClusterKopfPeering", False),
-                                             ("kopfpeerings", "KopfPeering", True)):
+            for plural, kind, namespaced in (
+                ("clusterkopfpeerings", "ClusterKopfPeering", False),
+                ("kopfpeerings", "KopfPeering", True),
+            ):
                 self.resources[f"kopf.dev/v1/{plural}"] = kmock.ResourceInfo(
-                    kind=kind, singular=kind.lower(), namespaced=namespaced,
+                    kind=kind,
+                    singular=kind.lower(),
+                    namespaced=namespaced,
                     verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
                 )
 

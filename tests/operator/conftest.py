@@ -18,11 +18,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from apiserver import POOLS, ApiServer  # noqa: E402
+from apiserver import POOLS, ApiServer
 
-from splitserve_operator.handlers import Runtime  # noqa: E402
-from splitserve_operator.main import build  # noqa: E402
-from splitserve_operator.settings import OperatorSettings  # noqa: E402
+from splitserve_operator.handlers import Runtime
+from splitserve_operator.main import build
+from splitserve_operator.settings import OperatorSettings
 
 NAMESPACE = "serving"
 TINY_SPEC: dict[str, Any] = {
@@ -41,9 +41,9 @@ def pool_body(name: str, spec: dict[str, Any] | None = None, namespace: str = NA
     }
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    """Poll `check` until it returns a truthy value (returned) or raises nothing; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
+async def eventually(check: Callable[[], Any], limit: float = 15.0, what: str = "condition") -> Any:
+    """Poll `check` until it returns a truthy value, which is returned; fail after `limit` seconds."""
+    deadline = time.monotonic() + limit
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
@@ -78,19 +78,25 @@ class Cluster:
         return next((c for c in conditions if c["type"] == type_), None)
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        return [e.raw for (res, _, _), e in self.server.objects.items()
-                if str(res.plural) == "events" and not e.deleted
-                and e.raw.get("involvedObject", {}).get("name") == name]
+        return [
+            e.raw
+            for (res, _, _), e in self.server.objects.items()
+            if str(res.plural) == "events"
+            and not e.deleted
+            and e.raw.get("involvedObject", {}).get("name") == name
+        ]
 
-    async def request(self, method: str, path: str, body: Any = None,
-                      content_type: str = "application/merge-patch+json") -> dict[str, Any]:
+    async def request(
+        self, method: str, path: str, body: Any = None, content_type: str = "application/merge-patch+json"
+    ) -> dict[str, Any]:
         headers = {"Content-Type": content_type} if body is not None else {}
         async with self.server.request(method, path, json=body, headers=headers) as resp:
             assert resp.status < 400, await resp.text()
             return dict(await resp.json())
 
-    async def create_pool(self, name: str, spec: dict[str, Any] | None = None,
-                          namespace: str = NAMESPACE) -> dict[str, Any]:
+    async def create_pool(
+        self, name: str, spec: dict[str, Any] | None = None, namespace: str = NAMESPACE
+    ) -> dict[str, Any]:
         path = f"/apis/splitserve.io/v1alpha1/namespaces/{namespace}/inferencepools"
         return await self.request("POST", path, pool_body(name, spec, namespace), "application/json")
 
@@ -99,8 +105,11 @@ class Cluster:
 
 
 def path_of(kind: str, name: str, namespace: str = NAMESPACE, status: bool = False) -> str:
-    prefix = {"deployments": "/apis/apps/v1", "inferencepools": "/apis/splitserve.io/v1alpha1",
-              "podmonitors": "/apis/monitoring.coreos.com/v1"}.get(kind, "/api/v1")
+    prefix = {
+        "deployments": "/apis/apps/v1",
+        "inferencepools": "/apis/splitserve.io/v1alpha1",
+        "podmonitors": "/apis/monitoring.coreos.com/v1",
+    }.get(kind, "/api/v1")
     return f"{prefix}/namespaces/{namespace}/{kind}/{name}" + ("/status" if status else "")
 
 
@@ -133,10 +142,16 @@ async def operator(apiserver: ApiServer, settings: OperatorSettings) -> AsyncIte
     url = str(apiserver.url)
     registry, runtime = build(settings, lambda: kopf.ConnectionInfo(server=url, default_namespace=NAMESPACE))
     ready, stop = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(kopf.operator(
-        registry=registry, clusterwide=settings.cluster_wide, namespaces=list(settings.namespaces),
-        standalone=True, ready_flag=ready, stop_flag=stop,
-    ))
+    task = asyncio.create_task(
+        kopf.operator(
+            registry=registry,
+            clusterwide=settings.cluster_wide,
+            namespaces=list(settings.namespaces),
+            standalone=True,
+            ready_flag=ready,
+            stop_flag=stop,
+        )
+    )
     await asyncio.wait_for(ready.wait(), 10)
     yield runtime
     stop.set()  # graceful first; kopf may linger on open watch streams, so cut it short

@@ -18,8 +18,13 @@ ROLES = ("prefill", "decode", "router")
 
 
 def children_exist(cluster: Cluster, pool: str) -> bool:
-    return all(cluster.get(DEPLOYMENTS, f"{pool}-{role}") and cluster.get(SERVICES, f"{pool}-{role}")
-               for role in ROLES) and cluster.get(CONFIGMAPS, f"{pool}-engine") is not None
+    return (
+        all(
+            cluster.get(DEPLOYMENTS, f"{pool}-{role}") and cluster.get(SERVICES, f"{pool}-{role}")
+            for role in ROLES
+        )
+        and cluster.get(CONFIGMAPS, f"{pool}-engine") is not None
+    )
 
 
 async def mark_ready(cluster: Cluster, pool: str, roles: tuple[str, ...] = ROLES) -> None:
@@ -28,8 +33,13 @@ async def mark_ready(cluster: Cluster, pool: str, roles: tuple[str, ...] = ROLES
         deployment = cluster.get(DEPLOYMENTS, f"{pool}-{role}")
         assert deployment is not None
         n = deployment["spec"]["replicas"]
-        status = {"replicas": n, "readyReplicas": n, "updatedReplicas": n, "availableReplicas": n,
-                  "observedGeneration": deployment["metadata"]["generation"]}
+        status = {
+            "replicas": n,
+            "readyReplicas": n,
+            "updatedReplicas": n,
+            "availableReplicas": n,
+            "observedGeneration": deployment["metadata"]["generation"],
+        }
         await cluster.patch(path_of("deployments", f"{pool}-{role}", status=True), {"status": status})
 
 
@@ -44,18 +54,28 @@ async def test_children_owner_references_and_initial_status(cluster: Cluster, op
     created = await cluster.create_pool("tiny")
     await eventually(lambda: children_exist(cluster, "tiny"), what="children")
     uid = created["metadata"]["uid"]
-    for resource, name in [(CONFIGMAPS, "tiny-engine")] + [(r, f"tiny-{role}") for r in (DEPLOYMENTS, SERVICES)
-                                                           for role in ROLES]:
+    for resource, name in [(CONFIGMAPS, "tiny-engine")] + [
+        (r, f"tiny-{role}") for r in (DEPLOYMENTS, SERVICES) for role in ROLES
+    ]:
         child = cluster.get(resource, name)
         assert child is not None
         (ref,) = child["metadata"]["ownerReferences"]
-        assert ref == {"apiVersion": "splitserve.io/v1alpha1", "kind": "InferencePool", "name": "tiny",
-                       "uid": uid, "controller": True, "blockOwnerDeletion": True}
+        assert ref == {
+            "apiVersion": "splitserve.io/v1alpha1",
+            "kind": "InferencePool",
+            "name": "tiny",
+            "uid": uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
         assert child["metadata"]["labels"]["splitserve.io/pool"] == "tiny"
 
     engine = EngineConfig.model_validate_json(cluster.get(CONFIGMAPS, "tiny-engine")["data"]["engine.json"])
-    assert (engine.model, engine.max_model_len, engine.kv_cache_bytes) == ("/opt/splitserve/models/tiny", 256,
-                                                                           64 << 20)
+    assert (engine.model, engine.max_model_len, engine.kv_cache_bytes) == (
+        "/opt/splitserve/models/tiny",
+        256,
+        64 << 20,
+    )
     router = cluster.get(DEPLOYMENTS, "tiny-router")["spec"]["template"]["spec"]["containers"][0]
     assert router["image"] == "splitserve/worker:test"
     assert router["args"][router["args"].index("--prefill") + 1] == "http://tiny-prefill.serving.svc:8000"
@@ -79,8 +99,9 @@ async def test_ready_once_every_role_serves(cluster: Cluster, operator: Runtime)
     assert cluster.condition("tiny", "Ready")["status"] == "False"
     assert "router" in cluster.condition("tiny", "Ready")["message"]
     await mark_ready(cluster, "tiny", ("router",))
-    ready = await eventually(lambda: (c := cluster.condition("tiny", "Ready")) and c["status"] == "True" and c,
-                             what="Ready=True")
+    ready = await eventually(
+        lambda: (c := cluster.condition("tiny", "Ready")) and c["status"] == "True" and c, what="Ready=True"
+    )
     assert ready["message"] == "prefill 1/1, decode 1/1, router 1/1 ready"
     status = cluster.pool("tiny")["status"]
     assert status["decode"]["ready"] == "1/1" and status["router"] == {"replicas": 1, "readyReplicas": 1}
@@ -100,7 +121,9 @@ async def test_no_op_resync_makes_no_write(cluster: Cluster, operator: Runtime) 
     assert cluster.server.writes(mark) == []
 
 
-async def test_drift_is_corrected_but_autoscaled_replicas_are_kept(cluster: Cluster, operator: Runtime) -> None:
+async def test_drift_is_corrected_but_autoscaled_replicas_are_kept(
+    cluster: Cluster, operator: Runtime
+) -> None:
     await cluster.create_pool("tiny")
     await eventually(lambda: children_exist(cluster, "tiny"), what="children")
     path = path_of("deployments", "tiny-decode")
@@ -108,8 +131,10 @@ async def test_drift_is_corrected_but_autoscaled_replicas_are_kept(cluster: Clus
     hacked = [{**original[0], "image": "evil:latest"}]
     # The autoscaler (or a person) scales; someone else edits the image by hand.
     await cluster.patch(path, {"spec": {"replicas": 2, "template": {"spec": {"containers": hacked}}}})
-    await eventually(lambda: cluster.get(DEPLOYMENTS, "tiny-decode")["spec"]["template"]["spec"]["containers"]
-                     == original, what="image restored")
+    await eventually(
+        lambda: cluster.get(DEPLOYMENTS, "tiny-decode")["spec"]["template"]["spec"]["containers"] == original,
+        what="image restored",
+    )
     assert cluster.get(DEPLOYMENTS, "tiny-decode")["spec"]["replicas"] == 2
     await cluster.request("DELETE", path_of("services", "tiny-prefill"))
     await eventually(lambda: cluster.get(SERVICES, "tiny-prefill"), what="service recreated")
@@ -118,24 +143,39 @@ async def test_drift_is_corrected_but_autoscaled_replicas_are_kept(cluster: Clus
 
 
 async def test_replicas_follow_spec_without_autoscaling(cluster: Cluster, operator: Runtime) -> None:
-    spec: dict[str, Any] = {**TINY_SPEC, "autoscaling": {"enabled": False},
-                            "prefill": {"replicas": {"min": 1, "max": 4, "initial": 2}}}
+    spec: dict[str, Any] = {
+        **TINY_SPEC,
+        "autoscaling": {"enabled": False},
+        "prefill": {"replicas": {"min": 1, "max": 4, "initial": 2}},
+    }
     await cluster.create_pool("fixed", spec)
     await eventually(lambda: children_exist(cluster, "fixed"), what="children")
     assert cluster.get(DEPLOYMENTS, "fixed-prefill")["spec"]["replicas"] == 2
     await cluster.patch(path_of("deployments", "fixed-prefill"), {"spec": {"replicas": 5}})
     await eventually(lambda: cluster.get(DEPLOYMENTS, "fixed-prefill")["spec"]["replicas"] == 2, what="reset")
-    await cluster.patch(path_of("inferencepools", "fixed"), {"spec": {"prefill": {"replicas": {"initial": 3}}}})
-    await eventually(lambda: cluster.get(DEPLOYMENTS, "fixed-prefill")["spec"]["replicas"] == 3, what="scaled")
-    await eventually(lambda: any(e["reason"] == "Scaled" and "from 2 to 3" in e["message"]
-                                 for e in cluster.events("fixed")), what="Scaled event")
-    await eventually(lambda: cluster.pool("fixed")["status"]["prefill"]["desiredReplicas"] == 3, what="desired")
+    await cluster.patch(
+        path_of("inferencepools", "fixed"), {"spec": {"prefill": {"replicas": {"initial": 3}}}}
+    )
+    await eventually(
+        lambda: cluster.get(DEPLOYMENTS, "fixed-prefill")["spec"]["replicas"] == 3, what="scaled"
+    )
+    await eventually(
+        lambda: any(
+            e["reason"] == "Scaled" and "from 2 to 3" in e["message"] for e in cluster.events("fixed")
+        ),
+        what="Scaled event",
+    )
+    await eventually(
+        lambda: cluster.pool("fixed")["status"]["prefill"]["desiredReplicas"] == 3, what="desired"
+    )
 
 
 async def test_spec_change_rolls_out(cluster: Cluster, operator: Runtime) -> None:
     await cluster.create_pool("tiny")
     await eventually(lambda: children_exist(cluster, "tiny"), what="children")
-    await eventually(lambda: cluster.pool("tiny").get("status", {}).get("observedGeneration") == 1, what="gen 1")
+    await eventually(
+        lambda: cluster.pool("tiny").get("status", {}).get("observedGeneration") == 1, what="gen 1"
+    )
 
     def config_hash() -> str:
         template = cluster.get(DEPLOYMENTS, "tiny-prefill")["spec"]["template"]
@@ -143,14 +183,24 @@ async def test_spec_change_rolls_out(cluster: Cluster, operator: Runtime) -> Non
 
     before = config_hash()
     await cluster.patch(path_of("inferencepools", "tiny"), {"spec": {"model": {"maxModelLen": 512}}})
-    await eventually(lambda: json.loads(cluster.get(CONFIGMAPS, "tiny-engine")["data"]["engine.json"])
-                     ["max_model_len"] == 512, what="engine config")
+    await eventually(
+        lambda: (
+            json.loads(cluster.get(CONFIGMAPS, "tiny-engine")["data"]["engine.json"])["max_model_len"] == 512
+        ),
+        what="engine config",
+    )
     await eventually(lambda: config_hash() != before, what="pods rolled by the config hash")
     await eventually(lambda: cluster.pool("tiny")["status"]["observedGeneration"] == 2, what="gen 2")
 
 
-async def test_invalid_spec_is_reported_and_other_pools_are_served(cluster: Cluster, operator: Runtime) -> None:
-    bad = {**TINY_SPEC, "prefill": {"replicas": {"min": 3, "max": 2}}, "model": {"name": "m", "dtype": "int3"}}
+async def test_invalid_spec_is_reported_and_other_pools_are_served(
+    cluster: Cluster, operator: Runtime
+) -> None:
+    bad = {
+        **TINY_SPEC,
+        "prefill": {"replicas": {"min": 3, "max": 2}},
+        "model": {"name": "m", "dtype": "int3"},
+    }
     await cluster.create_pool("broken", bad)
     await cluster.create_pool("fine")
     await eventually(lambda: children_exist(cluster, "fine"), what="the valid pool's children")
@@ -160,11 +210,17 @@ async def test_invalid_spec_is_reported_and_other_pools_are_served(cluster: Clus
     assert "spec.model.dtype" in ready["message"]
     assert cluster.condition("broken", "Degraded")["status"] == "True"
     assert cluster.get(DEPLOYMENTS, "broken-prefill") is None
-    await eventually(lambda: any(e["type"] == "Warning" and e["reason"] == "InvalidSpec"
-                                 for e in cluster.events("broken")), what="Warning event")
+    await eventually(
+        lambda: any(
+            e["type"] == "Warning" and e["reason"] == "InvalidSpec" for e in cluster.events("broken")
+        ),
+        what="Warning event",
+    )
     # Fixing the spec brings the pool up.
-    await cluster.patch(path_of("inferencepools", "broken"),
-                        {"spec": {"prefill": {"replicas": {"min": 1}}, "model": {"dtype": "auto"}}})
+    await cluster.patch(
+        path_of("inferencepools", "broken"),
+        {"spec": {"prefill": {"replicas": {"min": 1}}, "model": {"dtype": "auto"}}},
+    )
     await eventually(lambda: children_exist(cluster, "broken"), what="children after the fix")
     await eventually(lambda: cluster.condition("broken", "Ready")["reason"] == "NotReady", what="reason")
 
@@ -175,16 +231,19 @@ async def test_child_the_apiserver_rejects_is_reported(cluster: Cluster, operato
     rejection = {"kind": "Status", "reason": "Invalid", "message": "ConfigMap is invalid: too large"}
     cluster.server["post", "/api/v1/namespaces/serving/configmaps"] << 422 << rejection
     await cluster.request("DELETE", path_of("configmaps", "tiny-engine"))
-    ready = await eventually(lambda: (c := cluster.condition("tiny", "Ready")) and c["reason"] == "ApplyFailed"
-                             and c, what="ApplyFailed")
+    ready = await eventually(
+        lambda: (c := cluster.condition("tiny", "Ready")) and c["reason"] == "ApplyFailed" and c,
+        what="ApplyFailed",
+    )
     assert ready["message"] == "ConfigMap tiny-engine: ConfigMap is invalid: too large"
 
 
 @pytest.mark.parametrize("apiserver_options", [{"pod_monitors": True}])
 async def test_pod_monitor_when_the_crd_is_installed(cluster: Cluster, operator: Runtime) -> None:
     await cluster.create_pool("tiny")
-    monitor = await eventually(lambda: cluster.get("monitoring.coreos.com/v1/podmonitors", "tiny"),
-                               what="PodMonitor")
+    monitor = await eventually(
+        lambda: cluster.get("monitoring.coreos.com/v1/podmonitors", "tiny"), what="PodMonitor"
+    )
     assert monitor["spec"]["selector"] == {"matchLabels": {"splitserve.io/pool": "tiny"}}
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "http"
 
@@ -198,16 +257,27 @@ async def test_no_pod_monitor_without_the_crd(cluster: Cluster, operator: Runtim
 
 
 async def test_missing_token_secret(cluster: Cluster, operator: Runtime) -> None:
-    spec = {**TINY_SPEC, "model": {"name": "org/gated", "source": {"hub": {"tokenSecretRef": {"name": "hf"}}}}}
+    spec = {
+        **TINY_SPEC,
+        "model": {"name": "org/gated", "source": {"hub": {"tokenSecretRef": {"name": "hf"}}}},
+    }
     await cluster.create_pool("gated", spec)
-    ready = await eventually(lambda: (c := cluster.condition("gated", "Ready")) and c["reason"] == "SecretNotFound"
-                             and c, what="SecretNotFound")
+    ready = await eventually(
+        lambda: (c := cluster.condition("gated", "Ready")) and c["reason"] == "SecretNotFound" and c,
+        what="SecretNotFound",
+    )
     assert "Secret hf" in ready["message"]
     assert children_exist(cluster, "gated"), "workloads are created anyway; they start once the Secret exists"
     decode = cluster.get(DEPLOYMENTS, "gated-decode")["spec"]["template"]["spec"]["containers"][0]
-    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in decode["env"]
-    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf", "namespace": NAMESPACE},
-              "data": {"token": "aGY="}}
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in decode[
+        "env"
+    ]
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "hf", "namespace": NAMESPACE},
+        "data": {"token": "aGY="},
+    }
     await cluster.request("POST", f"/api/v1/namespaces/{NAMESPACE}/secrets", secret, "application/json")
     await eventually(lambda: cluster.condition("gated", "Ready")["reason"] == "NotReady", what="secret found")
 
@@ -216,14 +286,19 @@ async def test_deleted_pool_takes_its_children_along(cluster: Cluster, operator:
     await cluster.create_pool("tiny")
     await eventually(lambda: children_exist(cluster, "tiny"), what="children")
     await cluster.request("DELETE", path_of("inferencepools", "tiny"))
-    await eventually(lambda: cluster.get("splitserve.io/v1alpha1/inferencepools", "tiny") is None,
-                     what="finalizer released")
+    await eventually(
+        lambda: cluster.get("splitserve.io/v1alpha1/inferencepools", "tiny") is None,
+        what="finalizer released",
+    )
     await eventually(lambda: cluster.get(DEPLOYMENTS, "tiny-decode") is None, what="garbage collected")
     mark = cluster.server.count()
     await cluster.create_pool("other")  # the operator keeps working, and does not resurrect "tiny"
     await eventually(lambda: children_exist(cluster, "other"), what="other pool")
     await settled(operator, "other")
-    resurrected = [r for r in cluster.server.writes(mark)
-                   if isinstance(r.data, dict) and r.data.get("metadata", {}).get("name", "").startswith("tiny-")]
+    resurrected = [
+        r
+        for r in cluster.server.writes(mark)
+        if isinstance(r.data, dict) and r.data.get("metadata", {}).get("name", "").startswith("tiny-")
+    ]
     assert resurrected == []
     assert cluster.get(DEPLOYMENTS, "tiny-decode") is None
