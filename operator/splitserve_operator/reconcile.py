@@ -168,9 +168,11 @@ def _endpoint(pool: Pool, service: Object | None) -> str:
 
 
 def _scale_event(desired: Manifest, before: Object) -> Event | None:
+    if desired["kind"] != "Deployment":
+        return None
     old = (before.get("spec") or {}).get("replicas")
     new = desired["spec"].get("replicas")
-    if desired["kind"] != "Deployment" or old is None or new is None or old == new:
+    if old is None or new is None or old == new:
         return None
     return Event("Normal", "Scaled", f"Scaled {desired['metadata']['name']} from {old} to {new} replicas")
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import logging
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -137,26 +137,30 @@ def settings() -> OperatorSettings:
 
 @pytest.fixture()
 async def operator(apiserver: ApiServer, settings: OperatorSettings) -> AsyncIterator[Runtime]:
-    """The real kopf operator, in this event loop, talking HTTP to the emulated apiserver."""
+    """The real kopf operator in its own thread and event loop, talking HTTP to the emulated apiserver.
+
+    A thread (as kopf.testing.KopfRunner does) keeps kopf's shutdown, which cancels its tasks,
+    away from the test's event loop.
+    """
     logging.getLogger("kopf").setLevel(logging.WARNING)
     url = str(apiserver.url)
     registry, runtime = build(settings, lambda: kopf.ConnectionInfo(server=url, default_namespace=NAMESPACE))
-    ready, stop = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(
-        kopf.operator(
-            registry=registry,
-            clusterwide=settings.cluster_wide,
-            namespaces=list(settings.namespaces),
-            standalone=True,
-            ready_flag=ready,
-            stop_flag=stop,
-        )
-    )
-    await asyncio.wait_for(ready.wait(), 10)
+    ready, stop = threading.Event(), threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(kopf.operator(
+                registry=registry, clusterwide=settings.cluster_wide, namespaces=list(settings.namespaces),
+                standalone=True, ready_flag=ready, stop_flag=stop,
+            ))
+        except BaseException as exc:  # reported to the test below
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="kopf", daemon=True)
+    thread.start()
+    await eventually(ready.is_set, limit=10, what="kopf to start")
     yield runtime
-    stop.set()  # graceful first; kopf may linger on open watch streams, so cut it short
-    done, _ = await asyncio.wait([task], timeout=1)
-    if not done:
-        task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    stop.set()
+    await eventually(lambda: not thread.is_alive(), limit=15, what="kopf to stop")
+    assert not failure, failure
