@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import sys
@@ -135,8 +136,10 @@ def settings() -> OperatorSettings:
     return OperatorSettings(worker_image="splitserve/worker:test", poll_seconds=0.1, resync_seconds=0.5)
 
 
-@pytest.fixture()
-async def operator(apiserver: ApiServer, settings: OperatorSettings) -> AsyncIterator[Runtime]:
+@contextlib.asynccontextmanager
+async def running_operator(
+    apiserver: ApiServer, settings: OperatorSettings, peering: str | None = None
+) -> AsyncIterator[Runtime]:
     """The real kopf operator in its own thread and event loop, talking HTTP to the emulated apiserver.
 
     A thread (as kopf.testing.KopfRunner does) keeps kopf's shutdown, which cancels its tasks,
@@ -144,23 +147,40 @@ async def operator(apiserver: ApiServer, settings: OperatorSettings) -> AsyncIte
     """
     logging.getLogger("kopf").setLevel(logging.WARNING)
     url = str(apiserver.url)
-    registry, runtime = build(settings, lambda: kopf.ConnectionInfo(server=url, default_namespace=NAMESPACE))
+    credentials = lambda: kopf.ConnectionInfo(server=url, default_namespace=NAMESPACE)  # noqa: E731
+    registry, runtime = build(settings, credentials, peering=peering is not None)
     ready, stop = threading.Event(), threading.Event()
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
-            asyncio.run(kopf.operator(
-                registry=registry, clusterwide=settings.cluster_wide, namespaces=list(settings.namespaces),
-                standalone=True, ready_flag=ready, stop_flag=stop,
-            ))
+            asyncio.run(
+                kopf.operator(
+                    registry=registry,
+                    clusterwide=settings.cluster_wide,
+                    namespaces=list(settings.namespaces),
+                    standalone=peering is None,
+                    peering_name=peering,
+                    priority=100,
+                    ready_flag=ready,
+                    stop_flag=stop,
+                )
+            )
         except BaseException as exc:  # reported to the test below
             failure.append(exc)
 
     thread = threading.Thread(target=run, name="kopf", daemon=True)
     thread.start()
-    await eventually(ready.is_set, limit=10, what="kopf to start")
-    yield runtime
-    stop.set()
-    await eventually(lambda: not thread.is_alive(), limit=15, what="kopf to stop")
+    try:
+        await eventually(ready.is_set, limit=10, what="kopf to start")
+        yield runtime
+    finally:
+        stop.set()
+        await eventually(lambda: not thread.is_alive(), limit=15, what="kopf to stop")
     assert not failure, failure
+
+
+@pytest.fixture()
+async def operator(apiserver: ApiServer, settings: OperatorSettings) -> AsyncIterator[Runtime]:
+    async with running_operator(apiserver, settings) as runtime:
+        yield runtime
