@@ -14,13 +14,15 @@ from splitserve_operator.quantity import same_quantity
 
 # Maps whose values are quantities (container resources).
 _QUANTITY_MAPS = frozenset({"limits", "requests"})
+# Label selectors: an extra key changes what they select, so they must match exactly.
+_EXACT_MAPS = frozenset({"selector", "matchLabels"})
 
 
 def _empty(value: Any) -> bool:
     return value is None or value == {} or value == []
 
 
-def covers(actual: Any, desired: Any, *, _quantities: bool = False) -> bool:
+def covers(actual: Any, desired: Any, *, _quantities: bool = False, _exact: bool = False) -> bool:
     """Whether `actual` holds every field of `desired` (extra fields in `actual` are fine).
 
     `None` in `desired` means "must be absent": that is how a field the operator used to set, and
@@ -30,14 +32,15 @@ def covers(actual: Any, desired: Any, *, _quantities: bool = False) -> bool:
     if isinstance(desired, Mapping):
         if _empty(desired) and _empty(actual):
             return True
-        if not isinstance(actual, Mapping):
+        if not isinstance(actual, Mapping) or (_exact and set(actual) - set(desired)):
             return False
         for key, want in desired.items():
             have = actual.get(key)
             if want is None or _empty(want):
                 if not _empty(have):
                     return False
-            elif not covers(have, want, _quantities=_quantities or key in _QUANTITY_MAPS):
+            elif not covers(have, want, _quantities=_quantities or key in _QUANTITY_MAPS,
+                            _exact=key in _EXACT_MAPS):
                 return False
         return True
     if isinstance(desired, list):
@@ -66,6 +69,17 @@ def merge_diff(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) ->
         elif have != want or (want is None and key in current):
             patch[key] = want
     return patch
+
+
+def with_removals(actual: Any, desired: Any, *, _exact: bool = False) -> Any:
+    """`desired` plus null for keys someone added to a label selector: how a merge patch drops them."""
+    if not isinstance(desired, Mapping) or not isinstance(actual, Mapping):
+        return desired
+    result = {key: with_removals(actual.get(key), want, _exact=key in _EXACT_MAPS)
+              for key, want in desired.items()}
+    if _exact:
+        result.update({key: None for key in actual if key not in desired})
+    return result
 
 
 def strip_nones(value: Any) -> Any:

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from splitserve_operator import naming
 from splitserve_operator.conditions import get_condition
-from splitserve_operator.diff import covers, merge_diff, strip_nones
+from splitserve_operator.diff import covers, merge_diff, strip_nones, with_removals
 from splitserve_operator.kube import ApiError, KubeClient
 from splitserve_operator.models import InferencePoolSpec
 from splitserve_operator.render import Manifest, Pool, build_children
@@ -152,6 +152,7 @@ async def apply_child(
     owned = any(ref.get("uid") == ours["uid"] for ref in refs)
     if owned and covers(actual, want):
         return "unchanged", actual
+    want = with_removals(actual, want)
     if not owned:  # adopt: a merge patch replaces the list, so keep the references already there
         want["metadata"] = {**want["metadata"], "ownerReferences": [*refs, ours]}
     return "updated", await _call(client.merge_patch(kind, meta["namespace"], meta["name"], want))

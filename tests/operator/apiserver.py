@@ -64,6 +64,7 @@ class ApiServer(kmock.KubernetesEmulator):
         return doc
 
     async def _handle(self, request: rendering.Request) -> Any:
+        self._check_json_patch_tests(request)
         data = request.data if isinstance(request.data, dict) else None
         deleted_uid = None
         if request.resource is not None and data is not None:
@@ -91,6 +92,17 @@ class ApiServer(kmock.KubernetesEmulator):
         if deleted_uid is not None:
             await self._collect_garbage(deleted_uid)
         return response
+
+    def _check_json_patch_tests(self, request: rendering.Request) -> None:
+        """A JSON patch whose `test` op fails is a 422, as kopf's optimistic finalizer removal expects."""
+        if request.action != enums.action.UPDATE or not isinstance(request.data, list):
+            return
+        key = (request.resource, request.namespace, request.name)
+        current = self.objects[key].raw if key in self.objects and not self.objects[key].deleted else {}
+        for op in request.data:
+            if op.get("op") == "test" and op.get("path") == "/metadata/resourceVersion" and \
+                    current.get("metadata", {}).get("resourceVersion") != op.get("value"):
+                raise kmock.KubernetesError(status=422, reason="Invalid", message="the test operation failed")
 
     async def _collect_garbage(self, owner_uid: str) -> None:
         """Delete every object owned by `owner_uid`, as the kube-controller-manager's GC does."""

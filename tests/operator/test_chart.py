@@ -195,6 +195,18 @@ async def exercise(cluster: Cluster) -> None:
         lambda: cluster.get("apps/v1/deployments", "rbac-router")["spec"]["template"]["spec"]["containers"],
         what="drift corrected",
     )
+    await cluster.patch(path_of("services", "rbac-router"), {"spec": {"selector": {"app": "other"}}})
+    await cluster.patch(path_of("podmonitors", "rbac"), {"spec": {"selector": {"matchLabels": {"app": "x"}}}})
+
+    def restored() -> bool:
+        service = cluster.get("v1/services", "rbac-router")
+        monitor = cluster.get("monitoring.coreos.com/v1/podmonitors", "rbac")
+        return (
+            "app" not in service["spec"]["selector"]
+            and "app" not in monitor["spec"]["selector"]["matchLabels"]
+        )
+
+    await eventually(restored, what="service and monitor restored")
     await eventually(lambda: any(e["reason"] == "Updated" for e in cluster.events("rbac")), what="events")
 
 

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from splitserve_operator.conditions import get_condition, set_condition
-from splitserve_operator.diff import covers, merge_diff
+from splitserve_operator.diff import covers, merge_diff, with_removals
 from splitserve_operator.models import KvTransferSpec, ResourceRequirements
 from splitserve_operator.quantity import cpu_threads, parse_quantity, quantity_bytes, same_quantity
 from splitserve_operator.reconcile import validation_message
@@ -81,6 +81,17 @@ def test_covers_ignores_server_defaults_and_spelling() -> None:
     assert not covers({"spec": {"replicas": 3}}, {"spec": {"replicas": 2}})
     assert not covers({"a": [1, 2]}, {"a": [1]})
     assert not covers({"a": 1}, {"a": True})
+
+
+def test_label_selectors_must_match_exactly() -> None:
+    desired = {"metadata": {"labels": {"a": "1"}}, "spec": {"selector": {"a": "1"}}}
+    actual = {"metadata": {"labels": {"a": "1", "team": "x"}}, "spec": {"selector": {"a": "1", "b": "2"}}}
+    assert not covers(actual, desired)
+    assert covers({**actual, "spec": {"selector": {"a": "1"}}}, desired), "extra labels are fine"
+    assert with_removals(actual, desired) == {
+        "metadata": {"labels": {"a": "1"}},
+        "spec": {"selector": {"a": "1", "b": None}},
+    }
 
 
 def test_merge_diff_is_minimal_and_leaves_unknown_keys() -> None:

@@ -64,9 +64,4 @@ Permissions the operator uses in every namespace it manages: exactly the calls i
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-{{- if .Values.leaderElection.enabled }}
-- apiGroups: ["kopf.dev"]
-  resources: ["kopfpeerings"]
-  verbs: ["list", "watch", "patch"]
-{{- end }}
 {{- end -}}
