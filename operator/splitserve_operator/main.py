@@ -54,6 +54,10 @@ def configure_kopf(registry: kopf.OperatorRegistry, runtime: Runtime, *, peering
     def pools_probe(**_: Any) -> int:
         return len(runtime.last_full)
 
+    @kopf.on.probe(id="reconciles", registry=registry)
+    def reconciles_probe(**_: Any) -> int:
+        return sum(runtime.reconciled.values())
+
 
 def build(settings: OperatorSettings, credentials: Credentials, *, peering: bool = False
           ) -> tuple[kopf.OperatorRegistry, Runtime]:

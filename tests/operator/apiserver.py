@@ -1,4 +1,4 @@
-"""kmock's KubernetesEmulator plus the few apiserver behaviours an operator relies on.
+"""kmock's KubernetesEmulator plus the few apiserver behaviours an operator relies on; and a runner.
 
 The emulator stores objects and streams watch events; a real apiserver also assigns uids and
 creation timestamps, bumps metadata.generation on spec changes, and its garbage collector deletes
@@ -8,14 +8,25 @@ Also used by bench/reconcile.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import itertools
+import logging
+import threading
+import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import kmock
+import kopf
 from kmock._internal import enums, rendering  # the hooks below extend kmock's internals
 from kmock._internal.dicts import patch_dict
+
+from splitserve_operator.handlers import Runtime
+from splitserve_operator.main import build
+from splitserve_operator.settings import OperatorSettings
 
 API_GROUP = "splitserve.io"
 POOLS = f"{API_GROUP}/v1alpha1/inferencepools"
@@ -100,8 +111,11 @@ class ApiServer(kmock.KubernetesEmulator):
         key = (request.resource, request.namespace, request.name)
         current = self.objects[key].raw if key in self.objects and not self.objects[key].deleted else {}
         for op in request.data:
-            if op.get("op") == "test" and op.get("path") == "/metadata/resourceVersion" and \
-                    current.get("metadata", {}).get("resourceVersion") != op.get("value"):
+            if (
+                op.get("op") == "test"
+                and op.get("path") == "/metadata/resourceVersion"
+                and current.get("metadata", {}).get("resourceVersion") != op.get("value")
+            ):
                 raise kmock.KubernetesError(status=422, reason="Invalid", message="the test operation failed")
 
     async def _collect_garbage(self, owner_uid: str) -> None:
@@ -121,6 +135,65 @@ class ApiServer(kmock.KubernetesEmulator):
 
     def count(self) -> int:
         return len(list(self))
+
+
+async def eventually(check: Callable[[], Any], limit: float = 15.0, what: str = "condition") -> Any:
+    """Poll `check` until it returns a truthy value, which is returned; fail after `limit` seconds."""
+    deadline = time.monotonic() + limit
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except (AssertionError, KeyError, IndexError, TypeError, ValueError) as exc:
+            last = exc
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}: {last!r}")
+
+
+@contextlib.asynccontextmanager
+async def running_operator(
+    apiserver: ApiServer, settings: OperatorSettings, peering: str | None = None
+) -> AsyncIterator[Runtime]:
+    """The real kopf operator in its own thread and event loop, talking HTTP to the emulated apiserver.
+
+    A thread (as kopf.testing.KopfRunner does) keeps kopf's shutdown, which cancels its tasks,
+    away from the test's event loop.
+    """
+    logging.getLogger("kopf").setLevel(logging.WARNING)
+    url = str(apiserver.url)
+    credentials = lambda: kopf.ConnectionInfo(server=url, default_namespace="default")  # noqa: E731
+    registry, runtime = build(settings, credentials, peering=peering is not None)
+    ready, stop = threading.Event(), threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(
+                kopf.operator(
+                    registry=registry,
+                    clusterwide=settings.cluster_wide,
+                    namespaces=list(settings.namespaces),
+                    standalone=peering is None,
+                    peering_name=peering,
+                    priority=100,
+                    ready_flag=ready,
+                    stop_flag=stop,
+                )
+            )
+        except BaseException as exc:  # reported to the test below
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="kopf", daemon=True)
+    thread.start()
+    try:
+        await eventually(ready.is_set, limit=10, what="kopf to start")
+        yield runtime
+    finally:
+        stop.set()
+        await eventually(lambda: not thread.is_alive(), limit=15, what="kopf to stop")
+    assert not failure, failure
 
 
 def _now() -> str:

@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import copy
-import logging
 import sys
-import threading
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import kmock
-import kopf
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from apiserver import POOLS, ApiServer
+from apiserver import POOLS, ApiServer, running_operator
 
 from splitserve_operator.handlers import Runtime
-from splitserve_operator.main import build
 from splitserve_operator.settings import OperatorSettings
 
 NAMESPACE = "serving"
@@ -40,21 +33,6 @@ def pool_body(name: str, spec: dict[str, Any] | None = None, namespace: str = NA
         "metadata": {"name": name, "namespace": namespace},
         "spec": copy.deepcopy(spec if spec is not None else TINY_SPEC),
     }
-
-
-async def eventually(check: Callable[[], Any], limit: float = 15.0, what: str = "condition") -> Any:
-    """Poll `check` until it returns a truthy value, which is returned; fail after `limit` seconds."""
-    deadline = time.monotonic() + limit
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except (AssertionError, KeyError, IndexError, TypeError, ValueError) as exc:
-            last = exc
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}: {last!r}")
 
 
 class Cluster:
@@ -134,50 +112,6 @@ def cluster(apiserver: ApiServer) -> Cluster:
 @pytest.fixture()
 def settings() -> OperatorSettings:
     return OperatorSettings(worker_image="splitserve/worker:test", poll_seconds=0.1, resync_seconds=0.5)
-
-
-@contextlib.asynccontextmanager
-async def running_operator(
-    apiserver: ApiServer, settings: OperatorSettings, peering: str | None = None
-) -> AsyncIterator[Runtime]:
-    """The real kopf operator in its own thread and event loop, talking HTTP to the emulated apiserver.
-
-    A thread (as kopf.testing.KopfRunner does) keeps kopf's shutdown, which cancels its tasks,
-    away from the test's event loop.
-    """
-    logging.getLogger("kopf").setLevel(logging.WARNING)
-    url = str(apiserver.url)
-    credentials = lambda: kopf.ConnectionInfo(server=url, default_namespace=NAMESPACE)  # noqa: E731
-    registry, runtime = build(settings, credentials, peering=peering is not None)
-    ready, stop = threading.Event(), threading.Event()
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            asyncio.run(
-                kopf.operator(
-                    registry=registry,
-                    clusterwide=settings.cluster_wide,
-                    namespaces=list(settings.namespaces),
-                    standalone=peering is None,
-                    peering_name=peering,
-                    priority=100,
-                    ready_flag=ready,
-                    stop_flag=stop,
-                )
-            )
-        except BaseException as exc:  # reported to the test below
-            failure.append(exc)
-
-    thread = threading.Thread(target=run, name="kopf", daemon=True)
-    thread.start()
-    try:
-        await eventually(ready.is_set, limit=10, what="kopf to start")
-        yield runtime
-    finally:
-        stop.set()
-        await eventually(lambda: not thread.is_alive(), limit=15, what="kopf to stop")
-    assert not failure, failure
 
 
 @pytest.fixture()

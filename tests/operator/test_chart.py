@@ -15,8 +15,8 @@ from typing import Any
 
 import kmock
 import pytest
-from apiserver import ApiServer
-from conftest import NAMESPACE, TINY_SPEC, Cluster, eventually, path_of, running_operator
+from apiserver import ApiServer, eventually, running_operator
+from conftest import NAMESPACE, TINY_SPEC, Cluster, path_of
 from kmock._internal import enums
 
 from splitserve_operator.settings import OperatorSettings

@@ -6,7 +6,8 @@ import json
 from typing import Any
 
 import pytest
-from conftest import NAMESPACE, TINY_SPEC, Cluster, eventually, path_of
+from apiserver import eventually
+from conftest import NAMESPACE, TINY_SPEC, Cluster, path_of
 
 from splitserve.config import EngineConfig
 from splitserve_operator.handlers import Runtime
