@@ -42,8 +42,16 @@ def set_condition(
             continue
         found = True
         flipped = condition.get("status") != status or not condition.get("lastTransitionTime")
-        result.append(_condition(type_, status, reason, message, observed_generation,
-                                 now if flipped else condition["lastTransitionTime"]))
+        result.append(
+            _condition(
+                type_,
+                status,
+                reason,
+                message,
+                observed_generation,
+                now if flipped else condition["lastTransitionTime"],
+            )
+        )
     if not found:
         result.append(_condition(type_, status, reason, message, observed_generation, now))
     return result

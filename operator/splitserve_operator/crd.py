@@ -39,14 +39,30 @@ FILENAME = f"{PLURAL}.{API_GROUP}.yaml"
 
 PRINTER_COLUMNS: list[Schema] = [
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.name"},
-    {"name": "Prefill", "type": "string", "jsonPath": ".status.prefill.ready",
-     "description": "Ready/desired prefill replicas."},
-    {"name": "Decode", "type": "string", "jsonPath": ".status.decode.ready",
-     "description": "Ready/desired decode replicas."},
-    {"name": "TTFT", "type": "number", "jsonPath": ".status.prefill.observedLatencySeconds",
-     "description": "Time to first token (s) at the prefill SLO percentile."},
-    {"name": "ITL", "type": "number", "jsonPath": ".status.decode.observedLatencySeconds",
-     "description": "Inter-token latency (s) at the decode SLO percentile."},
+    {
+        "name": "Prefill",
+        "type": "string",
+        "jsonPath": ".status.prefill.ready",
+        "description": "Ready/desired prefill replicas.",
+    },
+    {
+        "name": "Decode",
+        "type": "string",
+        "jsonPath": ".status.decode.ready",
+        "description": "Ready/desired decode replicas.",
+    },
+    {
+        "name": "TTFT",
+        "type": "number",
+        "jsonPath": ".status.prefill.observedLatencySeconds",
+        "description": "Time to first token (s) at the prefill SLO percentile.",
+    },
+    {
+        "name": "ITL",
+        "type": "number",
+        "jsonPath": ".status.decode.observedLatencySeconds",
+        "description": "Inter-token latency (s) at the decode SLO percentile.",
+    },
     {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

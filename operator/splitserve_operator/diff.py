@@ -39,8 +39,9 @@ def covers(actual: Any, desired: Any, *, _quantities: bool = False, _exact: bool
             if want is None or _empty(want):
                 if not _empty(have):
                     return False
-            elif not covers(have, want, _quantities=_quantities or key in _QUANTITY_MAPS,
-                            _exact=key in _EXACT_MAPS):
+            elif not covers(
+                have, want, _quantities=_quantities or key in _QUANTITY_MAPS, _exact=key in _EXACT_MAPS
+            ):
                 return False
         return True
     if isinstance(desired, list):
@@ -75,8 +76,9 @@ def with_removals(actual: Any, desired: Any, *, _exact: bool = False) -> Any:
     """`desired` plus null for keys someone added to a label selector: how a merge patch drops them."""
     if not isinstance(desired, Mapping) or not isinstance(actual, Mapping):
         return desired
-    result = {key: with_removals(actual.get(key), want, _exact=key in _EXACT_MAPS)
-              for key, want in desired.items()}
+    result = {
+        key: with_removals(actual.get(key), want, _exact=key in _EXACT_MAPS) for key, want in desired.items()
+    }
     if _exact:
         result.update({key: None for key in actual if key not in desired})
     return result

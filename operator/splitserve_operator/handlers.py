@@ -30,8 +30,9 @@ logger = logging.getLogger("splitserve.operator")
 POOLS = (API_GROUP, API_VERSION, PLURAL)
 CHILD_LABELS = {naming.POOL_LABEL: kopf.PRESENT}
 # Kinds the operator creates, and the index each one lives in.
-CHILD_INDEXES = {kind: f"children_{KINDS[kind].plural}" for kind in ("ConfigMap", "Service", "Deployment",
-                                                                      "PodMonitor")}
+CHILD_INDEXES = {
+    kind: f"children_{KINDS[kind].plural}" for kind in ("ConfigMap", "Service", "Deployment", "PodMonitor")
+}
 
 
 class ChildView:
@@ -94,8 +95,9 @@ class Runtime:
             self._pod_monitors = (now, served)
         return self._pod_monitors[1]
 
-    async def reconcile(self, body: kopf.Body, patch: kopf.Patch, indexes: Mapping[str, Any], *,
-                        recheck: bool) -> None:
+    async def reconcile(
+        self, body: kopf.Body, patch: kopf.Patch, indexes: Mapping[str, Any], *, recheck: bool
+    ) -> None:
         """Reconcile one pool and hand its status changes to kopf's patch; events go out via kopf."""
         namespace, name = body.metadata.namespace or "", body.metadata.name or ""
         async with self.lock(namespace, name):
@@ -104,7 +106,10 @@ class Runtime:
             self.last_full[key] = time.monotonic()
             try:
                 outcome = await self.reconciler.reconcile(
-                    body, ChildView(indexes), pod_monitor=await self.pod_monitors(), recheck=recheck,
+                    body,
+                    ChildView(indexes),
+                    pod_monitor=await self.pod_monitors(),
+                    recheck=recheck,
                     now=now_rfc3339(),
                 )
             except TransientError as exc:
@@ -139,7 +144,10 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
             return {(namespace, name): _snapshot(body)}
 
         @kopf.on.event(*selector, labels=CHILD_LABELS, id=f"watch_{resource.plural}", registry=registry)
-        def child_changed(namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
+        def child_changed(
+            namespace: str | None, name: str, labels: kopf.Labels, kind: str = kind, **_: Any
+        ) -> None:
+            runtime.reconciler.seen(kind, namespace or "", name)
             runtime.mark_dirty(namespace or "", labels[naming.POOL_LABEL])
 
     @kopf.on.resume(*POOLS, registry=registry)

@@ -112,8 +112,11 @@ class KubeClient:
                 payload = await resp.json(content_type=None) if resp.content_length != 0 else {}
                 if resp.status >= 400:
                     payload = payload if isinstance(payload, dict) else {}
-                    raise ApiError(resp.status, str(payload.get("reason") or resp.reason),
-                                   str(payload.get("message") or payload))
+                    raise ApiError(
+                        resp.status,
+                        str(payload.get("reason") or resp.reason),
+                        str(payload.get("message") or payload),
+                    )
                 return payload if isinstance(payload, dict) else {}
         raise AssertionError("unreachable")  # the loop returns or raises
 

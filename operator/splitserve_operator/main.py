@@ -59,8 +59,9 @@ def configure_kopf(registry: kopf.OperatorRegistry, runtime: Runtime, *, peering
         return sum(runtime.reconciled.values())
 
 
-def build(settings: OperatorSettings, credentials: Credentials, *, peering: bool = False
-          ) -> tuple[kopf.OperatorRegistry, Runtime]:
+def build(
+    settings: OperatorSettings, credentials: Credentials, *, peering: bool = False
+) -> tuple[kopf.OperatorRegistry, Runtime]:
     """A registry with every handler, bound to a fresh runtime (tests build their own)."""
     registry = kopf.OperatorRegistry()
     runtime = Runtime(settings, credentials)
@@ -73,24 +74,46 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     env = os.environ.get
     parser = argparse.ArgumentParser(prog="splitserve operator", description="Run the InferencePool operator")
     scope = parser.add_mutually_exclusive_group()
-    scope.add_argument("-n", "--namespace", action="append", default=[], dest="namespaces",
-                       help="namespace to watch (repeatable); default: all namespaces")
+    scope.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        dest="namespaces",
+        help="namespace to watch (repeatable); default: all namespaces",
+    )
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (default)")
-    parser.add_argument("--prometheus-url", default=env("SPLITSERVE_PROMETHEUS_URL"),
-                        help="Prometheus the autoscaler queries for TTFT/ITL")
-    parser.add_argument("--worker-image", default=env("SPLITSERVE_WORKER_IMAGE", DEFAULT_WORKER_IMAGE),
-                        help="worker image for pools that set no spec.image")
-    parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
-                        help="liveness endpoint URL; empty to disable")
-    parser.add_argument("--peering", metavar="NAME", default=None,
-                        help="kopf peering object: several replicas elect one active operator")
-    parser.add_argument("--priority", type=int, default=None,
-                        help="peering priority (default: random, so replicas never tie)")
-    parser.add_argument("--poll-seconds", type=float, default=2.0,
-                        help="how often each pool looks for changed children")
+    parser.add_argument(
+        "--prometheus-url",
+        default=env("SPLITSERVE_PROMETHEUS_URL"),
+        help="Prometheus the autoscaler queries for TTFT/ITL",
+    )
+    parser.add_argument(
+        "--worker-image",
+        default=env("SPLITSERVE_WORKER_IMAGE", DEFAULT_WORKER_IMAGE),
+        help="worker image for pools that set no spec.image",
+    )
+    parser.add_argument(
+        "--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint URL; empty to disable"
+    )
+    parser.add_argument(
+        "--peering",
+        metavar="NAME",
+        default=None,
+        help="kopf peering object: several replicas elect one active operator",
+    )
+    parser.add_argument(
+        "--priority", type=int, default=None, help="peering priority (default: random, so replicas never tie)"
+    )
+    parser.add_argument(
+        "--poll-seconds", type=float, default=2.0, help="how often each pool looks for changed children"
+    )
     parser.add_argument("--resync-seconds", type=float, default=60.0, help="full reconcile of every pool")
-    parser.add_argument("--log-level", default=env("SPLITSERVE_LOG_LEVEL", "info"),
-                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level",
+        default=env("SPLITSERVE_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
     parser.add_argument("--log-format", default="plain", choices=["plain", "json"])
     return parser.parse_args(argv)
 
@@ -101,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         print("splitserve operator: --poll-seconds and --resync-seconds must be positive", file=sys.stderr)
         return 2
     level = getattr(logging, args.log_level.upper())
-    kopf.configure(log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
-                   verbose=level <= logging.DEBUG)
+    kopf.configure(
+        log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
+        verbose=level <= logging.DEBUG,
+    )
     logging.getLogger().setLevel(level)
     # kopf logs every timer tick at INFO; keep those for --log-level debug.
     logging.getLogger("kopf").setLevel(level if level <= logging.DEBUG else max(level, logging.WARNING))
@@ -114,18 +139,23 @@ def main(argv: list[str] | None = None) -> int:
         resync_seconds=args.resync_seconds,
     )
     registry, _ = build(settings, default_credentials, peering=args.peering is not None)
-    logger.info("watching %s with worker image %s",
-                ", ".join(settings.namespaces) or "all namespaces", settings.worker_image)
+    logger.info(
+        "watching %s with worker image %s",
+        ", ".join(settings.namespaces) or "all namespaces",
+        settings.worker_image,
+    )
     try:
-        asyncio.run(kopf.operator(
-            registry=registry,
-            clusterwide=settings.cluster_wide,
-            namespaces=list(settings.namespaces),
-            liveness_endpoint=args.liveness or None,
-            peering_name=args.peering,
-            priority=args.priority if args.priority is not None else random.randint(1, 2**31),
-            standalone=args.peering is None,
-        ))
+        asyncio.run(
+            kopf.operator(
+                registry=registry,
+                clusterwide=settings.cluster_wide,
+                namespaces=list(settings.namespaces),
+                liveness_endpoint=args.liveness or None,
+                peering_name=args.peering,
+                priority=args.priority if args.priority is not None else random.randint(1, 2**31),
+                standalone=args.peering is None,
+            )
+        )
     except KeyboardInterrupt:
         return 130
     return 0

@@ -27,6 +27,8 @@ from splitserve_operator.status import Problem, build_status
 
 Object = Mapping[str, Any]
 # Ready=False reasons that deserve a Warning event (the others are ordinary progress).
+# How long a child we wrote stands in for its not-yet-indexed watch event.
+WRITTEN_TTL_SECONDS = 30.0
 WARNING_REASONS = frozenset({"InvalidSpec", "SecretNotFound", "ApplyFailed", "ChildConflict"})
 
 
@@ -115,8 +117,14 @@ def _comparable(desired: Manifest, autoscaled: bool) -> Manifest:
 def owner_reference(owner: Object) -> dict[str, Any]:
     """The controller reference that makes the garbage collector delete children with their pool."""
     meta = owner["metadata"]
-    return {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": meta["name"],
-            "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}
+    return {
+        "apiVersion": owner["apiVersion"],
+        "kind": owner["kind"],
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
 
 
 def _owner_problem(actual: Object, owner: Object) -> Problem | None:
@@ -124,8 +132,11 @@ def _owner_problem(actual: Object, owner: Object) -> Problem | None:
     for ref in (actual.get("metadata") or {}).get("ownerReferences") or []:
         if ref.get("controller") and ref.get("uid") != uid:
             name = actual["metadata"]["name"]
-            return Problem("ChildConflict", f"{actual.get('kind')} {name} is controlled by "
-                                            f"{ref.get('kind')} {ref.get('name')}; rename or delete it")
+            return Problem(
+                "ChildConflict",
+                f"{actual.get('kind')} {name} is controlled by "
+                f"{ref.get('kind')} {ref.get('name')}; rename or delete it",
+            )
     return None
 
 
@@ -197,9 +208,30 @@ class Reconciler:
         self.client = client
         self.settings = settings
         self._secret_checks: dict[tuple[str, str], tuple[float, Problem | None]] = {}
+        # Children this process wrote whose watch event may not have reached the index yet.
+        self._written: dict[tuple[str, str, str], tuple[float, Object]] = {}
+
+    def seen(self, kind: str, namespace: str, name: str) -> None:
+        """A watch event of this child arrived: from now on the index knows it better than we do."""
+        self._written.pop((kind, namespace, name), None)
+
+    def _current(self, children: Children, kind: str, namespace: str, name: str) -> Object | None:
+        """The child as the index has it, or as we last wrote it if the index has not caught up.
+
+        Saves a create that would answer 409 (and the read after it) when a reconcile follows
+        the first one before the watch stream delivered its creations.
+        """
+        indexed = children.get(kind, namespace, name)
+        written = self._written.get((kind, namespace, name))
+        if indexed is None and written is not None and time.monotonic() - written[0] < WRITTEN_TTL_SECONDS:
+            return written[1]
+        return indexed
 
     def forget(self, namespace: str, name: str) -> None:
         self._secret_checks.pop((namespace, name), None)
+        mine = {name, naming.engine_config_name(name), *(naming.child_name(name, r) for r in naming.ROLES)}
+        for key in [k for k in self._written if k[1] == namespace and k[2] in mine]:
+            del self._written[key]
 
     async def _secret_problem(self, pool: Pool, recheck: bool) -> Problem | None:
         key = (pool.namespace, pool.name)
@@ -231,10 +263,12 @@ class Reconciler:
                 desired_children, invalid = [], Problem("InvalidSpec", f"engine settings: {exc}")
             if (secret := await self._secret_problem(pool, recheck)) is not None:
                 problems.append(secret)
-            endpoint = await self._apply_all(body, pool, desired_children, children, deployments,
-                                             problems, outcome)
-        status = build_status(current, deployments, problems, invalid=invalid, generation=generation,
-                              endpoint=endpoint, now=now)
+            endpoint = await self._apply_all(
+                body, pool, desired_children, children, deployments, problems, outcome
+            )
+        status = build_status(
+            current, deployments, problems, invalid=invalid, generation=generation, endpoint=endpoint, now=now
+        )
         outcome.status_patch = merge_diff(current, status)
         outcome.events += _transition_events(current, status["conditions"])
         return outcome
@@ -255,7 +289,7 @@ class Reconciler:
         updated: list[str] = []
         for desired in desired_children:
             kind, name = desired["kind"], desired["metadata"]["name"]
-            actual = children.get(kind, pool.namespace, name)
+            actual = self._current(children, kind, pool.namespace, name)
             role = desired["metadata"]["labels"].get(naming.ROLE_LABEL)
             autoscaled = kind == "Deployment" and role != "router" and pool.spec.autoscaling.enabled
             try:
@@ -264,6 +298,8 @@ class Reconciler:
                 reason = "ChildConflict" if exc.reason == "ChildConflict" else "ApplyFailed"
                 problems.append(Problem(reason, f"{kind} {name}: {exc.message}"))
                 continue
+            if result != "unchanged":
+                self._written[kind, pool.namespace, name] = (time.monotonic(), live)
             if result == "created":
                 created.append(f"{kind} {name}")
             elif result == "updated" and actual is not None:

@@ -100,8 +100,19 @@ def _resources(scheduling: Scheduling) -> Manifest | None:
 
 
 def _worker_args(pool: Pool, role: naming.Role, spec: WorkerPoolSpec) -> list[str]:
-    args = ["worker", "--role", role, "--config", f"{naming.ENGINE_CONFIG_DIR}/{naming.ENGINE_CONFIG_KEY}",
-            "--host", "0.0.0.0", "--port", str(naming.HTTP_PORT), "--pool", pool.name]
+    args = [
+        "worker",
+        "--role",
+        role,
+        "--config",
+        f"{naming.ENGINE_CONFIG_DIR}/{naming.ENGINE_CONFIG_KEY}",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(naming.HTTP_PORT),
+        "--pool",
+        pool.name,
+    ]
     if role == "decode":
         args += ["--kv-port", str(pool.spec.kv_transfer.port)]
     cpu = spec.resources.requests.get("cpu")
@@ -112,9 +123,21 @@ def _worker_args(pool: Pool, role: naming.Role, spec: WorkerPoolSpec) -> list[st
 
 
 def _router_args(pool: Pool) -> list[str]:
-    return ["router", "--config", f"{naming.ENGINE_CONFIG_DIR}/{naming.ENGINE_CONFIG_KEY}",
-            "--host", "0.0.0.0", "--port", str(pool.router_port), "--pool", pool.name,
-            "--prefill", pool.service_url("prefill"), "--decode", pool.service_url("decode")]
+    return [
+        "router",
+        "--config",
+        f"{naming.ENGINE_CONFIG_DIR}/{naming.ENGINE_CONFIG_KEY}",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(pool.router_port),
+        "--pool",
+        pool.name,
+        "--prefill",
+        pool.service_url("prefill"),
+        "--decode",
+        pool.service_url("decode"),
+    ]
 
 
 def _ports(pool: Pool, role: naming.Role) -> list[Manifest]:
@@ -141,8 +164,11 @@ def build_deployment(pool: Pool, role: naming.Role, config_hash: str) -> Manifes
         "imagePullPolicy": spec.image_pull_policy,
         "args": args,
         "ports": _ports(pool, role),
-        "env": [*env, {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                *scheduling.env],
+        "env": [
+            *env,
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            *scheduling.env,
+        ],
         "resources": _resources(scheduling),
         "volumeMounts": [config_mount, *mounts],
         "securityContext": {"allowPrivilegeEscalation": False},
@@ -227,4 +253,3 @@ def build_children(pool: Pool, *, pod_monitor: bool) -> list[Manifest]:
     for child in children:
         child["metadata"]["annotations"] = {naming.SPEC_HASH_ANNOTATION: spec_hash(child)}
     return children
-

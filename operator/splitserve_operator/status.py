@@ -89,9 +89,11 @@ def build_conditions(
 
     Ready means the pool can serve: at least one ready pod of every role, and nothing wrong.
     """
+
     def put(conds: Conditions, type_: str, ok: bool, reason: str, message: str) -> Conditions:
-        return set_condition(conds, type_, "True" if ok else "False", reason, message,
-                             now=now, observed_generation=generation)
+        return set_condition(
+            conds, type_, "True" if ok else "False", reason, message, now=now, observed_generation=generation
+        )
 
     conds = [dict(c) for c in current]
     if invalid is not None:
@@ -141,8 +143,14 @@ def build_status(
     by_role = {r.role: r for r in rollouts}
     status: dict[str, Any] = {
         "observedGeneration": generation,
-        "conditions": build_conditions(current.get("conditions") or [], rollouts, problems,
-                                       invalid=invalid, generation=generation, now=now),
+        "conditions": build_conditions(
+            current.get("conditions") or [],
+            rollouts,
+            problems,
+            invalid=invalid,
+            generation=generation,
+            now=now,
+        ),
     }
     # Counts stay truthful while a spec is invalid: the last valid one keeps running.
     status["prefill"] = pool_fields(by_role["prefill"])
