@@ -47,7 +47,7 @@ def free_port() -> int:
 def operator_requests(server: ApiServer, start: int, stop: int | None = None) -> list[Any]:
     return [
         r
-        for r in list(server)[start:stop]
+        for r in server.log[start:stop]
         if r.headers.get("User-Agent", "").startswith(("kopf/", "splitserve-operator"))
     ]
 

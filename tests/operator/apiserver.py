@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import attrs
 import kmock
 import kopf
 from kmock._internal import enums, rendering  # the hooks below extend kmock's internals
@@ -33,10 +34,14 @@ POOLS = f"{API_GROUP}/v1alpha1/inferencepools"
 WRITE_ACTIONS = frozenset({enums.action.CREATE, enums.action.UPDATE, enums.action.DELETE})
 
 
+@attrs.define(kw_only=True)
 class ApiServer(kmock.KubernetesEmulator):
     """An in-memory apiserver over real HTTP, for kopf and for the Helm library alike."""
 
     _versions = itertools.count(1)
+    # Every request, in order. kmock matches each new request against its whole request history
+    # (O(n) per request), so only the current one is left there; this is the record to assert on.
+    log: list[rendering.Request] = attrs.field(factory=list, init=False)
 
     def declare(self, *, pod_monitors: bool = False, peering: bool = False) -> None:
         """Serve the built-in API plus the InferencePool CRD (and optional extra APIs) in discovery."""
@@ -75,6 +80,8 @@ class ApiServer(kmock.KubernetesEmulator):
         return doc
 
     async def _handle(self, request: rendering.Request) -> Any:
+        self.log.append(request)
+        del self._requests[:-1]
         self._check_json_patch_tests(request)
         data = request.data if isinstance(request.data, dict) else None
         deleted_uid = None
@@ -131,10 +138,10 @@ class ApiServer(kmock.KubernetesEmulator):
 
     def writes(self, since: int = 0) -> list[rendering.Request]:
         """Requests that changed state (create, patch/update, delete), from request number `since`."""
-        return [r for r in list(self)[since:] if r.action in WRITE_ACTIONS]
+        return [r for r in self.log[since:] if r.action in WRITE_ACTIONS]
 
     def count(self) -> int:
-        return len(list(self))
+        return len(self.log)
 
 
 async def eventually(check: Callable[[], Any], limit: float = 15.0, what: str = "condition") -> Any:
