@@ -8,21 +8,51 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
 
 API_GROUP = "splitserve.io"
 API_VERSION = "v1alpha1"
 KIND = "InferencePool"
 PLURAL = "inferencepools"
 
-# A Kubernetes resource quantity such as "500m", "2", "16Gi" or "1e3".
+# The apiserver's own grammar for resource quantities ("500m", "2", "16Gi", "1e3").
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+
+def _quantity_str(value: object) -> object:
+    """Quantities are int-or-string in Kubernetes: `nvidia.com/gpu: 1` is as valid as `"1"`."""
+    if isinstance(value, bool):
+        return value  # rejected by the str schema, as the apiserver would
+    return str(value) if isinstance(value, int | float) else value
+
+
+# A Kubernetes resource quantity such as "500m", 2, "16Gi" or "1e3" (int-or-string on the wire).
 Quantity = Annotated[
     str,
-    Field(pattern=r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$", max_length=64),
+    BeforeValidator(_quantity_str),
+    Field(
+        pattern=QUANTITY_PATTERN,
+        max_length=64,
+        # pydantic leaves `pattern` out of the JSON schema behind a BeforeValidator; say it again.
+        json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN},
+    ),
 ]
 # Free-form Kubernetes core objects (tolerations, affinity, env) that we pass through unchanged.
 KubeObject = dict[str, Any]
+
+
+def cel(rule: str, message: str) -> JsonDict:
+    """One `x-kubernetes-validations` entry: the CRD's copy of a cross-field pydantic validator."""
+    return {"rule": rule, "message": message}
+
+
+def validations(*rules: JsonDict) -> ConfigDict:
+    """Model config carrying CEL rules; crd.py copies them into the CRD schema of that object."""
+    return ConfigDict(json_schema_extra={"x-kubernetes-validations": list(rules)})
 
 
 class ApiModel(BaseModel):
@@ -37,6 +67,8 @@ class ApiModel(BaseModel):
 
 
 class SecretKeyRef(ApiModel):
+    """A key of a Secret in the pool's namespace."""
+
     name: str = Field(min_length=1, description="Name of a Secret in the pool's namespace.")
     key: str = Field("token", min_length=1, description="Key within the Secret.")
 
@@ -68,7 +100,14 @@ class HostPathSource(ApiModel):
 
 
 class ModelSource(ApiModel):
-    """Where weights come from: exactly one of hub, pvc, hostPath (hub when none is set)."""
+    """Where weights come from: at most one of hub, pvc, hostPath (hub when none is set)."""
+
+    model_config = validations(
+        cel(
+            "(has(self.hub) ? 1 : 0) + (has(self.pvc) ? 1 : 0) + (has(self.hostPath) ? 1 : 0) <= 1",
+            "set only one model source: hub, pvc or hostPath",
+        )
+    )
 
     hub: HubSource | None = None
     pvc: PvcSource | None = None
@@ -83,6 +122,8 @@ class ModelSource(ApiModel):
 
 
 class ModelSpec(ApiModel):
+    """The model every worker of the pool serves."""
+
     name: str = Field(
         min_length=1,
         description="Hugging Face model id (org/name) or a path inside the container "
@@ -102,6 +143,16 @@ class ModelSpec(ApiModel):
 
 
 class ReplicaBounds(ApiModel):
+    """Replica limits of one pool; the autoscaler moves between min and max."""
+
+    model_config = validations(
+        cel("self.min <= self.max", "replicas.min must be <= replicas.max"),
+        cel(
+            "!has(self.initial) || (self.min <= self.initial && self.initial <= self.max)",
+            "replicas.initial must lie within min..max",
+        ),
+    )
+
     min: int = Field(1, ge=1, description="Fewest replicas; the autoscaler never goes below.")
     max: int = Field(4, ge=1, description="Most replicas; the autoscaler never goes above.")
     initial: int | None = Field(
@@ -125,6 +176,8 @@ class ReplicaBounds(ApiModel):
 
 
 class ResourceRequirements(ApiModel):
+    """Core v1 ResourceRequirements of the worker container."""
+
     requests: dict[str, Quantity] = Field(default_factory=dict)
     limits: dict[str, Quantity] = Field(
         default_factory=dict,
@@ -144,6 +197,8 @@ class Scheduling(ApiModel):
 
 
 class WorkerPoolSpec(Scheduling):
+    """A pool of workers of one role."""
+
     replicas: ReplicaBounds = Field(default_factory=ReplicaBounds)
     threads: int | None = Field(
         None, ge=1, description="CPU threads for torch; defaults to the CPU request, else torch's own."
@@ -152,16 +207,22 @@ class WorkerPoolSpec(Scheduling):
 
 
 class TtftSlo(ApiModel):
+    """Prefill target: time to first token at a percentile."""
+
     ttft_seconds: float = Field(1.0, gt=0, description="Time to first token the pool must meet.")
     percentile: float = Field(0.9, gt=0, lt=1, description="Quantile the target applies to.")
 
 
 class ItlSlo(ApiModel):
+    """Decode target: inter-token latency at a percentile."""
+
     itl_seconds: float = Field(0.05, gt=0, description="Inter-token latency the pool must meet.")
     percentile: float = Field(0.9, gt=0, lt=1, description="Quantile the target applies to.")
 
 
 class PrefillPoolSpec(WorkerPoolSpec):
+    """Prefill workers: run whole prompts, scaled on TTFT."""
+
     slo: TtftSlo = Field(default_factory=TtftSlo)
     chunk_size: int = Field(
         512, ge=16, description="Prompt tokens per forward pass; bounds activation memory."
@@ -169,6 +230,8 @@ class PrefillPoolSpec(WorkerPoolSpec):
 
 
 class DecodePoolSpec(WorkerPoolSpec):
+    """Decode workers: emit tokens from the KV cache, scaled on ITL."""
+
     slo: ItlSlo = Field(default_factory=ItlSlo)
     max_num_seqs: int = Field(64, ge=1, description="Most sequences in one decode batch.")
     kv_cache_bytes: Quantity | None = Field(
@@ -178,16 +241,22 @@ class DecodePoolSpec(WorkerPoolSpec):
 
 
 class ServiceSpec(ApiModel):
+    """How the router is exposed."""
+
     type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
     port: int = Field(8000, ge=1, le=65535)
 
 
 class RouterSpec(Scheduling):
+    """The OpenAI-compatible router in front of the pools."""
+
     replicas: int = Field(1, ge=1, description="Router replicas (stateless).")
     service: ServiceSpec = Field(default_factory=ServiceSpec)
 
 
 class KvTransferSpec(ApiModel):
+    """How KV caches travel from prefill to decode workers."""
+
     transport: Literal["tcp"] = Field("tcp", description="How KV caches travel prefill -> decode.")
     port: int = Field(8001, ge=1, le=65535, description="Port decode workers receive KV caches on.")
     timeout_seconds: float = Field(
@@ -216,6 +285,15 @@ def _default_scale_down() -> ScalingRules:
 
 
 class AutoscalingSpec(ApiModel):
+    """Latency-driven scaling of the prefill and decode pools."""
+
+    model_config = validations(
+        cel(
+            "self.windowSeconds >= self.intervalSeconds",
+            "autoscaling.windowSeconds must be >= intervalSeconds",
+        )
+    )
+
     enabled: bool = True
     interval_seconds: int = Field(15, ge=1, description="How often each pool is evaluated.")
     window_seconds: int = Field(60, ge=10, description="Range of the Prometheus rate() queries.")
@@ -239,6 +317,8 @@ class AutoscalingSpec(ApiModel):
 
 
 class InferencePoolSpec(ApiModel):
+    """Desired state of an InferencePool."""
+
     model: ModelSpec
     image: str | None = Field(None, description="Worker image; defaults to the operator's setting.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
@@ -255,6 +335,8 @@ ConditionType = Literal["Ready", "Progressing", "Degraded", "MetricsAvailable"]
 
 
 class Condition(ApiModel):
+    """A standard Kubernetes condition."""
+
     type: str
     status: Literal["True", "False", "Unknown"]
     reason: str = ""
@@ -264,6 +346,8 @@ class Condition(ApiModel):
 
 
 class PoolStatus(ApiModel):
+    """Observed state of one worker pool, and the autoscaler's last decision."""
+
     replicas: int = 0
     ready_replicas: int = 0
     desired_replicas: int = 0
@@ -282,13 +366,20 @@ class PoolStatus(ApiModel):
 
 
 class RouterStatus(ApiModel):
+    """Observed state of the router."""
+
     replicas: int = 0
     ready_replicas: int = 0
 
 
 class InferencePoolStatus(ApiModel):
+    """Observed state of an InferencePool."""
+
     observed_generation: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
     prefill: PoolStatus = Field(default_factory=PoolStatus)
     decode: PoolStatus = Field(default_factory=PoolStatus)
     router: RouterStatus = Field(default_factory=RouterStatus)

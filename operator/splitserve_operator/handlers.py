@@ -1,0 +1,173 @@
+"""kopf wiring: indexes of children, InferencePool handlers and the resync timer. Thin on purpose.
+
+Children are watched (one stream per kind, filtered by the pool label) into in-memory indexes, so a
+reconcile reads nothing from the apiserver. A child event marks its pool dirty; the pool's timer
+picks that up within `poll_seconds` (hand edits and deletions are undone, readiness shows in status)
+and otherwise runs a full reconcile every `resync_seconds`. Status goes through kopf's `patch`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from splitserve_operator import naming
+from splitserve_operator.conditions import now_rfc3339
+from splitserve_operator.kube import KINDS, Credentials, KubeClient
+from splitserve_operator.models import API_GROUP, API_VERSION, PLURAL
+from splitserve_operator.reconcile import Object, Reconciler, TransientError
+from splitserve_operator.settings import OperatorSettings
+
+logger = logging.getLogger("splitserve.operator")
+
+POOLS = (API_GROUP, API_VERSION, PLURAL)
+CHILD_LABELS = {naming.POOL_LABEL: kopf.PRESENT}
+# Kinds the operator creates, and the index each one lives in.
+CHILD_INDEXES = {
+    kind: f"children_{KINDS[kind].plural}" for kind in ("ConfigMap", "Service", "Deployment", "PodMonitor")
+}
+
+
+class ChildView:
+    """Children as the watch streams last saw them, from kopf's indexes."""
+
+    def __init__(self, indexes: Mapping[str, Any]) -> None:
+        self._indexes = {kind: indexes[index_id] for kind, index_id in CHILD_INDEXES.items()}
+
+    def get(self, kind: str, namespace: str, name: str) -> Object | None:
+        store = self._indexes[kind].get((namespace, name))
+        return next(iter(store), None) if store is not None else None
+
+
+@dataclass
+class Runtime:
+    """Per-process state shared by the handlers of all pools."""
+
+    settings: OperatorSettings
+    credentials: Credentials
+    client: KubeClient = field(init=False)
+    reconciler: Reconciler = field(init=False)
+    dirty: set[tuple[str, str]] = field(default_factory=set)
+    last_full: dict[tuple[str, str], float] = field(default_factory=dict)
+    locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    # Completed reconciles per pool: progress for logs, probes, tests and the bench.
+    reconciled: Counter[tuple[str, str]] = field(default_factory=Counter)
+    _pod_monitors: tuple[float, bool] | None = None
+
+    def __post_init__(self) -> None:
+        self.client = KubeClient(self.credentials)
+        self.reconciler = Reconciler(self.client, self.settings)
+
+    def lock(self, namespace: str, name: str) -> asyncio.Lock:
+        """One reconcile (or autoscaler step) at a time per pool."""
+        return self.locks.setdefault((namespace, name), asyncio.Lock())
+
+    def mark_dirty(self, namespace: str, pool: str) -> None:
+        if (namespace, pool) in self.last_full:  # only pools this process manages
+            self.dirty.add((namespace, pool))
+
+    def forget(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        self.dirty.discard(key)
+        self.last_full.pop(key, None)
+        self.locks.pop(key, None)
+        self.reconciled.pop(key, None)
+        self.reconciler.forget(namespace, name)
+
+    def due(self, namespace: str, name: str) -> bool:
+        key = (namespace, name)
+        last = self.last_full.get(key)
+        return key in self.dirty or last is None or time.monotonic() - last >= self.settings.resync_seconds
+
+    async def pod_monitors(self) -> bool:
+        """Whether the Prometheus Operator's PodMonitor CRD is installed (re-asked after a TTL)."""
+        now = time.monotonic()
+        if self._pod_monitors is None or now - self._pod_monitors[0] > self.settings.discovery_ttl_seconds:
+            kind = KINDS["PodMonitor"]
+            served = await self.client.has_resource(kind.api_version, kind.plural)
+            self._pod_monitors = (now, served)
+        return self._pod_monitors[1]
+
+    async def reconcile(
+        self, body: kopf.Body, patch: kopf.Patch, indexes: Mapping[str, Any], *, recheck: bool
+    ) -> None:
+        """Reconcile one pool and hand its status changes to kopf's patch; events go out via kopf."""
+        namespace, name = body.metadata.namespace or "", body.metadata.name or ""
+        async with self.lock(namespace, name):
+            key = (namespace, name)
+            self.dirty.discard(key)
+            self.last_full[key] = time.monotonic()
+            try:
+                outcome = await self.reconciler.reconcile(
+                    body,
+                    ChildView(indexes),
+                    pod_monitor=await self.pod_monitors(),
+                    recheck=recheck,
+                    now=now_rfc3339(),
+                )
+            except TransientError as exc:
+                self.dirty.add(key)
+                raise kopf.TemporaryError(str(exc), delay=5) from exc
+            self.reconciled[key] += 1
+        for key_, value in outcome.status_patch.items():
+            patch.status[key_] = value
+        for event in outcome.events:
+            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+            logger.info("%s/%s %s: %s", namespace, name, event.reason, event.message)
+
+
+def _snapshot(body: kopf.Body) -> dict[str, Any]:
+    """The child as stored in an index, without managedFields (often the biggest part of an object)."""
+    data = dict(body)
+    data["metadata"] = {k: v for k, v in body.metadata.items() if k != "managedFields"}
+    return data
+
+
+def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
+    """Register every handler of the operator on `registry`, bound to `runtime`."""
+    settings = runtime.settings
+
+    for kind, index_id in CHILD_INDEXES.items():
+        resource = KINDS[kind]
+        group, _, version = resource.api_version.rpartition("/")
+        selector = (group, version, resource.plural) if group else (version, resource.plural)
+
+        @kopf.index(*selector, labels=CHILD_LABELS, id=index_id, registry=registry)
+        def index_child(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+            return {(namespace, name): _snapshot(body)}
+
+        @kopf.on.event(*selector, labels=CHILD_LABELS, id=f"watch_{resource.plural}", registry=registry)
+        def child_changed(
+            namespace: str | None, name: str, labels: kopf.Labels, kind: str = kind, **_: Any
+        ) -> None:
+            runtime.reconciler.seen(kind, namespace or "", name)
+            runtime.mark_dirty(namespace or "", labels[naming.POOL_LABEL])
+
+    @kopf.on.resume(*POOLS, registry=registry)
+    @kopf.on.create(*POOLS, registry=registry)
+    @kopf.on.update(*POOLS, registry=registry)
+    async def reconcile_pool(body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
+        await runtime.reconcile(body, patch, kwargs, recheck=True)
+
+    poll = settings.poll_seconds
+
+    @kopf.timer(*POOLS, interval=poll, initial_delay=poll, registry=registry)
+    async def resync_pool(body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
+        if runtime.due(body.metadata.namespace or "", body.metadata.name or ""):
+            await runtime.reconcile(body, patch, kwargs, recheck=False)
+
+    @kopf.on.event(*POOLS, registry=registry)
+    def pool_event(type: str, namespace: str | None, name: str, **_: Any) -> None:
+        if type == "DELETED":
+            runtime.forget(namespace or "", name)
+
+    @kopf.on.cleanup(registry=registry)
+    async def close_client(**_: Any) -> None:
+        await runtime.client.close()

@@ -1,0 +1,80 @@
+"""Names, label keys, annotation keys and condition types shared by the operator and the autoscaler.
+
+Children have fixed names derived from the pool's, so a reconcile can find them without a lookup
+and a second run of the same handler addresses the same objects.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final, Literal
+
+GROUP: Final = "splitserve.io"
+
+# Labels on every child and on every worker pod.
+POOL_LABEL: Final = f"{GROUP}/pool"
+ROLE_LABEL: Final = f"{GROUP}/role"
+MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"
+MANAGED_BY: Final = "splitserve-operator"
+NAME_LABEL: Final = "app.kubernetes.io/name"
+COMPONENT_LABEL: Final = "app.kubernetes.io/component"
+
+# Annotations.
+SPEC_HASH_ANNOTATION: Final = f"{GROUP}/spec-hash"  # on children: hash of what the operator rendered
+CONFIG_HASH_ANNOTATION: Final = f"{GROUP}/engine-config-hash"  # on pod templates: rolls pods on change
+
+# Condition types (status.conditions[].type).
+READY: Final = "Ready"
+PROGRESSING: Final = "Progressing"
+DEGRADED: Final = "Degraded"
+METRICS_AVAILABLE: Final = "MetricsAvailable"  # written by the autoscaler
+
+Role = Literal["prefill", "decode", "router"]
+WORKER_ROLES: Final[tuple[Role, Role]] = ("prefill", "decode")
+ROLES: Final[tuple[Role, Role, Role]] = ("prefill", "decode", "router")
+
+# Ports and paths of the worker image (the contract with worker/splitserve).
+HTTP_PORT: Final = 8000
+ENGINE_CONFIG_DIR: Final = "/etc/splitserve"
+ENGINE_CONFIG_KEY: Final = "engine.json"
+
+# A Service name is a DNS-1035 label of at most 63 characters; the longest suffix is "-prefill".
+MAX_POOL_NAME: Final = 63 - len("-prefill")
+POOL_NAME_PATTERN: Final = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+NAME_TOO_LONG: Final = f"name must be at most {MAX_POOL_NAME} characters (Services are named <name>-prefill)"
+NAME_NOT_DNS: Final = "name must be a DNS-1035 label: lowercase letters, digits and '-', from a letter"
+
+
+def child_name(pool: str, role: Role) -> str:
+    """Deployment and Service name of one role: `{pool}-{role}`."""
+    return f"{pool}-{role}"
+
+
+def engine_config_name(pool: str) -> str:
+    return f"{pool}-engine"
+
+
+def selector_labels(pool: str, role: Role) -> dict[str, str]:
+    """The immutable Deployment selector and the Service selector of one role."""
+    return {POOL_LABEL: pool, ROLE_LABEL: role}
+
+
+def common_labels(pool: str, role: Role | None = None) -> dict[str, str]:
+    """Labels on every child: the pool selector, plus recommended app.kubernetes.io ones.
+
+    Not app.kubernetes.io/instance: Argo CD tracks applications by that label.
+    """
+    labels = {POOL_LABEL: pool, NAME_LABEL: "splitserve", MANAGED_BY_LABEL: MANAGED_BY}
+    if role is not None:
+        labels[ROLE_LABEL] = role
+        labels[COMPONENT_LABEL] = role
+    return labels
+
+
+def pool_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a pool (its children would be invalid), or None; mirrors the CRD rule."""
+    if len(name) > MAX_POOL_NAME:
+        return NAME_TOO_LONG
+    if not re.match(POOL_NAME_PATTERN, name):
+        return NAME_NOT_DNS
+    return None

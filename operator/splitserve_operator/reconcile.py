@@ -1,0 +1,319 @@
+"""One idempotent reconcile of one InferencePool: validate, apply children, compute status.
+
+Called from every kopf entry point (create, update, resume, the resync timer), so it assumes nothing
+about what ran before: children are looked up, created when missing, patched only when a field the
+operator sets differs (hand edits included), and left alone otherwise. A run with nothing to change
+makes no write call. Replica counts of autoscaled pools are written only at creation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import aiohttp
+from pydantic import ValidationError
+
+from splitserve_operator import naming
+from splitserve_operator.conditions import get_condition
+from splitserve_operator.diff import covers, merge_diff, strip_nones, with_removals
+from splitserve_operator.kube import ApiError, KubeClient
+from splitserve_operator.models import InferencePoolSpec
+from splitserve_operator.render import Manifest, Pool, build_children
+from splitserve_operator.settings import OperatorSettings
+from splitserve_operator.status import Problem, build_status
+
+Object = Mapping[str, Any]
+# Ready=False reasons that deserve a Warning event (the others are ordinary progress).
+# How long a child we wrote stands in for its not-yet-indexed watch event.
+WRITTEN_TTL_SECONDS = 30.0
+WARNING_REASONS = frozenset({"InvalidSpec", "SecretNotFound", "ApplyFailed", "ChildConflict"})
+
+
+class Children(Protocol):
+    """The operator's view of existing children (kopf indexes in production)."""
+
+    def get(self, kind: str, namespace: str, name: str) -> Object | None: ...
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass
+class Outcome:
+    status_patch: dict[str, Any] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+
+
+class TransientError(Exception):
+    """The apiserver could not be reached or was overloaded: retry the whole reconcile later."""
+
+
+def validation_message(error: ValidationError) -> str:
+    """Pydantic errors as one line with wire (camelCase) paths: `spec.prefill.replicas: ...`."""
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"] if p not in ("function-after",))
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"spec.{where}: {message}" if where else f"spec: {message}")
+    return "; ".join(parts)
+
+
+def parse(body: Object, settings: OperatorSettings) -> tuple[Pool | None, Problem | None]:
+    """The validated pool, or the reason it is invalid (what the CRD schema could not refuse)."""
+    meta = body.get("metadata") or {}
+    name, namespace = str(meta.get("name", "")), str(meta.get("namespace", ""))
+    problem = naming.pool_name_problem(name)
+    if problem:
+        return None, Problem("InvalidSpec", f"metadata.{problem}")
+    try:
+        spec = InferencePoolSpec.model_validate(body.get("spec") or {})
+    except ValidationError as exc:
+        return None, Problem("InvalidSpec", validation_message(exc))
+    return Pool(name=name, namespace=namespace, spec=spec, image=spec.image or settings.worker_image), None
+
+
+async def check_secret(client: KubeClient, pool: Pool) -> Problem | None:
+    """Whether the hub token Secret exists with its key (else pods hang in CreateContainerConfigError)."""
+    hub = pool.spec.model.source.hub
+    ref = hub.token_secret_ref if hub is not None else None
+    if ref is None:
+        return None
+    secret = await _call(client.get("Secret", pool.namespace, ref.name))
+    if secret is None:
+        where = "spec.model.source.hub.tokenSecretRef"
+        return Problem("SecretNotFound", f"Secret {ref.name} ({where}) not found")
+    if ref.key not in (secret.get("data") or {}) and ref.key not in (secret.get("stringData") or {}):
+        return Problem("SecretNotFound", f"Secret {ref.name} has no key {ref.key!r}")
+    return None
+
+
+async def _call(awaitable: Any) -> Any:
+    """Await an API call, turning overload and connection failures into TransientError."""
+    try:
+        return await awaitable
+    except ApiError as exc:
+        if exc.status == 429 or exc.status >= 500:
+            raise TransientError(str(exc)) from exc
+        raise
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise TransientError(f"apiserver unreachable: {exc}") from exc
+
+
+def _comparable(desired: Manifest, autoscaled: bool) -> Manifest:
+    """What must match on the live object: replicas of autoscaled pools belong to the autoscaler."""
+    want = dict(desired)
+    if autoscaled:
+        want["spec"] = {k: v for k, v in desired["spec"].items() if k != "replicas"}
+    return want
+
+
+def owner_reference(owner: Object) -> dict[str, Any]:
+    """The controller reference that makes the garbage collector delete children with their pool."""
+    meta = owner["metadata"]
+    return {
+        "apiVersion": owner["apiVersion"],
+        "kind": owner["kind"],
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _owner_problem(actual: Object, owner: Object) -> Problem | None:
+    uid = owner["metadata"].get("uid")
+    for ref in (actual.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("uid") != uid:
+            name = actual["metadata"]["name"]
+            return Problem(
+                "ChildConflict",
+                f"{actual.get('kind')} {name} is controlled by "
+                f"{ref.get('kind')} {ref.get('name')}; rename or delete it",
+            )
+    return None
+
+
+async def apply_child(
+    client: KubeClient, desired: Manifest, actual: Object | None, owner: Object, *, autoscaled: bool
+) -> tuple[Literal["created", "updated", "unchanged"], Object]:
+    """Create the child, or patch the fields that drifted; the second element is the live object."""
+    kind, meta = desired["kind"], desired["metadata"]
+    ours = owner_reference(owner)
+    if actual is None:
+        try:
+            created = {**desired, "metadata": {**meta, "ownerReferences": [ours]}}
+            return "created", await _call(client.create(strip_nones(created)))
+        except ApiError as exc:
+            if exc.status != 409:  # 409: our index is behind (it was just created); compare instead
+                raise
+        actual = await _call(client.get(kind, meta["namespace"], meta["name"]))
+        if actual is None:
+            raise TransientError(f"{kind} {meta['name']} conflicted on create but cannot be read")
+    if (problem := _owner_problem(actual, owner)) is not None:
+        raise ApiError(409, problem.reason, problem.message)
+    want = _comparable(desired, autoscaled)
+    refs = list((actual.get("metadata") or {}).get("ownerReferences") or [])
+    owned = any(ref.get("uid") == ours["uid"] for ref in refs)
+    if owned and covers(actual, want):
+        return "unchanged", actual
+    want = with_removals(actual, want)
+    if not owned:  # adopt: a merge patch replaces the list, so keep the references already there
+        want["metadata"] = {**want["metadata"], "ownerReferences": [*refs, ours]}
+    return "updated", await _call(client.merge_patch(kind, meta["namespace"], meta["name"], want))
+
+
+def _endpoint(pool: Pool, service: Object | None) -> str:
+    """The router's base URL: the load balancer's address once it has one, else the cluster DNS name."""
+    ingress = (((service or {}).get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+    if pool.spec.router.service.type == "LoadBalancer" and ingress:
+        host = ingress[0].get("hostname") or ingress[0].get("ip")
+        if host:
+            return f"http://{host}:{pool.router_port}/v1"
+    return pool.endpoint
+
+
+def _scale_event(desired: Manifest, before: Object) -> Event | None:
+    if desired["kind"] != "Deployment":
+        return None
+    old = (before.get("spec") or {}).get("replicas")
+    new = desired["spec"].get("replicas")
+    if old is None or new is None or old == new:
+        return None
+    return Event("Normal", "Scaled", f"Scaled {desired['metadata']['name']} from {old} to {new} replicas")
+
+
+def _transition_events(before: Object, after: list[dict[str, Any]]) -> list[Event]:
+    """An event when Ready flips or changes its reason (not on every count change)."""
+    old, new = get_condition(before.get("conditions") or [], naming.READY), get_condition(after, naming.READY)
+    if new is None or (old is not None and (old["status"], old["reason"]) == (new["status"], new["reason"])):
+        return []
+    if new["status"] == "True":
+        return [Event("Normal", "Ready", new["message"])]
+    if new["reason"] in WARNING_REASONS:
+        return [Event("Warning", new["reason"], new["message"])]
+    return []
+
+
+class Reconciler:
+    """Reconciles pools; remembers Secret checks so periodic resyncs do not re-read Secrets."""
+
+    def __init__(self, client: KubeClient, settings: OperatorSettings) -> None:
+        self.client = client
+        self.settings = settings
+        self._secret_checks: dict[tuple[str, str], tuple[float, Problem | None]] = {}
+        # Children this process wrote whose watch event may not have reached the index yet.
+        self._written: dict[tuple[str, str, str], tuple[float, Object]] = {}
+
+    def seen(self, kind: str, namespace: str, name: str) -> None:
+        """A watch event of this child arrived: from now on the index knows it better than we do."""
+        self._written.pop((kind, namespace, name), None)
+
+    def _current(self, children: Children, kind: str, namespace: str, name: str) -> Object | None:
+        """The child as the index has it, or as we last wrote it if the index has not caught up.
+
+        Saves a create that would answer 409 (and the read after it) when a reconcile follows
+        the first one before the watch stream delivered its creations.
+        """
+        indexed = children.get(kind, namespace, name)
+        written = self._written.get((kind, namespace, name))
+        if indexed is None and written is not None and time.monotonic() - written[0] < WRITTEN_TTL_SECONDS:
+            return written[1]
+        return indexed
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._secret_checks.pop((namespace, name), None)
+        mine = {name, naming.engine_config_name(name), *(naming.child_name(name, r) for r in naming.ROLES)}
+        for key in [k for k in self._written if k[1] == namespace and k[2] in mine]:
+            del self._written[key]
+
+    async def _secret_problem(self, pool: Pool, recheck: bool) -> Problem | None:
+        key = (pool.namespace, pool.name)
+        checked = self._secret_checks.get(key)
+        stale = checked is None or time.monotonic() - checked[0] > self.settings.resync_seconds
+        if recheck or stale or (checked is not None and checked[1] is not None):
+            checked = (time.monotonic(), await check_secret(self.client, pool))
+            self._secret_checks[key] = checked
+        assert checked is not None
+        return checked[1]
+
+    async def reconcile(
+        self, body: Object, children: Children, *, pod_monitor: bool, recheck: bool, now: str
+    ) -> Outcome:
+        meta, current = body["metadata"], body.get("status") or {}
+        generation = meta.get("generation")
+        outcome = Outcome()
+        pool, invalid = parse(body, self.settings)
+        deployments: dict[naming.Role, Object | None] = {
+            role: children.get("Deployment", meta["namespace"], naming.child_name(meta["name"], role))
+            for role in naming.ROLES
+        }
+        problems: list[Problem] = []
+        endpoint = None
+        if pool is not None:
+            try:
+                desired_children = build_children(pool, pod_monitor=pod_monitor)
+            except (ValidationError, ValueError) as exc:  # the worker's EngineConfig refused the mapping
+                desired_children, invalid = [], Problem("InvalidSpec", f"engine settings: {exc}")
+            if (secret := await self._secret_problem(pool, recheck)) is not None:
+                problems.append(secret)
+            endpoint = await self._apply_all(
+                body, pool, desired_children, children, deployments, problems, outcome
+            )
+        status = build_status(
+            current, deployments, problems, invalid=invalid, generation=generation, endpoint=endpoint, now=now
+        )
+        outcome.status_patch = merge_diff(current, status)
+        outcome.events += _transition_events(current, status["conditions"])
+        return outcome
+
+    async def _apply_all(
+        self,
+        body: Object,
+        pool: Pool,
+        desired_children: list[Manifest],
+        children: Children,
+        deployments: dict[naming.Role, Object | None],
+        problems: list[Problem],
+        outcome: Outcome,
+    ) -> str:
+        """Apply every child; record live Deployments, problems and events; return the endpoint."""
+        endpoint = pool.endpoint
+        created: list[str] = []
+        updated: list[str] = []
+        for desired in desired_children:
+            kind, name = desired["kind"], desired["metadata"]["name"]
+            actual = self._current(children, kind, pool.namespace, name)
+            role = desired["metadata"]["labels"].get(naming.ROLE_LABEL)
+            autoscaled = kind == "Deployment" and role != "router" and pool.spec.autoscaling.enabled
+            try:
+                result, live = await apply_child(self.client, desired, actual, body, autoscaled=autoscaled)
+            except ApiError as exc:
+                reason = "ChildConflict" if exc.reason == "ChildConflict" else "ApplyFailed"
+                problems.append(Problem(reason, f"{kind} {name}: {exc.message}"))
+                continue
+            if result != "unchanged":
+                self._written[kind, pool.namespace, name] = (time.monotonic(), live)
+            if result == "created":
+                created.append(f"{kind} {name}")
+            elif result == "updated" and actual is not None:
+                scaled = None if autoscaled else _scale_event(desired, actual)
+                if scaled is not None:
+                    outcome.events.append(scaled)
+                updated.append(f"{kind} {name}")
+            if kind == "Deployment":
+                deployments[role] = live
+            elif kind == "Service" and role == "router":
+                endpoint = _endpoint(pool, live)
+        # One event per kind of change, not per child: events are writes too.
+        if created:
+            outcome.events.append(Event("Normal", "Created", "Created " + ", ".join(created)))
+        if updated:
+            outcome.events.append(Event("Normal", "Updated", "Updated " + ", ".join(updated)))
+        return endpoint

@@ -1,0 +1,255 @@
+"""Pure spec -> manifest functions: the children of one InferencePool.
+
+Every function returns plain dicts, the same for the same input, with no I/O. Optional fields the
+operator owns are rendered as `None` when unset ("must be absent"): a merge patch then removes a
+value that a previous spec set, and diff.strip_nones() drops the markers before a create.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from splitserve_operator import naming
+from splitserve_operator.diff import strip_nones
+from splitserve_operator.engine import build_engine_config_map, content_hash
+from splitserve_operator.models import InferencePoolSpec, Scheduling, WorkerPoolSpec
+from splitserve_operator.quantity import cpu_threads
+
+Manifest = dict[str, Any]
+
+HF_CACHE = "/cache/huggingface"
+# Model loading (a hub download of a large model included) may take this long before /health is 200.
+STARTUP_BUDGET_SECONDS = 3600
+SCRAPE_ANNOTATIONS = {
+    "prometheus.io/scrape": "true",
+    "prometheus.io/path": "/metrics",
+}
+
+
+@dataclass(frozen=True)
+class Pool:
+    """What rendering needs to know about one InferencePool: its identity and a validated spec."""
+
+    name: str
+    namespace: str
+    spec: InferencePoolSpec
+    image: str  # spec.image, else the operator's default
+
+    @property
+    def router_port(self) -> int:
+        return self.spec.router.service.port
+
+    def service_url(self, role: naming.Role, port: int = naming.HTTP_PORT) -> str:
+        return f"http://{naming.child_name(self.name, role)}.{self.namespace}.svc:{port}"
+
+    @property
+    def endpoint(self) -> str:
+        """The router's OpenAI-compatible base URL inside the cluster."""
+        return self.service_url("router", self.router_port) + "/v1"
+
+
+def spec_hash(manifest: Manifest) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _meta(pool: Pool, name: str, role: naming.Role | None) -> Manifest:
+    return {"name": name, "namespace": pool.namespace, "labels": naming.common_labels(pool.name, role)}
+
+
+def _model_source(pool: Pool) -> tuple[list[Manifest], list[Manifest], list[Manifest]]:
+    """Volumes, volume mounts and env vars that bring the weights (or the hub) to a container."""
+    source = pool.spec.model.source
+    if source.pvc is not None:
+        mount: Manifest = {"name": "model", "mountPath": source.pvc.mount_path, "readOnly": True}
+        if source.pvc.sub_path:
+            mount["subPath"] = source.pvc.sub_path
+        claim = {"claimName": source.pvc.claim_name, "readOnly": True}
+        return [{"name": "model", "persistentVolumeClaim": claim}], [mount], []
+    if source.host_path is not None:
+        cache = source.host_path
+        volume = {"name": "hf-cache", "hostPath": {"path": cache.path, "type": "DirectoryOrCreate"}}
+        env: list[Manifest] = [{"name": "HF_HOME", "value": cache.mount_path}]
+        return [volume], [{"name": "hf-cache", "mountPath": cache.mount_path}], env
+    # The hub (also the default): download into a pod-local cache.
+    env = [{"name": "HF_HOME", "value": HF_CACHE}]
+    hub = source.hub
+    if hub is not None and hub.token_secret_ref is not None:
+        ref = hub.token_secret_ref
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    if hub is not None and hub.endpoint:
+        env.append({"name": "HF_ENDPOINT", "value": hub.endpoint})
+    return [{"name": "hf-cache", "emptyDir": {}}], [{"name": "hf-cache", "mountPath": HF_CACHE}], env
+
+
+def _probes(port: str) -> Manifest:
+    """Startup covers model loading (/health is 503 until then); readiness gates traffic after."""
+    health = {"httpGet": {"path": "/health", "port": port}}
+    return {
+        "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": STARTUP_BUDGET_SECONDS // 10},
+        "readinessProbe": {**health, "periodSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {**health, "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
+    }
+
+
+def _resources(scheduling: Scheduling) -> Manifest | None:
+    resources = {key: value for key, value in scheduling.resources.model_dump().items() if value}
+    return resources or None
+
+
+def _worker_args(pool: Pool, role: naming.Role, spec: WorkerPoolSpec) -> list[str]:
+    args = [
+        "worker",
+        "--role",
+        role,
+        "--config",
+        f"{naming.ENGINE_CONFIG_DIR}/{naming.ENGINE_CONFIG_KEY}",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(naming.HTTP_PORT),
+        "--pool",
+        pool.name,
+    ]
+    if role == "decode":
+        args += ["--kv-port", str(pool.spec.kv_transfer.port)]
+    cpu = spec.resources.requests.get("cpu")
+    threads = spec.threads if spec.threads is not None else (cpu_threads(cpu) if cpu else None)
+    if threads is not None:
+        args += ["--threads", str(threads)]
+    return args + spec.args
+
+
+def _router_args(pool: Pool) -> list[str]:
+    return [
+        "router",
+        "--config",
+        f"{naming.ENGINE_CONFIG_DIR}/{naming.ENGINE_CONFIG_KEY}",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(pool.router_port),
+        "--pool",
+        pool.name,
+        "--prefill",
+        pool.service_url("prefill"),
+        "--decode",
+        pool.service_url("decode"),
+    ]
+
+
+def _ports(pool: Pool, role: naming.Role) -> list[Manifest]:
+    http_port = pool.router_port if role == "router" else naming.HTTP_PORT
+    ports = [{"name": "http", "containerPort": http_port, "protocol": "TCP"}]
+    if role == "decode":
+        ports.append({"name": "kv", "containerPort": pool.spec.kv_transfer.port, "protocol": "TCP"})
+    return ports
+
+
+def build_deployment(pool: Pool, role: naming.Role, config_hash: str) -> Manifest:
+    """The Deployment of one role; `config_hash` rolls its pods when the engine settings change."""
+    spec = pool.spec
+    scheduling: Scheduling = spec.router if role == "router" else getattr(spec, role)
+    replicas = spec.router.replicas if role == "router" else getattr(spec, role).replicas.start
+    args = _router_args(pool) if role == "router" else _worker_args(pool, role, getattr(spec, role))
+    volumes, mounts, env = _model_source(pool)
+    config_volume = {"name": "engine-config", "configMap": {"name": naming.engine_config_name(pool.name)}}
+    config_mount = {"name": "engine-config", "mountPath": naming.ENGINE_CONFIG_DIR, "readOnly": True}
+    http_port = pool.router_port if role == "router" else naming.HTTP_PORT
+    container: Manifest = {
+        "name": role,
+        "image": pool.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "args": args,
+        "ports": _ports(pool, role),
+        "env": [
+            *env,
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            *scheduling.env,
+        ],
+        "resources": _resources(scheduling),
+        "volumeMounts": [config_mount, *mounts],
+        "securityContext": {"allowPrivilegeEscalation": False},
+        **_probes("http"),
+    }
+    template_annotations = {
+        **SCRAPE_ANNOTATIONS,
+        "prometheus.io/port": str(http_port),
+        naming.CONFIG_HASH_ANNOTATION: config_hash,
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(pool, naming.child_name(pool.name, role), role),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": naming.selector_labels(pool.name, role)},
+            # Worker pods may spend the whole startup budget loading a model before they are ready.
+            "progressDeadlineSeconds": 600 if role == "router" else STARTUP_BUDGET_SECONDS + 300,
+            "template": {
+                "metadata": {
+                    "labels": naming.common_labels(pool.name, role),
+                    "annotations": template_annotations,
+                },
+                "spec": {
+                    # Inside a list a null is not "absent" to a merge patch: containers carry no markers.
+                    "containers": [strip_nones(container)],
+                    "volumes": [config_volume, *volumes],
+                    "enableServiceLinks": False,
+                    "terminationGracePeriodSeconds": 60,
+                    "nodeSelector": scheduling.node_selector or None,
+                    "tolerations": scheduling.tolerations or None,
+                    "affinity": scheduling.affinity or None,
+                    "priorityClassName": scheduling.priority_class_name,
+                },
+            },
+        },
+    }
+
+
+def build_service(pool: Pool, role: naming.Role) -> Manifest:
+    """Headless for workers (the router resolves one A record per ready pod); a plain one for the router."""
+    spec: Manifest
+    if role == "router":
+        service = pool.spec.router.service
+        port = {"name": "http", "port": service.port, "targetPort": "http", "protocol": "TCP"}
+        spec = {"type": service.type, "ports": [port]}
+    else:
+        ports = [{"name": "http", "port": naming.HTTP_PORT, "targetPort": "http", "protocol": "TCP"}]
+        if role == "decode":
+            kv = pool.spec.kv_transfer.port
+            ports.append({"name": "kv", "port": kv, "targetPort": "kv", "protocol": "TCP"})
+        spec = {"type": "ClusterIP", "clusterIP": "None", "ports": ports}
+    spec["selector"] = naming.selector_labels(pool.name, role)
+    metadata = _meta(pool, naming.child_name(pool.name, role), role)
+    return {"apiVersion": "v1", "kind": "Service", "metadata": metadata, "spec": spec}
+
+
+def build_pod_monitor(pool: Pool) -> Manifest:
+    """One PodMonitor for all roles: every splitserve container names its metrics port `http`."""
+    interval = max(5, min(30, pool.spec.autoscaling.interval_seconds))
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": _meta(pool, pool.name, None),
+        "spec": {
+            "selector": {"matchLabels": {naming.POOL_LABEL: pool.name}},
+            "podMetricsEndpoints": [{"port": "http", "path": "/metrics", "interval": f"{interval}s"}],
+        },
+    }
+
+
+def build_children(pool: Pool, *, pod_monitor: bool) -> list[Manifest]:
+    """Every child of the pool, in creation order, each stamped with the hash of its rendering."""
+    config_map = build_engine_config_map(pool.name, pool.namespace, pool.spec)
+    config_hash = content_hash(config_map["data"][naming.ENGINE_CONFIG_KEY])
+    children = [config_map]
+    for role in naming.ROLES:
+        children += [build_service(pool, role), build_deployment(pool, role, config_hash)]
+    if pod_monitor:
+        children.append(build_pod_monitor(pool))
+    for child in children:
+        child["metadata"]["annotations"] = {naming.SPEC_HASH_ANNOTATION: spec_hash(child)}
+    return children

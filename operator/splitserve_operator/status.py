@@ -1,0 +1,161 @@
+"""Pure status computation: children's states and known problems -> InferencePool status fields.
+
+Only the fields the reconciler owns are produced; the autoscaler's (observedLatencySeconds,
+predictedReplicas, reason, MetricsAvailable, ...) are never touched, since diff.merge_diff() patches
+only the keys present here and conditions.set_condition() keeps other writers' conditions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from splitserve_operator import naming
+from splitserve_operator.conditions import set_condition
+
+Object = Mapping[str, Any]
+Conditions = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something that keeps the pool from being Ready, with a CamelCase reason and a readable message."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """What a Deployment says about itself, as `kubectl rollout status` reads it."""
+
+    role: naming.Role
+    desired: int
+    replicas: int
+    ready: int
+    updated: int
+    done: bool
+    stalled: str | None  # why the Deployment controller gave up, if it did
+
+    @classmethod
+    def of(cls, role: naming.Role, deployment: Object | None) -> Rollout:
+        if deployment is None:
+            return cls(role, 0, 0, 0, 0, done=False, stalled=None)
+        spec, status = deployment.get("spec") or {}, deployment.get("status") or {}
+        desired = int(spec.get("replicas", 1))
+        replicas, ready = int(status.get("replicas", 0)), int(status.get("readyReplicas", 0))
+        updated = int(status.get("updatedReplicas", 0))
+        generation = (deployment.get("metadata") or {}).get("generation")
+        observed = status.get("observedGeneration")
+        seen = generation is None or (observed is not None and observed >= generation)
+        done = seen and updated >= desired and replicas == updated and ready >= desired
+        return cls(role, desired, replicas, ready, updated, done=done, stalled=_stalled(status))
+
+    @property
+    def summary(self) -> str:
+        return f"{self.role} {self.ready}/{self.desired}"
+
+
+def _stalled(status: Object) -> str | None:
+    for condition in status.get("conditions") or []:
+        kind, state, reason = condition.get("type"), condition.get("status"), condition.get("reason")
+        if kind == "Progressing" and state == "False" and reason == "ProgressDeadlineExceeded":
+            return str(condition.get("message") or reason)
+        if kind == "ReplicaFailure" and state == "True":
+            return str(condition.get("message") or reason or kind)
+    return None
+
+
+def pool_fields(rollout: Rollout) -> dict[str, Any]:
+    return {
+        "replicas": rollout.replicas,
+        "readyReplicas": rollout.ready,
+        "desiredReplicas": rollout.desired,
+        "ready": f"{rollout.ready}/{rollout.desired}",
+    }
+
+
+def build_conditions(
+    current: Sequence[Object],
+    rollouts: Sequence[Rollout],
+    problems: Sequence[Problem],
+    *,
+    invalid: Problem | None,
+    generation: int | None,
+    now: str,
+) -> Conditions:
+    """Ready, Progressing and Degraded from the rollouts and problems; other conditions are kept.
+
+    Ready means the pool can serve: at least one ready pod of every role, and nothing wrong.
+    """
+
+    def put(conds: Conditions, type_: str, ok: bool, reason: str, message: str) -> Conditions:
+        return set_condition(
+            conds, type_, "True" if ok else "False", reason, message, now=now, observed_generation=generation
+        )
+
+    conds = [dict(c) for c in current]
+    if invalid is not None:
+        message = f"{invalid.message}; the last valid spec keeps running"
+        conds = put(conds, naming.READY, False, invalid.reason, invalid.message)
+        conds = put(conds, naming.PROGRESSING, False, invalid.reason, message)
+        return put(conds, naming.DEGRADED, True, invalid.reason, message)
+
+    summary = ", ".join(r.summary for r in rollouts) + " ready"
+    stalled = [f"{r.role}: {r.stalled}" for r in rollouts if r.stalled]
+    rolling = [r.role for r in rollouts if not r.done]
+    unserved = [r.role for r in rollouts if r.ready < 1]
+    if problems:
+        conds = put(conds, naming.READY, False, problems[0].reason, "; ".join(p.message for p in problems))
+    elif unserved:
+        conds = put(conds, naming.READY, False, "NotReady", f"no ready {', '.join(unserved)} pod; {summary}")
+    else:
+        conds = put(conds, naming.READY, True, "Ready", summary)
+
+    if stalled:
+        conds = put(conds, naming.PROGRESSING, False, "ProgressDeadlineExceeded", "; ".join(stalled))
+    elif rolling:
+        message = f"rolling out {', '.join(rolling)}; {summary}"
+        conds = put(conds, naming.PROGRESSING, True, "RollingOut", message)
+    else:
+        conds = put(conds, naming.PROGRESSING, False, "Stable", summary)
+
+    if problems or stalled:
+        reason = problems[0].reason if problems else "ProgressDeadlineExceeded"
+        message = "; ".join([p.message for p in problems] + stalled)
+        return put(conds, naming.DEGRADED, True, reason, message)
+    return put(conds, naming.DEGRADED, False, "AsExpected", summary)
+
+
+def build_status(
+    current: Object,
+    deployments: Mapping[naming.Role, Object | None],
+    problems: Sequence[Problem],
+    *,
+    invalid: Problem | None,
+    generation: int | None,
+    endpoint: str | None,
+    now: str,
+) -> dict[str, Any]:
+    """The status fields the reconciler owns, computed from scratch on every reconcile."""
+    rollouts = [Rollout.of(role, deployments.get(role)) for role in naming.ROLES]
+    by_role = {r.role: r for r in rollouts}
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "conditions": build_conditions(
+            current.get("conditions") or [],
+            rollouts,
+            problems,
+            invalid=invalid,
+            generation=generation,
+            now=now,
+        ),
+    }
+    # Counts stay truthful while a spec is invalid: the last valid one keeps running.
+    status["prefill"] = pool_fields(by_role["prefill"])
+    status["decode"] = pool_fields(by_role["decode"])
+    status["router"] = {"replicas": by_role["router"].replicas, "readyReplicas": by_role["router"].ready}
+    if endpoint is not None:
+        status["endpoint"] = endpoint
+    return status
