@@ -108,3 +108,12 @@ def test_tokens_of_held_text_are_released_with_it(tokenizer: PreTrainedTokenizer
     deltas = [d for d in feed(tokenizer, ids, SamplingParams()) if d.text or d.finish_reason]
     assert [d.text for d in deltas] == ["世", "界"]
     assert sum(d.tokens for d in deltas) == len(ids)
+
+
+def test_eager_tokens_release_every_token_while_text_is_held(tokenizer: PreTrainedTokenizerBase) -> None:
+    """return_token_ids: a client counting tokens must see each one when it arrives."""
+    ids = tokenizer.encode("🙂🙂")
+    stream = OutputStream(tokenizer, (5, 6), SamplingParams(), eager_tokens=True)
+    deltas = [stream.add(GenerationChunk(token_ids=(token,))) for token in ids]
+    assert [delta.token_ids for delta in deltas] == [(token,) for token in ids]
+    assert "".join(delta.text for delta in deltas) == "🙂🙂"

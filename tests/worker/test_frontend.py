@@ -395,3 +395,25 @@ async def test_serve_app_stops_gracefully_on_sigterm() -> None:
     signal.raise_signal(signal.SIGTERM)  # the handler serve_app installed turns it into a clean stop
     await asyncio.wait_for(server, 5)
     assert cleaned.is_set()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_return_token_ids(server: Server, stream: bool) -> None:
+    """vLLM's return_token_ids: every output token id reaches the client, one event per token."""
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 12, "return_token_ids": True, "stream": stream}
+    expected = server.backend.script[:12]
+    if not stream:
+        status, reply = await server.post("/v1/completions", body)
+        assert status == 200 and reply["choices"][0]["token_ids"] == expected
+        return
+    events = []
+    async with aiohttp.ClientSession() as session, session.post(server.url + "/v1/completions", json=body) as reply:
+        async for line in reply.content:
+            if line.startswith(b"data: {"):
+                events.append(json.loads(line[6:])["choices"][0]["token_ids"])
+    assert events == [[token] for token in expected]
+
+
+async def test_token_ids_absent_unless_asked(server: Server) -> None:
+    status, reply = await server.post("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 3})
+    assert status == 200 and "token_ids" not in reply["choices"][0]

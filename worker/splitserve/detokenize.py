@@ -66,26 +66,33 @@ class IncrementalDetokenizer:
 
 @dataclass(frozen=True)
 class Delta:
-    """What to send for one choice now. `tokens`: output tokens this delta releases to the client."""
+    """What to send for one choice now. `token_ids`: the output tokens this delta releases."""
 
     text: str
-    tokens: int
+    token_ids: tuple[int, ...] = ()
     finish_reason: FinishReason | None = None
     stopped_by_string: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
 
 
 class OutputStream:
     """One choice's output: detokenizes backend chunks and applies stop strings and stop tokens."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: Sequence[int],
-                 params: SamplingParams) -> None:
+                 params: SamplingParams, *, eager_tokens: bool = False) -> None:
+        """`eager_tokens`: release every token at once, even while its text is held back (a partial
+        UTF-8 character, a possible stop string) — for `return_token_ids`, where clients count tokens."""
         self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids)
         self._params = params
         self._stops = params.stop
         self._max_stop = max((len(stop) for stop in self._stops), default=0)
         self._text = ""  # everything decoded so far (after a stop-string cut: up to the cut)
         self._sent = 0  # chars of _text already released
-        self._pending_tokens = 0
+        self._pending_ids: list[int] = []
+        self._eager_tokens = eager_tokens
         self.generated = 0
         self.finished = False
 
@@ -94,7 +101,7 @@ class OutputStream:
             raise RuntimeError("output already finished")
         ids = chunk.token_ids
         self.generated += len(ids)
-        self._pending_tokens += len(ids)
+        self._pending_ids.extend(ids)
         # A stop token ends the output without showing up in it (vLLM); EOS is special, so skipped anyway.
         if chunk.finish_reason == "stop" and ids and ids[-1] in self._params.stop_token_ids:
             ids = ids[:-1]
@@ -109,11 +116,13 @@ class OutputStream:
         release = len(self._text) if finish else len(self._text) - self._held_back()
         text = self._text[self._sent:release]
         if not text and finish is None:
-            return Delta("", 0)
+            if not (self._eager_tokens and self._pending_ids):
+                return Delta("")
+            release = self._sent
         self._sent = release
-        tokens, self._pending_tokens = self._pending_tokens, 0
+        token_ids, self._pending_ids = tuple(self._pending_ids), []
         self.finished = finish is not None
-        return Delta(text, tokens, finish, stopped)
+        return Delta(text, token_ids, finish, stopped)
 
     def _cut_at_stop_string(self, new_chars: int) -> bool:
         """Truncate `_text` before the earliest stop string that the new text completed."""

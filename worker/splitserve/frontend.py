@@ -113,6 +113,7 @@ class _Plan:
     prompt_tokens: int  # counted once per prompt, however many choices share it
     stream: bool
     include_usage: bool
+    return_token_ids: bool
 
 
 @dataclass
@@ -223,7 +224,8 @@ class _OpenAIApi:
                                                  sampling=sampling))
         include_usage = parsed.stream_options is not None and parsed.stream_options.include_usage
         prompt_tokens = sum(len(token_ids) for token_ids in prompts)
-        return _Plan(reply_id, chat, choices, prompt_tokens, parsed.stream, include_usage)
+        return _Plan(reply_id, chat, choices, prompt_tokens, parsed.stream, include_usage,
+                     parsed.return_token_ids)
 
     def _tokenize(self, item: str | list[int]) -> tuple[int, ...]:
         if isinstance(item, list):
@@ -267,7 +269,7 @@ class _OpenAIApi:
     async def _run(self, request: web.Request, plan: _Plan,
                    timing: _Timing) -> tuple[web.StreamResponse, str]:
         queue: asyncio.Queue[_Event] = asyncio.Queue(maxsize=2 * len(plan.choices))
-        tasks = [asyncio.create_task(self._produce(index, choice, queue))
+        tasks = [asyncio.create_task(self._produce(index, choice, queue, eager_tokens=plan.return_token_ids))
                  for index, choice in enumerate(plan.choices)]
         outcome = OUTCOME_CANCELLED
         try:
@@ -288,14 +290,16 @@ class _OpenAIApi:
         return Replies(plan.reply_id, self._model, chat=plan.chat, prompt_tokens=plan.prompt_tokens,
                        include_usage=plan.include_usage)
 
-    async def _produce(self, index: int, request: GenerationRequest, queue: asyncio.Queue[_Event]) -> None:
+    async def _produce(self, index: int, request: GenerationRequest, queue: asyncio.Queue[_Event], *,
+                       eager_tokens: bool) -> None:
         """Drive one choice's backend stream; closing it early (stop string, cancel) aborts the generation."""
-        output = OutputStream(self._tokenizer, request.prompt_token_ids, request.sampling)
+        output = OutputStream(self._tokenizer, request.prompt_token_ids, request.sampling,
+                              eager_tokens=eager_tokens)
         chunks = self._backend.generate(request)
         try:
             async for chunk in chunks:
                 delta = output.add(chunk)
-                if delta.text or delta.finish_reason:
+                if delta.text or delta.finish_reason or delta.token_ids:
                     await queue.put(_Event(index, delta))
                 if delta.finish_reason:
                     return
@@ -310,7 +314,7 @@ class _OpenAIApi:
 
     async def _collect(self, plan: _Plan, queue: asyncio.Queue[_Event], timing: _Timing) -> web.Response:
         texts = [""] * len(plan.choices)
-        tokens = [0] * len(plan.choices)
+        token_ids: list[list[int]] = [[] for _ in plan.choices]
         finishes: list[FinishReason | None] = [None] * len(plan.choices)
         while any(finish is None for finish in finishes):
             event = await queue.get()
@@ -319,10 +323,12 @@ class _OpenAIApi:
             assert event.delta is not None
             timing.written(event.index, event.delta.tokens)
             texts[event.index] += event.delta.text
-            tokens[event.index] += event.delta.tokens
+            token_ids[event.index] += event.delta.token_ids
             finishes[event.index] = event.delta.finish_reason
         timing.finished()
-        body = self._replies(plan).whole(texts, finishes, sum(tokens))
+        completion_tokens = sum(len(ids) for ids in token_ids)
+        body = self._replies(plan).whole(texts, finishes, completion_tokens,
+                                         token_ids if plan.return_token_ids else None)
         return web.Response(body=body, content_type="application/json")
 
     async def _stream(self, request: web.Request, plan: _Plan, queue: asyncio.Queue[_Event],
@@ -346,7 +352,8 @@ class _OpenAIApi:
                 if response is None:
                     response = await _open_sse(request, plan.reply_id)
                 assert event.delta is not None
-                await response.write(replies.chunk(event.index, event.delta.text, event.delta.finish_reason))
+                ids = list(event.delta.token_ids) if plan.return_token_ids else None
+                await response.write(replies.chunk(event.index, event.delta.text, event.delta.finish_reason, ids))
                 timing.written(event.index, event.delta.tokens)
                 completion_tokens += event.delta.tokens
                 remaining -= event.delta.finish_reason is not None

@@ -69,6 +69,9 @@ class _CommonRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored, as OpenAI documents it for abuse tracking
+    # vLLM's extension: each choice (and each streamed chunk) carries its output token ids, so a
+    # client can count tokens exactly, e.g. to measure inter-token latency.
+    return_token_ids: bool = False
     # Accepted only at their neutral values (see _NEUTRAL).
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -268,11 +271,16 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+# Present only when the client asked for them (return_token_ids), absent otherwise.
+_TOKEN_IDS = Field(None, exclude_if=lambda value: value is None)
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: None = None
     finish_reason: FinishReason | None = None
+    token_ids: list[int] | None = _TOKEN_IDS
 
 
 class CompletionResponse(BaseModel):
@@ -296,6 +304,7 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     logprobs: None = None
     finish_reason: FinishReason | None = None
+    token_ids: list[int] | None = _TOKEN_IDS
 
 
 class ChatCompletionResponse(BaseModel):
@@ -312,6 +321,7 @@ class ChatChunkChoice(BaseModel):
     delta: dict[str, str]  # {"role": "assistant"} on a choice's first chunk, then {"content": ...}
     logprobs: None = None
     finish_reason: FinishReason | None = None
+    token_ids: list[int] | None = _TOKEN_IDS
 
 
 class ChatCompletionChunk(BaseModel):
@@ -337,19 +347,25 @@ class Replies:
         return Usage(prompt_tokens=self._prompt_tokens, completion_tokens=completion_tokens,
                      total_tokens=self._prompt_tokens + completion_tokens)
 
-    def whole(self, texts: list[str], finishes: list[FinishReason | None], completion_tokens: int) -> str:
+    def whole(self, texts: list[str], finishes: list[FinishReason | None], completion_tokens: int,
+              token_ids: list[list[int]] | None = None) -> str:
+        """`token_ids` (one list per choice) only when the client asked for them."""
         head: dict[str, Any] = {"id": self._id, "created": self._created, "model": self._model,
                                 "usage": self.usage(completion_tokens)}
-        results = list(enumerate(zip(texts, finishes, strict=True)))
+        ids: list[list[int] | None] = list(token_ids) if token_ids is not None else [None] * len(texts)
+        results = list(enumerate(zip(texts, finishes, ids, strict=True)))
         if self._chat:
             return ChatCompletionResponse(**head, choices=[
-                ChatChoice(index=i, message=ChatResponseMessage(content=text), finish_reason=finish)
-                for i, (text, finish) in results]).model_dump_json()
+                ChatChoice(index=i, message=ChatResponseMessage(content=text), finish_reason=finish,
+                           token_ids=choice_ids)
+                for i, (text, finish, choice_ids) in results]).model_dump_json()
         return CompletionResponse(**head, choices=[
-            CompletionChoice(index=i, text=text, finish_reason=finish) for i, (text, finish) in results
+            CompletionChoice(index=i, text=text, finish_reason=finish, token_ids=choice_ids)
+            for i, (text, finish, choice_ids) in results
         ]).model_dump_json()
 
-    def chunk(self, index: int, text: str, finish_reason: FinishReason | None) -> bytes:
+    def chunk(self, index: int, text: str, finish_reason: FinishReason | None,
+              token_ids: list[int] | None = None) -> bytes:
         head: dict[str, Any] = {"id": self._id, "created": self._created, "model": self._model}
         chunk: CompletionResponse | ChatCompletionChunk
         if self._chat:
@@ -358,10 +374,10 @@ class Replies:
             if text or "role" in delta:
                 delta["content"] = text
             chunk = ChatCompletionChunk(**head, choices=[
-                ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)])
+                ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason, token_ids=token_ids)])
         else:
             chunk = CompletionResponse(**head, choices=[
-                CompletionChoice(index=index, text=text, finish_reason=finish_reason)])
+                CompletionChoice(index=index, text=text, finish_reason=finish_reason, token_ids=token_ids)])
         # With include_usage, OpenAI sends "usage": null on every chunk and the numbers in a last one.
         return sse(chunk.model_dump(exclude=None if self._include_usage else {"usage"}))
 
