@@ -96,7 +96,7 @@ class _Sink:
         return _DiscardingDestination()
 
 
-def _raw_server(listener: socket.socket) -> None:
+def raw_server(listener: socket.socket) -> None:
     """Length-prefixed blob into one reused buffer with recv_into, then a one-byte ack."""
     buffer = memoryview(bytearray(64 << 20))
     while True:
@@ -116,7 +116,7 @@ def _serve(ports: Any, variant: str) -> None:
     _pin(RECEIVER_CORE)
     kv_frames.layer_checksum = VARIANTS[variant]
     listener = socket.create_server(("127.0.0.1", 0))
-    threading.Thread(target=_raw_server, args=(listener,), daemon=True).start()
+    threading.Thread(target=raw_server, args=(listener,), daemon=True).start()
 
     async def main() -> None:
         receiver = TcpKVReceiver("127.0.0.1", 0, _Sink(), KVLimits(max_transfer_bytes=4 << 30))

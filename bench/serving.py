@@ -1,0 +1,336 @@
+"""Disaggregated vs colocated serving on the same two cores, with the tiny model.
+
+    python -m bench.serving            # ~4 minutes; writes bench/results/serving.{json,png}
+
+1. Interference (the seeds' scenario): six streams decode, then a ~4,000-token prompt arrives
+   (three times). ITL of the six streams, measured at the client, before vs while the big prefill runs:
+   - colocated `both`, 2 threads on cores 0-1, whole-prompt prefill (decode waits);
+   - colocated `both`, 2 threads, chunked prefill interleaved with decode steps (Sarathi-Serve);
+   - disaggregated: prefill pinned to core 0, decode to core 1 (1 thread each), router and this
+     client on core 0 (in a cluster the router runs elsewhere; here it shares the prefill core).
+2. KV handoff: 4,000-token prompts on an idle disaggregated pool; prefill compute, KV send time and
+   TTFT per request (from the prefill worker's metrics), against a raw loopback socket copy of the
+   same bytes measured in the same run.
+3. Decode batching: tokens/s of the decode worker (core 1) with 1 vs 16 concurrent streams.
+Every setup runs in this one invocation, so ratios compare like with like on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.kv_transfer import raw_copy, raw_server
+from splitserve.local_pool import LocalProcess, free_port, splitserve_argv
+from splitserve.tiny_model import write_tiny_model
+
+RESULTS = Path(__file__).parent / "results"
+MODEL = "tiny"
+STREAMS = 6
+BIG_PROMPT = 4000
+MAX_MODEL_LEN = 4096
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(4, 300) for _ in range(length)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---- processes --------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    name: str
+    model: Path
+    workdir: Path
+    processes: list[LocalProcess] = field(default_factory=list)
+    url: str = ""
+    prefill_url: str = ""
+    decode_url: str = ""
+
+    def spawn(self, name: str, cores: str, *args: str) -> LocalProcess:
+        port = free_port()
+        argv = ["taskset", "-c", cores, *splitserve_argv(*args, "--port", str(port), "--pool", "bench",
+                                                        "--log-level", "warning")]
+        process = LocalProcess(name, port, argv, self.workdir / f"{self.name}-{name}.log")
+        process.start()
+        self.processes.append(process)
+        return process
+
+    def engine(self) -> list[str]:
+        return ["--model", str(self.model), "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN)]
+
+    async def start_colocated(self, chunked: bool) -> None:
+        extra = ["--chunked-prefill", "--prefill-chunk-size", "256"] if chunked else []
+        both = self.spawn("both", "0,1", "worker", "--role", "both", *self.engine(), "--threads", "2", *extra)
+        self.url = both.url
+        await self._ready()
+
+    async def start_disaggregated(self) -> None:
+        prefill = self.spawn("prefill", "0", "worker", "--role", "prefill", *self.engine(), "--threads", "1")
+        decode = self.spawn("decode", "1", "worker", "--role", "decode", *self.engine(), "--threads", "1",
+                            "--kv-port", str(free_port()))
+        router = self.spawn("router", "0", "router", *self.engine(), "--prefill", prefill.url,
+                            "--decode", decode.url)
+        self.url, self.prefill_url, self.decode_url = router.url, prefill.url, decode.url
+        await self._ready()
+
+    async def _ready(self) -> None:
+        async with aiohttp.ClientSession() as session:
+            for process in self.processes:
+                await process.wait_ready(session)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.stop()
+
+
+# ---- client -----------------------------------------------------------------------------------
+
+
+async def stream(session: aiohttp.ClientSession, url: str, ids: list[int], max_tokens: int,
+                 events: list[tuple[float, int]]) -> None:
+    """Stream a greedy completion; record (arrival time, tokens in the event) for every SSE event."""
+    body = {"model": MODEL, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "return_token_ids": True}
+    async with session.post(url + "/v1/completions", json=body) as reply:
+        reply.raise_for_status()
+        async for line in reply.content:
+            if line.startswith(b"data: {"):
+                payload = json.loads(line[6:])
+                if payload.get("error"):
+                    raise RuntimeError(payload["error"])
+                events.append((time.perf_counter(), len(payload["choices"][0]["token_ids"])))
+
+
+def gaps(events: list[tuple[float, int]]) -> list[tuple[float, float, float]]:
+    """(start, end, itl) per token; an event carrying k tokens splits its gap k ways (as the router does)."""
+    out = []
+    for (previous, _), (now, count) in zip(events, events[1:], strict=False):
+        out += [(previous, now, (now - previous) / count)] * count
+    return out
+
+
+async def metrics(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    async with session.get(url + "/metrics") as reply:
+        text = await reply.text()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("splitserve_") and " " in line:
+            name = line.split("{")[0].split(" ")[0]
+            values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return values
+
+
+# ---- experiments ------------------------------------------------------------------------------
+
+
+async def interference(setup: Setup, arrivals: int) -> dict[str, Any]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        streams: list[list[tuple[float, int]]] = [[] for _ in range(STREAMS)]
+        tasks = [asyncio.create_task(stream(session, setup.url, prompt(64, seed=i), 3000, streams[i]))
+                 for i in range(STREAMS)]
+        started = time.perf_counter()
+        await asyncio.sleep(4.0)  # steady decoding: the baseline window (after 1 s of warm-up)
+        windows = []
+        for arrival in range(arrivals):
+            big: list[tuple[float, int]] = []
+            sent = time.perf_counter()
+            await stream(session, setup.url, prompt(BIG_PROMPT, seed=100 + arrival), 2, big)
+            windows.append((sent, big[0][0]))
+            log(f"  {setup.name}: {BIG_PROMPT}-token prompt, TTFT {big[0][0] - sent:.2f}s")
+            await asyncio.sleep(2.0)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    samples = [gap for events in streams for gap in gaps(events)]
+    baseline = [itl for start, end, itl in samples if started + 1.0 < start and end < windows[0][0]]
+    during = [itl for start, end, itl in samples if any(start < w1 and end > w0 for w0, w1 in windows)]
+    p99_before, p99_during = percentile(baseline, 0.99), percentile(during, 0.99)
+    return {
+        "itl_before": {"p50": percentile(baseline, 0.5), "p99": p99_before, "n": len(baseline)},
+        "itl_during_prefill": {"p50": percentile(during, 0.5), "p99": p99_during, "max": max(during),
+                               "n": len(during)},
+        "p99_ratio": p99_during / p99_before,
+        "big_prompt_ttft_s": [w1 - w0 for w0, w1 in windows],
+        "timeline": [[(end - started, itl) for _, end, itl in gaps(events)] for events in streams],
+        "prefill_windows": [(w0 - started, w1 - started) for w0, w1 in windows],
+    }
+
+
+async def handoff(setup: Setup, reps: int) -> dict[str, Any]:
+    rows = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        for rep in range(reps):
+            before = await metrics(session, setup.prefill_url)
+            events: list[tuple[float, int]] = []
+            sent = time.perf_counter()
+            await stream(session, setup.url, prompt(BIG_PROMPT, seed=200 + rep), 2, events)
+            ttft = events[0][0] - sent
+            after = await metrics(session, setup.prefill_url)
+            compute = after["splitserve_prefill_step_seconds_sum"] - before.get("splitserve_prefill_step_seconds_sum", 0)
+            send = after["splitserve_kv_transfer_seconds_sum"] - before.get("splitserve_kv_transfer_seconds_sum", 0)
+            nbytes = after["splitserve_kv_transfer_bytes_total"] - before.get("splitserve_kv_transfer_bytes_total", 0)
+            rows.append({"ttft_s": ttft, "prefill_compute_s": compute, "kv_send_s": send, "kv_bytes": nbytes})
+            log(f"  handoff {rep + 1}/{reps}: compute {compute:.3f}s, KV send {send * 1000:.1f} ms, TTFT {ttft:.3f}s")
+    nbytes = int(rows[0]["kv_bytes"])
+    raw = raw_loopback_seconds(nbytes, reps)
+    send_s = statistics.median(row["kv_send_s"] for row in rows)
+    compute_s = statistics.median(row["prefill_compute_s"] for row in rows)
+    ttft_s = statistics.median(row["ttft_s"] for row in rows)
+    return {
+        "requests": rows,
+        "kv_bytes": nbytes,
+        "median_prefill_compute_s": compute_s,
+        "median_kv_send_s": send_s,
+        "median_ttft_s": ttft_s,
+        "kv_send_over_compute": send_s / compute_s,
+        "ttft_over_compute": ttft_s / compute_s - 1.0,
+        "kv_bandwidth_gbps": nbytes / send_s / 1e9,
+        "raw_loopback_gbps": nbytes / raw / 1e9,
+    }
+
+
+def raw_loopback_seconds(nbytes: int, reps: int) -> float:
+    """Median time of a plain socket copy of `nbytes` over loopback (no framing, no checksum)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=raw_server, args=(listener,), daemon=True).start()
+    payload = [memoryview(bytearray(nbytes))]
+    return statistics.median(raw_copy(listener.getsockname()[1], payload) for _ in range(reps))
+
+
+async def throughput(setup: Setup, concurrency: int, seconds: float) -> dict[str, float]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        sinks: list[list[tuple[float, int]]] = [[] for _ in range(concurrency)]
+        tasks = [asyncio.create_task(stream(session, setup.url, prompt(32, seed=300 + i), 3000, sinks[i]))
+                 for i in range(concurrency)]
+        while sum(1 for sink in sinks if sink) < concurrency:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)
+        before, start = await metrics(session, setup.decode_url), time.perf_counter()
+        await asyncio.sleep(seconds)
+        after, end = await metrics(session, setup.decode_url), time.perf_counter()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    tokens = after["splitserve_decode_tokens_total"] - before["splitserve_decode_tokens_total"]
+    steps = after["splitserve_decode_step_seconds_count"] - before["splitserve_decode_step_seconds_count"]
+    return {"streams": concurrency, "tokens_per_s": tokens / (end - start), "mean_batch": tokens / steps}
+
+
+# ---- main -------------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace, model: Path, workdir: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {"interference": {}}
+    for name, chunked in (("colocated", False), ("colocated_chunked", True)):
+        setup = Setup(name, model, workdir)
+        log(f"{name}: starting")
+        try:
+            await setup.start_colocated(chunked)
+            os.sched_setaffinity(0, {0, 1})
+            results["interference"][name] = await interference(setup, args.arrivals)
+        finally:
+            setup.stop()
+    setup = Setup("disaggregated", model, workdir)
+    log("disaggregated: starting")
+    try:
+        await setup.start_disaggregated()
+        os.sched_setaffinity(0, {0})  # the client shares core 0 with prefill and router, not decode
+        results["interference"]["disaggregated"] = await interference(setup, args.arrivals)
+        log("KV handoff")
+        results["handoff"] = await handoff(setup, args.reps)
+        log("decode batching")
+        single = await throughput(setup, 1, args.seconds)
+        batched = await throughput(setup, 16, args.seconds)
+        results["decode_throughput"] = {"single": single, "batched_16": batched,
+                                        "ratio": batched["tokens_per_s"] / single["tokens_per_s"]}
+    finally:
+        setup.stop()
+    return results
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    setups = results["interference"]
+    figure, axes = plt.subplots(len(setups) + 1, 1, figsize=(10, 3 * (len(setups) + 1)))
+    for axis, (name, data) in zip(axes, setups.items(), strict=False):
+        for series in data["timeline"]:
+            if series:
+                times, itls = zip(*series, strict=True)
+                axis.scatter(times, [itl * 1000 for itl in itls], s=2)
+        for w0, w1 in data["prefill_windows"]:
+            axis.axvspan(w0, w1, color="orange", alpha=0.25)
+        axis.set_yscale("log")
+        axis.set_ylabel("ITL (ms)")
+        axis.set_title(f"{name}: p99 ITL {data['itl_before']['p99'] * 1000:.1f} ms before, "
+                       f"{data['itl_during_prefill']['p99'] * 1000:.1f} ms during a {BIG_PROMPT}-token "
+                       f"prefill (shaded), ratio {data['p99_ratio']:.2f}")
+    axes[-2].set_xlabel("seconds")
+    names = list(setups)
+    before = [setups[name]["itl_before"]["p99"] * 1000 for name in names]
+    during = [setups[name]["itl_during_prefill"]["p99"] * 1000 for name in names]
+    positions = range(len(names))
+    axes[-1].bar([p - 0.2 for p in positions], before, 0.4, label="p99 ITL before")
+    axes[-1].bar([p + 0.2 for p in positions], during, 0.4, label="p99 ITL during big prefill")
+    axes[-1].set_xticks(list(positions), names)
+    axes[-1].set_yscale("log")
+    axes[-1].set_ylabel("ms")
+    axes[-1].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arrivals", type=int, default=3, help="big prompts per interference run")
+    parser.add_argument("--reps", type=int, default=5, help="KV handoff repetitions")
+    parser.add_argument("--seconds", type=float, default=8.0, help="throughput measuring window")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = Path(scratch)
+        log("writing the tiny model")
+        model = write_tiny_model(workdir / "tiny")
+        results = asyncio.run(run(args, model, workdir))
+    results["machine"] = {"cores": os.cpu_count(), "load_average_after": os.getloadavg()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serving.json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out / "serving.png")
+    summary = {name: round(data["p99_ratio"], 2) for name, data in results["interference"].items()}
+    log(f"p99 ITL during/before: {summary}")
+    log(f"KV send / prefill compute: {results['handoff']['kv_send_over_compute']:.3f}; "
+        f"TTFT / compute - 1: {results['handoff']['ttft_over_compute']:.3f}; "
+        f"KV {results['handoff']['kv_bandwidth_gbps']:.2f} GB/s vs raw {results['handoff']['raw_loopback_gbps']:.2f} GB/s")
+    log(f"decode 16 vs 1 stream tokens/s: {results['decode_throughput']['ratio']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
