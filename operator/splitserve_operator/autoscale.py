@@ -173,19 +173,24 @@ def limit_step(current: int, desired: int, policy: PoolPolicy) -> int:
 
 def feedback(
     policy: PoolPolicy, current: int, obs: Observation, latency: float, settled: bool
-) -> tuple[int | None, str]:
-    """The latency-ratio answer (None below the band: shrinking is the planner's call) and its words."""
+) -> tuple[int, bool, str]:
+    """HPA target tracking on the latency ratio r = observed / target: ceil(ready * r) outside the
+    tolerance band, the current replicas inside it. Returns (answer, below the band, words)."""
     ratio, tol = latency / policy.target, policy.tolerance
     observed = policy.describe_latency(latency)
+    # Size from the replicas that produced the latency: pods still starting have not helped yet.
+    base = min(obs.ready, current) if obs.ready else current
     if ratio > 1 + tol:
         words = f"{observed} above target {policy.target:.3g}s+{tol:.0%}"
         if not settled:  # the replicas last added are not in the window yet: wait for them
-            return current, words + " (waiting for the last scale-up to show)"
-        base = min(obs.ready, current) if obs.ready else current
-        return max(math.ceil(base * ratio - 1e-9), current + 1), words
+            return current, False, words + " (waiting for the last scale-up to show)"
+        return max(math.ceil(base * ratio - 1e-9), current + 1), False, words
     if ratio < 1 - tol:
-        return None, f"{observed} below target {policy.target:.3g}s-{tol:.0%}"
-    return current, f"{observed} within target {policy.target:.3g}s±{tol:.0%}"
+        words = f"{observed} below target {policy.target:.3g}s-{tol:.0%}"
+        # Latency is not proportional to load near saturation: shrink on it only once it shows the
+        # current replicas (the planner, when it has an answer, overrides this).
+        return (math.ceil(base * ratio - 1e-9) if settled else current), True, words
+    return current, False, f"{observed} within target {policy.target:.3g}s±{tol:.0%}"
 
 
 def missing(obs: Observation | None, role: Role) -> str | None:
@@ -210,17 +215,17 @@ def recommend(
     if is_idle(obs):
         return policy.min_replicas, None, f"idle: no requests over {policy.window:g}s"
     assert obs.latency is not None  # missing() rules this out
-    fb, words = feedback(policy, current, obs, obs.latency, settled)
+    fb, below, words = feedback(policy, current, obs, obs.latency, settled)
     predicted = state.planner.plan(obs, policy.sizing(state.startup)) if policy.predictive else None
     pred = predicted.replicas if predicted else None
-    if fb is not None:  # above or within the band: the larger answer, so load outruns latency no more
+    if not below:  # above or within the band: the larger answer, so load outruns latency no more
         rec = max(fb, pred or 0)
-    elif predicted is None or predicted.replicas is None:  # below it, no planner: one step at a time
-        rec = current - 1
+    elif predicted is None or predicted.replicas is None:  # below it without a planner: HPA's ratio
+        rec = fb
     else:  # below it: grow if the planner says so, shrink no further than load plus tolerance needs
         rec = max(predicted.replicas, min(current, predicted.keep or predicted.replicas))
     parts = [words]
-    if fb is not None and fb != current:
+    if fb != current:
         parts.append(f"feedback {fb}")
     if predicted is not None:
         parts.append(f"predictive {pred} ({predicted.note})" if pred is not None else predicted.note)

@@ -24,6 +24,7 @@ import requests
 from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from prometheus_client.parser import text_string_to_metric_families
+from urllib3.exceptions import ReadTimeoutError
 from urllib3.util.retry import Retry
 
 log = logging.getLogger(__name__)
@@ -192,10 +193,10 @@ class PrometheusSource:
             try:
                 result = self._client.custom_query(expr, params={"time": at})
                 values[name] = finite(float(result[0]["value"][1])) if result else None
-            except requests.Timeout as error:
-                raise SignalsUnavailableError(
-                    "PrometheusTimeout", f"Prometheus at {self.url} timed out on {name}") from error
             except requests.RequestException as error:
+                if _timed_out(error):
+                    raise SignalsUnavailableError(
+                        "PrometheusTimeout", f"Prometheus at {self.url} timed out on {name}") from error
                 raise SignalsUnavailableError(
                     "PrometheusUnreachable", f"cannot reach Prometheus at {self.url}: {_first_line(error)}"
                 ) from error
@@ -206,6 +207,12 @@ class PrometheusSource:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _timed_out(error: requests.RequestException) -> bool:
+    """A read timeout, however requests wraps it (with retries off it arrives as a ConnectionError)."""
+    reason = getattr(error.args[0], "reason", None) if error.args else None
+    return isinstance(error, requests.Timeout) or isinstance(reason, ReadTimeoutError)
 
 
 def _first_line(error: BaseException) -> str:
