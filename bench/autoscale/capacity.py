@@ -23,9 +23,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
 
 SCHEMA = "splitserve.capacity/v1"
+# Scalars or numpy arrays of them: the simulator prices a second's sampled requests at once.
+Num = TypeVar("Num", float, NDArray[np.float64])
 
 
 def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
@@ -51,10 +56,10 @@ class Capacity:
     kv_capacity_tokens: float
     description: str = ""
 
-    def prefill_seconds(self, prompt_tokens: float) -> float:
+    def prefill_seconds(self, prompt_tokens: Num) -> Num:
         return self.prefill_base + self.prefill_per_token * prompt_tokens
 
-    def step_seconds(self, batch: float) -> float:
+    def step_seconds(self, batch: Num) -> Num:
         return self.decode_base + self.decode_per_seq * batch
 
     @classmethod

@@ -30,18 +30,19 @@ BATCH_SIZES = tuple(range(1, 33))
 CPU_KV_BYTES = 2 << 30
 
 
-def kv_bytes_per_token(config: LlamaConfig) -> int:
-    """2 (K and V) x layers x KV heads x head_dim x 4 bytes (float32)."""
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+LAYERS, KV_HEADS, HEAD_DIM = 4, 4, 32
+# 2 (K and V) x layers x KV heads x head_dim x 4 bytes (float32).
+KV_BYTES_PER_TOKEN = 2 * LAYERS * KV_HEADS * HEAD_DIM * 4
 
 
 def tiny_model() -> tuple[LlamaForCausalLM, LlamaConfig]:
     config = LlamaConfig(
-        hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=4, head_dim=32, vocab_size=1024, max_position_embeddings=2048,
+        hidden_size=256, intermediate_size=688, num_hidden_layers=LAYERS, num_attention_heads=8,
+        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, vocab_size=1024, max_position_embeddings=2048,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    model = LlamaForCausalLM(config)  # random init, float32 (torch's default dtype)
+    torch.nn.Module.eval(model)
     return model, config
 
 
@@ -103,7 +104,7 @@ def measure(repeats: int, steps: int, context: int) -> dict[str, Any]:
         "prefill": {"points": prefill},
         "decode": {"context_tokens": context, "max_num_seqs": max(BATCH_SIZES), "points": decode},
         # The worker's CPU default KV budget (2 GiB) over the model's bytes per token.
-        "kv_capacity_tokens": CPU_KV_BYTES // kv_bytes_per_token(config),
+        "kv_capacity_tokens": CPU_KV_BYTES // KV_BYTES_PER_TOKEN,
     }
 
 

@@ -96,7 +96,7 @@ class Simulation:
         scale = (1 + self.service_cs2) / 2 / spare
         waited = self.rng.random(size) < erlang_c(ready, offered)
         waits = np.where(waited, self.rng.exponential(scale, size), 0.0)
-        return np.asarray(self.cap.prefill_seconds(prompts) + waits + backlog * self.service / ready)
+        return self.cap.prefill_seconds(prompts) + waits + backlog * self.service / ready
 
     def decode_capacity(self, ready: int) -> float:
         """Streams per second a decode pool completes with every batch full."""
@@ -118,7 +118,7 @@ class Simulation:
         if ready == 0:
             return np.full(size, TIMEOUT)
         batches = np.clip(self.rng.normal(batch, math.sqrt(max(batch, 1.0)), size), 1, self.cap.max_num_seqs)
-        gaps = np.asarray(self.cap.step_seconds(batches))
+        gaps = self.cap.step_seconds(batches)
         if waiting > 0:  # a stream waiting for a slot sees one long gap after its first token
             stalled = self.rng.random(size) < waiting / (waiting + tokens)
             gaps = np.where(stalled, waiting / self.decode_capacity(ready), gaps)
@@ -217,4 +217,5 @@ def weighted_quantile(samples: NDArray[np.float64], weights: NDArray[np.float64]
         return None
     order = np.argsort(values)
     cumulative = np.cumsum(w[order])
-    return float(values[order][min(np.searchsorted(cumulative, q * total), len(values) - 1)])
+    index = min(int(np.searchsorted(cumulative, q * total)), len(values) - 1)
+    return float(values[order][index])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 
 from splitserve_operator.autoscaler import (
@@ -122,8 +124,8 @@ async def test_disabled_autoscaling_is_refused() -> None:
                                                         AutoscalerState(), 0.0)
 
 
-def condition(status: str, reason: str, since: str | None = None) -> Condition:
-    return Condition(type=METRICS_AVAILABLE, status=status, reason=reason, last_transition_time=since)  # type: ignore[arg-type]
+def condition(status: Literal["True", "False"], reason: str, since: str | None = None) -> Condition:
+    return Condition(type=METRICS_AVAILABLE, status=status, reason=reason, last_transition_time=since)
 
 
 @pytest.mark.parametrize(("existing", "new", "since"), [

@@ -83,6 +83,7 @@ def test_prefill_planner_learns_capacity_and_sizes_for_the_load() -> None:
     at_40 = planner.plan(prefill_obs(40, 4), SIZING)
     assert at_40.replicas is not None and at_40.replicas > at_20.replicas
     queued = planner.plan(prefill_obs(40, 4, waiting=600), SIZING)  # 600 x 100 tokens over 60 s
+    assert queued.load is not None and at_40.load is not None
     assert queued.load == pytest.approx(at_40.load + 1000)
     assert "prompt tokens/s forecast" in at_40.note
 
@@ -99,13 +100,14 @@ def test_prefill_correction_learns_only_near_the_target_from_a_settled_pool() ->
     assert planner.correction == before
 
 
-def decode_obs(batch: float, ready: int = 2, latency: float | None = 0.005, **extra: float) -> Observation:
-    """Decode steps at 2 ms + 0.2 ms per sequence, `batch` sequences per replica, 100 steps/s each."""
+def decode_obs(batch: float, latency: float | None = 0.005, kv_usage: float | None = None) -> Observation:
+    """Two replicas stepping at 2 ms + 0.2 ms per sequence over `batch` sequences each."""
+    ready = 2
     step = 0.002 + 0.0002 * batch
     steps = ready / step
-    values: dict[str, float] = {"running": batch * ready, "waiting": 0.0} | extra
     return Observation(latency=latency, request_rate=steps * batch / 100, demand=steps * batch, ready=ready,
-                       busy=float(ready), steps=steps, tokens=steps * batch, **values)
+                       running=batch * ready, waiting=0.0, kv_usage=kv_usage, busy=float(ready), steps=steps,
+                       tokens=steps * batch)
 
 
 def test_step_model_needs_spread_and_keeps_its_last_line() -> None:
@@ -140,8 +142,7 @@ def test_decode_planner_batch_limits(
 ) -> None:
     planner = trained_decode_planner()
     sizing = Sizing(target=target, percentile=0.9, horizon=0.0, drain=60.0, max_num_seqs=max_num_seqs)
-    extra = {"kv_usage": kv_usage} if kv_usage else {}
-    plan = planner.plan(decode_obs(12, **extra), sizing)
+    plan = planner.plan(decode_obs(12, kv_usage=kv_usage), sizing)
     assert bound in plan.note and f"{batch:.3g} per replica" in plan.note
     assert plan.replicas == max(1, math.ceil(plan.load / batch - 1e-6)) if plan.load else False
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 from aiohttp import web
@@ -179,7 +180,7 @@ async def test_unreachable_prometheus_is_reported_quickly() -> None:
     source.close()
 
 
-async def serve(handler: web.RequestHandler) -> tuple[web.AppRunner, str]:  # type: ignore[type-arg]
+async def serve(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> tuple[web.AppRunner, str]:
     app = web.Application()
     app.router.add_get("/api/v1/query", handler)
     runner = web.AppRunner(app, access_log=None)
