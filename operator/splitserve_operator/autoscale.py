@@ -6,11 +6,13 @@ Per evaluation and pool (prefill tracks TTFT, decode tracks ITL):
 1. Missing data (no request rate, no latency while requests flow, no signals at all) holds the current
    replicas; garbage never moves a pool to zero or to max.
 2. Idle (no requests over the window, nothing running or queued) recommends `min`.
-3. Otherwise feedback on the latency ratio r = observed / target, with a tolerance band: above
-   target*(1+tol) it asks for ceil(ready * r) (at least one more); inside the band it holds; below the
-   band it lets the planner shrink the pool (or removes one replica when there is no planner answer).
-   The predictive planner (planner.py) sizes the pool for the forecast load; scale-up takes the larger
-   of feedback and planner, so load that grows faster than latency reacts is met before the breach.
+3. Otherwise HPA-style feedback on the latency ratio r = observed / target with a tolerance band:
+   outside target*(1±tol) it asks for ceil(ready * r) (at least one more above the band), inside it
+   holds, and it acts only on a window that shows the current replicas (all ready for a window).
+   The predictive planner (planner.py) sizes the pool for the forecast load: above or within the band
+   the larger of feedback and planner wins, so load growing faster than latency reacts is met before
+   the breach; below the band the planner decides how far to shrink (to what carries the load plus
+   the tolerance), since latency near saturation says little about how many replicas can go.
 4. The recommendation goes through the HPA `behavior` machinery: scale-up acts on the lowest
    recommendation of its stabilization window, scale-down on the highest of its own (300 s by
    default, which is what stops flapping), each limited to max(maxStep, ceil(current*maxStepPercent%))

@@ -167,7 +167,7 @@ class PoolAutoscaler:
             unavailable = error
         decisions = {
             role: decide(PoolPolicy.from_spec(spec, role), state.pools[role], current[role],
-                         observation(signals, role) if signals else None, now,
+                         observation(signals, role) if signals is not None else None, now,
                          unavailable.message if unavailable else None)
             for role in ROLES
         }

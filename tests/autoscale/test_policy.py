@@ -7,7 +7,6 @@ import math
 import random
 
 import pytest
-from autoscale_plant import DecodePlant, Loop, PrefillPlant
 
 from splitserve_operator.autoscale import (
     PoolPolicy,
@@ -29,6 +28,8 @@ from splitserve_operator.models import (
     TtftSlo,
 )
 from splitserve_operator.planner import Observation
+
+from .autoscale_plant import DecodePlant, Loop, PrefillPlant
 
 
 def spec(*, min_replicas: int = 1, max_replicas: int = 20, predictive: bool = True,

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import MetricsEndpoint, drive, free_port
 
 from splitserve_operator.autoscaler import AutoscalerState, Outcome, PoolAutoscaler
 from splitserve_operator.models import (
@@ -33,6 +32,8 @@ from splitserve_operator.models import (
     TtftSlo,
 )
 from splitserve_operator.signals import PrometheusSource, ScrapeSource, SignalQuery
+
+from .conftest import MetricsEndpoint, drive, free_port
 
 Endpoints = dict[str, MetricsEndpoint]
 WAIT_SECONDS = 30.0  # bound on every wait

@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 from aiohttp import web
-from conftest import MetricsEndpoint, drive, free_port
 
 from splitserve_operator.signals import (
     PrometheusSource,
@@ -23,6 +22,8 @@ from splitserve_operator.signals import (
     promql,
     signal_specs,
 )
+
+from .conftest import MetricsEndpoint, drive, free_port
 
 QUERY = SignalQuery(pool="chat", window_seconds=60, ttft_percentile=0.9, itl_percentile=0.95)
 
