@@ -1,0 +1,98 @@
+"""The policies the bench compares, all behind one interface: replicas per pool at each interval.
+
+- `SplitservePolicy`: the real thing, `PoolAutoscaler.evaluate` reading the simulator as its source.
+- `FixedPolicy`: a constant replica count (sized for the trace's peak by `peak_size`).
+- `HpaUtilizationPolicy`: what a HorizontalPodAutoscaler on a utilisation metric would do
+  (desired = ceil(ready * utilisation / target), same tolerance, stabilization windows and step
+  limits as ours): prefill utilisation = busy fraction, decode = running streams / maxNumSeqs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+from bench.autoscale.simulate import Simulation
+
+from splitserve_operator.autoscale import ROLES, PoolPolicy, Role, limit_step, stabilize
+from splitserve_operator.autoscaler import AutoscalerState, PoolAutoscaler
+from splitserve_operator.models import InferencePoolSpec
+from splitserve_operator.signals import PoolSignals, SignalQuery
+
+
+class Policy(Protocol):
+    name: str
+
+    async def decide(self, sim: Simulation, now: float) -> dict[Role, int]: ...
+
+
+class SimSource:
+    """A SignalSource over the simulator: what Prometheus would answer right now."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+
+    async def read(self, query: SignalQuery) -> PoolSignals:
+        return self.sim.signals(query)
+
+
+class SplitservePolicy:
+    name = "splitserve"
+
+    def __init__(self, spec: InferencePoolSpec, sim: Simulation) -> None:
+        self.spec, self.autoscaler, self.state = spec, PoolAutoscaler(SimSource(sim)), AutoscalerState()
+
+    async def decide(self, sim: Simulation, now: float) -> dict[Role, int]:
+        current: dict[Role, int] = {"prefill": sim.prefill.replicas, "decode": sim.decode.replicas}
+        outcome = await self.autoscaler.evaluate(None, "bench", self.spec, current, self.state, now)
+        return outcome.replicas
+
+
+class FixedPolicy:
+    name = "fixed-peak"
+
+    def __init__(self, replicas: dict[Role, int]) -> None:
+        self.replicas = replicas
+
+    async def decide(self, sim: Simulation, now: float) -> dict[Role, int]:
+        return dict(self.replicas)
+
+
+class HpaUtilizationPolicy:
+    name = "hpa-utilization"
+
+    def __init__(self, spec: InferencePoolSpec, target: float) -> None:
+        self.policies = {role: PoolPolicy.from_spec(spec, role) for role in ROLES}
+        self.target = target
+        self.history: dict[Role, list[tuple[float, int]]] = {role: [] for role in ROLES}
+        self.started: float | None = None
+
+    async def decide(self, sim: Simulation, now: float) -> dict[Role, int]:
+        if self.started is None:
+            self.started = now
+        signals = sim.signals(SignalQuery("bench", self.policies["prefill"].window, 0.9, 0.9))
+        current: dict[Role, int] = {"prefill": sim.prefill.replicas, "decode": sim.decode.replicas}
+        ready = {"prefill": signals.prefill.replicas or 0, "decode": signals.decode.replicas or 0}
+        usage = {"prefill": signals.prefill.busy, "decode": None if signals.decode.running is None
+                 else signals.decode.running / self.policies["decode"].max_num_seqs}
+        desired: dict[Role, int] = {}
+        for role in ROLES:
+            policy, used = self.policies[role], usage[role]
+            if not ready[role] or used is None:
+                desired[role] = current[role]
+                continue
+            ratio = used / ready[role] / self.target
+            raw = current[role] if abs(ratio - 1) <= policy.tolerance else math.ceil(ready[role] * ratio)
+            self.history[role].append((now, policy.bound(raw)))
+            stable = stabilize(self.history[role], current[role], now, policy, self.started)
+            desired[role] = policy.bound(limit_step(current[role], stable, policy))
+        return desired
+
+
+def estimate_size(sim: Simulation, rate: float, itl_target: float) -> dict[Role, int]:
+    """A first guess at the pools steady `rate` needs: prefill at most 85 % busy, decode batches whose
+    p90 step (mean + 1.28 sigma) stays within the ITL target. The bench refines it by replaying."""
+    prefill = max(1, math.ceil(rate * sim.service / 0.85))
+    decode = next(n for n in range(1, 10_000) if rate <= sim.decode_capacity(n) and sim.cap.step_seconds(
+        sim.decode_batch(n, rate) + 1.28 * math.sqrt(sim.decode_batch(n, rate))) <= itl_target)
+    return {"prefill": prefill, "decode": decode}

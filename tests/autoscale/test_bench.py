@@ -1,0 +1,42 @@
+"""The bench's CLI, run as a subprocess on the step trace: scale-up within two intervals, determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CAPACITY = REPO / "bench" / "autoscale" / "results" / "capacity-tiny-cpu.json"
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    paths = [str(REPO / "operator"), str(REPO / "worker"), str(REPO)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    return subprocess.run([sys.executable, "-m", "bench.autoscale.run", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240, check=False)
+
+
+def test_step_trace_scales_up_within_two_intervals_and_is_deterministic(tmp_path: Path) -> None:
+    documents = []
+    for out in (tmp_path / "a", tmp_path / "b"):
+        done = run_bench("--capacity", str(CAPACITY), "--out", str(out), "--traces", "step")
+        assert done.returncode == 0, done.stderr
+        assert (out / "step.png").stat().st_size > 10_000
+        documents.append(json.loads((out / "results.json").read_text())["results"])
+    assert documents[0] == documents[1]
+    step = documents[0]["step"]
+    assert 0 < step["splitserve"]["step_scale_up_intervals"] <= 2
+    assert step["fixed-peak"]["attainment"] >= 0.99
+    assert step["splitserve"]["attainment"] > step["hpa-utilization"]["attainment"]
+
+
+def test_bad_capacity_file_is_one_clear_line(tmp_path: Path) -> None:
+    bad = tmp_path / "capacity.json"
+    bad.write_text('{"schema": "something/else"}')
+    done = run_bench("--capacity", str(bad), "--out", str(tmp_path / "out"))
+    assert done.returncode == 2
+    expected = "error: capacity file: expected schema 'splitserve.capacity/v1', got 'something/else'"
+    assert done.stderr.strip().splitlines() == [expected]
