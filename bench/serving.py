@@ -6,8 +6,9 @@
    (three times). ITL of the six streams, measured at the client, before vs while the big prefill runs:
    - colocated `both`, 2 threads on cores 0-1, whole-prompt prefill (decode waits);
    - colocated `both`, 2 threads, chunked prefill interleaved with decode steps (Sarathi-Serve);
-   - disaggregated: prefill pinned to core 0, decode to core 1 (1 thread each), router and this
-     client on core 0 (in a cluster the router runs elsewhere; here it shares the prefill core).
+   - disaggregated: prefill pinned to core 0, decode to core 1 (1 thread each). The router and this
+     client share core 1 with decode: the prefill pool owns its hardware, as it would in a cluster,
+     and the relaying cost is borne by decode all the time, not only while a prefill runs.
 2. KV handoff: 4,000-token prompts on an idle disaggregated pool; prefill compute, KV send time and
    TTFT per request (from the prefill worker's metrics), against a raw loopback socket copy of the
    same bytes measured in the same run.
@@ -93,7 +94,7 @@ class Setup:
         prefill = self.spawn("prefill", "0", "worker", "--role", "prefill", *self.engine(), "--threads", "1")
         decode = self.spawn("decode", "1", "worker", "--role", "decode", *self.engine(), "--threads", "1",
                             "--kv-port", str(free_port()))
-        router = self.spawn("router", "0", "router", *self.engine(), "--prefill", prefill.url,
+        router = self.spawn("router", "1", "router", *self.engine(), "--prefill", prefill.url,
                             "--decode", decode.url)
         self.url, self.prefill_url, self.decode_url = router.url, prefill.url, decode.url
         await self._ready()
@@ -259,7 +260,7 @@ async def run(args: argparse.Namespace, model: Path, workdir: Path) -> dict[str,
     log("disaggregated: starting")
     try:
         await setup.start_disaggregated()
-        os.sched_setaffinity(0, {0})  # the client shares core 0 with prefill and router, not decode
+        os.sched_setaffinity(0, {1})  # the client shares core 1 with decode and the router, not prefill
         results["interference"]["disaggregated"] = await interference(setup, args.arrivals)
         log("KV handoff")
         results["handoff"] = await handoff(setup, args.reps)

@@ -9,13 +9,15 @@ See docs/autoscaling.md for the wiring.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
 from splitserve_operator.autoscale import ROLES, Decision, PoolPolicy, PoolState, Role, decide
+from splitserve_operator.conditions import rfc3339, set_condition
 from splitserve_operator.models import Condition, InferencePoolSpec, InferencePoolStatus, PoolStatus
+from splitserve_operator.naming import METRICS_AVAILABLE
 from splitserve_operator.planner import Observation
 from splitserve_operator.signals import (
     PoolSignals,
@@ -26,14 +28,9 @@ from splitserve_operator.signals import (
 
 log = logging.getLogger(__name__)
 
-METRICS_AVAILABLE = "MetricsAvailable"
 # PoolStatus fields the autoscaler owns; the reconciler owns the rest (replicas, readyReplicas, ready).
 STATUS_FIELDS = ("desired_replicas", "observed_latency_seconds", "target_latency_seconds",
                  "predicted_replicas", "predicted_load", "reason", "last_scale_time")
-
-
-def rfc3339(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_rfc3339(text: str | None) -> float | None:
@@ -43,15 +40,6 @@ def parse_rfc3339(text: str | None) -> float | None:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
-
-
-def set_condition(conditions: Sequence[Condition], new: Condition, now: float) -> list[Condition]:
-    """Replace the condition of new's type; lastTransitionTime moves only when the status flips."""
-    old = next((c for c in conditions if c.type == new.type), None)
-    moved = old is None or old.status != new.status or old.last_transition_time is None
-    stamped = new.model_copy(update={
-        "last_transition_time": rfc3339(now) if moved or old is None else old.last_transition_time})
-    return [stamped if c.type == new.type else c for c in conditions] + ([] if old else [stamped])
 
 
 @dataclass(frozen=True)
@@ -173,7 +161,10 @@ class PoolAutoscaler:
         }
         condition = _condition(decisions, unavailable)
         events = _events(decisions, state.condition, condition)
-        state.condition = set_condition([state.condition] if state.condition else [], condition, now)[0]
+        before = [state.condition.model_dump(by_alias=True, exclude_none=True)] if state.condition else []
+        stamped = set_condition(before, condition.type, condition.status, condition.reason, condition.message,
+                                now=rfc3339(now))
+        state.condition = Condition.model_validate(stamped[0])
         for event in events:
             log.info("%s/%s %s: %s", namespace or "-", name, event.reason, event.message)
         return Outcome(decisions=decisions, condition=state.condition, events=events)

@@ -14,9 +14,13 @@ from typing import Any, Literal
 Status = Literal["True", "False", "Unknown"]
 
 
+def rfc3339(timestamp: float) -> str:
+    """An epoch time as Kubernetes writes times (second precision, Z suffix)."""
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def now_rfc3339() -> str:
-    """The current time as Kubernetes writes it (second precision, Z suffix)."""
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339(datetime.datetime.now(datetime.UTC).timestamp())
 
 
 def set_condition(

@@ -17,13 +17,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
+from pydantic import ValidationError
 
 from splitserve_operator import naming
+from splitserve_operator.autoscaler import AutoscalerState, PoolAutoscaler
 from splitserve_operator.conditions import now_rfc3339
 from splitserve_operator.kube import KINDS, Credentials, KubeClient
-from splitserve_operator.models import API_GROUP, API_VERSION, PLURAL
+from splitserve_operator.models import API_GROUP, API_VERSION, PLURAL, InferencePoolSpec, InferencePoolStatus
 from splitserve_operator.reconcile import Object, Reconciler, TransientError
 from splitserve_operator.settings import OperatorSettings
+from splitserve_operator.signals import PrometheusSource, SignalSource, UnconfiguredSource
 
 logger = logging.getLogger("splitserve.operator")
 
@@ -54,9 +57,12 @@ class Runtime:
     credentials: Credentials
     client: KubeClient = field(init=False)
     reconciler: Reconciler = field(init=False)
+    autoscaler: PoolAutoscaler = field(init=False)
     dirty: set[tuple[str, str]] = field(default_factory=set)
     last_full: dict[tuple[str, str], float] = field(default_factory=dict)
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    # The autoscaler's latest MetricsAvailable per pool; the reconciler writes it with the other conditions.
+    metrics_conditions: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     # Completed reconciles per pool: progress for logs, probes, tests and the bench.
     reconciled: Counter[tuple[str, str]] = field(default_factory=Counter)
     _pod_monitors: tuple[float, bool] | None = None
@@ -64,6 +70,9 @@ class Runtime:
     def __post_init__(self) -> None:
         self.client = KubeClient(self.credentials)
         self.reconciler = Reconciler(self.client, self.settings)
+        url = self.settings.prometheus_url
+        source: SignalSource = PrometheusSource(url) if url else UnconfiguredSource()
+        self.autoscaler = PoolAutoscaler(source)
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         """One reconcile (or autoscaler step) at a time per pool."""
@@ -79,6 +88,7 @@ class Runtime:
         self.last_full.pop(key, None)
         self.locks.pop(key, None)
         self.reconciled.pop(key, None)
+        self.metrics_conditions.pop(key, None)
         self.reconciler.forget(namespace, name)
 
     def due(self, namespace: str, name: str) -> bool:
@@ -111,6 +121,7 @@ class Runtime:
                     pod_monitor=await self.pod_monitors(),
                     recheck=recheck,
                     now=now_rfc3339(),
+                    metrics_available=self.metrics_conditions.get(key),
                 )
             except TransientError as exc:
                 self.dirty.add(key)
@@ -121,6 +132,48 @@ class Runtime:
         for event in outcome.events:
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
             logger.info("%s/%s %s: %s", namespace, name, event.reason, event.message)
+
+
+    async def autoscale(
+        self, body: kopf.Body, patch: kopf.Patch, indexes: Mapping[str, Any], memo: kopf.Memo
+    ) -> None:
+        """One autoscaler evaluation when the pool's interval has passed: scale, explain, report."""
+        namespace, name = body.metadata.namespace or "", body.metadata.name or ""
+        try:
+            spec = InferencePoolSpec.model_validate(body.spec)
+        except ValidationError:
+            return  # the reconciler reports invalid specs
+        if not spec.autoscaling.enabled:
+            memo.pop("autoscaler", None)
+            return
+        state: AutoscalerState | None = memo.get("autoscaler")
+        if state is None:  # first sight since this operator started: carry on from status
+            status = InferencePoolStatus.model_validate(body.status or {})
+            state = memo["autoscaler"] = AutoscalerState.resume(status)
+        now = time.time()
+        if not state.due(now, spec.autoscaling.interval_seconds):
+            return
+        children = ChildView(indexes)
+        deployments = {role: children.get("Deployment", namespace, naming.child_name(name, role))
+                       for role in ("prefill", "decode")}
+        current = {role: int((d or {}).get("spec", {}).get("replicas", 0)) for role, d in deployments.items()}
+        if not all(deployments.values()):
+            return  # not created yet: the reconciler runs first
+        async with self.lock(namespace, name):
+            outcome = await self.autoscaler.evaluate(namespace, name, spec, current, state, now)
+            for role, replicas in outcome.changed.items():
+                await self.client.merge_patch("Deployment", namespace, naming.child_name(name, role),
+                                              {"spec": {"replicas": replicas}})
+        status = dict(body.status or {})
+        for role, fields in outcome.status_patch().items():
+            if {key: (status.get(role) or {}).get(key) for key in fields} != fields:
+                patch.status[role] = fields  # merged: the reconciler owns the other PoolStatus fields
+        condition = outcome.condition.model_dump(include={"status", "reason", "message"})
+        if self.metrics_conditions.get((namespace, name)) != condition:
+            self.metrics_conditions[(namespace, name)] = condition
+            self.dirty.add((namespace, name))  # the reconciler writes conditions, within poll_seconds
+        for event in outcome.events:
+            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
 
 def _snapshot(body: kopf.Body) -> dict[str, Any]:
@@ -162,6 +215,11 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     async def resync_pool(body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
         if runtime.due(body.metadata.namespace or "", body.metadata.name or ""):
             await runtime.reconcile(body, patch, kwargs, recheck=False)
+
+    # kopf timers have a fixed interval; each pool's own intervalSeconds is checked inside.
+    @kopf.timer(*POOLS, interval=1.0, initial_delay=poll, registry=registry)
+    async def autoscale_pool(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **kwargs: Any) -> None:
+        await runtime.autoscale(body, patch, kwargs, memo)
 
     @kopf.on.event(*POOLS, registry=registry)
     def pool_event(type: str, namespace: str | None, name: str, **_: Any) -> None:

@@ -244,8 +244,10 @@ class Reconciler:
         return checked[1]
 
     async def reconcile(
-        self, body: Object, children: Children, *, pod_monitor: bool, recheck: bool, now: str
+        self, body: Object, children: Children, *, pod_monitor: bool, recheck: bool, now: str,
+        metrics_available: Mapping[str, Any] | None = None,
     ) -> Outcome:
+        """`metrics_available`: the autoscaler's latest MetricsAvailable condition, if it has one."""
         meta, current = body["metadata"], body.get("status") or {}
         generation = meta.get("generation")
         outcome = Outcome()
@@ -266,8 +268,13 @@ class Reconciler:
             endpoint = await self._apply_all(
                 body, pool, desired_children, children, deployments, problems, outcome
             )
+        # Keep the autoscaler's condition until it has a new one; drop it once autoscaling is off.
+        carried: Mapping[str, Any] | bool = metrics_available if metrics_available is not None else True
+        if pool is not None and not pool.spec.autoscaling.enabled:
+            carried = False
         status = build_status(
-            current, deployments, problems, invalid=invalid, generation=generation, endpoint=endpoint, now=now
+            current, deployments, problems, invalid=invalid, generation=generation, endpoint=endpoint,
+            now=now, metrics_available=carried,
         )
         outcome.status_patch = merge_diff(current, status)
         outcome.events += _transition_events(current, status["conditions"])

@@ -161,6 +161,15 @@ def finite(value: float) -> float | None:
 # ---- Prometheus ---------------------------------------------------------------------------------
 
 
+class UnconfiguredSource:
+    """The operator was started without --prometheus-url: every autoscaled pool holds, and says why."""
+
+    async def read(self, query: SignalQuery) -> PoolSignals:
+        raise SignalsUnavailableError(
+            "PrometheusNotConfigured", "the operator runs without --prometheus-url, so no TTFT/ITL to act on"
+        )
+
+
 class PrometheusSource:
     """Signals from a Prometheus server, via prometheus-api-client in a worker thread."""
 

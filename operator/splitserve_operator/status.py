@@ -137,14 +137,28 @@ def build_status(
     generation: int | None,
     endpoint: str | None,
     now: str,
+    metrics_available: Mapping[str, Any] | bool | None = True,
 ) -> dict[str, Any]:
-    """The status fields the reconciler owns, computed from scratch on every reconcile."""
+    """The status fields the reconciler owns, computed from scratch on every reconcile.
+
+    The reconciler is the only writer of `conditions` (a merge patch replaces lists whole, so two
+    writers would clobber each other). `metrics_available` is the autoscaler's condition to carry:
+    a condition to set, True to keep the current one, False to drop it (autoscaling disabled).
+    """
+    current_conditions = [dict(c) for c in current.get("conditions") or []]
+    if metrics_available is False:
+        current_conditions = [c for c in current_conditions if c.get("type") != naming.METRICS_AVAILABLE]
+    elif isinstance(metrics_available, Mapping):
+        current_conditions = set_condition(
+            current_conditions, naming.METRICS_AVAILABLE, metrics_available["status"],
+            metrics_available["reason"], metrics_available["message"], now=now,
+        )
     rollouts = [Rollout.of(role, deployments.get(role)) for role in naming.ROLES]
     by_role = {r.role: r for r in rollouts}
     status: dict[str, Any] = {
         "observedGeneration": generation,
         "conditions": build_conditions(
-            current.get("conditions") or [],
+            current_conditions,
             rollouts,
             problems,
             invalid=invalid,

@@ -11,9 +11,8 @@ from splitserve_operator.autoscaler import (
     AutoscalerState,
     Outcome,
     PoolAutoscaler,
-    rfc3339,
-    set_condition,
 )
+from splitserve_operator.conditions import rfc3339
 from splitserve_operator.models import (
     AutoscalingSpec,
     Condition,
@@ -126,21 +125,6 @@ async def test_disabled_autoscaling_is_refused() -> None:
 
 def condition(status: Literal["True", "False"], reason: str, since: str | None = None) -> Condition:
     return Condition(type=METRICS_AVAILABLE, status=status, reason=reason, last_transition_time=since)
-
-
-@pytest.mark.parametrize(("existing", "new", "since"), [
-    ([], condition("True", "SignalsRead"), rfc3339(50.0)),
-    ([condition("True", "SignalsRead", "T0")], condition("True", "SignalsRead"), "T0"),
-    ([condition("False", "QueryFailed", "T0")], condition("False", "PrometheusTimeout"), "T0"),
-    ([condition("False", "QueryFailed", "T0")], condition("True", "SignalsRead"), rfc3339(50.0)),
-])
-def test_set_condition_moves_the_transition_time_only_on_a_flip(
-    existing: list[Condition], new: Condition, since: str
-) -> None:
-    ready = Condition(type="Ready", status="True")
-    merged = set_condition([ready, *existing], new, now=50.0)
-    assert merged[0] == ready and len(merged) == 2
-    assert merged[1].reason == new.reason and merged[1].last_transition_time == since
 
 
 def test_resume_carries_on_from_status() -> None:

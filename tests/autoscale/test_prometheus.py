@@ -10,8 +10,6 @@ import asyncio
 import contextlib
 import math
 import os
-import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from splitserve.local_prometheus import LocalPrometheus, find_prometheus
 from splitserve_operator.autoscaler import AutoscalerState, Outcome, PoolAutoscaler
 from splitserve_operator.models import (
     AutoscalingSpec,
@@ -33,7 +32,7 @@ from splitserve_operator.models import (
 )
 from splitserve_operator.signals import PrometheusSource, ScrapeSource, SignalQuery
 
-from .conftest import MetricsEndpoint, drive, free_port
+from .conftest import MetricsEndpoint, drive
 
 Endpoints = dict[str, MetricsEndpoint]
 WAIT_SECONDS = 30.0  # bound on every wait
@@ -52,7 +51,7 @@ SPEC = InferencePoolSpec(
 
 
 def prometheus_binary() -> str:
-    binary = os.environ.get("PROMETHEUS_BIN") or shutil.which("prometheus")
+    binary = find_prometheus()
     if binary:
         return binary
     if os.environ.get("SPLITSERVE_SKIP_PROMETHEUS") == "1":
@@ -61,26 +60,14 @@ def prometheus_binary() -> str:
                 "set SPLITSERVE_SKIP_PROMETHEUS=1 to skip these tests", pytrace=False)
 
 
-class Prometheus:
-    """The real server on a free loopback port, scraping the given targets every second."""
+class Prometheus(LocalPrometheus):
+    """The product's local Prometheus, scraping the given targets every second, plus test helpers."""
 
     def __init__(self, binary: str, workdir: Path, targets: list[str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = workdir / "prometheus.yml"
-        config.write_text(
-            "global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}\n"
-            "scrape_configs:\n"
-            "  - job_name: splitserve\n"
-            f"    static_configs: [{{targets: [{', '.join(targets)}], labels: {{namespace: {NAMESPACE}}}}}]\n"
-        )
-        self.log = (workdir / "prometheus.log").open("w")
-        self.process = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h",
-             "--log.level=warn"],
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )
+        # What a PodMonitor's relabelling adds in Kubernetes; here a label on the file's targets.
+        super().__init__(binary, workdir, labels={"namespace": NAMESPACE})
+        self.set_targets(targets)
+        self.start()
 
     def get(self, path: str, **params: str) -> requests.Response:
         return requests.get(f"{self.url}{path}", params=params, timeout=2)
@@ -89,7 +76,8 @@ class Prometheus:
         try:
             async with asyncio.timeout(WAIT_SECONDS):
                 while True:
-                    assert self.process.poll() is None, f"prometheus exited: {self.log.name}"
+                    assert self.process is not None and self.process.poll() is None, (
+                        f"prometheus exited: {self.log_path}")
                     with contextlib.suppress(requests.RequestException):
                         if await asyncio.to_thread(check):
                             return
@@ -102,15 +90,6 @@ class Prometheus:
         result = response.json()["data"]["result"]
         return float(result[0]["value"][1]) if result else math.nan
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self.log.close()
 
 
 @pytest.fixture

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import kmock
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from apiserver import POOLS, ApiServer, running_operator
-
 from splitserve_operator.handlers import Runtime
 from splitserve_operator.settings import OperatorSettings
+
+from .apiserver import POOLS, ApiServer, running_operator
 
 NAMESPACE = "serving"
 TINY_SPEC: dict[str, Any] = {

@@ -15,11 +15,12 @@ from typing import Any
 
 import kmock
 import pytest
-from apiserver import ApiServer, eventually, running_operator
-from conftest import NAMESPACE, TINY_SPEC, Cluster, path_of
 from kmock._internal import enums
 
 from splitserve_operator.settings import OperatorSettings
+
+from .apiserver import ApiServer, eventually, running_operator
+from .conftest import NAMESPACE, TINY_SPEC, Cluster, path_of
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "splitserve"

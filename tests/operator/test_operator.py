@@ -6,11 +6,12 @@ import json
 from typing import Any
 
 import pytest
-from apiserver import eventually
-from conftest import NAMESPACE, TINY_SPEC, Cluster, path_of
 
 from splitserve.config import EngineConfig
 from splitserve_operator.handlers import Runtime
+
+from .apiserver import eventually
+from .conftest import NAMESPACE, TINY_SPEC, Cluster, path_of
 
 DEPLOYMENTS = "apps/v1/deployments"
 SERVICES = "v1/services"

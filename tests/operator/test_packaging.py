@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_crd import SCHEMA, apply_defaults, cel_errors
 
 from splitserve_operator.main import main, parse_args
 from splitserve_operator.models import InferencePoolSpec
 from splitserve_operator.render import Pool, build_children
+
+from .test_crd import SCHEMA, apply_defaults, cel_errors
 
 ROOT = Path(__file__).resolve().parents[2]
 

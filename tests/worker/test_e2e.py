@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -246,7 +245,7 @@ async def exchange(port: int, data: bytes) -> bytes:
                 break
             answer += chunk
         return answer
-    except (ConnectionError, socket.error):
+    except (OSError, ConnectionError):
         return b""
     finally:
         writer.close()
