@@ -3,12 +3,15 @@
     python -m bench.serving            # ~4 minutes; writes bench/results/serving.{json,png}
 
 1. Interference (the seeds' scenario): six streams decode, then a ~4,000-token prompt arrives
-   (three times). ITL of the six streams, measured at the client, before vs while the big prefill runs:
+   (three times). ITL of the six streams, measured at the client, in the second before each arrival vs
+   while the big prefill runs (paired, because ITL grows with the streams' context). Disaggregated
+   runs also report the phase after it, while the prompt's KV cache lands on the decode worker
+   (split at the prefill worker's own compute time):
    - colocated `both`, 2 threads on cores 0-1, whole-prompt prefill (decode waits);
    - colocated `both`, 2 threads, chunked prefill interleaved with decode steps (Sarathi-Serve);
-   - disaggregated: prefill pinned to core 0, decode to core 1 (1 thread each). The router and this
-     client share core 1 with decode: the prefill pool owns its hardware, as it would in a cluster,
-     and the relaying cost is borne by decode all the time, not only while a prefill runs.
+   - disaggregated: prefill pinned to core 0, decode to core 1 (1 thread each). The decode core runs
+     nothing else. The router and this client (in a cluster: other machines) share core 0 with the
+     prefill worker, which runs at `nice 10`, a batch job that must not starve the router's relaying.
 2. KV handoff: 4,000-token prompts on an idle disaggregated pool; prefill compute, KV send time and
    TTFT per request (from the prefill worker's metrics), against a raw loopback socket copy of the
    same bytes measured in the same run.
@@ -71,18 +74,33 @@ class Setup:
     url: str = ""
     prefill_url: str = ""
     decode_url: str = ""
+    log_level: str = "warning"
 
-    def spawn(self, name: str, cores: str, *args: str) -> LocalProcess:
+    def spawn(self, name: str, cores: str, *args: str, nice: int = 0) -> LocalProcess:
         port = free_port()
-        argv = ["taskset", "-c", cores, *splitserve_argv(*args, "--port", str(port), "--pool", "bench",
-                                                        "--log-level", "warning")]
+        argv = [
+            "nice",
+            "-n",
+            str(nice),
+            "taskset",
+            "-c",
+            cores,
+            *splitserve_argv(*args, "--port", str(port), "--pool", "bench", "--log-level", self.log_level),
+        ]
         process = LocalProcess(name, port, argv, self.workdir / f"{self.name}-{name}.log")
         process.start()
         self.processes.append(process)
         return process
 
     def engine(self) -> list[str]:
-        return ["--model", str(self.model), "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN)]
+        return [
+            "--model",
+            str(self.model),
+            "--served-model-name",
+            MODEL,
+            "--max-model-len",
+            str(MAX_MODEL_LEN),
+        ]
 
     async def start_colocated(self, chunked: bool) -> None:
         extra = ["--chunked-prefill", "--prefill-chunk-size", "256"] if chunked else []
@@ -91,11 +109,24 @@ class Setup:
         await self._ready()
 
     async def start_disaggregated(self) -> None:
-        prefill = self.spawn("prefill", "0", "worker", "--role", "prefill", *self.engine(), "--threads", "1")
-        decode = self.spawn("decode", "1", "worker", "--role", "decode", *self.engine(), "--threads", "1",
-                            "--kv-port", str(free_port()))
-        router = self.spawn("router", "1", "router", *self.engine(), "--prefill", prefill.url,
-                            "--decode", decode.url)
+        prefill = self.spawn(
+            "prefill", "0", "worker", "--role", "prefill", *self.engine(), "--threads", "1", nice=10
+        )
+        decode = self.spawn(
+            "decode",
+            "1",
+            "worker",
+            "--role",
+            "decode",
+            *self.engine(),
+            "--threads",
+            "1",
+            "--kv-port",
+            str(free_port()),
+        )
+        router = self.spawn(
+            "router", "0", "router", *self.engine(), "--prefill", prefill.url, "--decode", decode.url
+        )
         self.url, self.prefill_url, self.decode_url = router.url, prefill.url, decode.url
         await self._ready()
 
@@ -112,11 +143,19 @@ class Setup:
 # ---- client -----------------------------------------------------------------------------------
 
 
-async def stream(session: aiohttp.ClientSession, url: str, ids: list[int], max_tokens: int,
-                 events: list[tuple[float, int]]) -> None:
+async def stream(
+    session: aiohttp.ClientSession, url: str, ids: list[int], max_tokens: int, events: list[tuple[float, int]]
+) -> None:
     """Stream a greedy completion; record (arrival time, tokens in the event) for every SSE event."""
-    body = {"model": MODEL, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "return_token_ids": True}
+    body = {
+        "model": MODEL,
+        "prompt": ids,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
     async with session.post(url + "/v1/completions", json=body) as reply:
         reply.raise_for_status()
         async for line in reply.content:
@@ -150,35 +189,69 @@ async def metrics(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
 
 
 async def interference(setup: Setup, arrivals: int) -> dict[str, Any]:
+    """ITL percentiles before each big prompt, while it is prefilled, and (disaggregated) while its KV
+    cache is delivered; `windows` are (sent, prefill done, first token) per big prompt."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
         streams: list[list[tuple[float, int]]] = [[] for _ in range(STREAMS)]
-        tasks = [asyncio.create_task(stream(session, setup.url, prompt(64, seed=i), 3000, streams[i]))
-                 for i in range(STREAMS)]
+        tasks = [
+            asyncio.create_task(stream(session, setup.url, prompt(64, seed=i), 3000, streams[i]))
+            for i in range(STREAMS)
+        ]
         started = time.perf_counter()
         await asyncio.sleep(4.0)  # steady decoding: the baseline window (after 1 s of warm-up)
         windows = []
         for arrival in range(arrivals):
             big: list[tuple[float, int]] = []
+            before = await metrics(session, setup.prefill_url) if setup.prefill_url else {}
             sent = time.perf_counter()
             await stream(session, setup.url, prompt(BIG_PROMPT, seed=100 + arrival), 2, big)
-            windows.append((sent, big[0][0]))
-            log(f"  {setup.name}: {BIG_PROMPT}-token prompt, TTFT {big[0][0] - sent:.2f}s")
+            first = big[0][0]
+            prefilled = first
+            if setup.prefill_url:  # the prefill worker's compute and KV send time for this prompt
+                after = await metrics(session, setup.prefill_url)
+                sending = (
+                    after["splitserve_kv_transfer_seconds_sum"] - before["splitserve_kv_transfer_seconds_sum"]
+                )
+                prefilled = first - sending
+            windows.append((sent, prefilled, first))
+            log(
+                f"  {setup.name}: {BIG_PROMPT}-token prompt, TTFT {first - sent:.2f}s "
+                f"(KV delivery {1000 * (first - prefilled):.0f} ms)"
+            )
             await asyncio.sleep(2.0)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     samples = [gap for events in streams for gap in gaps(events)]
-    baseline = [itl for start, end, itl in samples if started + 1.0 < start and end < windows[0][0]]
-    during = [itl for start, end, itl in samples if any(start < w1 and end > w0 for w0, w1 in windows)]
-    p99_before, p99_during = percentile(baseline, 0.99), percentile(during, 0.99)
-    return {
-        "itl_before": {"p50": percentile(baseline, 0.5), "p99": p99_before, "n": len(baseline)},
-        "itl_during_prefill": {"p50": percentile(during, 0.5), "p99": p99_during, "max": max(during),
-                               "n": len(during)},
-        "p99_ratio": p99_during / p99_before,
-        "big_prompt_ttft_s": [w1 - w0 for w0, w1 in windows],
+
+    def overlapping(phase: list[tuple[float, float]]) -> list[float]:
+        return [itl for start, end, itl in samples if any(start < hi and end > lo for lo, hi in phase)]
+
+    before = overlapping([(sent - 1.0, sent) for sent, _, _ in windows])
+    during = overlapping([(sent, prefilled) for sent, prefilled, _ in windows])
+    delivery = overlapping([(prefilled, first) for _, prefilled, first in windows if first > prefilled])
+    result = {
+        "itl_before": stats(before),
+        "itl_during_prefill": stats(during),
+        "p99_ratio": stats(during)["p99"] / stats(before)["p99"],
+        "big_prompt_ttft_s": [first - sent for sent, _, first in windows],
         "timeline": [[(end - started, itl) for _, end, itl in gaps(events)] for events in streams],
-        "prefill_windows": [(w0 - started, w1 - started) for w0, w1 in windows],
+        "windows": [
+            (sent - started, prefilled - started, first - started) for sent, prefilled, first in windows
+        ],
+    }
+    if delivery:
+        result["itl_during_kv_delivery"] = stats(delivery)
+        result["kv_delivery_p99_ratio"] = stats(delivery)["p99"] / stats(before)["p99"]
+    return result
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    return {
+        "p50": percentile(values, 0.5),
+        "p99": percentile(values, 0.99),
+        "max": max(values),
+        "n": len(values),
     }
 
 
@@ -192,11 +265,19 @@ async def handoff(setup: Setup, reps: int) -> dict[str, Any]:
             await stream(session, setup.url, prompt(BIG_PROMPT, seed=200 + rep), 2, events)
             ttft = events[0][0] - sent
             after = await metrics(session, setup.prefill_url)
-            compute = after["splitserve_prefill_step_seconds_sum"] - before.get("splitserve_prefill_step_seconds_sum", 0)
-            send = after["splitserve_kv_transfer_seconds_sum"] - before.get("splitserve_kv_transfer_seconds_sum", 0)
-            nbytes = after["splitserve_kv_transfer_bytes_total"] - before.get("splitserve_kv_transfer_bytes_total", 0)
+            compute = after["splitserve_prefill_step_seconds_sum"] - before.get(
+                "splitserve_prefill_step_seconds_sum", 0
+            )
+            send = after["splitserve_kv_transfer_seconds_sum"] - before.get(
+                "splitserve_kv_transfer_seconds_sum", 0
+            )
+            nbytes = after["splitserve_kv_transfer_bytes_total"] - before.get(
+                "splitserve_kv_transfer_bytes_total", 0
+            )
             rows.append({"ttft_s": ttft, "prefill_compute_s": compute, "kv_send_s": send, "kv_bytes": nbytes})
-            log(f"  handoff {rep + 1}/{reps}: compute {compute:.3f}s, KV send {send * 1000:.1f} ms, TTFT {ttft:.3f}s")
+            log(
+                f"  handoff {rep + 1}/{reps}: compute {compute:.3f}s, KV send {send * 1000:.1f} ms, TTFT {ttft:.3f}s"
+            )
     nbytes = int(rows[0]["kv_bytes"])
     raw = raw_loopback_seconds(nbytes, reps)
     send_s = statistics.median(row["kv_send_s"] for row in rows)
@@ -226,8 +307,10 @@ def raw_loopback_seconds(nbytes: int, reps: int) -> float:
 async def throughput(setup: Setup, concurrency: int, seconds: float) -> dict[str, float]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
         sinks: list[list[tuple[float, int]]] = [[] for _ in range(concurrency)]
-        tasks = [asyncio.create_task(stream(session, setup.url, prompt(32, seed=300 + i), 3000, sinks[i]))
-                 for i in range(concurrency)]
+        tasks = [
+            asyncio.create_task(stream(session, setup.url, prompt(32, seed=300 + i), 3000, sinks[i]))
+            for i in range(concurrency)
+        ]
         while sum(1 for sink in sinks if sink) < concurrency:
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.0)
@@ -260,15 +343,18 @@ async def run(args: argparse.Namespace, model: Path, workdir: Path) -> dict[str,
     log("disaggregated: starting")
     try:
         await setup.start_disaggregated()
-        os.sched_setaffinity(0, {1})  # the client shares core 1 with decode and the router, not prefill
+        os.sched_setaffinity(0, {0})  # the client shares core 0 with the router and prefill, not decode
         results["interference"]["disaggregated"] = await interference(setup, args.arrivals)
         log("KV handoff")
         results["handoff"] = await handoff(setup, args.reps)
         log("decode batching")
         single = await throughput(setup, 1, args.seconds)
         batched = await throughput(setup, 16, args.seconds)
-        results["decode_throughput"] = {"single": single, "batched_16": batched,
-                                        "ratio": batched["tokens_per_s"] / single["tokens_per_s"]}
+        results["decode_throughput"] = {
+            "single": single,
+            "batched_16": batched,
+            "ratio": batched["tokens_per_s"] / single["tokens_per_s"],
+        }
     finally:
         setup.stop()
     return results
@@ -287,20 +373,30 @@ def plot(results: dict[str, Any], path: Path) -> None:
             if series:
                 times, itls = zip(*series, strict=True)
                 axis.scatter(times, [itl * 1000 for itl in itls], s=2)
-        for w0, w1 in data["prefill_windows"]:
-            axis.axvspan(w0, w1, color="orange", alpha=0.25)
+        for sent, prefilled, first in data["windows"]:
+            axis.axvspan(sent, prefilled, color="orange", alpha=0.25)
+            axis.axvspan(prefilled, first, color="purple", alpha=0.25)
         axis.set_yscale("log")
         axis.set_ylabel("ITL (ms)")
-        axis.set_title(f"{name}: p99 ITL {data['itl_before']['p99'] * 1000:.1f} ms before, "
-                       f"{data['itl_during_prefill']['p99'] * 1000:.1f} ms during a {BIG_PROMPT}-token "
-                       f"prefill (shaded), ratio {data['p99_ratio']:.2f}")
+        title = (
+            f"{name}: p99 ITL {data['itl_before']['p99'] * 1000:.1f} ms before, "
+            f"{data['itl_during_prefill']['p99'] * 1000:.1f} ms during a {BIG_PROMPT}-token prefill "
+            f"(orange), x{data['p99_ratio']:.2f}"
+        )
+        if "itl_during_kv_delivery" in data:
+            title += f"; {data['itl_during_kv_delivery']['p99'] * 1000:.1f} ms while its KV lands (purple)"
+        axis.set_title(title, fontsize=9)
     axes[-2].set_xlabel("seconds")
     names = list(setups)
-    before = [setups[name]["itl_before"]["p99"] * 1000 for name in names]
-    during = [setups[name]["itl_during_prefill"]["p99"] * 1000 for name in names]
     positions = range(len(names))
-    axes[-1].bar([p - 0.2 for p in positions], before, 0.4, label="p99 ITL before")
-    axes[-1].bar([p + 0.2 for p in positions], during, 0.4, label="p99 ITL during big prefill")
+    phases = [
+        ("itl_before", "before"),
+        ("itl_during_prefill", "during big prefill"),
+        ("itl_during_kv_delivery", "while its KV lands"),
+    ]
+    for offset, (key, label) in zip((-0.27, 0.0, 0.27), phases, strict=True):
+        values = [setups[name][key]["p99"] * 1000 if key in setups[name] else 0.0 for name in names]
+        axes[-1].bar([p + offset for p in positions], values, 0.27, label=f"p99 ITL {label}")
     axes[-1].set_xticks(list(positions), names)
     axes[-1].set_yscale("log")
     axes[-1].set_ylabel("ms")
@@ -326,10 +422,14 @@ def main() -> None:
     (args.out / "serving.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out / "serving.png")
     summary = {name: round(data["p99_ratio"], 2) for name, data in results["interference"].items()}
-    log(f"p99 ITL during/before: {summary}")
-    log(f"KV send / prefill compute: {results['handoff']['kv_send_over_compute']:.3f}; "
+    log(f"p99 ITL during prefill / before: {summary}")
+    delivery = results["interference"]["disaggregated"].get("kv_delivery_p99_ratio")
+    log(f"disaggregated p99 ITL while the KV cache lands / before: {delivery}")
+    log(
+        f"KV send / prefill compute: {results['handoff']['kv_send_over_compute']:.3f}; "
         f"TTFT / compute - 1: {results['handoff']['ttft_over_compute']:.3f}; "
-        f"KV {results['handoff']['kv_bandwidth_gbps']:.2f} GB/s vs raw {results['handoff']['raw_loopback_gbps']:.2f} GB/s")
+        f"KV {results['handoff']['kv_bandwidth_gbps']:.2f} GB/s vs raw {results['handoff']['raw_loopback_gbps']:.2f} GB/s"
+    )
     log(f"decode 16 vs 1 stream tokens/s: {results['decode_throughput']['ratio']:.2f}x")
 
 

@@ -42,8 +42,8 @@ class PackedBatch:
         self.num_tokens = sum(self.lengths)
 
     def position_ids(self, device: torch.device) -> torch.Tensor:
-        positions = [torch.arange(s.start, s.start + s.length) for s in self.segments]
-        return torch.cat(positions).to(device).unsqueeze(0)  # [1, N]
+        positions = [p for s in self.segments for p in range(s.start, s.start + s.length)]
+        return torch.tensor(positions, device=device).unsqueeze(0)  # [1, N]
 
     def last_token_indices(self, device: torch.device) -> torch.Tensor:
         """Index of each segment's last token in the packed batch: where logits are needed."""
@@ -71,6 +71,11 @@ class PackedBatch:
         heads, _, head_dim = query.shape
         kv_heads = key.shape[0]
         out = query.new_empty(self.num_tokens, heads, head_dim)  # [N, Hq, D]
+        # Decode rows: queries pre-scaled once for the whole batch, grouped per KV head (GQA).
+        grouped = (
+            (query * scale).transpose(0, 1).reshape(self.num_tokens, kv_heads, heads // kv_heads, head_dim)
+        )
+        grouped_out = out.view(self.num_tokens, kv_heads, heads // kv_heads, head_dim)  # [N, H, G, D]
         offset = 0
         for segment in self.segments:
             end = segment.start + segment.length
@@ -79,7 +84,7 @@ class PackedBatch:
             values = segment.kv.values[layer][:, begin:end]  # [H, T, D]
             q = query[:, offset : offset + segment.length]  # [Hq, n, D]
             if segment.length == 1:
-                out[offset] = _decode_attention(q, keys, values, scale, kv_heads)
+                _decode_attention(grouped[offset], keys, values, grouped_out[offset])
             else:
                 mask = _causal_mask(segment.start, segment.length, begin, end, window, q.device)
                 attended = F.scaled_dot_product_attention(
@@ -95,18 +100,16 @@ class PackedBatch:
         return out
 
 
-def _decode_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, kv_heads: int
-) -> torch.Tensor:
-    """One query token against its cache with two small bmm's (cheaper than SDPA at this size).
+def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
+    """One scaled query token against its cache with two small bmm's (cheaper than SDPA at this size).
 
-    q `[Hq, 1, D]`, keys/values `[H, T, D]` -> `[Hq, D]`; query heads grouped per KV head (GQA).
+    q `[H, G, D]` (G query heads per KV head), keys/values `[H, T, D]`, written into out `[H, G, D]`.
     """
-    heads, _, head_dim = q.shape
-    grouped = q.reshape(kv_heads, heads // kv_heads, head_dim)  # [H, G, D]
-    scores = torch.bmm(grouped, keys.transpose(1, 2)) * scale  # [H, G, T]
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.bmm(weights, values).reshape(heads, head_dim)  # [Hq, D]
+    scores = torch.bmm(q, keys.transpose(1, 2))  # [H, G, T]
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if weights.dtype != q.dtype:
+        weights = weights.to(q.dtype)
+    torch.bmm(weights, values, out=out)
 
 
 def _causal_mask(

@@ -270,7 +270,11 @@ class EngineRuntime:
                 continue
             if emission.token is not None:
                 self._deliver(
-                    stream, GenerationChunk(token_ids=(emission.token,), finish_reason=emission.finish)
+                    # Built from the engine's own output: skip validation on this per-token path.
+                    stream,
+                    GenerationChunk.model_construct(
+                        token_ids=(emission.token,), finish_reason=emission.finish
+                    ),
                 )
             elif emission.error != "aborted":
                 self._deliver(stream, GenerationError(emission.error or "engine error", status=500))
