@@ -132,6 +132,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "up":
         from .local import run_local
 
+        logs.silence_transformers()
         return run_local(args)
     config = engine_config(args)
     from . import serve

@@ -192,7 +192,8 @@ class LocalPool:
         self._write_discovery()
 
     async def _ready(self, process: LocalProcess, session: aiohttp.ClientSession) -> None:
-        self.progress(f"  {process.name:<10} starting (loading {self.config.model})")
+        what = "" if process is self.router else f" (loading {self.config.model})"
+        self.progress(f"  {process.name:<10} starting{what}")
         seconds = await process.wait_ready(session)
         self.progress(f"  {process.name:<10} ready in {seconds:.1f}s at {process.url}")
 

@@ -36,6 +36,7 @@ class LocalPrometheus:
         self.log_path = workdir / "prometheus.log"
         self.scrape_interval = scrape_interval
         self.process: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
 
     def set_targets(self, targets: list[str]) -> None:
         """`host:port` targets serving /metrics; written atomically."""
@@ -44,7 +45,6 @@ class LocalPrometheus:
         os.replace(staging, self.targets_file)
 
     def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
         if not self.targets_file.exists():
             self.set_targets([])
         config = self.workdir / "prometheus.yml"
