@@ -182,24 +182,34 @@ def run_case(case: Case, reps: int, runner: asyncio.Runner, ports: dict[str, int
         else:
             for key, value in times.items():
                 runs[key].append(value)
-        print(f"  {case.name}: rep {rep - 1 if rep >= 2 else 'warm-up'}: "
-              + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()), flush=True)
+        print(
+            f"  {case.name}: rep {rep - 1 if rep >= 2 else 'warm-up'}: "
+            + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()),
+            flush=True,
+        )
     kv_transfer.layer_checksum = VARIANTS["protocol"]  # type: ignore[attr-defined]
-    result: dict[str, Any] = {"bytes": nbytes, "layers": case.num_layers,
-                              "layer_shape": list(header.layer_shape),
-                              "dtype": str(case.dtype).removeprefix("torch."), "reps": reps}
+    result: dict[str, Any] = {
+        "bytes": nbytes,
+        "layers": case.num_layers,
+        "layer_shape": list(header.layer_shape),
+        "dtype": str(case.dtype).removeprefix("torch."),
+        "reps": reps,
+    }
     result |= {key: summary(values, nbytes) | {"samples_s": values} for key, values in runs.items()}
     result["handshake_latency"] = summary(accept, 0)  # connect to ACCEPT
     median = {key: result[key]["median_s"] for key in runs}
     result["bandwidth_over_raw"] = {variant: median["raw_socket"] / median[variant] for variant in VARIANTS}
-    result["checksum_share_of_time"] = {variant: 1 - median["protocol_no_checksum"] / median[variant]
-                                        for variant in ("protocol", "protocol_stdlib_crc32")}
+    result["checksum_share_of_time"] = {
+        variant: 1 - median["protocol_no_checksum"] / median[variant]
+        for variant in ("protocol", "protocol_stdlib_crc32")
+    }
     cache = [torch.empty_like(layer) for layer in layers]
     result["crc32_GBps"] = throughput(lambda: [kv_frames.checksum(p) for p in payloads], nbytes)
     result["stdlib_crc32_GBps"] = throughput(lambda: [zlib.crc32(p) for p in payloads], nbytes)
     result["adler32_GBps"] = throughput(lambda: [zlib.adler32(p) for p in payloads], nbytes)
     result["copy_into_cache_GBps"] = throughput(
-        lambda: [c.copy_(layer) for c, layer in zip(cache, layers, strict=True)], nbytes)
+        lambda: [c.copy_(layer) for c, layer in zip(cache, layers, strict=True)], nbytes
+    )
     result["crc32_seconds"] = nbytes / result["crc32_GBps"] / 1e9
     return result
 
@@ -219,8 +229,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
         p90 = [results["cases"][name][key]["p90_GBps"] for name in cases]
         positions = [i + (offset - (len(series) - 1) / 2) * width for i in range(len(cases))]
         axis.bar(positions, medians, width, label=key.replace("_", " "))
-        axis.errorbar(positions, medians, yerr=[[m - p for m, p in zip(medians, p90, strict=True)],
-                                                [0] * len(cases)], fmt="none", ecolor="black", capsize=3)
+        axis.errorbar(
+            positions,
+            medians,
+            yerr=[[m - p for m, p in zip(medians, p90, strict=True)], [0] * len(cases)],
+            fmt="none",
+            ecolor="black",
+            capsize=3,
+        )
     labels = [name.split(" (")[0].replace(", ", "\n") for name in cases]
     axis.set_xticks(range(len(cases)), labels, fontsize=8)
     axis.set_ylabel("GB/s over loopback (median, whisker = p90)")
@@ -251,12 +267,17 @@ def main() -> None:
         _pin(SENDER_CORE)
         load_before = os.getloadavg()[0]
         results: dict[str, Any] = {
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                        "torch": torch.__version__, "zlib": zlib.ZLIB_RUNTIME_VERSION,
-                        "crc32": kv_frames.checksum.__module__ or "zlib",
-                        "sender_core": SENDER_CORE, "receiver_core": RECEIVER_CORE},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "zlib": zlib.ZLIB_RUNTIME_VERSION,
+                "crc32": kv_frames.checksum.__module__ or "zlib",
+                "sender_core": SENDER_CORE,
+                "receiver_core": RECEIVER_CORE,
+            },
             "method": "wall time from connect to the receiver's OK (raw: to its one-byte ack), new "
-                      "connection per transfer; receiver discards layers; interleaved repetitions",
+            "connection per transfer; receiver discards layers; interleaved repetitions",
             "cases": {},
         }
         with asyncio.Runner() as runner:
@@ -275,14 +296,18 @@ def main() -> None:
     plot(results, RESULTS / "kv_transfer.png")
     for name, result in results["cases"].items():
         ours, raw = result["protocol"], result["raw_socket"]
-        print(f"{name}: protocol median {ours['median_s'] * 1e3:.2f} ms, p90 {ours['p90_s'] * 1e3:.2f} ms; "
-              f"raw socket median {raw['median_s'] * 1e3:.2f} ms")
+        print(
+            f"{name}: protocol median {ours['median_s'] * 1e3:.2f} ms, p90 {ours['p90_s'] * 1e3:.2f} ms; "
+            f"raw socket median {raw['median_s'] * 1e3:.2f} ms"
+        )
         if result["bytes"] > 1 << 20:
-            print(f"  protocol {ours['median_GBps']:.2f} GB/s (p90 {ours['p90_GBps']:.2f}), raw "
-                  f"{raw['median_GBps']:.2f} GB/s, ratio {result['bandwidth_over_raw']['protocol']:.2f} "
-                  f"(with the stdlib crc32: {result['bandwidth_over_raw']['protocol_stdlib_crc32']:.2f}); "
-                  f"checksum share {result['checksum_share_of_time']['protocol']:.0%} "
-                  f"(stdlib: {result['checksum_share_of_time']['protocol_stdlib_crc32']:.0%})")
+            print(
+                f"  protocol {ours['median_GBps']:.2f} GB/s (p90 {ours['p90_GBps']:.2f}), raw "
+                f"{raw['median_GBps']:.2f} GB/s, ratio {result['bandwidth_over_raw']['protocol']:.2f} "
+                f"(with the stdlib crc32: {result['bandwidth_over_raw']['protocol_stdlib_crc32']:.2f}); "
+                f"checksum share {result['checksum_share_of_time']['protocol']:.0%} "
+                f"(stdlib: {result['checksum_share_of_time']['protocol_stdlib_crc32']:.0%})"
+            )
     print(f"load average before/after: {results['machine']['load_average_1min']}")
     print(f"wrote {RESULTS / 'kv_transfer.json'} and kv_transfer.png")
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -169,7 +170,7 @@ async def stream(
 def gaps(events: list[tuple[float, int]]) -> list[tuple[float, float, float]]:
     """(start, end, itl) per token; an event carrying k tokens splits its gap k ways (as the router does)."""
     out = []
-    for (previous, _), (now, count) in zip(events, events[1:], strict=False):
+    for (previous, _), (now, count) in itertools.pairwise(events):
         out += [(previous, now, (now - previous) / count)] * count
     return out
 
@@ -202,7 +203,7 @@ async def interference(setup: Setup, arrivals: int) -> dict[str, Any]:
         windows = []
         for arrival in range(arrivals):
             big: list[tuple[float, int]] = []
-            before = await metrics(session, setup.prefill_url) if setup.prefill_url else {}
+            counters = await metrics(session, setup.prefill_url) if setup.prefill_url else {}
             sent = time.perf_counter()
             await stream(session, setup.url, prompt(BIG_PROMPT, seed=100 + arrival), 2, big)
             first = big[0][0]
@@ -210,7 +211,8 @@ async def interference(setup: Setup, arrivals: int) -> dict[str, Any]:
             if setup.prefill_url:  # the prefill worker's compute and KV send time for this prompt
                 after = await metrics(session, setup.prefill_url)
                 sending = (
-                    after["splitserve_kv_transfer_seconds_sum"] - before["splitserve_kv_transfer_seconds_sum"]
+                    after["splitserve_kv_transfer_seconds_sum"]
+                    - counters["splitserve_kv_transfer_seconds_sum"]
                 )
                 prefilled = first - sending
             windows.append((sent, prefilled, first))
@@ -276,7 +278,8 @@ async def handoff(setup: Setup, reps: int) -> dict[str, Any]:
             )
             rows.append({"ttft_s": ttft, "prefill_compute_s": compute, "kv_send_s": send, "kv_bytes": nbytes})
             log(
-                f"  handoff {rep + 1}/{reps}: compute {compute:.3f}s, KV send {send * 1000:.1f} ms, TTFT {ttft:.3f}s"
+                f"  handoff {rep + 1}/{reps}: compute {compute:.3f}s, KV send {send * 1000:.1f} ms, "
+                f"TTFT {ttft:.3f}s"
             )
     nbytes = int(rows[0]["kv_bytes"])
     raw = raw_loopback_seconds(nbytes, reps)
@@ -311,7 +314,7 @@ async def throughput(setup: Setup, concurrency: int, seconds: float) -> dict[str
             asyncio.create_task(stream(session, setup.url, prompt(32, seed=300 + i), 3000, sinks[i]))
             for i in range(concurrency)
         ]
-        while sum(1 for sink in sinks if sink) < concurrency:
+        while sum(1 for sink in sinks if sink) < concurrency:  # noqa: ASYNC110 (polling the clients' progress)
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.0)
         before, start = await metrics(session, setup.decode_url), time.perf_counter()
@@ -425,10 +428,11 @@ def main() -> None:
     log(f"p99 ITL during prefill / before: {summary}")
     delivery = results["interference"]["disaggregated"].get("kv_delivery_p99_ratio")
     log(f"disaggregated p99 ITL while the KV cache lands / before: {delivery}")
+    handoff = results["handoff"]
     log(
-        f"KV send / prefill compute: {results['handoff']['kv_send_over_compute']:.3f}; "
-        f"TTFT / compute - 1: {results['handoff']['ttft_over_compute']:.3f}; "
-        f"KV {results['handoff']['kv_bandwidth_gbps']:.2f} GB/s vs raw {results['handoff']['raw_loopback_gbps']:.2f} GB/s"
+        f"KV send / prefill compute: {handoff['kv_send_over_compute']:.3f}; "
+        f"TTFT / compute - 1: {handoff['ttft_over_compute']:.3f}; "
+        f"KV {handoff['kv_bandwidth_gbps']:.2f} GB/s vs raw {handoff['raw_loopback_gbps']:.2f} GB/s"
     )
     log(f"decode 16 vs 1 stream tokens/s: {results['decode_throughput']['ratio']:.2f}x")
 

@@ -39,7 +39,8 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
         raise ValueError("need at least two distinct points to fit a line")
     mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum(
-        (x - mean_x) ** 2 for x in xs)
+        (x - mean_x) ** 2 for x in xs
+    )
     intercept = mean_y - slope * mean_x
     if intercept < 0:  # refit through the origin
         return 0.0, sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs)
@@ -74,8 +75,15 @@ class Capacity:
             raise ValueError(f"capacity file: malformed points ({error})") from error
         p_base, p_slope = fit_line(*zip(*prefill, strict=True))
         d_base, d_slope = fit_line(*zip(*decode, strict=True))
-        return cls(p_base, p_slope, d_base, d_slope, max_num_seqs,
-                   float(data.get("kv_capacity_tokens", 1e12)), str(data.get("description", "")))
+        return cls(
+            p_base,
+            p_slope,
+            d_base,
+            d_slope,
+            max_num_seqs,
+            float(data.get("kv_capacity_tokens", 1e12)),
+            str(data.get("description", "")),
+        )
 
     @classmethod
     def load(cls, path: Path) -> Capacity:
@@ -86,7 +94,10 @@ class Capacity:
 
     def summary(self) -> dict[str, float | int | str]:
         return {
-            "prefill_base_seconds": self.prefill_base, "prefill_seconds_per_token": self.prefill_per_token,
-            "decode_step_base_seconds": self.decode_base, "decode_step_seconds_per_seq": self.decode_per_seq,
-            "max_num_seqs": self.max_num_seqs, "kv_capacity_tokens": self.kv_capacity_tokens,
+            "prefill_base_seconds": self.prefill_base,
+            "prefill_seconds_per_token": self.prefill_per_token,
+            "decode_step_base_seconds": self.decode_base,
+            "decode_step_seconds_per_seq": self.decode_per_seq,
+            "max_num_seqs": self.max_num_seqs,
+            "kv_capacity_tokens": self.kv_capacity_tokens,
         }

@@ -37,8 +37,14 @@ KV_BYTES_PER_TOKEN = 2 * LAYERS * KV_HEADS * HEAD_DIM * 4
 
 def tiny_model() -> tuple[LlamaForCausalLM, LlamaConfig]:
     config = LlamaConfig(
-        hidden_size=256, intermediate_size=688, num_hidden_layers=LAYERS, num_attention_heads=8,
-        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, vocab_size=1024, max_position_embeddings=2048,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=8,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        vocab_size=1024,
+        max_position_embeddings=2048,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)  # random init, float32 (torch's default dtype)
@@ -97,9 +103,12 @@ def measure(repeats: int, steps: int, context: int) -> dict[str, Any]:
         "description": "tiny random LlamaForCausalLM (hidden 256, 4 layers, 8/4 heads, head_dim 32, "
         f"vocab 1024), float32, 1 CPU thread, HF DynamicCache; decode context {context} tokens",
         "measured_on": {
-            "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "threads": 1,
+            "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "threads": 1,
         },
         "prefill": {"points": prefill},
         "decode": {"context_tokens": context, "max_num_seqs": max(BATCH_SIZES), "points": decode},

@@ -21,8 +21,11 @@ COLORS = {"splitserve": "tab:blue", "fixed-peak": "tab:gray", "hpa-utilization":
 
 
 def plot_trace(
-    trace: Trace, runs: dict[str, Run], latencies: dict[str, tuple[np.ndarray, np.ndarray]],
-    spec: InferencePoolSpec, path: Path,
+    trace: Trace,
+    runs: dict[str, Run],
+    latencies: dict[str, tuple[np.ndarray, np.ndarray]],
+    spec: InferencePoolSpec,
+    path: Path,
 ) -> None:
     hours = trace.duration > 4 * 3600
     scale, unit = (3600.0, "hours") if hours else (60.0, "minutes")

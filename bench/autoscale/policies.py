@@ -73,8 +73,12 @@ class HpaUtilizationPolicy:
         signals = sim.signals(SignalQuery("bench", self.policies["prefill"].window, 0.9, 0.9))
         current: dict[Role, int] = {"prefill": sim.prefill.replicas, "decode": sim.decode.replicas}
         ready = {"prefill": signals.prefill.replicas or 0, "decode": signals.decode.replicas or 0}
-        usage = {"prefill": signals.prefill.busy, "decode": None if signals.decode.running is None
-                 else signals.decode.running / self.policies["decode"].max_num_seqs}
+        usage = {
+            "prefill": signals.prefill.busy,
+            "decode": None
+            if signals.decode.running is None
+            else signals.decode.running / self.policies["decode"].max_num_seqs,
+        }
         desired: dict[Role, int] = {}
         for role in ROLES:
             policy, used = self.policies[role], usage[role]
@@ -93,6 +97,11 @@ def estimate_size(sim: Simulation, rate: float, itl_target: float) -> dict[Role,
     """A first guess at the pools steady `rate` needs: prefill at most 85 % busy, decode batches whose
     p90 step (mean + 1.28 sigma) stays within the ITL target. The bench refines it by replaying."""
     prefill = max(1, math.ceil(rate * sim.service / 0.85))
-    decode = next(n for n in range(1, 10_000) if rate <= sim.decode_capacity(n) and sim.cap.step_seconds(
-        sim.decode_batch(n, rate) + 1.28 * math.sqrt(sim.decode_batch(n, rate))) <= itl_target)
+    decode = next(
+        n
+        for n in range(1, 10_000)
+        if rate <= sim.decode_capacity(n)
+        and sim.cap.step_seconds(sim.decode_batch(n, rate) + 1.28 * math.sqrt(sim.decode_batch(n, rate)))
+        <= itl_target
+    )
     return {"prefill": prefill, "decode": decode}

@@ -72,7 +72,7 @@ class Run:
     offset: int
 
     def rec(self, name: str) -> NDArray[np.float64]:
-        return self.sim.rec[name][self.offset:]
+        return self.sim.rec[name][self.offset :]
 
     @property
     def replica_seconds(self) -> float:
@@ -93,8 +93,10 @@ class Run:
     def meets(self, spec: InferencePoolSpec) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
         """Per interval: TTFT within target, ITL within target (intervals without traffic meet both)."""
         ttft, itl = self.latencies(spec.autoscaling.interval_seconds)
-        return (np.nan_to_num(ttft) <= spec.prefill.slo.ttft_seconds,
-                np.nan_to_num(itl) <= spec.decode.slo.itl_seconds)
+        return (
+            np.nan_to_num(ttft) <= spec.prefill.slo.ttft_seconds,
+            np.nan_to_num(itl) <= spec.decode.slo.itl_seconds,
+        )
 
 
 def bench_spec(ttft: float, itl: float, max_replicas: int, max_num_seqs: int) -> InferencePoolSpec:
@@ -102,13 +104,15 @@ def bench_spec(ttft: float, itl: float, max_replicas: int, max_num_seqs: int) ->
     return InferencePoolSpec(
         model=ModelSpec(name="tiny"),
         prefill=PrefillPoolSpec(replicas=bounds, slo=TtftSlo(ttft_seconds=ttft, percentile=0.9)),
-        decode=DecodePoolSpec(replicas=bounds, slo=ItlSlo(itl_seconds=itl, percentile=0.9),
-                              max_num_seqs=max_num_seqs),
+        decode=DecodePoolSpec(
+            replicas=bounds, slo=ItlSlo(itl_seconds=itl, percentile=0.9), max_num_seqs=max_num_seqs
+        ),
     )
 
 
-async def replay(trace: Trace, setup: Setup, policy: Callable[[Simulation], Policy],
-                 start: dict[Role, int] | None = None) -> Run:
+async def replay(
+    trace: Trace, setup: Setup, policy: Callable[[Simulation], Policy], start: dict[Role, int] | None = None
+) -> Run:
     """Run one policy over the warm-up and the trace; pools start at `start` (or a first guess), ready."""
     rates = np.concatenate([np.full(setup.warmup, trace.rate[0]), trace.rate])
     sim = Simulation(setup.capacity, setup.workload, rates, setup.seed)
@@ -164,14 +168,19 @@ def summarize(run: Run, trace: Trace, setup: Setup, fixed_replica_seconds: float
         "replica_seconds": round(run.replica_seconds),
         "replica_seconds_vs_fixed_peak": round(run.replica_seconds / fixed_replica_seconds, 4),
         "scaling_actions": sum(1 for (_, a), (_, b) in itertools.pairwise(decisions) if a != b),
-        "max_replicas": {"prefill": int(run.rec("replicas_p").max()),
-                         "decode": int(run.rec("replicas_d").max())},
-        "mean_replicas": {"prefill": round(float(run.rec("replicas_p").mean()), 2),
-                          "decode": round(float(run.rec("replicas_d").mean()), 2)},
+        "max_replicas": {
+            "prefill": int(run.rec("replicas_p").max()),
+            "decode": int(run.rec("replicas_d").max()),
+        },
+        "mean_replicas": {
+            "prefill": round(float(run.rec("replicas_p").mean()), 2),
+            "decode": round(float(run.rec("replicas_d").mean()), 2),
+        },
     }
     if trace.step_at is not None:
         summary["step_scale_up_intervals"] = scale_up_delay(
-            run, run.offset + trace.step_at, setup.spec.autoscaling.interval_seconds)
+            run, run.offset + trace.step_at, setup.spec.autoscaling.interval_seconds
+        )
     return summary
 
 
@@ -195,12 +204,18 @@ async def bench(setup: Setup, traces: list[str], peak_rate: float, out: Path) ->
             "fixed-peak": await fixed_peak(trace, setup),
             "splitserve": await replay(trace, setup, lambda sim: SplitservePolicy(setup.spec, sim)),
             "hpa-utilization": await replay(
-                trace, setup, lambda _sim: HpaUtilizationPolicy(setup.spec, setup.hpa_target)),
+                trace, setup, lambda _sim: HpaUtilizationPolicy(setup.spec, setup.hpa_target)
+            ),
         }
         fixed = runs["fixed-peak"].replica_seconds
         results[name] = {policy: summarize(run, trace, setup, fixed) for policy, run in runs.items()}
-        plot_trace(trace, runs, {policy: run.latencies(interval) for policy, run in runs.items()},
-                   setup.spec, out / f"{name}.png")
+        plot_trace(
+            trace,
+            runs,
+            {policy: run.latencies(interval) for policy, run in runs.items()},
+            setup.spec,
+            out / f"{name}.png",
+        )
         print(f"{name}: {json.dumps(results[name])}", file=sys.stderr)
     return results
 
@@ -224,19 +239,29 @@ def main() -> None:
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
     spec = bench_spec(args.ttft, args.itl, args.max_replicas, capacity.max_num_seqs)
-    setup = Setup(capacity, Workload(), spec, args.startup_seconds, args.seed, args.hpa_target,
-                  args.warmup_seconds)
+    setup = Setup(
+        capacity, Workload(), spec, args.startup_seconds, args.seed, args.hpa_target, args.warmup_seconds
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     results = asyncio.run(bench(setup, args.traces, args.peak_rate, args.out))
     settings = {
-        "seed": args.seed, "peak_rate": args.peak_rate, "startup_seconds": args.startup_seconds,
-        "warmup_seconds": args.warmup_seconds, "ttft_p90_seconds": args.ttft, "itl_p90_seconds": args.itl,
+        "seed": args.seed,
+        "peak_rate": args.peak_rate,
+        "startup_seconds": args.startup_seconds,
+        "warmup_seconds": args.warmup_seconds,
+        "ttft_p90_seconds": args.ttft,
+        "itl_p90_seconds": args.itl,
         "interval_seconds": spec.autoscaling.interval_seconds,
         "window_seconds": spec.autoscaling.window_seconds,
-        "hpa_target": args.hpa_target, "workload": vars(setup.workload), "capacity": capacity.summary(),
+        "hpa_target": args.hpa_target,
+        "workload": vars(setup.workload),
+        "capacity": capacity.summary(),
     }
-    document = {"command": " ".join(["python -m bench.autoscale.run", *sys.argv[1:]]),
-                "settings": settings, "results": results}
+    document = {
+        "command": " ".join(["python -m bench.autoscale.run", *sys.argv[1:]]),
+        "settings": settings,
+        "results": results,
+    }
     (args.out / "results.json").write_text(json.dumps(document, indent=2) + "\n")
     print(f"wrote {args.out / 'results.json'}", file=sys.stderr)
 

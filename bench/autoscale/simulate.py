@@ -62,9 +62,23 @@ class Pool:
             self.ready_at = sorted(self.ready_at)[:replicas]
 
 
-RECORDS = ("arrivals", "served", "prefill_busy", "prefill_waiting", "tokens", "steps", "decode_busy",
-           "streams", "decode_waiting", "finished", "ready_p", "ready_d", "replicas_p", "replicas_d",
-           "kv_usage")
+RECORDS = (
+    "arrivals",
+    "served",
+    "prefill_busy",
+    "prefill_waiting",
+    "tokens",
+    "steps",
+    "decode_busy",
+    "streams",
+    "decode_waiting",
+    "finished",
+    "ready_p",
+    "ready_d",
+    "replicas_p",
+    "replicas_d",
+    "kv_usage",
+)
 
 
 class Simulation:
@@ -90,7 +104,7 @@ class Simulation:
     def ttft_samples(self, ready: int, rate: float, backlog: float, size: int) -> NDArray[np.float64]:
         if ready == 0:
             return np.full(size, TIMEOUT)
-        prompts = self.work.prompt_tokens * self.rng.lognormal(-self.sigma**2 / 2, self.sigma, size)
+        prompts = self.work.prompt_tokens * self.rng.lognormal(-(self.sigma**2) / 2, self.sigma, size)
         offered = min(rate * self.service, 0.98 * ready)  # beyond this the backlog term takes over
         spare = (ready - offered) / self.service  # requests/s of capacity left over
         scale = (1 + self.service_cs2) / 2 / spare
@@ -113,8 +127,9 @@ class Simulation:
         full = float(self.cap.max_num_seqs)
         return full if denominator <= 0 else min(full, per_replica * self.cap.decode_base / denominator)
 
-    def itl_samples(self, ready: int, batch: float, waiting: float, tokens: float, size: int
-                    ) -> NDArray[np.float64]:
+    def itl_samples(
+        self, ready: int, batch: float, waiting: float, tokens: float, size: int
+    ) -> NDArray[np.float64]:
         if ready == 0:
             return np.full(size, TIMEOUT)
         batches = np.clip(self.rng.normal(batch, math.sqrt(max(batch, 1.0)), size), 1, self.cap.max_num_seqs)
@@ -144,12 +159,20 @@ class Simulation:
         active = min(ready_d, math.ceil(streams))
         context = work.prompt_tokens + work.output_tokens / 2
         self._record(
-            arrivals=arrivals, served=served, prefill_busy=served * self.service,
+            arrivals=arrivals,
+            served=served,
+            prefill_busy=served * self.service,
             prefill_waiting=self.backlog,
-            tokens=tokens, steps=active / cap.step_seconds(batch), decode_busy=active,
-            streams=streams, decode_waiting=self.waiting, finished=started,
-            ready_p=ready_p, ready_d=ready_d,
-            replicas_p=self.prefill.replicas, replicas_d=self.decode.replicas,
+            tokens=tokens,
+            steps=active / cap.step_seconds(batch),
+            decode_busy=active,
+            streams=streams,
+            decode_waiting=self.waiting,
+            finished=started,
+            ready_p=ready_p,
+            ready_d=ready_d,
+            replicas_p=self.prefill.replicas,
+            replicas_d=self.decode.replicas,
             kv_usage=streams * context / (ready_d * cap.kv_capacity_tokens) if ready_d else 0.0,
         )
         self.now += 1
@@ -181,24 +204,36 @@ class Simulation:
             prompt_token_rate=rate("arrivals") * self.work.prompt_tokens,
             generation_token_rate=rate("tokens"),
             prefill=WorkerSignals(
-                replicas=float(r["ready_p"][-1]), running=rate("prefill_busy"),
-                waiting=float(r["prefill_waiting"][-1]), kv_usage=None, busy=rate("prefill_busy"),
-                steps=rate("served"), tokens=rate("served") * self.work.prompt_tokens),
+                replicas=float(r["ready_p"][-1]),
+                running=rate("prefill_busy"),
+                waiting=float(r["prefill_waiting"][-1]),
+                kv_usage=None,
+                busy=rate("prefill_busy"),
+                steps=rate("served"),
+                tokens=rate("served") * self.work.prompt_tokens,
+            ),
             decode=WorkerSignals(
-                replicas=float(r["ready_d"][-1]), running=mean("streams"),
-                waiting=float(r["decode_waiting"][-1]), kv_usage=mean("kv_usage"), busy=rate("decode_busy"),
-                steps=rate("steps"), tokens=rate("tokens")),
+                replicas=float(r["ready_d"][-1]),
+                running=mean("streams"),
+                waiting=float(r["decode_waiting"][-1]),
+                kv_usage=mean("kv_usage"),
+                busy=rate("decode_busy"),
+                steps=rate("steps"),
+                tokens=rate("tokens"),
+            ),
         )
 
 
-def _flatten(samples: NDArray[np.float64], weights: NDArray[np.float64]
-             ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+def _flatten(
+    samples: NDArray[np.float64], weights: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Each second's samples, each standing for 1/SAMPLES of that second's weight."""
     return samples.ravel(), np.repeat(weights / samples.shape[1], samples.shape[1])
 
 
-def bucketed_quantile(samples: NDArray[np.float64], weights: NDArray[np.float64], edges: tuple[float, ...],
-                      q: float) -> float | None:
+def bucketed_quantile(
+    samples: NDArray[np.float64], weights: NDArray[np.float64], edges: tuple[float, ...], q: float
+) -> float | None:
     """What histogram_quantile over the summed bucket counters would say."""
     values, w = _flatten(samples, weights)
     if w.sum() <= 0:

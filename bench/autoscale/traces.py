@@ -50,12 +50,13 @@ def burst(peak: float, rng: np.random.Generator) -> Trace:
     """An hour at 35 % of peak with eight bursts to peak lasting 1-3 minutes, at random times."""
     rate = np.full(3600, 0.35 * peak)
     for start in np.sort(rng.choice(np.arange(120, 3300, 60), size=8, replace=False)):
-        rate[start:start + int(rng.integers(60, 181))] = peak
+        rate[start : start + int(rng.integers(60, 181))] = peak
     return Trace("burst", rate)
 
 
-def smooth_noise(rng: np.random.Generator, length: int, correlation_seconds: float, scale: float
-                 ) -> NDArray[np.float64]:
+def smooth_noise(
+    rng: np.random.Generator, length: int, correlation_seconds: float, scale: float
+) -> NDArray[np.float64]:
     """AR(1) noise with the given correlation time and standard deviation."""
     keep = np.exp(-1 / correlation_seconds)
     kicks = rng.normal(0.0, scale * np.sqrt(1 - keep**2), length)
@@ -68,5 +69,8 @@ def smooth_noise(rng: np.random.Generator, length: int, correlation_seconds: flo
 
 
 TRACES: dict[str, Callable[[float, np.random.Generator], Trace]] = {
-    "step": step, "ramp": ramp, "diurnal": diurnal, "burst": burst,
+    "step": step,
+    "ramp": ramp,
+    "diurnal": diurnal,
+    "burst": burst,
 }

@@ -5,7 +5,7 @@ kubeconfig pointing at an in-process emulated apiserver (tests/operator/apiserve
 memory is its own. Reports: time until every pool has its 7 children and a status, API calls per pool
 on that first reconcile, API calls per pool during no-op resyncs (target: zero writes), peak RSS.
 
-    python bench/reconcile/bench.py --pools 200 --out bench/reconcile/results
+    PYTHONPATH=operator:worker python -m bench.reconcile.bench --pools 200 --out bench/reconcile/results
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ from typing import Any
 import aiohttp
 import kmock
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "tests" / "operator"), str(ROOT / "operator"), str(ROOT / "worker")]
+from tests.operator.apiserver import ApiServer
 
-from apiserver import ApiServer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 SPEC = {
     "model": {"name": "/opt/splitserve/models/tiny", "maxModelLen": 256},

@@ -64,10 +64,18 @@ class PoolPolicy:
         pool = spec.prefill if role == "prefill" else spec.decode
         target = spec.prefill.slo.ttft_seconds if role == "prefill" else spec.decode.slo.itl_seconds
         return cls(
-            role=role, target=target, percentile=pool.slo.percentile,
-            min_replicas=pool.replicas.min, max_replicas=pool.replicas.max, tolerance=auto.tolerance,
-            interval=auto.interval_seconds, window=auto.window_seconds, predictive=auto.predictive,
-            scale_up=auto.scale_up, scale_down=auto.scale_down, max_num_seqs=spec.decode.max_num_seqs,
+            role=role,
+            target=target,
+            percentile=pool.slo.percentile,
+            min_replicas=pool.replicas.min,
+            max_replicas=pool.replicas.max,
+            tolerance=auto.tolerance,
+            interval=auto.interval_seconds,
+            window=auto.window_seconds,
+            predictive=auto.predictive,
+            scale_up=auto.scale_up,
+            scale_down=auto.scale_down,
+            max_num_seqs=spec.decode.max_num_seqs,
         )
 
     def sizing(self, startup: float | None) -> Sizing:
@@ -76,9 +84,12 @@ class PoolPolicy:
         until one was seen). Absorb a queue within a window; shrink only to what still carries the load
         plus the tolerance, so noise does not take away a replica that takes a start-up to get back."""
         return Sizing(
-            target=self.target, percentile=self.percentile,
+            target=self.target,
+            percentile=self.percentile,
             horizon=self.interval + (startup if startup is not None else self.window),
-            drain=self.window, max_num_seqs=self.max_num_seqs, headroom=self.tolerance,
+            drain=self.window,
+            max_num_seqs=self.max_num_seqs,
+            headroom=self.tolerance,
         )
 
     def bound(self, replicas: int) -> int:
@@ -235,7 +246,11 @@ def recommend(
 
 
 def decide(
-    policy: PoolPolicy, state: PoolState, current: int, obs: Observation | None, now: float,
+    policy: PoolPolicy,
+    state: PoolState,
+    current: int,
+    obs: Observation | None,
+    now: float,
     unavailable: str | None = None,
 ) -> Decision:
     """Evaluate one pool. `unavailable` (why the signals could not be read) forces a hold."""
@@ -248,8 +263,18 @@ def decide(
         if desired != current:
             reason += f"; moved into bounds {policy.min_replicas}..{policy.max_replicas}"
             state.last_scale_time = now
-        return Decision(policy.role, current, desired, policy.target, None, None, None, reason,
-                        state.last_scale_time, metrics_available=False)
+        return Decision(
+            policy.role,
+            current,
+            desired,
+            policy.target,
+            None,
+            None,
+            None,
+            reason,
+            state.last_scale_time,
+            metrics_available=False,
+        )
 
     settled = state.settle(current, obs.ready, now, policy.window)
     state.track_startup(obs.ready, now)
@@ -272,9 +297,15 @@ def decide(
     elif desired < current:
         state.scaling_up = None
     return Decision(
-        policy.role, current, desired, policy.target, obs.latency,
-        predicted.replicas if predicted else None, predicted.load if predicted else None,
-        reason, state.last_scale_time,
+        policy.role,
+        current,
+        desired,
+        policy.target,
+        obs.latency,
+        predicted.replicas if predicted else None,
+        predicted.load if predicted else None,
+        reason,
+        state.last_scale_time,
     )
 
 

@@ -29,8 +29,15 @@ from splitserve_operator.signals import (
 log = logging.getLogger(__name__)
 
 # PoolStatus fields the autoscaler owns; the reconciler owns the rest (replicas, readyReplicas, ready).
-STATUS_FIELDS = ("desired_replicas", "observed_latency_seconds", "target_latency_seconds",
-                 "predicted_replicas", "predicted_load", "reason", "last_scale_time")
+STATUS_FIELDS = (
+    "desired_replicas",
+    "observed_latency_seconds",
+    "target_latency_seconds",
+    "predicted_replicas",
+    "predicted_load",
+    "reason",
+    "last_scale_time",
+)
 
 
 def parse_rfc3339(text: str | None) -> float | None:
@@ -63,8 +70,9 @@ class AutoscalerState:
         last scale times and the MetricsAvailable condition with its transition time."""
         if status is None:
             return cls()
-        pools = {role: PoolState.new(role, parse_rfc3339(getattr(status, role).last_scale_time))
-                 for role in ROLES}
+        pools = {
+            role: PoolState.new(role, parse_rfc3339(getattr(status, role).last_scale_time)) for role in ROLES
+        }
         condition = next((c for c in status.conditions if c.type == METRICS_AVAILABLE), None)
         return cls(pools=pools, condition=condition)
 
@@ -120,8 +128,12 @@ def observation(signals: PoolSignals, role: Role) -> Observation:
         request_rate=signals.request_rate,
         demand=signals.prompt_token_rate if role == "prefill" else signals.generation_token_rate,
         ready=round(workers.replicas) if workers.replicas else None,
-        running=workers.running, waiting=workers.waiting, kv_usage=workers.kv_usage,
-        busy=workers.busy, steps=workers.steps, tokens=workers.tokens,
+        running=workers.running,
+        waiting=workers.waiting,
+        kv_usage=workers.kv_usage,
+        busy=workers.busy,
+        steps=workers.steps,
+        tokens=workers.tokens,
     )
 
 
@@ -132,8 +144,13 @@ class PoolAutoscaler:
         self.source = source
 
     async def evaluate(
-        self, namespace: str | None, name: str, spec: InferencePoolSpec, current: Mapping[Role, int],
-        state: AutoscalerState, now: float,
+        self,
+        namespace: str | None,
+        name: str,
+        spec: InferencePoolSpec,
+        current: Mapping[Role, int],
+        state: AutoscalerState,
+        now: float,
     ) -> Outcome:
         """Decide both pools' replicas. `current` is each Deployment's spec.replicas; `now` epoch seconds.
 
@@ -144,8 +161,11 @@ class PoolAutoscaler:
             raise ValueError(f"{name}: autoscaling is disabled; replicas come from the spec")
         state.last_evaluation = now
         query = SignalQuery(
-            pool=name, namespace=namespace, window_seconds=spec.autoscaling.window_seconds,
-            ttft_percentile=spec.prefill.slo.percentile, itl_percentile=spec.decode.slo.percentile,
+            pool=name,
+            namespace=namespace,
+            window_seconds=spec.autoscaling.window_seconds,
+            ttft_percentile=spec.prefill.slo.percentile,
+            itl_percentile=spec.decode.slo.percentile,
         )
         signals: PoolSignals | None = None
         unavailable: SignalsUnavailableError | None = None
@@ -154,16 +174,22 @@ class PoolAutoscaler:
         except SignalsUnavailableError as error:
             unavailable = error
         decisions = {
-            role: decide(PoolPolicy.from_spec(spec, role), state.pools[role], current[role],
-                         observation(signals, role) if signals is not None else None, now,
-                         unavailable.message if unavailable else None)
+            role: decide(
+                PoolPolicy.from_spec(spec, role),
+                state.pools[role],
+                current[role],
+                observation(signals, role) if signals is not None else None,
+                now,
+                unavailable.message if unavailable else None,
+            )
             for role in ROLES
         }
         condition = _condition(decisions, unavailable)
         events = _events(decisions, state.condition, condition)
         before = [state.condition.model_dump(by_alias=True, exclude_none=True)] if state.condition else []
-        stamped = set_condition(before, condition.type, condition.status, condition.reason, condition.message,
-                                now=rfc3339(now))
+        stamped = set_condition(
+            before, condition.type, condition.status, condition.reason, condition.message, now=rfc3339(now)
+        )
         state.condition = Condition.model_validate(stamped[0])
         for event in events:
             log.info("%s/%s %s: %s", namespace or "-", name, event.reason, event.message)
@@ -172,14 +198,20 @@ class PoolAutoscaler:
 
 def _condition(decisions: Mapping[Role, Decision], unavailable: SignalsUnavailableError | None) -> Condition:
     if unavailable is not None:
-        return Condition(type=METRICS_AVAILABLE, status="False", reason=unavailable.reason,
-                         message=unavailable.message)
+        return Condition(
+            type=METRICS_AVAILABLE, status="False", reason=unavailable.reason, message=unavailable.message
+        )
     held = [f"{role}: {d.reason}" for role, d in decisions.items() if not d.metrics_available]
     if held:
-        return Condition(type=METRICS_AVAILABLE, status="False", reason="MissingData",
-                         message="; ".join(held))
-    return Condition(type=METRICS_AVAILABLE, status="True", reason="SignalsRead",
-                     message="TTFT, ITL and load signals read for both pools")
+        return Condition(
+            type=METRICS_AVAILABLE, status="False", reason="MissingData", message="; ".join(held)
+        )
+    return Condition(
+        type=METRICS_AVAILABLE,
+        status="True",
+        reason="SignalsRead",
+        message="TTFT, ITL and load signals read for both pools",
+    )
 
 
 def _events(
@@ -187,7 +219,8 @@ def _events(
 ) -> tuple[AutoscaleEvent, ...]:
     events = [
         AutoscaleEvent("Normal", "Autoscaled", f"{role}: {d.current} -> {d.desired} replicas: {d.reason}")
-        for role, d in decisions.items() if d.desired != d.current
+        for role, d in decisions.items()
+        if d.desired != d.current
     ]
     was_false = before is not None and before.status == "False"
     if after.status == "False" and (not was_false or before is None or before.reason != after.reason):

@@ -20,6 +20,7 @@ import kopf
 from pydantic import ValidationError
 
 from splitserve_operator import naming
+from splitserve_operator.autoscale import ROLES as WORKER_ROLES
 from splitserve_operator.autoscaler import AutoscalerState, PoolAutoscaler
 from splitserve_operator.conditions import now_rfc3339
 from splitserve_operator.kube import KINDS, Credentials, KubeClient
@@ -133,7 +134,6 @@ class Runtime:
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
             logger.info("%s/%s %s: %s", namespace, name, event.reason, event.message)
 
-
     async def autoscale(
         self, body: kopf.Body, patch: kopf.Patch, indexes: Mapping[str, Any], memo: kopf.Memo
     ) -> None:
@@ -148,26 +148,29 @@ class Runtime:
             return
         state: AutoscalerState | None = memo.get("autoscaler")
         if state is None:  # first sight since this operator started: carry on from status
-            status = InferencePoolStatus.model_validate(body.status or {})
-            state = memo["autoscaler"] = AutoscalerState.resume(status)
+            recorded = InferencePoolStatus.model_validate(body.status or {})
+            state = memo["autoscaler"] = AutoscalerState.resume(recorded)
         now = time.time()
         if not state.due(now, spec.autoscaling.interval_seconds):
             return
         children = ChildView(indexes)
-        deployments = {role: children.get("Deployment", namespace, naming.child_name(name, role))
-                       for role in ("prefill", "decode")}
+        deployments = {
+            role: children.get("Deployment", namespace, naming.child_name(name, role))
+            for role in WORKER_ROLES
+        }
         current = {role: int((d or {}).get("spec", {}).get("replicas", 0)) for role, d in deployments.items()}
         if not all(deployments.values()):
             return  # not created yet: the reconciler runs first
         async with self.lock(namespace, name):
             outcome = await self.autoscaler.evaluate(namespace, name, spec, current, state, now)
             for role, replicas in outcome.changed.items():
-                await self.client.merge_patch("Deployment", namespace, naming.child_name(name, role),
-                                              {"spec": {"replicas": replicas}})
+                await self.client.merge_patch(
+                    "Deployment", namespace, naming.child_name(name, role), {"spec": {"replicas": replicas}}
+                )
         status = dict(body.status or {})
-        for role, fields in outcome.status_patch().items():
-            if {key: (status.get(role) or {}).get(key) for key in fields} != fields:
-                patch.status[role] = fields  # merged: the reconciler owns the other PoolStatus fields
+        for pool_role, fields in outcome.status_patch().items():
+            if {key: (status.get(pool_role) or {}).get(key) for key in fields} != fields:
+                patch.status[pool_role] = fields  # merged: the reconciler owns the other PoolStatus fields
         condition = outcome.condition.model_dump(include={"status", "reason", "message"})
         if self.metrics_conditions.get((namespace, name)) != condition:
             self.metrics_conditions[(namespace, name)] = condition

@@ -18,9 +18,8 @@ KIND = "InferencePool"
 PLURAL = "inferencepools"
 
 # The apiserver's own grammar for resource quantities ("500m", "2", "16Gi", "1e3").
-QUANTITY_PATTERN = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-)
+_NUMBER = r"(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+QUANTITY_PATTERN = rf"^(\+|-)?{_NUMBER}(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?{_NUMBER}))?$"
 
 
 def _quantity_str(value: object) -> object:
@@ -156,8 +155,9 @@ class ReplicaBounds(ApiModel):
     min: int = Field(1, ge=1, description="Fewest replicas; the autoscaler never goes below.")
     max: int = Field(4, ge=1, description="Most replicas; the autoscaler never goes above.")
     initial: int | None = Field(
-        None, ge=1, description="Replicas at creation, and always when autoscaling is disabled; "
-        "defaults to min."
+        None,
+        ge=1,
+        description="Replicas at creation, and always when autoscaling is disabled; defaults to min.",
     )
 
     @model_validator(mode="after")
@@ -235,8 +235,9 @@ class DecodePoolSpec(WorkerPoolSpec):
     slo: ItlSlo = Field(default_factory=ItlSlo)
     max_num_seqs: int = Field(64, ge=1, description="Most sequences in one decode batch.")
     kv_cache_bytes: Quantity | None = Field(
-        None, description="KV cache budget per replica, e.g. `40Gi`; defaults to 90% of free GPU "
-        "memory after weights, or 2Gi on CPU."
+        None,
+        description="KV cache budget per replica, e.g. `40Gi`; defaults to 90% of free GPU "
+        "memory after weights, or 2Gi on CPU.",
     )
 
 
@@ -262,9 +263,7 @@ class KvTransferSpec(ApiModel):
     timeout_seconds: float = Field(
         60.0, gt=0, description="How long a decode worker waits for a request's KV cache."
     )
-    max_transfer_bytes: Quantity = Field(
-        "8Gi", description="Largest KV cache accepted for one request."
-    )
+    max_transfer_bytes: Quantity = Field("8Gi", description="Largest KV cache accepted for one request.")
 
 
 class ScalingRules(ApiModel):
@@ -275,8 +274,10 @@ class ScalingRules(ApiModel):
     )
     max_step: int = Field(4, ge=1, description="Most replicas added or removed per evaluation.")
     max_step_percent: int = Field(
-        100, ge=1, description="Most replicas per evaluation as a percentage of current; "
-        "the larger of this and maxStep applies."
+        100,
+        ge=1,
+        description="Most replicas per evaluation as a percentage of current; "
+        "the larger of this and maxStep applies.",
     )
 
 
@@ -334,7 +335,13 @@ class InferencePoolSpec(ApiModel):
 ConditionType = Literal["Ready", "Progressing", "Degraded", "MetricsAvailable"]
 
 
-class Condition(ApiModel):
+class StatusModel(ApiModel):
+    """Status is written by several parties (reconciler, autoscaler, kopf): read it leniently."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class Condition(StatusModel):
     """A standard Kubernetes condition."""
 
     type: str
@@ -345,7 +352,7 @@ class Condition(ApiModel):
     observed_generation: int | None = None
 
 
-class PoolStatus(ApiModel):
+class PoolStatus(StatusModel):
     """Observed state of one worker pool, and the autoscaler's last decision."""
 
     replicas: int = 0
@@ -365,14 +372,14 @@ class PoolStatus(ApiModel):
     last_scale_time: str | None = None
 
 
-class RouterStatus(ApiModel):
+class RouterStatus(StatusModel):
     """Observed state of the router."""
 
     replicas: int = 0
     ready_replicas: int = 0
 
 
-class InferencePoolStatus(ApiModel):
+class InferencePoolStatus(StatusModel):
     """Observed state of an InferencePool."""
 
     observed_generation: int | None = None

@@ -181,8 +181,14 @@ class PrefillPlanner:
         if obs.busy is not None and obs.tokens is not None and obs.busy >= MIN_BUSY and obs.tokens > 0:
             self.tokens_per_busy_second = ewma(self.tokens_per_busy_second, obs.tokens / obs.busy)
         service = _service_time(obs, self.tokens_per_busy_second)
-        if (not settled or service is None or obs.latency is None or not obs.request_rate
-                or not obs.ready or (obs.waiting or 0.0) > obs.ready):
+        if (
+            not settled
+            or service is None
+            or obs.latency is None
+            or not obs.request_rate
+            or not obs.ready
+            or (obs.waiting or 0.0) > obs.ready
+        ):
             return
         if obs.request_rate * service <= 0.95 * obs.ready and near_target(obs.latency, sizing):
             modelled = prefill_ttft(obs.ready, obs.request_rate, service, sizing.percentile)
@@ -201,8 +207,10 @@ class PrefillPlanner:
             return Plan(None, None, f"one prompt takes {service:.3g}s, over the TTFT budget {budget:.3g}s")
         more = load * (1 + sizing.headroom)
         keep = replicas_for_ttft(more / prompt_tokens, service, budget, sizing.percentile)
-        note = (f"{load:.4g} prompt tokens/s forecast, {capacity:.4g} tokens/s per busy replica, "
-                f"modelled TTFT within {budget:.3g}s")
+        note = (
+            f"{load:.4g} prompt tokens/s forecast, {capacity:.4g} tokens/s per busy replica, "
+            f"modelled TTFT within {budget:.3g}s"
+        )
         return Plan(replicas, load, note, keep)
 
 
@@ -279,8 +287,11 @@ class DecodePlanner:
         step_budget = sizing.target / self.correction
         if step_budget <= intercept:
             return Plan(None, None, f"a decode step takes >= {intercept:.3g}s, over the ITL target")
-        limits = {"ITL target": (step_budget - intercept) / slope, "maxNumSeqs": float(sizing.max_num_seqs),
-                  "extrapolation": 2 * self.steps.largest_batch}
+        limits = {
+            "ITL target": (step_budget - intercept) / slope,
+            "maxNumSeqs": float(sizing.max_num_seqs),
+            "extrapolation": 2 * self.steps.largest_batch,
+        }
         if obs.kv_usage and obs.kv_usage > 0.05 and obs.running and obs.ready:
             limits["KV cache"] = KV_HEADROOM * obs.running / obs.ready / obs.kv_usage
         bound, batch = min(limits.items(), key=lambda item: item[1])
@@ -292,5 +303,6 @@ class DecodePlanner:
         backlog = (obs.waiting or 0.0) * output_tokens / sizing.drain
         streams = (self.demand.forecast(sizing.horizon) + backlog) * (intercept + slope * batch)
         note = f"{streams:.4g} streams forecast, {batch:.3g} per replica ({bound})"
-        return Plan(replicas_for(streams, batch), streams, note,
-                    replicas_for(streams * (1 + sizing.headroom), batch))
+        return Plan(
+            replicas_for(streams, batch), streams, note, replicas_for(streams * (1 + sizing.headroom), batch)
+        )

@@ -244,7 +244,13 @@ class Reconciler:
         return checked[1]
 
     async def reconcile(
-        self, body: Object, children: Children, *, pod_monitor: bool, recheck: bool, now: str,
+        self,
+        body: Object,
+        children: Children,
+        *,
+        pod_monitor: bool,
+        recheck: bool,
+        now: str,
         metrics_available: Mapping[str, Any] | None = None,
     ) -> Outcome:
         """`metrics_available`: the autoscaler's latest MetricsAvailable condition, if it has one."""
@@ -273,8 +279,14 @@ class Reconciler:
         if pool is not None and not pool.spec.autoscaling.enabled:
             carried = False
         status = build_status(
-            current, deployments, problems, invalid=invalid, generation=generation, endpoint=endpoint,
-            now=now, metrics_available=carried,
+            current,
+            deployments,
+            problems,
+            invalid=invalid,
+            generation=generation,
+            endpoint=endpoint,
+            now=now,
+            metrics_available=carried,
         )
         outcome.status_patch = merge_diff(current, status)
         outcome.events += _transition_events(current, status["conditions"])

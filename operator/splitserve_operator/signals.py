@@ -102,10 +102,12 @@ class SignalSpec:
 
 def signal_specs(query: SignalQuery) -> dict[str, SignalSpec]:
     specs = {
-        "ttft": SignalSpec("quantile", "splitserve_time_to_first_token_seconds", "router",
-                           query.ttft_percentile),
-        "itl": SignalSpec("quantile", "splitserve_inter_token_latency_seconds", "router",
-                          query.itl_percentile),
+        "ttft": SignalSpec(
+            "quantile", "splitserve_time_to_first_token_seconds", "router", query.ttft_percentile
+        ),
+        "itl": SignalSpec(
+            "quantile", "splitserve_inter_token_latency_seconds", "router", query.itl_percentile
+        ),
         "request_rate": SignalSpec("rate", "splitserve_requests_total", "router"),
         "prompt_token_rate": SignalSpec("rate", "splitserve_prompt_tokens_total", "router"),
         "generation_token_rate": SignalSpec("rate", "splitserve_generation_tokens_total", "router"),
@@ -132,8 +134,10 @@ def _labels(query: SignalQuery, role: str) -> dict[str, str]:
 
 def promql(spec: SignalSpec, query: SignalQuery) -> str:
     """The PromQL for one signal, e.g. histogram_quantile(0.9, sum by (le) (rate(x_bucket{..}[60s])))."""
-    escaped = {key: value.replace("\\", "\\\\").replace('"', '\\"')
-               for key, value in _labels(query, spec.role).items()}
+    escaped = {
+        key: value.replace("\\", "\\\\").replace('"', '\\"')
+        for key, value in _labels(query, spec.role).items()
+    }
     selector = "{" + ",".join(f'{key}="{value}"' for key, value in escaped.items()) + "}"
     window = f"[{max(1, round(query.window_seconds))}s]"
     series = spec.metric + selector
@@ -174,22 +178,28 @@ class PrometheusSource:
     """Signals from a Prometheus server, via prometheus-api-client in a worker thread."""
 
     def __init__(
-        self, url: str, *, timeout: float = 5.0, headers: dict[str, str] | None = None,
+        self,
+        url: str,
+        *,
+        timeout: float = 5.0,
+        headers: dict[str, str] | None = None,
         disable_ssl: bool = False,
     ) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
         # No client-side retries: the next evaluation is the retry, and a down Prometheus must be
         # reported within one timeout, not after a backoff series.
-        self._client = PrometheusConnect(url=self.url, headers=headers, disable_ssl=disable_ssl,
-                                         retry=Retry(total=0), timeout=timeout)
+        self._client = PrometheusConnect(
+            url=self.url, headers=headers, disable_ssl=disable_ssl, retry=Retry(total=0), timeout=timeout
+        )
 
     async def read(self, query: SignalQuery) -> PoolSignals:
         exprs = {name: promql(spec, query) for name, spec in signal_specs(query).items()}
         try:
             # Generous outer bound: each request is bounded by `timeout` already.
-            values = await asyncio.wait_for(asyncio.to_thread(self._query_all, exprs, time.time()),
-                                            self.timeout * 2)
+            values = await asyncio.wait_for(
+                asyncio.to_thread(self._query_all, exprs, time.time()), self.timeout * 2
+            )
         except TimeoutError as error:
             message = f"Prometheus at {self.url} did not answer within {self.timeout:g}s"
             raise SignalsUnavailableError("PrometheusTimeout", message) from error
@@ -205,13 +215,15 @@ class PrometheusSource:
             except requests.RequestException as error:
                 if _timed_out(error):
                     raise SignalsUnavailableError(
-                        "PrometheusTimeout", f"Prometheus at {self.url} timed out on {name}") from error
+                        "PrometheusTimeout", f"Prometheus at {self.url} timed out on {name}"
+                    ) from error
                 raise SignalsUnavailableError(
                     "PrometheusUnreachable", f"cannot reach Prometheus at {self.url}: {_first_line(error)}"
                 ) from error
             except (PrometheusApiClientException, KeyError, IndexError, TypeError, ValueError) as error:
                 raise SignalsUnavailableError(
-                    "QueryFailed", f"query for {name} failed: {_first_line(error)} ({expr})") from error
+                    "QueryFailed", f"query for {name} failed: {_first_line(error)} ({expr})"
+                ) from error
         return values
 
     def close(self) -> None:
@@ -321,7 +333,8 @@ class ScrapeSource:
             message = f"none of {len(self.targets)} /metrics URLs answered"
             raise SignalsUnavailableError("ScrapeFailed", message)
         return PoolSignals.from_values(
-            {name: self.evaluate(spec, query) for name, spec in signal_specs(query).items()})
+            {name: self.evaluate(spec, query) for name, spec in signal_specs(query).items()}
+        )
 
     def evaluate(self, spec: SignalSpec, query: SignalQuery) -> float | None:
         """One signal from the scrape history, with the semantics of the PromQL `promql` renders."""
@@ -349,8 +362,9 @@ class ScrapeSource:
             return float(len(known))
         return finite(sum(known) / len(known) if spec.kind == "avg_avg" else sum(known))
 
-    def _window(self, name: str, wanted: Mapping[str, str], window: float
-                ) -> list[tuple[LabelSet, list[tuple[float, float]]]]:
+    def _window(
+        self, name: str, wanted: Mapping[str, str], window: float
+    ) -> list[tuple[LabelSet, list[tuple[float, float]]]]:
         """Per matching series (per target): its (time, value) samples within the window."""
         found: list[tuple[LabelSet, list[tuple[float, float]]]] = []
         for history in self._history.values():

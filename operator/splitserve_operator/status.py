@@ -150,8 +150,12 @@ def build_status(
         current_conditions = [c for c in current_conditions if c.get("type") != naming.METRICS_AVAILABLE]
     elif isinstance(metrics_available, Mapping):
         current_conditions = set_condition(
-            current_conditions, naming.METRICS_AVAILABLE, metrics_available["status"],
-            metrics_available["reason"], metrics_available["message"], now=now,
+            current_conditions,
+            naming.METRICS_AVAILABLE,
+            metrics_available["status"],
+            metrics_available["reason"],
+            metrics_available["message"],
+            now=now,
         )
     rollouts = [Rollout.of(role, deployments.get(role)) for role in naming.ROLES]
     by_role = {r.role: r for r in rollouts}

@@ -21,15 +21,30 @@ class PrefillPlant:
 
     def observe(self, load: float, ready: int, backlog: float = 0.0) -> Observation:
         if load == 0:
-            return Observation(latency=None, request_rate=0.0, demand=0.0, ready=ready, running=0.0,
-                               waiting=0.0, busy=0.0, steps=0.0, tokens=0.0)
+            return Observation(
+                latency=None,
+                request_rate=0.0,
+                demand=0.0,
+                ready=ready,
+                running=0.0,
+                waiting=0.0,
+                busy=0.0,
+                steps=0.0,
+                tokens=0.0,
+            )
         utilisation = load / (ready * self.capacity)
         latency = self.service / (1 - utilisation) if utilisation < 0.98 else 30.0
         served = min(load, ready * self.capacity)
         return Observation(
-            latency=latency + backlog / (ready * self.capacity), request_rate=load,
-            demand=load * self.prompt_tokens, ready=ready, running=min(load * self.service, ready),
-            waiting=backlog, busy=served * self.service, steps=served, tokens=served * self.prompt_tokens,
+            latency=latency + backlog / (ready * self.capacity),
+            request_rate=load,
+            demand=load * self.prompt_tokens,
+            ready=ready,
+            running=min(load * self.service, ready),
+            waiting=backlog,
+            busy=served * self.service,
+            steps=served,
+            tokens=served * self.prompt_tokens,
         )
 
 
@@ -42,16 +57,32 @@ class DecodePlant:
     def observe(self, load: float, ready: int) -> Observation:
         """`load` is requests/s; streams in flight follow from Little's law at the current step time."""
         if load == 0:
-            return Observation(latency=None, request_rate=0.0, demand=0.0, ready=ready, running=0.0,
-                               waiting=0.0, busy=0.0, steps=0.0, tokens=0.0)
+            return Observation(
+                latency=None,
+                request_rate=0.0,
+                demand=0.0,
+                ready=ready,
+                running=0.0,
+                waiting=0.0,
+                busy=0.0,
+                steps=0.0,
+                tokens=0.0,
+            )
         per_replica = load / ready * self.output_tokens
         denominator = max(1 - per_replica * self.per_seq, 0.05)
         batch = per_replica * self.base / denominator
         step = self.base + self.per_seq * batch
         return Observation(
-            latency=1.2 * step, request_rate=load, demand=load * self.output_tokens, ready=ready,
-            running=batch * ready, waiting=0.0, kv_usage=batch / 400, busy=float(ready),
-            steps=ready / step, tokens=load * self.output_tokens,
+            latency=1.2 * step,
+            request_rate=load,
+            demand=load * self.output_tokens,
+            ready=ready,
+            running=batch * ready,
+            waiting=0.0,
+            kv_usage=batch / 400,
+            busy=float(ready),
+            steps=ready / step,
+            tokens=load * self.output_tokens,
         )
 
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
 
+from splitserve.local_prometheus import find_prometheus
 from splitserve.metrics import Metrics
+
+# The emulated apiserver of the operator suite, for the whole-loop test.
+from tests.operator.conftest import apiserver, apiserver_options, cluster  # noqa: F401
 
 
 def free_port() -> int:
@@ -78,3 +83,21 @@ def drive(endpoints: dict[str, MetricsEndpoint], *, ttft: float, itl: float, req
     prefill.requests_running.set(1)
     decode.requests_running.set(4)
     decode.kv_cache_usage.set(0.1)
+
+
+def prometheus_binary() -> str:
+    binary = find_prometheus()
+    if binary:
+        return binary
+    if os.environ.get("SPLITSERVE_SKIP_PROMETHEUS") == "1":
+        pytest.skip("prometheus binary not installed and SPLITSERVE_SKIP_PROMETHEUS=1")
+    pytest.fail(
+        "prometheus binary not found: `apt-get install -y prometheus` (or set PROMETHEUS_BIN); "
+        "set SPLITSERVE_SKIP_PROMETHEUS=1 to skip these tests",
+        pytrace=False,
+    )
+
+
+@pytest.fixture
+def prometheus_bin() -> str:
+    return prometheus_binary()

@@ -32,8 +32,13 @@ SPEC = InferencePoolSpec(
     autoscaling=AutoscalingSpec(predictive=False, window_seconds=30),
 )
 BUSY = PoolSignals(
-    ttft=3.0, itl=0.05, request_rate=5.0, prompt_token_rate=500.0, generation_token_rate=100.0,
-    prefill=WorkerSignals(replicas=2), decode=WorkerSignals(replicas=1),
+    ttft=3.0,
+    itl=0.05,
+    request_rate=5.0,
+    prompt_token_rate=500.0,
+    generation_token_rate=100.0,
+    prefill=WorkerSignals(replicas=2),
+    decode=WorkerSignals(replicas=1),
 )
 
 
@@ -51,8 +56,9 @@ class FakeSource:
         return self.answer
 
 
-async def evaluate(source: FakeSource, state: AutoscalerState, now: float,
-                   current: dict[str, int] | None = None) -> Outcome:
+async def evaluate(
+    source: FakeSource, state: AutoscalerState, now: float, current: dict[str, int] | None = None
+) -> Outcome:
     replicas = current or {"prefill": 2, "decode": 1}
     return await PoolAutoscaler(source).evaluate("team-a", "chat", SPEC, replicas, state, now)  # type: ignore[arg-type]
 
@@ -65,8 +71,12 @@ async def test_scale_up_is_explained_in_status_and_an_event() -> None:
     assert outcome.changed == {"prefill": 6}
     status = outcome.status_patch()
     assert status["prefill"] == {
-        "desiredReplicas": 6, "observedLatencySeconds": 3.0, "targetLatencySeconds": 1.0,
-        "predictedReplicas": None, "predictedLoad": None, "reason": outcome.decisions["prefill"].reason,
+        "desiredReplicas": 6,
+        "observedLatencySeconds": 3.0,
+        "targetLatencySeconds": 1.0,
+        "predictedReplicas": None,
+        "predictedLoad": None,
+        "reason": outcome.decisions["prefill"].reason,
         "lastScaleTime": rfc3339(1000.0),
     }
     assert set(status["decode"]) <= set(PoolStatus.model_json_schema(by_alias=True)["properties"])
@@ -119,8 +129,9 @@ async def test_idle_is_not_missing_data() -> None:
 async def test_disabled_autoscaling_is_refused() -> None:
     disabled = SPEC.model_copy(update={"autoscaling": AutoscalingSpec(enabled=False)})
     with pytest.raises(ValueError, match="disabled"):
-        await PoolAutoscaler(FakeSource(BUSY)).evaluate(None, "chat", disabled, {"prefill": 1, "decode": 1},
-                                                        AutoscalerState(), 0.0)
+        await PoolAutoscaler(FakeSource(BUSY)).evaluate(
+            None, "chat", disabled, {"prefill": 1, "decode": 1}, AutoscalerState(), 0.0
+        )
 
 
 def condition(status: Literal["True", "False"], reason: str, since: str | None = None) -> Condition:

@@ -15,8 +15,15 @@ CAPACITY = REPO / "bench" / "autoscale" / "results" / "capacity-tiny-cpu.json"
 def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
     paths = [str(REPO / "operator"), str(REPO / "worker"), str(REPO)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-    return subprocess.run([sys.executable, "-m", "bench.autoscale.run", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=240, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "bench.autoscale.run", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
 
 
 def test_step_trace_scales_up_within_two_intervals_and_is_deterministic(tmp_path: Path) -> None:

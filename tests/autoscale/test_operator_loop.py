@@ -10,14 +10,18 @@ from typing import Any
 
 from splitserve_operator.settings import OperatorSettings
 from tests.operator.apiserver import ApiServer, eventually, running_operator
-from tests.operator.conftest import TINY_SPEC, Cluster, apiserver, apiserver_options, cluster  # noqa: F401
+from tests.operator.conftest import TINY_SPEC, Cluster
 
-from .test_prometheus import NAMESPACE, Endpoints, Prometheus, Traffic, prometheus_bin  # noqa: F401
+from .test_prometheus import NAMESPACE, Endpoints, Prometheus, Traffic
 
 DEPLOYMENTS = "apps/v1/deployments"
 SPEC: dict[str, Any] = copy.deepcopy(TINY_SPEC) | {
-    "autoscaling": {"intervalSeconds": 1, "windowSeconds": 10, "predictive": False,
-                    "scaleDown": {"stabilizationWindowSeconds": 0, "maxStep": 1}},
+    "autoscaling": {
+        "intervalSeconds": 1,
+        "windowSeconds": 10,
+        "predictive": False,
+        "scaleDown": {"stabilizationWindowSeconds": 0, "maxStep": 1},
+    },
 }
 SPEC["prefill"] = {"replicas": {"min": 1, "max": 6}, "slo": {"ttftSeconds": 1.0, "percentile": 0.9}}
 
@@ -34,12 +38,20 @@ def metrics_condition(cluster: Cluster) -> dict[str, Any] | None:
 
 
 async def test_operator_scales_on_what_prometheus_reports_and_holds_without_it(
-    apiserver: ApiServer, cluster: Cluster, endpoints: Endpoints, prometheus_bin: str, tmp_path: Path  # noqa: F811
+    apiserver: ApiServer,
+    cluster: Cluster,
+    endpoints: Endpoints,
+    prometheus_bin: str,
+    tmp_path: Path,
 ) -> None:
     prometheus = Prometheus(prometheus_bin, tmp_path, [e.target for e in endpoints.values()])
     traffic = Traffic(endpoints)  # TTFT 3 s against the 1 s target, ITL within target
-    settings = OperatorSettings(worker_image="splitserve/worker:test", poll_seconds=0.1, resync_seconds=0.5,
-                                prometheus_url=prometheus.url)
+    settings = OperatorSettings(
+        worker_image="splitserve/worker:test",
+        poll_seconds=0.1,
+        resync_seconds=0.5,
+        prometheus_url=prometheus.url,
+    )
     try:
         async with running_operator(apiserver, settings):
             await cluster.create_pool("chat", SPEC, namespace=NAMESPACE)
@@ -54,15 +66,17 @@ async def test_operator_scales_on_what_prometheus_reports_and_holds_without_it(
 
             prometheus.stop()
             down = await eventually(
-                lambda: (c := metrics_condition(cluster)) and c["status"] == "False" and c, limit=20,
+                lambda: (c := metrics_condition(cluster)) and c["status"] == "False" and c,
+                limit=20,
                 what="MetricsAvailable=False",
             )
             assert down["reason"] == "PrometheusUnreachable" and prometheus.url in down["message"]
             held = replicas(cluster, "prefill")
             await asyncio.sleep(3)  # three more evaluations
             assert replicas(cluster, "prefill") == held and replicas(cluster, "decode") == 1
-            assert any(e["reason"] == "MetricsUnavailable" and e["type"] == "Warning"
-                       for e in cluster.events("chat"))
+            assert any(
+                e["reason"] == "MetricsUnavailable" and e["type"] == "Warning" for e in cluster.events("chat")
+            )
     finally:
         traffic.stop()
         prometheus.stop()

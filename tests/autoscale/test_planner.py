@@ -36,11 +36,14 @@ def test_forecaster_follows_level_and_trend_and_never_goes_negative() -> None:
     assert falling.trend < 0 and falling.forecast(600) == 0.0
 
 
-@pytest.mark.parametrize(("servers", "offered", "expected"), [
-    (1, 0.5, 0.5),  # M/M/1: P(wait) = utilisation
-    (2, 1.0, 1 / 3),
-    (3, 3.0, 1.0),  # saturated
-])
+@pytest.mark.parametrize(
+    ("servers", "offered", "expected"),
+    [
+        (1, 0.5, 0.5),  # M/M/1: P(wait) = utilisation
+        (2, 1.0, 1 / 3),
+        (3, 3.0, 1.0),  # saturated
+    ],
+)
 def test_erlang_c(servers: int, offered: float, expected: float) -> None:
     assert erlang_c(servers, offered) == pytest.approx(expected)
 
@@ -65,8 +68,16 @@ def test_replicas_for_ttft() -> None:
 
 def prefill_obs(rate: float, ready: int, latency: float = 0.3, waiting: float = 0.0) -> Observation:
     """`rate` requests/s of 100 tokens, computed at 1000 tokens per busy second."""
-    return Observation(latency=latency, request_rate=rate, demand=rate * 100, ready=ready, waiting=waiting,
-                       busy=rate * 0.1, steps=rate, tokens=rate * 100)
+    return Observation(
+        latency=latency,
+        request_rate=rate,
+        demand=rate * 100,
+        ready=ready,
+        waiting=waiting,
+        busy=rate * 0.1,
+        steps=rate,
+        tokens=rate * 100,
+    )
 
 
 def test_prefill_planner_learns_capacity_and_sizes_for_the_load() -> None:
@@ -105,9 +116,18 @@ def decode_obs(batch: float, latency: float | None = 0.005, kv_usage: float | No
     ready = 2
     step = 0.002 + 0.0002 * batch
     steps = ready / step
-    return Observation(latency=latency, request_rate=steps * batch / 100, demand=steps * batch, ready=ready,
-                       running=batch * ready, waiting=0.0, kv_usage=kv_usage, busy=float(ready), steps=steps,
-                       tokens=steps * batch)
+    return Observation(
+        latency=latency,
+        request_rate=steps * batch / 100,
+        demand=steps * batch,
+        ready=ready,
+        running=batch * ready,
+        waiting=0.0,
+        kv_usage=kv_usage,
+        busy=float(ready),
+        steps=steps,
+        tokens=steps * batch,
+    )
 
 
 def test_step_model_needs_spread_and_keeps_its_last_line() -> None:
@@ -131,12 +151,15 @@ def trained_decode_planner() -> DecodePlanner:
     return planner
 
 
-@pytest.mark.parametrize(("target", "max_num_seqs", "kv_usage", "bound", "batch"), [
-    (0.01, 64, None, "ITL target", 40),  # (10 ms - 2 ms) / 0.2 ms
-    (0.01, 16, None, "maxNumSeqs", 16),
-    (0.01, 64, 0.5, "KV cache", 0.9 * 12 / 0.5),  # 12 streams fill half the cache
-    (0.02, 256, None, "extrapolation", 48),  # twice the largest batch seen (24)
-])
+@pytest.mark.parametrize(
+    ("target", "max_num_seqs", "kv_usage", "bound", "batch"),
+    [
+        (0.01, 64, None, "ITL target", 40),  # (10 ms - 2 ms) / 0.2 ms
+        (0.01, 16, None, "maxNumSeqs", 16),
+        (0.01, 64, 0.5, "KV cache", 0.9 * 12 / 0.5),  # 12 streams fill half the cache
+        (0.02, 256, None, "extrapolation", 48),  # twice the largest batch seen (24)
+    ],
+)
 def test_decode_planner_batch_limits(
     target: float, max_num_seqs: int, kv_usage: float | None, bound: str, batch: float
 ) -> None:

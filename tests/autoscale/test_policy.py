@@ -32,8 +32,14 @@ from splitserve_operator.planner import Observation
 from .autoscale_plant import DecodePlant, Loop, PrefillPlant
 
 
-def spec(*, min_replicas: int = 1, max_replicas: int = 20, predictive: bool = True,
-         down_window: int = 300, **auto: object) -> InferencePoolSpec:
+def spec(
+    *,
+    min_replicas: int = 1,
+    max_replicas: int = 20,
+    predictive: bool = True,
+    down_window: int = 300,
+    **auto: object,
+) -> InferencePoolSpec:
     bounds = ReplicaBounds(min=min_replicas, max=max_replicas)
     return InferencePoolSpec(
         model=ModelSpec(name="m"),
@@ -42,7 +48,8 @@ def spec(*, min_replicas: int = 1, max_replicas: int = 20, predictive: bool = Tr
         autoscaling=AutoscalingSpec(
             predictive=predictive,
             scale_down=ScalingRules(
-                stabilization_window_seconds=down_window, max_step=1, max_step_percent=10),
+                stabilization_window_seconds=down_window, max_step=1, max_step_percent=10
+            ),
             **auto,
         ),
     )
@@ -55,35 +62,49 @@ def prefill_policy(**kwargs: object) -> PoolPolicy:
 # ---- behavior semantics ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("current", "rules", "allowed"), [
-    (1, ScalingRules(max_step=4, max_step_percent=100), 4),  # maxStep wins at small sizes
-    (10, ScalingRules(max_step=4, max_step_percent=100), 10),  # percent wins at large sizes
-    (10, ScalingRules(max_step=1, max_step_percent=10), 1),
-    (25, ScalingRules(max_step=1, max_step_percent=10), 3),  # ceil(2.5)
-])
+@pytest.mark.parametrize(
+    ("current", "rules", "allowed"),
+    [
+        (1, ScalingRules(max_step=4, max_step_percent=100), 4),  # maxStep wins at small sizes
+        (10, ScalingRules(max_step=4, max_step_percent=100), 10),  # percent wins at large sizes
+        (10, ScalingRules(max_step=1, max_step_percent=10), 1),
+        (25, ScalingRules(max_step=1, max_step_percent=10), 3),  # ceil(2.5)
+    ],
+)
 def test_step_limit_is_the_larger_of_step_and_percent(
     current: int, rules: ScalingRules, allowed: int
 ) -> None:
     assert step_limit(current, rules) == allowed
 
 
-@pytest.mark.parametrize(("current", "wanted", "expected"), [
-    (2, 50, 6),  # up: +max(4, 100% of 2)
-    (10, 50, 20),  # up: +100%
-    (10, 1, 9),  # down: -max(1, 10%)
-    (30, 1, 27),
-    (5, 5, 5),
-])
+@pytest.mark.parametrize(
+    ("current", "wanted", "expected"),
+    [
+        (2, 50, 6),  # up: +max(4, 100% of 2)
+        (10, 50, 20),  # up: +100%
+        (10, 1, 9),  # down: -max(1, 10%)
+        (30, 1, 27),
+        (5, 5, 5),
+    ],
+)
 def test_limit_step(current: int, wanted: int, expected: int) -> None:
     assert limit_step(current, wanted, prefill_policy()) == expected
 
 
-@pytest.mark.parametrize(("history", "current", "expected", "why"), [
-    ([(0, 3), (100, 8), (300, 5)], 9, 8, "scale-down goes only to the highest recommendation in its window"),
-    ([(100, 8), (300, 2)], 5, 5, "a higher recommendation in the window holds the current replicas"),
-    ([(-10, 9), (100, 2), (300, 2)], 5, 2, "the 9 fell out of the window"),
-    ([(290, 9), (300, 7)], 5, 7, "scale-up without a window acts on the newest recommendation"),
-])
+@pytest.mark.parametrize(
+    ("history", "current", "expected", "why"),
+    [
+        (
+            [(0, 3), (100, 8), (300, 5)],
+            9,
+            8,
+            "scale-down goes only to the highest recommendation in its window",
+        ),
+        ([(100, 8), (300, 2)], 5, 5, "a higher recommendation in the window holds the current replicas"),
+        ([(-10, 9), (100, 2), (300, 2)], 5, 2, "the 9 fell out of the window"),
+        ([(290, 9), (300, 7)], 5, 7, "scale-up without a window acts on the newest recommendation"),
+    ],
+)
 def test_stabilize(history: list[tuple[float, int]], current: int, expected: int, why: str) -> None:
     assert stabilize(history, current, 300.0, prefill_policy(), None) == expected, why
 
@@ -108,14 +129,17 @@ def observation(latency: float | None, *, rate: float | None = 5.0, ready: int |
     return Observation(latency=latency, request_rate=rate, demand=demand, ready=ready)
 
 
-@pytest.mark.parametrize(("latency", "expected", "words"), [
-    (1.0, 8, "above target"),  # ratio 2: ceil(4 * 2)
-    (0.56, 5, "above target"),  # ratio 1.12: at least one more
-    (0.54, 4, "within target"),  # inside the 10 % band: hold
-    (0.46, 4, "within target"),
-    (0.30, 3, "below target"),  # without a planner: HPA's ceil(4 * 0.6), stabilization 0 here
-    (0.44, 4, "below target"),  # ceil(4 * 0.88) = 4: the ratio does not justify dropping one
-])
+@pytest.mark.parametrize(
+    ("latency", "expected", "words"),
+    [
+        (1.0, 8, "above target"),  # ratio 2: ceil(4 * 2)
+        (0.56, 5, "above target"),  # ratio 1.12: at least one more
+        (0.54, 4, "within target"),  # inside the 10 % band: hold
+        (0.46, 4, "within target"),
+        (0.30, 3, "below target"),  # without a planner: HPA's ceil(4 * 0.6), stabilization 0 here
+        (0.44, 4, "below target"),  # ceil(4 * 0.88) = 4: the ratio does not justify dropping one
+    ],
+)
 def test_feedback_tolerance_band(latency: float, expected: int, words: str) -> None:
     policy = prefill_policy(predictive=False, down_window=0)
     state = PoolState.new("prefill")
@@ -126,12 +150,15 @@ def test_feedback_tolerance_band(latency: float, expected: int, words: str) -> N
     assert decision.observed_latency == latency and decision.target == 0.5
 
 
-@pytest.mark.parametrize(("obs", "unavailable", "why"), [
-    (None, "Prometheus at http://x unreachable", "unreachable"),
-    (observation(None), None, "no TTFT samples although requests are flowing"),
-    (observation(0.9, rate=None), None, "no request rate at the router"),
-    (observation(50.0, rate=None, ready=None), None, "no request rate at the router"),
-])
+@pytest.mark.parametrize(
+    ("obs", "unavailable", "why"),
+    [
+        (None, "Prometheus at http://x unreachable", "unreachable"),
+        (observation(None), None, "no TTFT samples although requests are flowing"),
+        (observation(0.9, rate=None), None, "no request rate at the router"),
+        (observation(50.0, rate=None, ready=None), None, "no request rate at the router"),
+    ],
+)
 def test_missing_data_holds_replicas(obs: Observation | None, unavailable: str | None, why: str) -> None:
     decision = decide(prefill_policy(), PoolState.new("prefill"), 6, obs, now=0.0, unavailable=unavailable)
     assert decision.desired == 6

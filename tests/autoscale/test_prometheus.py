@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from splitserve.local_prometheus import LocalPrometheus, find_prometheus
+from splitserve.local_prometheus import LocalPrometheus
 from splitserve_operator.autoscaler import AutoscalerState, Outcome, PoolAutoscaler
 from splitserve_operator.models import (
     AutoscalingSpec,
@@ -32,7 +31,7 @@ from splitserve_operator.models import (
 )
 from splitserve_operator.signals import PrometheusSource, ScrapeSource, SignalQuery
 
-from .conftest import MetricsEndpoint, drive
+from .conftest import MetricsEndpoint, drive, prometheus_binary
 
 Endpoints = dict[str, MetricsEndpoint]
 WAIT_SECONDS = 30.0  # bound on every wait
@@ -44,20 +43,12 @@ SPEC = InferencePoolSpec(
     decode=DecodePoolSpec(replicas=ReplicaBounds(min=1, max=8), slo=ItlSlo(itl_seconds=0.05)),
     # Feedback only, so every expected number follows from the latency Prometheus reports; short windows.
     autoscaling=AutoscalingSpec(
-        interval_seconds=1, window_seconds=10, predictive=False,
+        interval_seconds=1,
+        window_seconds=10,
+        predictive=False,
         scale_down=ScalingRules(stabilization_window_seconds=0, max_step=1, max_step_percent=10),
     ),
 )
-
-
-def prometheus_binary() -> str:
-    binary = find_prometheus()
-    if binary:
-        return binary
-    if os.environ.get("SPLITSERVE_SKIP_PROMETHEUS") == "1":
-        pytest.skip("prometheus binary not installed and SPLITSERVE_SKIP_PROMETHEUS=1")
-    pytest.fail("prometheus binary not found: `apt-get install -y prometheus` (or set PROMETHEUS_BIN); "
-                "set SPLITSERVE_SKIP_PROMETHEUS=1 to skip these tests", pytrace=False)
 
 
 class Prometheus(LocalPrometheus):
@@ -77,7 +68,8 @@ class Prometheus(LocalPrometheus):
             async with asyncio.timeout(WAIT_SECONDS):
                 while True:
                     assert self.process is not None and self.process.poll() is None, (
-                        f"prometheus exited: {self.log_path}")
+                        f"prometheus exited: {self.log_path}"
+                    )
                     with contextlib.suppress(requests.RequestException):
                         if await asyncio.to_thread(check):
                             return
@@ -91,19 +83,20 @@ class Prometheus(LocalPrometheus):
         return float(result[0]["value"][1]) if result else math.nan
 
 
-
-@pytest.fixture
-def prometheus_bin() -> str:
-    return prometheus_binary()
-
-
 @pytest.fixture
 async def prometheus(prometheus_bin: str, endpoints: Endpoints, tmp_path: Path) -> AsyncIterator[Prometheus]:
     server = Prometheus(prometheus_bin, tmp_path, [e.target for e in endpoints.values()])
     try:
         await server.wait("ready", lambda: server.get("/-/ready").status_code == 200)
-        await server.wait("all targets up", lambda: server.get(
-            "/api/v1/query", query='count(up{job="splitserve"} == 1) == 3').json()["data"]["result"] != [])
+        await server.wait(
+            "all targets up",
+            lambda: (
+                server.get("/api/v1/query", query='count(up{job="splitserve"} == 1) == 3').json()["data"][
+                    "result"
+                ]
+                != []
+            ),
+        )
         yield server
     finally:
         server.stop()
@@ -162,8 +155,9 @@ async def test_decisions_follow_what_prometheus_reports(prometheus: Prometheus, 
         assert up.condition.status == "True"
         assert up.replicas["decode"] == 1  # ITL 0.047 s is within 0.05 s +-10 %: decode holds
         reported = await prometheus.query(
-            'histogram_quantile(0.9, sum by (le) (rate(splitserve_time_to_first_token_seconds_bucket'
-            f'{{pool="chat",role="router",namespace="{NAMESPACE}"}}[10s])))')
+            "histogram_quantile(0.9, sum by (le) (rate(splitserve_time_to_first_token_seconds_bucket"
+            f'{{pool="chat",role="router",namespace="{NAMESPACE}"}}[10s])))'
+        )
         assert reported == pytest.approx(observed, rel=0.2)
         # The direct-scrape source computes the same quantile from the same endpoints.
         local = await scraper.read(SignalQuery("chat", 10, 0.9, 0.9))
@@ -172,8 +166,9 @@ async def test_decisions_follow_what_prometheus_reports(prometheus: Prometheus, 
 
         # Within target: hold, once the window no longer holds the slow requests.
         traffic.ttft = 0.95  # (0.75, 1.0] bucket: p90 interpolates to 0.975
-        held = await until("hold within target", evaluate,
-                           lambda o: "within target" in o.decisions["prefill"].reason)
+        held = await until(
+            "hold within target", evaluate, lambda o: "within target" in o.decisions["prefill"].reason
+        )
         assert held.replicas == current and held.changed == {}
 
         # Idle: nothing over the window -> towards min, one replica per evaluation.
@@ -199,8 +194,11 @@ async def test_prometheus_stopped_holds_replicas(prometheus: Prometheus, endpoin
     autoscaler, state = PoolAutoscaler(source), AutoscalerState()
     current = {"prefill": 3, "decode": 2}
     try:
-        await until("signals flow", lambda: autoscaler.evaluate(
-            None, "chat", SPEC, current, state, time.time()), lambda o: o.condition.status == "True")  # type: ignore[arg-type]
+        await until(
+            "signals flow",
+            lambda: autoscaler.evaluate(None, "chat", SPEC, current, state, time.time()),
+            lambda o: o.condition.status == "True",
+        )  # type: ignore[arg-type]
         prometheus.stop()
         started = time.monotonic()
         down = await autoscaler.evaluate(None, "chat", SPEC, current, state, time.time())  # type: ignore[arg-type]

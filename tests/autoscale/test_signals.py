@@ -31,22 +31,28 @@ QUERY = SignalQuery(pool="chat", window_seconds=60, ttft_percentile=0.9, itl_per
 def test_promql_matches_the_documented_queries() -> None:
     specs = signal_specs(QUERY)
     assert promql(specs["ttft"], QUERY) == (
-        'histogram_quantile(0.9, sum by (le) (rate('
-        'splitserve_time_to_first_token_seconds_bucket{pool="chat",role="router"}[60s])))')
+        "histogram_quantile(0.9, sum by (le) (rate("
+        'splitserve_time_to_first_token_seconds_bucket{pool="chat",role="router"}[60s])))'
+    )
     assert promql(specs["itl"], QUERY).startswith("histogram_quantile(0.95, ")
     assert promql(specs["request_rate"], QUERY) == (
-        'sum(rate(splitserve_requests_total{pool="chat",role="router"}[60s]))')
+        'sum(rate(splitserve_requests_total{pool="chat",role="router"}[60s]))'
+    )
     assert promql(specs["decode.replicas"], QUERY) == (
-        'count(splitserve_requests_running{pool="chat",role="decode"})')
+        'count(splitserve_requests_running{pool="chat",role="decode"})'
+    )
     assert promql(specs["prefill.busy"], QUERY) == (
-        'sum(rate(splitserve_prefill_step_seconds_sum{pool="chat",role="prefill"}[60s]))')
+        'sum(rate(splitserve_prefill_step_seconds_sum{pool="chat",role="prefill"}[60s]))'
+    )
     assert promql(specs["decode.kv_usage"], QUERY) == (
-        'avg(avg_over_time(splitserve_kv_cache_usage_ratio{pool="chat",role="decode"}[60s]))')
+        'avg(avg_over_time(splitserve_kv_cache_usage_ratio{pool="chat",role="decode"}[60s]))'
+    )
 
 
 def test_promql_selects_the_namespace_when_given_and_escapes_labels() -> None:
-    query = SignalQuery(pool='we"ird\\', window_seconds=30, ttft_percentile=0.5, itl_percentile=0.5,
-                        namespace="team-a")
+    query = SignalQuery(
+        pool='we"ird\\', window_seconds=30, ttft_percentile=0.5, itl_percentile=0.5, namespace="team-a"
+    )
     text = promql(SignalSpec("sum", "splitserve_requests_waiting", "prefill"), query)
     assert text == 'sum(splitserve_requests_waiting{pool="we\\"ird\\\\",role="prefill",namespace="team-a"})'
 
@@ -54,16 +60,19 @@ def test_promql_selects_the_namespace_when_given_and_escapes_labels() -> None:
 INF = math.inf
 
 
-@pytest.mark.parametrize(("q", "buckets", "expected"), [
-    (0.5, [(1.0, 0), (2.0, 10), (INF, 10)], 1.5),  # linear inside (1, 2]
-    (0.9, [(1.0, 0), (2.0, 10), (INF, 10)], 1.9),
-    (0.9, [(1.0, 5), (2.0, 5), (INF, 10)], 2.0),  # rank in +Inf: the highest finite bound
-    (0.25, [(1.0, 4), (2.0, 8), (INF, 8)], 0.5),  # first bucket starts at 0
-    (0.5, [(2.0, 8), (1.0, 4), (INF, 8)], 1.0),  # order does not matter
-    (0.5, [(1.0, 0), (INF, 0)], math.nan),  # no observations
-    (0.5, [(1.0, 3), (2.0, 5)], math.nan),  # no +Inf bucket
-    (0.5, [(1.0, 4), (2.0, 3.9), (INF, 8)], 1.0),  # a dip from rate noise is evened out
-])
+@pytest.mark.parametrize(
+    ("q", "buckets", "expected"),
+    [
+        (0.5, [(1.0, 0), (2.0, 10), (INF, 10)], 1.5),  # linear inside (1, 2]
+        (0.9, [(1.0, 0), (2.0, 10), (INF, 10)], 1.9),
+        (0.9, [(1.0, 5), (2.0, 5), (INF, 10)], 2.0),  # rank in +Inf: the highest finite bound
+        (0.25, [(1.0, 4), (2.0, 8), (INF, 8)], 0.5),  # first bucket starts at 0
+        (0.5, [(2.0, 8), (1.0, 4), (INF, 8)], 1.0),  # order does not matter
+        (0.5, [(1.0, 0), (INF, 0)], math.nan),  # no observations
+        (0.5, [(1.0, 3), (2.0, 5)], math.nan),  # no +Inf bucket
+        (0.5, [(1.0, 4), (2.0, 3.9), (INF, 8)], 1.0),  # a dip from rate noise is evened out
+    ],
+)
 def test_histogram_quantile_follows_prometheus(
     q: float, buckets: list[tuple[float, float]], expected: float
 ) -> None:

@@ -115,6 +115,8 @@ class ApiServer(kmock.KubernetesEmulator):
         """A JSON patch whose `test` op fails is a 422, as kopf's optimistic finalizer removal expects."""
         if request.action != enums.action.UPDATE or not isinstance(request.data, list):
             return
+        if request.resource is None or request.name is None:
+            return
         key = (request.resource, request.namespace, request.name)
         current = self.objects[key].raw if key in self.objects and not self.objects[key].deleted else {}
         for op in request.data:

@@ -15,8 +15,9 @@ from splitserve.loader import load_tokenizer
 
 
 class Serve(Protocol):
-    def __call__(self, app: web.Application, *, host: str = "127.0.0.1", port: int = 0
-                 ) -> Awaitable[RunningApp]: ...
+    def __call__(
+        self, app: web.Application, *, host: str = "127.0.0.1", port: int = 0
+    ) -> Awaitable[RunningApp]: ...
 
 
 @pytest.fixture(scope="session")

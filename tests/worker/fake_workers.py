@@ -51,8 +51,9 @@ class _FakeWorker:
 
     def _app(self, route: str, handler: Any) -> web.Application:
         app = web.Application()
-        app.add_routes([web.post(route, handler), web.get("/health", self._health),
-                        web.get("/load", self._load)])
+        app.add_routes(
+            [web.post(route, handler), web.get("/health", self._health), web.get("/load", self._load)]
+        )
         return app
 
     async def _health(self, request: web.Request) -> web.Response:
@@ -72,8 +73,9 @@ class _FakeWorker:
 
 
 class FakeDecode(_FakeWorker):
-    def __init__(self, *, token_delay: float = 0.0, kv_budget_tokens: int = 100_000,
-                 error_after: int | None = None) -> None:
+    def __init__(
+        self, *, token_delay: float = 0.0, kv_budget_tokens: int = 100_000, error_after: int | None = None
+    ) -> None:
         super().__init__()
         self.token_delay, self.kv_budget_tokens, self.error_after = token_delay, kv_budget_tokens, error_after
         self.registered: list[dict[str, Any]] = []
@@ -111,16 +113,18 @@ class FakeDecode(_FakeWorker):
             return _error(400, f"{body['prompt_len']} + {max_tokens} tokens exceed the KV budget")
         self.registered.append(body)
         self._waiting_for_kv[request_id] = asyncio.get_running_loop().create_future()
-        response = web.StreamResponse(headers={KV_PORT_HEADER: str(self.kv_port),
-                                               "Content-Type": "application/x-ndjson"})
+        response = web.StreamResponse(
+            headers={KV_PORT_HEADER: str(self.kv_port), "Content-Type": "application/x-ndjson"}
+        )
         self._active[id(request)] = request
         try:
             await response.prepare(request)
             first = await asyncio.wait_for(self._waiting_for_kv[request_id], 10)
             for index in range(max_tokens):
                 if self.error_after is not None and index == self.error_after:
-                    line: dict[str, Any] = {"error": {"message": "KV cache corrupted", "type": "server_error",
-                                                      "code": 500}}
+                    line: dict[str, Any] = {
+                        "error": {"message": "KV cache corrupted", "type": "server_error", "code": 500}
+                    }
                     await response.write(json.dumps(line).encode() + b"\n")
                     break
                 finish = "length" if index == max_tokens - 1 else None
@@ -183,5 +187,12 @@ class FakePrefill(_FakeWorker):
         writer.close()
         if answer != b"ok\n":
             return _error(500, f"KV delivery refused: {answer!r}")
-        return web.json_response({"first_token": first_token(prompt_len), "prompt_len": prompt_len,
-                                  "prefill_seconds": 0.0, "transfer_seconds": 0.0, "kv_bytes": 0})
+        return web.json_response(
+            {
+                "first_token": first_token(prompt_len),
+                "prompt_len": prompt_len,
+                "prefill_seconds": 0.0,
+                "transfer_seconds": 0.0,
+                "kv_bytes": 0,
+            }
+        )

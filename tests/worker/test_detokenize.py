@@ -13,15 +13,26 @@ from splitserve.params import FinishReason, GenerationChunk, SamplingParams
 MULTIBYTE = "héllo 世界 🙂 ça va? ÄÖÜ ok"
 
 
-def feed(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], params: SamplingParams,
-         chunk: int = 1, finish: FinishReason = "length", prompt: Sequence[int] = (5, 6, 7)) -> list[Delta]:
+def feed(
+    tokenizer: PreTrainedTokenizerBase,
+    ids: Sequence[int],
+    params: SamplingParams,
+    chunk: int = 1,
+    finish: FinishReason = "length",
+    prompt: Sequence[int] = (5, 6, 7),
+) -> list[Delta]:
     """Run `ids` through an OutputStream in chunks; the last chunk carries `finish`."""
     stream = OutputStream(tokenizer, prompt, params)
     deltas = []
     for start in range(0, len(ids), chunk):
         last = start + chunk >= len(ids)
-        deltas.append(stream.add(GenerationChunk(token_ids=tuple(ids[start:start + chunk]),
-                                                 finish_reason=finish if last else None)))
+        deltas.append(
+            stream.add(
+                GenerationChunk(
+                    token_ids=tuple(ids[start : start + chunk]), finish_reason=finish if last else None
+                )
+            )
+        )
         if deltas[-1].finish_reason:
             break
     return deltas
@@ -32,8 +43,9 @@ def text_of(deltas: list[Delta]) -> str:
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7])
-def test_multibyte_text_round_trips_without_replacement_chars(tokenizer: PreTrainedTokenizerBase,
-                                                              chunk: int) -> None:
+def test_multibyte_text_round_trips_without_replacement_chars(
+    tokenizer: PreTrainedTokenizerBase, chunk: int
+) -> None:
     ids = tokenizer.encode(MULTIBYTE)
     assert len(ids) > len(MULTIBYTE) // 2, "the tiny tokenizer should split these characters into bytes"
     deltas = feed(tokenizer, ids, SamplingParams(), chunk=chunk)

@@ -29,10 +29,22 @@ MODEL = "tiny"
 
 
 def start_pool(tiny_model: Path, workdir: Path, prefill: int, decode: int) -> LocalPool:
-    config = EngineConfig(model=str(tiny_model), served_model_name=MODEL, max_model_len=2048,
-                          kv_cache_bytes=256 << 20, kv_timeout_seconds=20)
-    pool = LocalPool("e2e", config, workdir, free_port(), threads={"prefill": 1, "decode": 1},
-                     progress=lambda _: None, env=subprocess_env())
+    config = EngineConfig(
+        model=str(tiny_model),
+        served_model_name=MODEL,
+        max_model_len=2048,
+        kv_cache_bytes=256 << 20,
+        kv_timeout_seconds=20,
+    )
+    pool = LocalPool(
+        "e2e",
+        config,
+        workdir,
+        free_port(),
+        threads={"prefill": 1, "decode": 1},
+        progress=lambda _: None,
+        env=subprocess_env(),
+    )
     try:
         asyncio.run(pool.start(prefill=prefill, decode=decode))
     except BaseException:
@@ -64,8 +76,14 @@ def complete(pool: LocalPool, prompt: list[int], stream: bool, max_tokens: int =
         assert reply.usage is not None
         return reply.choices[0].text, reply.usage.completion_tokens
     text, usage = "", 0
-    for chunk in api.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                        stream=True, stream_options={"include_usage": True}):
+    for chunk in api.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
         text += "".join(choice.text for choice in chunk.choices)
         if chunk.usage is not None:
             usage = chunk.usage.completion_tokens
@@ -109,10 +127,14 @@ def test_chat_completion_uses_the_chat_template(
 ) -> None:
     messages = [{"role": "user", "content": "What is disaggregated prefill?"}]
     reply = client(pool).chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=12, temperature=0  # type: ignore[arg-type]
+        model=MODEL,
+        messages=messages,
+        max_tokens=12,
+        temperature=0,  # type: ignore[arg-type]
     )
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                           return_dict=False)
+    prompt = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     assert reply.choices[0].message.content == expected_text(tokenizer, reference.greedy(list(prompt), 12))
 
 
@@ -133,16 +155,19 @@ def test_bad_input_gets_an_openai_error_and_disturbs_nothing(
 ) -> None:
     async def post() -> tuple[int, dict[str, object]]:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        async with aiohttp.ClientSession() as session, session.post(
-            pool.url + "/v1/completions", data=data, headers={"Content-Type": "application/json"}
-        ) as reply:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                pool.url + "/v1/completions", data=data, headers={"Content-Type": "application/json"}
+            ) as reply,
+        ):
             return reply.status, await reply.json()
 
     got_status, payload = asyncio.run(post())
     assert got_status == status
     error = payload["error"]
     assert isinstance(error, dict) and error["message"] and error["type"]
-    text, count = complete(pool, [5, 6, 7], stream=False, max_tokens=3)
+    _, count = complete(pool, [5, 6, 7], stream=False, max_tokens=3)
     assert count >= 1
 
 
@@ -151,8 +176,14 @@ def test_killed_decode_worker_fails_only_its_own_streams(tiny_model: Path, tmp_p
     try:
         api = client(pool)
         streams = [
-            api.completions.create(model=MODEL, prompt=random_prompt(20, seed=i), max_tokens=1500,
-                                   temperature=0, stream=True, extra_body={"ignore_eos": True})
+            api.completions.create(
+                model=MODEL,
+                prompt=random_prompt(20, seed=i),
+                max_tokens=1500,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
             for i in range(6)
         ]
         iterators = [iter(stream) for stream in streams]
@@ -187,9 +218,12 @@ def test_dead_prefill_worker_is_routed_around(tiny_model: Path, tmp_path: Path) 
     try:
         pool.workers["prefill"][0].kill()
         with ThreadPoolExecutor(6) as threads:
-            results = list(threads.map(
-                lambda i: complete(pool, random_prompt(30, seed=i), stream=bool(i % 2), max_tokens=5), range(6)
-            ))
+            results = list(
+                threads.map(
+                    lambda i: complete(pool, random_prompt(30, seed=i), stream=bool(i % 2), max_tokens=5),
+                    range(6),
+                )
+            )
         assert [count for _, count in results] == [5] * 6
     finally:
         asyncio.run(pool.stop())
@@ -205,8 +239,14 @@ async def test_malformed_kv_frames_are_rejected_and_the_decode_worker_keeps_serv
         # 2. A registered request whose layer fails its checksum: that request fails, nothing else.
         for case in ("bad-checksum", "truncated"):
             reply = await registration(session, decode.url, case, {**sampling})
-            header = KVHeader(request_id=case, first_token=5, num_tokens=3, num_layers=4,
-                              dtype=torch.float32, layer_shape=(2, 4, 3, 32))
+            header = KVHeader(
+                request_id=case,
+                first_token=5,
+                num_tokens=3,
+                num_layers=4,
+                dtype=torch.float32,
+                layer_shape=(2, 4, 3, 32),
+            )
             layer = bytes(header.layer_nbytes)
             frames = encode_header(header)  # a whole BEGIN frame
             if case == "bad-checksum":
@@ -217,7 +257,7 @@ async def test_malformed_kv_frames_are_rejected_and_the_decode_worker_keeps_serv
             line = json.loads(await asyncio.wait_for(reply.content.readline(), 30))
             assert "KV transfer failed" in line["error"]["message"]
             reply.close()
-    text, count = complete(pool, [9, 10, 11], stream=True, max_tokens=3)
+    _, count = complete(pool, [9, 10, 11], stream=True, max_tokens=3)
     assert count == 3
 
 

@@ -30,8 +30,15 @@ SCRIPT = "Hello, world! How are you today? 世界 🙂"
 class ScriptedBackend:
     """Yields the tokens of a fixed text, and records how every generation ended."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, text: str = SCRIPT, *, chunk: int = 1,
-                 hang_after: int | None = None, fail_at: int | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        text: str = SCRIPT,
+        *,
+        chunk: int = 1,
+        hang_after: int | None = None,
+        fail_at: int | None = None,
+    ) -> None:
         self.script: list[int] = tokenizer.encode(text)
         self.chunk, self.hang_after, self.fail_at = chunk, hang_after, fail_at
         self.ready = True
@@ -53,8 +60,9 @@ class ScriptedBackend:
                 if self.hang_after is not None and start >= self.hang_after:
                     await asyncio.sleep(30)  # until the client's disconnect cancels us
                 end = min(start + self.chunk, limit)
-                yield GenerationChunk(token_ids=tuple(self.script[start:end]),
-                                      finish_reason=finish if end == limit else None)
+                yield GenerationChunk(
+                    token_ids=tuple(self.script[start:end]), finish_reason=finish if end == limit else None
+                )
             self.completed.add(request.request_id)
         except (GeneratorExit, asyncio.CancelledError):
             self.aborted.add(request.request_id)
@@ -70,7 +78,8 @@ class Server:
 
     def outcome(self, outcome: str) -> float:
         value = self.metrics.registry.get_sample_value(
-            "splitserve_requests_total", {"pool": "test", "role": "router", "outcome": outcome})
+            "splitserve_requests_total", {"pool": "test", "role": "router", "outcome": outcome}
+        )
         return value or 0.0
 
     async def post(self, path: str, body: Any) -> tuple[int, Any]:
@@ -86,8 +95,14 @@ def backend(tokenizer: PreTrainedTokenizerBase) -> ScriptedBackend:
 @pytest.fixture
 async def server(serve: Serve, backend: ScriptedBackend, tokenizer: PreTrainedTokenizerBase) -> Server:
     metrics = Metrics(pool="test", role="router")
-    app = build_openai_app(backend, tokenizer, served_model_name=MODEL, max_model_len=MAX_MODEL_LEN,
-                           metrics=metrics, max_body_bytes=MAX_BODY)
+    app = build_openai_app(
+        backend,
+        tokenizer,
+        served_model_name=MODEL,
+        max_model_len=MAX_MODEL_LEN,
+        metrics=metrics,
+        max_body_bytes=MAX_BODY,
+    )
     running = await serve(app)
     return Server(backend, running.url, metrics)
 
@@ -120,8 +135,9 @@ async def test_completion_defaults_to_16_tokens_and_accepts_token_ids(server: Se
 
 async def test_completion_stream_with_usage(server: Server) -> None:
     async with server.client() as client:
-        stream = await client.completions.create(model=MODEL, prompt="Hi", max_tokens=100, stream=True,
-                                                 stream_options={"include_usage": True})
+        stream = await client.completions.create(
+            model=MODEL, prompt="Hi", max_tokens=100, stream=True, stream_options={"include_usage": True}
+        )
         chunks = [chunk async for chunk in stream]
     text = "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
     assert text == SCRIPT
@@ -135,8 +151,9 @@ async def test_chat(server: Server, tokenizer: PreTrainedTokenizerBase) -> None:
     messages: Any = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}]
     async with server.client() as client:
         reply = await client.chat.completions.create(model=MODEL, messages=messages)
-        stream = await client.chat.completions.create(model=MODEL, messages=messages, stream=True,
-                                                      max_completion_tokens=4)
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=messages, stream=True, max_completion_tokens=4
+        )
         chunks = [chunk async for chunk in stream]
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     prompt = tokenizer.encode(rendered, add_special_tokens=False)
@@ -154,9 +171,16 @@ async def test_chat(server: Server, tokenizer: PreTrainedTokenizerBase) -> None:
 async def test_sampling_options_reach_the_backend(server: Server) -> None:
     async with server.client() as client:
         await client.completions.create(
-            model=MODEL, prompt="x", max_tokens=8, temperature=0.5, top_p=0.9, seed=7, stop=["zz", "yy"],
+            model=MODEL,
+            prompt="x",
+            max_tokens=8,
+            temperature=0.5,
+            top_p=0.9,
+            seed=7,
+            stop=["zz", "yy"],
             user="someone",
-            extra_body={"top_k": 20, "min_tokens": 2, "ignore_eos": True, "stop_token_ids": [9]})
+            extra_body={"top_k": 20, "min_tokens": 2, "ignore_eos": True, "stop_token_ids": [9]},
+        )
     sampling = server.backend.requests[0].sampling
     assert (sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed) == (0.5, 0.9, 20, 7)
     assert (sampling.stop, sampling.stop_token_ids) == (("zz", "yy"), (9,))
@@ -165,10 +189,12 @@ async def test_sampling_options_reach_the_backend(server: Server) -> None:
 
 async def test_batched_prompts_and_n(server: Server, tokenizer: PreTrainedTokenizerBase) -> None:
     async with server.client() as client:
-        reply = await client.completions.create(model=MODEL, prompt=["one", "two three"], n=2, max_tokens=3,
-                                                seed=100)
-        stream = await client.completions.create(model=MODEL, prompt=["one", "two"], max_tokens=3,
-                                                 stream=True)
+        reply = await client.completions.create(
+            model=MODEL, prompt=["one", "two three"], n=2, max_tokens=3, seed=100
+        )
+        stream = await client.completions.create(
+            model=MODEL, prompt=["one", "two"], max_tokens=3, stream=True
+        )
         streamed: dict[int, str] = {}
         async for chunk in stream:
             for choice in chunk.choices:
@@ -205,30 +231,61 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "best_of"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 0}, 400, "n"),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, 400,
-     "stream_options"),
+    (
+        "/v1/completions",
+        {"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}},
+        400,
+        "stream_options",
+    ),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "frobnicate": 1}, 400, "frobnicate"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model"),
     ("/v1/completions", [1, 2], 400, None),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user"}]}, 400, "messages.0.content"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400,
-     "messages.0.role"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
-     "messages.0.content"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x" * 300}]}, 400,
-     "max_tokens"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                              "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                              "logprobs": True}, 400, "logprobs"),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]},
+        400,
+        "messages.0.role",
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+        },
+        400,
+        "messages.0.content",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "x" * 300}]},
+        400,
+        "max_tokens",
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+        },
+        400,
+        "tools",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True},
+        400,
+        "logprobs",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("path", "body", "status", "param"), BAD_REQUESTS)
 async def test_bad_request_gets_an_openai_error_and_disturbs_nothing(
-        server: Server, path: str, body: Any, status: int, param: str | None) -> None:
+    server: Server, path: str, body: Any, status: int, param: str | None
+) -> None:
     got, error = await server.post(path, body)
     assert got == status, error
     assert error["error"]["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
@@ -240,11 +297,14 @@ async def test_bad_request_gets_an_openai_error_and_disturbs_nothing(
     assert reply.choices[0].finish_reason == "length"
 
 
-@pytest.mark.parametrize(("data", "headers", "status"), [
-    (b'{"model": "tiny", "prompt": ', {"Content-Type": "application/json"}, 400),
-    (b'{"model": "tiny", "prompt": "hi"}', {"Content-Type": "text/plain"}, 415),
-    (b'{"prompt": "' + b"x" * (MAX_BODY + 1) + b'"}', {"Content-Type": "application/json"}, 413),
-])
+@pytest.mark.parametrize(
+    ("data", "headers", "status"),
+    [
+        (b'{"model": "tiny", "prompt": ', {"Content-Type": "application/json"}, 400),
+        (b'{"model": "tiny", "prompt": "hi"}', {"Content-Type": "text/plain"}, 415),
+        (b'{"prompt": "' + b"x" * (MAX_BODY + 1) + b'"}', {"Content-Type": "application/json"}, 413),
+    ],
+)
 async def test_unparseable_bodies(server: Server, data: bytes, headers: dict[str, str], status: int) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.post(server.url + "/v1/completions", data=data, headers=headers) as response:
@@ -268,28 +328,40 @@ async def test_openai_client_sees_errors(server: Server) -> None:
 async def test_stop_string_truncates_and_closes_the_backend(server: Server, stream: bool) -> None:
     async with server.client() as client:
         if stream:
-            chunks = [c async for c in await client.completions.create(
-                model=MODEL, prompt="hi", max_tokens=100, stop=["world! How"], stream=True)]
+            chunks = [
+                c
+                async for c in await client.completions.create(
+                    model=MODEL, prompt="hi", max_tokens=100, stop=["world! How"], stream=True
+                )
+            ]
             text = "".join(c.choices[0].text for c in chunks)
             finish = chunks[-1].choices[0].finish_reason
         else:
-            reply = await client.completions.create(model=MODEL, prompt="hi", max_tokens=100,
-                                                    stop="world! How")
+            reply = await client.completions.create(
+                model=MODEL, prompt="hi", max_tokens=100, stop="world! How"
+            )
             text, finish = reply.choices[0].text, reply.choices[0].finish_reason
     assert (text, finish) == ("Hello, ", "stop")
     request_id = server.backend.requests[0].request_id
     assert request_id in server.backend.aborted and request_id not in server.backend.completed
 
 
-async def test_multibyte_stream_in_multi_token_chunks(serve: Serve,
-                                                      tokenizer: PreTrainedTokenizerBase) -> None:
+async def test_multibyte_stream_in_multi_token_chunks(
+    serve: Serve, tokenizer: PreTrainedTokenizerBase
+) -> None:
     backend = ScriptedBackend(tokenizer, "ÄÖÜ 世界 🙂🙂 ça", chunk=3)
-    app = build_openai_app(backend, tokenizer, served_model_name=MODEL, max_model_len=MAX_MODEL_LEN,
-                           metrics=Metrics(pool="test", role="both"))
+    app = build_openai_app(
+        backend,
+        tokenizer,
+        served_model_name=MODEL,
+        max_model_len=MAX_MODEL_LEN,
+        metrics=Metrics(pool="test", role="both"),
+    )
     running = await serve(app)
     async with openai.AsyncOpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0) as client:
         stream = await client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "ünïcödé"}], stream=True)
+            model=MODEL, messages=[{"role": "user", "content": "ünïcödé"}], stream=True
+        )
         pieces = [c.choices[0].delta.content or "" async for c in stream]
     assert "".join(pieces) == "ÄÖÜ 世界 🙂🙂 ça"
     assert all("\ufffd" not in piece for piece in pieces)
@@ -308,13 +380,16 @@ async def test_error_before_first_token_is_a_plain_http_error(server: Server) ->
 async def test_error_mid_stream_is_an_error_event(server: Server, tokenizer: PreTrainedTokenizerBase) -> None:
     server.backend.fail_at = 3
     body = {"model": MODEL, "prompt": "hi", "stream": True}
-    async with aiohttp.ClientSession() as session, session.post(server.url + "/v1/completions",
-                                                                json=body) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(server.url + "/v1/completions", json=body) as response,
+    ):
         assert response.status == 200
         events = [line for line in (await response.text()).split("\n\n") if line]
     payloads = [json.loads(event.removeprefix("data: ")) for event in events[:-1]]
     assert [p["choices"][0]["text"] for p in payloads[:-1]] == [
-        decode(tokenizer, [token]) for token in server.backend.script[:3]]
+        decode(tokenizer, [token]) for token in server.backend.script[:3]
+    ]
     assert payloads[-1]["error"]["message"] == "decode worker 10.0.0.7 died"
     assert events[-1] == "data: [DONE]"
     async with server.client() as client:
@@ -335,8 +410,9 @@ async def test_client_disconnect_cancels_the_generation(server: Server, stream: 
                 assert (await response.content.readuntil(b"\n\n")).startswith(b"data: ")
         else:
             with pytest.raises(asyncio.TimeoutError):
-                await session.post(server.url + "/v1/completions", json=body,
-                                   timeout=aiohttp.ClientTimeout(total=0.5))
+                await session.post(
+                    server.url + "/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=0.5)
+                )
     for _ in range(100):
         if server.outcome("cancelled"):
             break
@@ -407,7 +483,10 @@ async def test_return_token_ids(server: Server, stream: bool) -> None:
         assert status == 200 and reply["choices"][0]["token_ids"] == expected
         return
     events = []
-    async with aiohttp.ClientSession() as session, session.post(server.url + "/v1/completions", json=body) as reply:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(server.url + "/v1/completions", json=body) as reply,
+    ):
         async for line in reply.content:
             if line.startswith(b"data: {"):
                 events.append(json.loads(line[6:])["choices"][0]["token_ids"])

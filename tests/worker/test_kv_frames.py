@@ -43,8 +43,9 @@ from splitserve.kv_frames import (
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def make_layers(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype,
-                seed: int = 0) -> list[torch.Tensor]:
+def make_layers(
+    num_layers: int, shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0
+) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=generator).to(dtype) for _ in range(num_layers)]
 
@@ -66,7 +67,7 @@ def feed(decoder: TransferDecoder, data: bytes) -> list[Event]:
         view = decoder.want()
         if position + len(view) > len(data):
             break
-        view[:] = data[position:position + len(view)]
+        view[:] = data[position : position + len(view)]
         position += len(view)
         event = decoder.filled()
         if isinstance(event, Layer):
@@ -86,15 +87,30 @@ def tiny_transfer(dtype: torch.dtype = torch.float32) -> tuple[KVHeader, list[to
     return header, layers, encode_transfer(header, layers)
 
 
-def header_payload(rid: bytes = b"r", dtype: int = 1, dims: tuple[int, ...] = (2, 1, 3, 4),
-                   num_layers: int = 2, num_tokens: int = 3, ndim: int | None = None) -> bytes:
-    fixed = struct.pack("<HBBIIQ", len(rid), dtype, len(dims) if ndim is None else ndim, num_layers, 0,
-                        num_tokens)
+def header_payload(
+    rid: bytes = b"r",
+    dtype: int = 1,
+    dims: tuple[int, ...] = (2, 1, 3, 4),
+    num_layers: int = 2,
+    num_tokens: int = 3,
+    ndim: int | None = None,
+) -> bytes:
+    fixed = struct.pack(
+        "<HBBIIQ", len(rid), dtype, len(dims) if ndim is None else ndim, num_layers, 0, num_tokens
+    )
     return fixed + rid + struct.pack(f"<{len(dims)}Q", *dims)
 
 
-def prefix(kind: int = FrameType.BEGIN, length: int = 0, *, magic: bytes = MAGIC, version: int = VERSION,
-           flags: int = 0, index: int = 0, crc: int = 0) -> bytes:
+def prefix(
+    kind: int = FrameType.BEGIN,
+    length: int = 0,
+    *,
+    magic: bytes = MAGIC,
+    version: int = VERSION,
+    flags: int = 0,
+    index: int = 0,
+    crc: int = 0,
+) -> bytes:
     return PREFIX.pack(magic, version, kind, flags, index, crc, length)
 
 
@@ -104,8 +120,9 @@ SHAPES = [(1, (2, 1, 1, 1)), (4, (2, 4, 17, 32)), (2, (2, 3, 70, 5))]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("num_layers", "shape"), SHAPES)
 @pytest.mark.parametrize("chunk_bytes", [7, 1 << 20])
-def test_round_trip_is_bit_exact(dtype: torch.dtype, num_layers: int, shape: tuple[int, ...],
-                                 chunk_bytes: int) -> None:
+def test_round_trip_is_bit_exact(
+    dtype: torch.dtype, num_layers: int, shape: tuple[int, ...], chunk_bytes: int
+) -> None:
     layers = make_layers(num_layers, shape, dtype)
     header = KVHeader.describe("req-é", 7, layers)
     events = feed(TransferDecoder(KVLimits(), chunk_bytes), encode_transfer(header, layers))
@@ -121,9 +138,9 @@ def test_round_trip_is_bit_exact(dtype: torch.dtype, num_layers: int, shape: tup
 def test_header_round_trip_and_sizes() -> None:
     header = KVHeader("x" * 128, 2**32 - 1, 4000, 80, torch.bfloat16, (2, 8, 4000, 128))
     frame = encode_header(header)
-    parsed = decode_prefix(frame[:PREFIX.size])
-    check_payload(parsed, frame[PREFIX.size:])
-    assert decode_header(frame[PREFIX.size:]) == header
+    parsed = decode_prefix(frame[: PREFIX.size])
+    check_payload(parsed, frame[PREFIX.size :])
+    assert decode_header(frame[PREFIX.size :]) == header
     assert header.layer_nbytes == 2 * 8 * 4000 * 128 * 2
     assert header.total_nbytes == 80 * header.layer_nbytes
     assert len(frame) - PREFIX.size <= MAX_HEADER_BYTES
@@ -144,18 +161,28 @@ def test_header_round_trip_and_sizes() -> None:
     ],
 )
 def test_header_validation(fields: dict[str, object], message: str) -> None:
-    valid: dict[str, object] = {"request_id": "r", "first_token": 1, "num_tokens": 10, "num_layers": 2,
-                                "dtype": torch.float16, "layer_shape": (2, 4, 10, 32)}
+    valid: dict[str, object] = {
+        "request_id": "r",
+        "first_token": 1,
+        "num_tokens": 10,
+        "num_layers": 2,
+        "dtype": torch.float16,
+        "layer_shape": (2, 4, 10, 32),
+    }
     with pytest.raises(KVProtocolError, match=message):
         KVHeader(**(valid | fields))  # type: ignore[arg-type]
 
 
 def test_limits() -> None:
     header = KVHeader("r", 0, 1000, 10, torch.float32, (2, 8, 1000, 128))  # 8 MB per layer
-    KVLimits(max_transfer_bytes=header.total_nbytes, max_frame_bytes=header.layer_nbytes,
-             max_layers=10).check(header)
-    for limits in (KVLimits(max_transfer_bytes=header.total_nbytes - 1),
-                   KVLimits(max_frame_bytes=header.layer_nbytes - 1), KVLimits(max_layers=9)):
+    KVLimits(
+        max_transfer_bytes=header.total_nbytes, max_frame_bytes=header.layer_nbytes, max_layers=10
+    ).check(header)
+    for limits in (
+        KVLimits(max_transfer_bytes=header.total_nbytes - 1),
+        KVLimits(max_frame_bytes=header.layer_nbytes - 1),
+        KVLimits(max_layers=9),
+    ):
         with pytest.raises(KVProtocolError) as caught:
             limits.check(header)
         assert caught.value.code == ErrorCode.LIMIT
@@ -270,10 +297,10 @@ def test_payload_views_share_memory() -> None:
 
 def test_error_frames() -> None:
     frame = encode_error(ErrorCode.REJECTED, "no room " + "é" * MAX_REASON_BYTES)
-    parsed = decode_prefix(frame[:PREFIX.size])
+    parsed = decode_prefix(frame[: PREFIX.size])
     check_reply_prefix(parsed)
-    check_payload(parsed, frame[PREFIX.size:])
-    code, reason = decode_error(frame[PREFIX.size:])
+    check_payload(parsed, frame[PREFIX.size :])
+    code, reason = decode_error(frame[PREFIX.size :])
     assert code == ErrorCode.REJECTED and reason.startswith("no room é")
     assert len(reason.encode()) <= MAX_REASON_BYTES
     for reply in (prefix(FrameType.ERROR, 1 << 40), prefix(FrameType.OK, 1), prefix(FrameType.LAYER)):
@@ -327,4 +354,4 @@ def test_checksum_is_zlib_crc32(size: int) -> None:
     data = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(size))
     view = data.numpy().data
     assert checksum(view) == zlib.crc32(view)
-    assert checksum(view[size // 3:], checksum(view[:size // 3])) == zlib.crc32(view)
+    assert checksum(view[size // 3 :], checksum(view[: size // 3])) == zlib.crc32(view)

@@ -38,8 +38,9 @@ pytestmark = pytest.mark.timeout(60)
 LIMITS = KVLimits(max_transfer_bytes=256 << 20, max_frame_bytes=64 << 20, max_layers=64)
 
 
-def make_layers(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
-                seed: int = 0) -> list[torch.Tensor]:
+def make_layers(
+    num_layers: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, seed: int = 0
+) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=generator).to(dtype) for _ in range(num_layers)]
 
@@ -128,8 +129,9 @@ def target(receiver: TcpKVReceiver) -> str:
     return f"127.0.0.1:{receiver.port}"
 
 
-async def send(receiver: TcpKVReceiver, request_id: str, layers: list[torch.Tensor],
-               sender: TcpKVSender | None = None) -> TransferStats:
+async def send(
+    receiver: TcpKVReceiver, request_id: str, layers: list[torch.Tensor], sender: TcpKVSender | None = None
+) -> TransferStats:
     header = KVHeader.describe(request_id, 11, layers)
     return await (sender or TcpKVSender()).send(target(receiver), header, layers)
 
@@ -144,10 +146,12 @@ async def assert_still_serves(receiver: TcpKVReceiver, sink: Sink) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("num_layers", "shape"), [(4, (2, 4, 4000, 32)), (1, (2, 1, 1, 1)),
-                                                   (3, (2, 3, 77, 5))])
-async def test_round_trip_is_bit_exact(receiver: TcpKVReceiver, sink: Sink, dtype: torch.dtype,
-                                       num_layers: int, shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize(
+    ("num_layers", "shape"), [(4, (2, 4, 4000, 32)), (1, (2, 1, 1, 1)), (3, (2, 3, 77, 5))]
+)
+async def test_round_trip_is_bit_exact(
+    receiver: TcpKVReceiver, sink: Sink, dtype: torch.dtype, num_layers: int, shape: tuple[int, ...]
+) -> None:
     layers = make_layers(num_layers, shape, dtype)
     stats = await send(receiver, "req-1", layers)
     destination = await sink.wait_ended("req-1")
@@ -170,11 +174,13 @@ async def test_many_concurrent_transfers(receiver: TcpKVReceiver, sink: Sink) ->
 
 
 async def test_checksum_corruption_aborts_and_tells_the_sender(
-        receiver: TcpKVReceiver, sink: Sink, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    receiver: TcpKVReceiver, sink: Sink, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(kv_transfer, "layer_checksum", lambda data, value=0: checksum(data, value) ^ 1)
-    with caplog.at_level(logging.WARNING, logger="splitserve.kv_transfer"), \
-            pytest.raises(KVTransferError, match="layer 0 checksum mismatch") as caught:
+    with (
+        caplog.at_level(logging.WARNING, logger="splitserve.kv_transfer"),
+        pytest.raises(KVTransferError, match="layer 0 checksum mismatch") as caught,
+    ):
         await send(receiver, "corrupt", make_layers(4, (2, 4, 500, 32)))
     assert caught.value.code == ErrorCode.CHECKSUM
     assert (await sink.wait_ended("corrupt")).aborted == "layer 0 checksum mismatch"
@@ -202,6 +208,7 @@ async def test_over_the_limit_is_refused_before_the_sink(receiver: TcpKVReceiver
 
 
 # Hand-made streams: what a broken or hostile sender could write.
+
 
 @dataclass
 class Reply:
@@ -247,7 +254,7 @@ def layer_frame(index: int, payload: bytes, crc: int | None = None) -> bytes:
 def begin_payload_with(**fields: int) -> bytes:
     """HEADER's BEGIN frame with some of its raw fields overwritten (offsets of the fixed struct)."""
     offsets = {"dtype": 2, "ndim": 3}
-    payload = bytearray(encode_header(HEADER)[PREFIX.size:])
+    payload = bytearray(encode_header(HEADER)[PREFIX.size :])
     for name, value in fields.items():
         payload[offsets[name]] = value
     return encode_frame(FrameType.BEGIN, bytes(payload))
@@ -258,18 +265,29 @@ def begin_payload_with(**fields: int) -> bytes:
     [
         pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "bad magic", id="bad-magic"),
         pytest.param(b"SSKV\x02" + bytes(19), "protocol version 2", id="wrong-version"),
-        pytest.param(PREFIX.pack(b"SSKV", 1, FrameType.BEGIN, 0, 0, 0, 1 << 62),
-                     "BEGIN frame of 4611686018427387904 bytes", id="oversized-header"),
+        pytest.param(
+            PREFIX.pack(b"SSKV", 1, FrameType.BEGIN, 0, 0, 0, 1 << 62),
+            "BEGIN frame of 4611686018427387904 bytes",
+            id="oversized-header",
+        ),
         pytest.param(begin_payload_with(dtype=200), "unknown dtype code 200", id="unknown-dtype"),
         pytest.param(begin_payload_with(ndim=200), "200 dims exceed the limit of 8", id="too-many-dims"),
         pytest.param(encode_header(HEADER)[:-8] + b"\x00" * 8, "checksum mismatch", id="header-checksum"),
-        pytest.param(encode_frame(FrameType.BEGIN, encode_header(HEADER)[PREFIX.size:-16]
-                                  + (11).to_bytes(8, "little") + (8).to_bytes(8, "little")),
-                     "is not [2, H_kv, T=10, D]", id="shape-vs-num-tokens"),
+        pytest.param(
+            encode_frame(
+                FrameType.BEGIN,
+                encode_header(HEADER)[PREFIX.size : -16]
+                + (11).to_bytes(8, "little")
+                + (8).to_bytes(8, "little"),
+            ),
+            "is not [2, H_kv, T=10, D]",
+            id="shape-vs-num-tokens",
+        ),
     ],
 )
-async def test_bad_begin_is_rejected_before_the_sink(receiver: TcpKVReceiver, sink: Sink, stream: bytes,
-                                                     reason: str) -> None:
+async def test_bad_begin_is_rejected_before_the_sink(
+    receiver: TcpKVReceiver, sink: Sink, stream: bytes, reason: str
+) -> None:
     replies = await raw_session(receiver, stream)
     assert [r.type for r in replies] == [FrameType.ERROR]
     assert reason in replies[0].reason
@@ -278,7 +296,8 @@ async def test_bad_begin_is_rejected_before_the_sink(receiver: TcpKVReceiver, si
 
 
 async def test_oversized_layer_length_is_rejected_without_allocating(
-        receiver: TcpKVReceiver, sink: Sink, monkeypatch: pytest.MonkeyPatch) -> None:
+    receiver: TcpKVReceiver, sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
     allocations: list[int] = []
     empty = torch.empty
 
@@ -300,19 +319,32 @@ async def test_oversized_layer_length_is_rejected_without_allocating(
 @pytest.mark.parametrize(
     ("frames", "reason", "code"),
     [
-        pytest.param([layer_frame(0, bytes(640), crc=1)], "layer 0 checksum mismatch", ErrorCode.CHECKSUM,
-                     id="checksum"),
-        pytest.param([layer_frame(1, bytes(640))], "layer 1 where layer 0 was expected", ErrorCode.PROTOCOL,
-                     id="out-of-order"),
-        pytest.param([layer_frame(0, bytes(640)), encode_frame(FrameType.END)], "END after 1 of 2 layers",
-                     ErrorCode.PROTOCOL, id="early-end"),
-        pytest.param([layer_frame(0, bytes(64))], "layer 0 of 64 bytes", ErrorCode.PROTOCOL,
-                     id="short-layer"),
+        pytest.param(
+            [layer_frame(0, bytes(640), crc=1)],
+            "layer 0 checksum mismatch",
+            ErrorCode.CHECKSUM,
+            id="checksum",
+        ),
+        pytest.param(
+            [layer_frame(1, bytes(640))],
+            "layer 1 where layer 0 was expected",
+            ErrorCode.PROTOCOL,
+            id="out-of-order",
+        ),
+        pytest.param(
+            [layer_frame(0, bytes(640)), encode_frame(FrameType.END)],
+            "END after 1 of 2 layers",
+            ErrorCode.PROTOCOL,
+            id="early-end",
+        ),
+        pytest.param(
+            [layer_frame(0, bytes(64))], "layer 0 of 64 bytes", ErrorCode.PROTOCOL, id="short-layer"
+        ),
     ],
 )
-async def test_bad_layer_frames_abort_the_destination(receiver: TcpKVReceiver, sink: Sink,
-                                                      frames: list[bytes], reason: str,
-                                                      code: ErrorCode) -> None:
+async def test_bad_layer_frames_abort_the_destination(
+    receiver: TcpKVReceiver, sink: Sink, frames: list[bytes], reason: str, code: ErrorCode
+) -> None:
     replies = await raw_session(receiver, encode_header(HEADER), *frames)
     assert [r.type for r in replies] == [FrameType.ACCEPT, FrameType.ERROR]
     assert replies[1].code == code and reason in replies[1].reason
@@ -322,7 +354,7 @@ async def test_bad_layer_frames_abort_the_destination(receiver: TcpKVReceiver, s
 
 
 async def test_truncated_stream_aborts(receiver: TcpKVReceiver, sink: Sink) -> None:
-    half_layer = layer_frame(0, bytes(640))[:PREFIX.size + 300]
+    half_layer = layer_frame(0, bytes(640))[: PREFIX.size + 300]
     await raw_session(receiver, encode_header(HEADER), half_layer, close_early=True)
     destination = await sink.wait_ended("raw")
     assert destination.aborted == "the sender closed the connection mid-transfer"
@@ -367,6 +399,7 @@ async def test_failing_destination_is_contained(receiver: TcpKVReceiver, sink: S
 
 # Cancellation, back-pressure, shutdown.
 
+
 async def test_sender_cancelled_mid_stream_aborts(receiver: TcpKVReceiver, sink: Sink) -> None:
     first_layer = asyncio.Event()
     sink.on_layer = lambda index: first_layer.set()
@@ -382,8 +415,9 @@ async def test_sender_cancelled_mid_stream_aborts(receiver: TcpKVReceiver, sink:
     await assert_still_serves(receiver, sink)
 
 
-async def test_back_pressure_waits_and_cancelling_it_cancels_the_open(receiver: TcpKVReceiver,
-                                                                      sink: Sink) -> None:
+async def test_back_pressure_waits_and_cancelling_it_cancels_the_open(
+    receiver: TcpKVReceiver, sink: Sink
+) -> None:
     sink.gate = asyncio.Event()
     waiting = asyncio.create_task(send(receiver, "waits", make_layers(2, (2, 2, 10, 8))))
     await asyncio.sleep(0.2)
@@ -411,8 +445,10 @@ async def test_close_aborts_transfers_in_flight(sink: Sink) -> None:
     await sink.wait_opened("raw")
     await receiver.close()
     assert sink.destinations["raw"].aborted == "receiver closing"
-    assert await read_replies(reader) == [Reply(FrameType.ACCEPT),
-                                          Reply(FrameType.ERROR, ErrorCode.SHUTDOWN, "receiver closing")]
+    assert await read_replies(reader) == [
+        Reply(FrameType.ACCEPT),
+        Reply(FrameType.ERROR, ErrorCode.SHUTDOWN, "receiver closing"),
+    ]
     writer.close()
 
 
@@ -436,7 +472,6 @@ async def test_sender_errors_without_a_receiver() -> None:
         await TcpKVSender().send("nowhere", header, layers)
     with pytest.raises(ValueError, match="the header says"):
         await TcpKVSender().send(f"127.0.0.1:{port}", header, layers * 2)
-
 
 
 async def test_a_receiver_that_says_ok_too_early_is_not_believed() -> None:

@@ -30,8 +30,16 @@ def manifest(tmp_path: Path, model: Path, **overrides: Any) -> Path:
         "autoscaling": {"enabled": False},
     } | overrides
     path = tmp_path / "pool.yaml"
-    path.write_text(yaml.safe_dump({"apiVersion": "splitserve.io/v1alpha1", "kind": "InferencePool",
-                                    "metadata": {"name": "local-test"}, "spec": spec}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "splitserve.io/v1alpha1",
+                "kind": "InferencePool",
+                "metadata": {"name": "local-test"},
+                "spec": spec,
+            }
+        )
+    )
     return path
 
 
@@ -43,7 +51,10 @@ class Up:
         self.workdir = workdir
         self.process = subprocess.Popen(
             splitserve_command("up", *args, "--port", str(self.port), "--workdir", str(workdir)),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=subprocess_env(),
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
@@ -68,7 +79,9 @@ class Up:
         raise AssertionError(f"no {text!r} within {timeout}s:\n{''.join(self.seen)}")
 
     def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="-", max_retries=0, timeout=60)
+        return openai.OpenAI(
+            base_url=f"http://127.0.0.1:{self.port}/v1", api_key="-", max_retries=0, timeout=60
+        )
 
     def interrupt(self) -> int:
         self.process.send_signal(signal.SIGINT)
@@ -99,7 +112,8 @@ def test_up_runs_the_pool_streams_a_demo_and_stops_cleanly(tiny_model: Path, tmp
 def test_up_scales_local_workers_on_ttft(tiny_model: Path, tmp_path: Path) -> None:
     """A TTFT target nobody can meet: the autoscaler adds a second prefill process, the router uses it."""
     pool = manifest(
-        tmp_path, tiny_model,
+        tmp_path,
+        tiny_model,
         prefill={"replicas": {"min": 1, "max": 2}, "threads": 1, "slo": {"ttftSeconds": 0.001}},
         autoscaling={"intervalSeconds": 1, "windowSeconds": 10, "predictive": False},
     )
@@ -138,19 +152,28 @@ def test_up_scales_local_workers_on_ttft(tiny_model: Path, tmp_path: Path) -> No
         (None, "No such file"),
         ("kind: [unclosed", "not valid YAML"),
         ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n", "expected one InferencePool"),
-        ("apiVersion: splitserve.io/v1alpha1\nkind: InferencePool\nmetadata: {name: x}\n"
-         "spec: {model: {name: m}, prefill: {replicas: {min: 3, max: 2}}}\n", "spec.prefill.replicas"),
-        ("apiVersion: splitserve.io/v1alpha1\nkind: InferencePool\nmetadata: {name: x}\n"
-         "spec: {model: {name: /no/such/dir}}\n", "does not exist"),
+        (
+            "apiVersion: splitserve.io/v1alpha1\nkind: InferencePool\nmetadata: {name: x}\n"
+            "spec: {model: {name: m}, prefill: {replicas: {min: 3, max: 2}}}\n",
+            "spec.prefill.replicas",
+        ),
+        (
+            "apiVersion: splitserve.io/v1alpha1\nkind: InferencePool\nmetadata: {name: x}\n"
+            "spec: {model: {name: /no/such/dir}}\n",
+            "does not exist",
+        ),
     ],
     ids=["missing-file", "bad-yaml", "wrong-kind", "min-over-max", "missing-model"],
 )
-def test_bad_manifest_is_one_line_and_a_nonzero_exit(tmp_path: Path, content: str | None, message: str) -> None:
+def test_bad_manifest_is_one_line_and_a_nonzero_exit(
+    tmp_path: Path, content: str | None, message: str
+) -> None:
     path = tmp_path / "pool.yaml"
     if content is not None:
         path.write_text(content)
-    result = subprocess.run(splitserve_command("up", str(path)), capture_output=True, text=True,
-                            env=subprocess_env(), timeout=120)
+    result = subprocess.run(
+        splitserve_command("up", str(path)), capture_output=True, text=True, env=subprocess_env(), timeout=120
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("splitserve up: error:") and message in lines[0]

@@ -60,16 +60,23 @@ class Router:
 def start_router(serve: Serve, tokenizer: PreTrainedTokenizerBase) -> StartRouter:
     """A router over the given worker URLs, with fast polling and short timeouts."""
 
-    async def start(prefill: list[str] | None = None, decode: list[str] | None = None,
-                    **settings: Any) -> Router:
+    async def start(
+        prefill: list[str] | None = None, decode: list[str] | None = None, **settings: Any
+    ) -> Router:
         resolver = settings.pop("resolver", _literal_resolver)
-        options: dict[str, Any] = {"health_interval_s": 0.1, "discovery_interval_s": 0.1,
-                                   "connect_timeout_s": 1.0, "first_token_timeout_s": 5.0,
-                                   "idle_timeout_s": 5.0} | settings
-        config = RouterSettings(model=MODEL, max_model_len=512, prefill=prefill or [], decode=decode or [],
-                                **options)
-        app = build_router_app(config, tokenizer=tokenizer, metrics=Metrics(pool="test", role="router"),
-                               resolver=resolver)
+        options: dict[str, Any] = {
+            "health_interval_s": 0.1,
+            "discovery_interval_s": 0.1,
+            "connect_timeout_s": 1.0,
+            "first_token_timeout_s": 5.0,
+            "idle_timeout_s": 5.0,
+        } | settings
+        config = RouterSettings(
+            model=MODEL, max_model_len=512, prefill=prefill or [], decode=decode or [], **options
+        )
+        app = build_router_app(
+            config, tokenizer=tokenizer, metrics=Metrics(pool="test", role="router"), resolver=resolver
+        )
         running = await serve(app)
         return Router(running.url, app[BACKEND_KEY], tokenizer)
 
@@ -88,16 +95,18 @@ async def eventually(condition: Callable[[], bool], what: str, seconds: float = 
     raise AssertionError(f"timed out waiting for {what}")
 
 
-async def test_happy_path(serve: Serve, start_router: StartRouter,
-                          tokenizer: PreTrainedTokenizerBase) -> None:
+async def test_happy_path(
+    serve: Serve, start_router: StartRouter, tokenizer: PreTrainedTokenizerBase
+) -> None:
     prefill, decode = await FakePrefill().start(serve), await FakeDecode().start(serve)
     router = await start_router([prefill.url], [decode.url])
     async with router.client() as client:
         reply = await client.completions.create(model=MODEL, prompt="Hello there", max_tokens=5)
         stream = await client.completions.create(model=MODEL, prompt="Hello there", max_tokens=7, stream=True)
         streamed = "".join([chunk.choices[0].text async for chunk in stream])
-        chat = await client.chat.completions.create(model=MODEL, max_tokens=3,
-                                                    messages=[{"role": "user", "content": "Hi"}])
+        chat = await client.chat.completions.create(
+            model=MODEL, max_tokens=3, messages=[{"role": "user", "content": "Hi"}]
+        )
     assert reply.choices[0].text == router.expected("Hello there", 5)
     assert reply.choices[0].finish_reason == "length"
     assert streamed == router.expected("Hello there", 7)
@@ -152,7 +161,8 @@ async def test_decode_worker_death_fails_only_its_streams(serve: Serve, start_ro
 
 
 async def test_prefill_that_dies_mid_request_is_routed_around(
-        serve: Serve, start_router: StartRouter) -> None:
+    serve: Serve, start_router: StartRouter
+) -> None:
     dying, healthy = await FakePrefill("die").start(serve), await FakePrefill().start(serve)
     decode = await FakeDecode().start(serve)
     router = await start_router([dying.url, healthy.url], [decode.url])
@@ -167,8 +177,9 @@ async def test_prefill_that_dies_mid_request_is_routed_around(
     await eventually(lambda: retried <= decode.disconnected, "the abandoned decode registrations closed")
 
 
-async def test_prefill_that_refuses_connections_is_routed_around(serve: Serve,
-                                                                 start_router: StartRouter) -> None:
+async def test_prefill_that_refuses_connections_is_routed_around(
+    serve: Serve, start_router: StartRouter
+) -> None:
     gone, alive = await FakePrefill().start(serve), await FakePrefill().start(serve)
     decode = await FakeDecode().start(serve)
     router = await start_router([gone.url, alive.url], [decode.url], health_interval_s=60)
@@ -182,8 +193,9 @@ async def test_prefill_that_refuses_connections_is_routed_around(serve: Serve,
     assert len(alive.requests) == 2
 
 
-async def test_prefill_server_errors_are_retried_and_reported(serve: Serve,
-                                                              start_router: StartRouter) -> None:
+async def test_prefill_server_errors_are_retried_and_reported(
+    serve: Serve, start_router: StartRouter
+) -> None:
     failing = await FakePrefill("fail").start(serve)
     decode = await FakeDecode().start(serve)
     router = await start_router([failing.url], [decode.url])
@@ -219,34 +231,44 @@ async def test_decode_error_line_is_relayed(serve: Serve, start_router: StartRou
 
 
 async def test_client_disconnect_during_prefill_closes_both_connections(
-        serve: Serve, start_router: StartRouter) -> None:
+    serve: Serve, start_router: StartRouter
+) -> None:
     prefill, decode = await FakePrefill("hang").start(serve), await FakeDecode().start(serve)
     router = await start_router([prefill.url], [decode.url])
     async with aiohttp.ClientSession() as session:
         with pytest.raises(asyncio.TimeoutError):
-            await session.post(router.url + "/v1/completions", json={"model": MODEL, "prompt": "hi"},
-                               timeout=aiohttp.ClientTimeout(total=0.5))
+            await session.post(
+                router.url + "/v1/completions",
+                json={"model": MODEL, "prompt": "hi"},
+                timeout=aiohttp.ClientTimeout(total=0.5),
+            )
     request_id = prefill.requests[0]["request_id"]
-    await eventually(lambda: request_id in prefill.disconnected and request_id in decode.disconnected,
-                     "both workers to see the disconnect")
+    await eventually(
+        lambda: request_id in prefill.disconnected and request_id in decode.disconnected,
+        "both workers to see the disconnect",
+    )
     await eventually(lambda: router.in_flight("decode") == 0, "the decode slot freed")
 
 
 async def test_client_disconnect_mid_stream_closes_the_decode_stream(
-        serve: Serve, start_router: StartRouter) -> None:
+    serve: Serve, start_router: StartRouter
+) -> None:
     prefill, decode = await FakePrefill().start(serve), await FakeDecode(token_delay=0.1).start(serve)
     router = await start_router([prefill.url], [decode.url])
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 50, "stream": True}
-    async with aiohttp.ClientSession() as session, session.post(router.url + "/v1/completions",
-                                                                json=body) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(router.url + "/v1/completions", json=body) as response,
+    ):
         assert (await response.content.readuntil(b"\n\n")).startswith(b"data: ")
     request_id = decode.registered[0]["request_id"]
     await eventually(lambda: request_id in decode.disconnected, "the decode worker to see the disconnect")
     assert request_id not in decode.finished
 
 
-async def test_discovery_file_adds_and_removes_endpoints(serve: Serve, start_router: StartRouter,
-                                                         tmp_path: Path) -> None:
+async def test_discovery_file_adds_and_removes_endpoints(
+    serve: Serve, start_router: StartRouter, tmp_path: Path
+) -> None:
     prefill = await FakePrefill().start(serve)
     first, second = await FakeDecode().start(serve), await FakeDecode().start(serve)
     path = tmp_path / "workers.json"
@@ -256,6 +278,7 @@ async def test_discovery_file_adds_and_removes_endpoints(serve: Serve, start_rou
         path.write_text(data)
         stamp = 10**18 + next(versions) * 10**9
         os.utime(path, ns=(stamp, stamp))
+
     write(json.dumps({"prefill": [prefill.url], "decode": [first.url]}))
     router = await start_router(discovery_file=path)
     assert router.urls("decode") == [first.url] and router.backend.is_ready()
@@ -271,7 +294,8 @@ async def test_discovery_file_adds_and_removes_endpoints(serve: Serve, start_rou
 
 
 async def test_hostname_seed_expands_to_every_address_and_follows_scaling(
-        serve: Serve, start_router: StartRouter) -> None:
+    serve: Serve, start_router: StartRouter
+) -> None:
     prefill = await FakePrefill().start(serve)
     one = await FakeDecode(token_delay=0.05).start(serve)
     two = await FakeDecode(token_delay=0.05).start(serve, host="127.0.0.2", port=one.port)
@@ -288,12 +312,15 @@ async def test_hostname_seed_expands_to_every_address_and_follows_scaling(
     router = await start_router([prefill.url], [seed], resolver=resolver)
     assert router.urls("decode") == [one.url, two.url]
     async with router.client() as client:
-        replies = await asyncio.gather(*(client.completions.create(model=MODEL, prompt="p", max_tokens=5)
-                                         for _ in range(4)))
+        replies = await asyncio.gather(
+            *(client.completions.create(model=MODEL, prompt="p", max_tokens=5) for _ in range(4))
+        )
         assert {reply.choices[0].text for reply in replies} == {router.expected("p", 5)}
         assert one.registered and two.registered
-        assert {r["kv_target"] for r in prefill.requests} == {f"127.0.0.1:{one.kv_port}",
-                                                              f"127.0.0.2:{two.kv_port}"}
+        assert {r["kv_target"] for r in prefill.requests} == {
+            f"127.0.0.1:{one.kv_port}",
+            f"127.0.0.2:{two.kv_port}",
+        }
         service["decode.pool.svc.cluster.local"] = ["127.0.0.2"]  # scaled down to one pod
         await eventually(lambda: router.urls("decode") == [two.url], "the scale-down")
 
@@ -310,8 +337,11 @@ async def test_not_ready_without_workers(start_router: StartRouter) -> None:
 
 
 def test_least_loaded_pick() -> None:
-    a, b, c = (Endpoint("decode", "10.0.0.1", 1), Endpoint("decode", "10.0.0.2", 1),
-               Endpoint("decode", "10.0.0.3", 1))
+    a, b, c = (
+        Endpoint("decode", "10.0.0.1", 1),
+        Endpoint("decode", "10.0.0.2", 1),
+        Endpoint("decode", "10.0.0.3", 1),
+    )
     for endpoint in (a, b, c):
         endpoint.healthy = True
     a.in_flight, b.in_flight, c.in_flight = 2, 1, 1

@@ -60,7 +60,8 @@ class PackedBatch:
         window: int | None,
     ) -> torch.Tensor:
         """query `[Hq, N, D]`, key/value `[H, N, D]` of the new tokens -> output `[N, Hq, D]`."""
-        keys_new, values_new = key.split(self.lengths, dim=1), value.split(self.lengths, dim=1)
+        keys_new = torch.split(key, self.lengths, dim=1)
+        values_new = torch.split(value, self.lengths, dim=1)
         # One dispatch for all cache writes of this layer.
         torch._foreach_copy_(
             [s.kv.keys[layer][:, s.start : s.start + s.length] for s in self.segments], list(keys_new)

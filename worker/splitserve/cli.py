@@ -49,7 +49,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="Hugging Face model id or local directory")
-    parser.add_argument("--config", help="engine settings file (YAML or JSON, e.g. the operator's engine.json)")
+    parser.add_argument(
+        "--config", help="engine settings file (YAML or JSON, e.g. the operator's engine.json)"
+    )
     for name, kind in ENGINE_FLAGS.items():
         field = EngineConfig.model_fields[name]
         help_text = (field.description or "").replace("%", "%%")  # argparse formats help with %
@@ -70,15 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run a prefill, decode or colocated (both) worker")
     worker.add_argument("--role", required=True, choices=["prefill", "decode", "both"])
     _add_engine_flags(worker)
-    worker.add_argument("--chunked-prefill", action="store_true",
-                        help="both: interleave prompt chunks with decode steps (Sarathi-Serve)")
+    worker.add_argument(
+        "--chunked-prefill",
+        action="store_true",
+        help="both: interleave prompt chunks with decode steps (Sarathi-Serve)",
+    )
     worker.add_argument("--kv-port", type=int, default=8001, help="decode: port the KV receiver listens on")
     _add_server_flags(worker, port=8000)
 
     router = commands.add_parser("router", help="run the OpenAI-compatible router in front of the pools")
     _add_engine_flags(router)
-    router.add_argument("--prefill", default="", help="prefill worker URL(s), comma-separated; hostnames "
-                        "are re-resolved to all their addresses (headless Services)")
+    router.add_argument(
+        "--prefill",
+        default="",
+        help="prefill worker URL(s), comma-separated; hostnames "
+        "are re-resolved to all their addresses (headless Services)",
+    )
     router.add_argument("--decode", default="", help="decode worker URL(s), comma-separated")
     router.add_argument("--discovery-file", help="JSON {prefill: [urls], decode: [urls]}, re-read on change")
     _add_server_flags(router, port=8000)
@@ -91,13 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("manifest", type=Path, help="InferencePool YAML, e.g. examples/local.yaml")
     up.add_argument("--port", type=int, help="router port (default: the manifest's router.service.port)")
     up.add_argument("--workdir", type=Path, help="where logs and generated files go (default: a temp dir)")
-    up.add_argument("--prometheus", choices=["auto", "off"], default="auto",
-                    help="auto: scrape through a local Prometheus when the binary is installed")
-    up.add_argument("--demo", action="store_true", help="once ready, stream one completion and print TTFT/ITL")
+    up.add_argument(
+        "--prometheus",
+        choices=["auto", "off"],
+        default="auto",
+        help="auto: scrape through a local Prometheus when the binary is installed",
+    )
+    up.add_argument(
+        "--demo", action="store_true", help="once ready, stream one completion and print TTFT/ITL"
+    )
     up.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
-    commands.add_parser("operator", help="run the Kubernetes operator (see `splitserve operator --help`)",
-                        add_help=False)
+    commands.add_parser(
+        "operator", help="run the Kubernetes operator (see `splitserve operator --help`)", add_help=False
+    )
     return parser
 
 
@@ -146,6 +162,7 @@ def _run(args: argparse.Namespace) -> int:
 def _one_line(error: BaseException) -> str:
     if isinstance(error, ValidationError):
         return "; ".join(
-            f"{'.'.join(str(part) for part in item['loc']) or 'value'}: {item['msg']}" for item in error.errors()
+            f"{'.'.join(str(part) for part in item['loc']) or 'value'}: {item['msg']}"
+            for item in error.errors()
         )
     return " ".join(str(error).split())

@@ -48,19 +48,19 @@ class IncrementalDetokenizer:
         prefix, full = self._window()
         if len(full) > len(prefix) and not full.endswith(_REPLACEMENT):
             self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
-            return full[len(prefix):]
+            return full[len(prefix) :]
         return ""
 
     def flush(self) -> str:
         """Whatever is held back, at the end of the output (invalid bytes then show as U+FFFD)."""
         prefix, full = self._window()
         self._prefix_offset = self._read_offset = len(self._tokens)
-        return full[len(prefix):]
+        return full[len(prefix) :]
 
     def _window(self) -> tuple[str, str]:
         to_string = self._tokenizer.convert_tokens_to_string
-        prefix: str = to_string(self._tokens[self._prefix_offset:self._read_offset])
-        full: str = to_string(self._tokens[self._prefix_offset:])
+        prefix: str = to_string(self._tokens[self._prefix_offset : self._read_offset])
+        full: str = to_string(self._tokens[self._prefix_offset :])
         return prefix, full
 
 
@@ -81,8 +81,14 @@ class Delta:
 class OutputStream:
     """One choice's output: detokenizes backend chunks and applies stop strings and stop tokens."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: Sequence[int],
-                 params: SamplingParams, *, eager_tokens: bool = False) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        eager_tokens: bool = False,
+    ) -> None:
         """`eager_tokens`: release every token at once, even while its text is held back (a partial
         UTF-8 character, a possible stop string) — for `return_token_ids`, where clients count tokens."""
         self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids)
@@ -114,7 +120,7 @@ class OutputStream:
         if stopped:
             finish = "stop"
         release = len(self._text) if finish else len(self._text) - self._held_back()
-        text = self._text[self._sent:release]
+        text = self._text[self._sent : release]
         if not text and finish is None:
             if not (self._eager_tokens and self._pending_ids):
                 return Delta("")
@@ -132,7 +138,7 @@ class OutputStream:
         found = [i for i in (self._text.find(stop, start) for stop in self._stops) if i >= 0]
         if not found:
             return False
-        self._text = self._text[:min(found)]
+        self._text = self._text[: min(found)]
         return True
 
     def _held_back(self) -> int:

@@ -158,8 +158,9 @@ def read_discovery_file(path: Path) -> dict[Role, list[Seed]]:
 class Discovery:
     """Seeds from flags and the discovery file, resolved to endpoint addresses."""
 
-    def __init__(self, seeds: dict[Role, list[Seed]], file: Path | None, resolver: Resolver = resolve_all
-                 ) -> None:
+    def __init__(
+        self, seeds: dict[Role, list[Seed]], file: Path | None, resolver: Resolver = resolve_all
+    ) -> None:
         self._static = seeds
         self._file = file
         self._file_stamp: tuple[int, int] | None = None
@@ -173,8 +174,9 @@ class Discovery:
         everything = {seed for role_seeds in seeds.values() for seed in role_seeds}
         answers = await asyncio.gather(*(self._resolve(seed) for seed in everything))
         resolved = dict(zip(everything, answers, strict=True))
-        return {role: {(host, seed.port) for seed in seeds[role] for host in resolved[seed]}
-                for role in ROLES}
+        return {
+            role: {(host, seed.port) for seed in seeds[role] for host in resolved[seed]} for role in ROLES
+        }
 
     async def _resolve(self, seed: Seed) -> list[str]:
         try:

@@ -59,25 +59,34 @@ _DONE = b"data: [DONE]\n\n"
 CLEANUP_GRACE_S = 5.0  # how long finished generations may take to close their backend streams
 
 
-def build_openai_app(backend: GenerationBackend, tokenizer: PreTrainedTokenizerBase, *,
-                     served_model_name: str, max_model_len: int, metrics: Metrics,
-                     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
+def build_openai_app(
+    backend: GenerationBackend,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    served_model_name: str,
+    max_model_len: int,
+    metrics: Metrics,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> web.Application:
     """The OpenAI routes plus /health and /metrics. Serve it with `splitserve.http.start_app`."""
     api = _OpenAIApi(backend, tokenizer, served_model_name, max_model_len, metrics)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_openai_errors])
-    app.add_routes([
-        web.post("/v1/completions", api.completions),
-        web.post("/v1/chat/completions", api.chat_completions),
-        web.get("/v1/models", api.models),
-        web.get("/v1/models/{model}", api.model),
-        web.get("/health", api.health),
-        web.get("/metrics", api.metrics),
-    ])
+    app.add_routes(
+        [
+            web.post("/v1/completions", api.completions),
+            web.post("/v1/chat/completions", api.chat_completions),
+            web.get("/v1/models", api.models),
+            web.get("/v1/models/{model}", api.model),
+            web.get("/health", api.health),
+            web.get("/metrics", api.metrics),
+        ]
+    )
     return app
 
 
-def error_response(status: int, message: str, *, type: str, param: str | None = None,
-                   code: str | int | None = None) -> web.Response:
+def error_response(
+    status: int, message: str, *, type: str, param: str | None = None, code: str | int | None = None
+) -> web.Response:
     return web.json_response(error_body(message, type=type, param=param, code=code), status=status)
 
 
@@ -95,8 +104,11 @@ async def _openai_errors(request: web.Request, handler: _Handler) -> web.StreamR
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        kind = "not_found_error" if exc.status == 404 else (
-            "invalid_request_error" if exc.status < 500 else "server_error")
+        kind = (
+            "not_found_error"
+            if exc.status == 404
+            else ("invalid_request_error" if exc.status < 500 else "server_error")
+        )
         return error_response(exc.status, exc.text or exc.reason, type=kind)
     except Exception:
         log.exception("unexpected error", extra={"path": request.path})
@@ -149,8 +161,14 @@ class _Timing:
 
 
 class _OpenAIApi:
-    def __init__(self, backend: GenerationBackend, tokenizer: PreTrainedTokenizerBase, model: str,
-                 max_model_len: int, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        backend: GenerationBackend,
+        tokenizer: PreTrainedTokenizerBase,
+        model: str,
+        max_model_len: int,
+        metrics: Metrics,
+    ) -> None:
         self._backend = backend
         self._tokenizer = tokenizer
         self._model = model
@@ -183,13 +201,25 @@ class _OpenAIApi:
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     def _model_card(self) -> dict[str, Any]:
-        return {"id": self._model, "object": "model", "created": self._created, "owned_by": "splitserve",
-                "root": self._model, "parent": None, "max_model_len": self._max_model_len}
+        return {
+            "id": self._model,
+            "object": "model",
+            "created": self._created,
+            "owned_by": "splitserve",
+            "root": self._model,
+            "parent": None,
+            "max_model_len": self._max_model_len,
+        }
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self._model:
-            raise ProtocolError(f"The model `{model}` does not exist.", status=404, type="not_found_error",
-                                param="model", code="model_not_found")
+            raise ProtocolError(
+                f"The model `{model}` does not exist.",
+                status=404,
+                type="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
 
     # -------------------------------------------------------------------------------- validation
 
@@ -216,16 +246,22 @@ class _OpenAIApi:
         for token_ids in prompts:
             check_token_ids(token_ids, self._vocab_size)
             for sample in range(parsed.n):
-                sampling = sampling_params(parsed, prompt_len=len(token_ids), choice=sample,
-                                           max_model_len=self._max_model_len,
-                                           default_max_tokens=default_max_tokens)
+                sampling = sampling_params(
+                    parsed,
+                    prompt_len=len(token_ids),
+                    choice=sample,
+                    max_model_len=self._max_model_len,
+                    default_max_tokens=default_max_tokens,
+                )
                 request_id = reply_id if count == 1 else f"{reply_id}-{len(choices)}"
-                choices.append(GenerationRequest(request_id=request_id, prompt_token_ids=token_ids,
-                                                 sampling=sampling))
+                choices.append(
+                    GenerationRequest(request_id=request_id, prompt_token_ids=token_ids, sampling=sampling)
+                )
         include_usage = parsed.stream_options is not None and parsed.stream_options.include_usage
         prompt_tokens = sum(len(token_ids) for token_ids in prompts)
-        return _Plan(reply_id, chat, choices, prompt_tokens, parsed.stream, include_usage,
-                     parsed.return_token_ids)
+        return _Plan(
+            reply_id, chat, choices, prompt_tokens, parsed.stream, include_usage, parsed.return_token_ids
+        )
 
     def _tokenize(self, item: str | list[int]) -> tuple[int, ...]:
         if isinstance(item, list):
@@ -241,8 +277,9 @@ class _OpenAIApi:
         try:
             text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # jinja raises its own errors for malformed conversations
-            raise ProtocolError(f"the chat template rejected these messages: {exc}",
-                                param="messages") from exc
+            raise ProtocolError(
+                f"the chat template rejected these messages: {exc}", param="messages"
+            ) from exc
         return tuple(self._tokenizer.encode(str(text), add_special_tokens=False))
 
     # -------------------------------------------------------------------------------- generation
@@ -266,11 +303,14 @@ class _OpenAIApi:
         finally:
             self._metrics.request_finished(outcome)
 
-    async def _run(self, request: web.Request, plan: _Plan,
-                   timing: _Timing) -> tuple[web.StreamResponse, str]:
+    async def _run(
+        self, request: web.Request, plan: _Plan, timing: _Timing
+    ) -> tuple[web.StreamResponse, str]:
         queue: asyncio.Queue[_Event] = asyncio.Queue(maxsize=2 * len(plan.choices))
-        tasks = [asyncio.create_task(self._produce(index, choice, queue, eager_tokens=plan.return_token_ids))
-                 for index, choice in enumerate(plan.choices)]
+        tasks = [
+            asyncio.create_task(self._produce(index, choice, queue, eager_tokens=plan.return_token_ids))
+            for index, choice in enumerate(plan.choices)
+        ]
         outcome = OUTCOME_CANCELLED
         try:
             if plan.stream:
@@ -279,22 +319,31 @@ class _OpenAIApi:
                 response, outcome = await self._collect(plan, queue, timing), OUTCOME_SUCCESS
             return response, outcome
         except GenerationError as error:  # nothing was sent yet: a plain error response
-            log.warning("request failed", extra={"request_id": plan.reply_id, "status": error.status,
-                                                 "error": error.message})
+            log.warning(
+                "request failed",
+                extra={"request_id": plan.reply_id, "status": error.status, "error": error.message},
+            )
             body = _generation_error_body(error)
             return web.json_response(body, status=error.status), _outcome_of(error)
         finally:
             await _finish(tasks, graceful=outcome == OUTCOME_SUCCESS)
 
     def _replies(self, plan: _Plan) -> Replies:
-        return Replies(plan.reply_id, self._model, chat=plan.chat, prompt_tokens=plan.prompt_tokens,
-                       include_usage=plan.include_usage)
+        return Replies(
+            plan.reply_id,
+            self._model,
+            chat=plan.chat,
+            prompt_tokens=plan.prompt_tokens,
+            include_usage=plan.include_usage,
+        )
 
-    async def _produce(self, index: int, request: GenerationRequest, queue: asyncio.Queue[_Event], *,
-                       eager_tokens: bool) -> None:
+    async def _produce(
+        self, index: int, request: GenerationRequest, queue: asyncio.Queue[_Event], *, eager_tokens: bool
+    ) -> None:
         """Drive one choice's backend stream; closing it early (stop string, cancel) aborts the generation."""
-        output = OutputStream(self._tokenizer, request.prompt_token_ids, request.sampling,
-                              eager_tokens=eager_tokens)
+        output = OutputStream(
+            self._tokenizer, request.prompt_token_ids, request.sampling, eager_tokens=eager_tokens
+        )
         chunks = self._backend.generate(request)
         try:
             async for chunk in chunks:
@@ -327,12 +376,14 @@ class _OpenAIApi:
             finishes[event.index] = event.delta.finish_reason
         timing.finished()
         completion_tokens = sum(len(ids) for ids in token_ids)
-        body = self._replies(plan).whole(texts, finishes, completion_tokens,
-                                         token_ids if plan.return_token_ids else None)
+        body = self._replies(plan).whole(
+            texts, finishes, completion_tokens, token_ids if plan.return_token_ids else None
+        )
         return web.Response(body=body, content_type="application/json")
 
-    async def _stream(self, request: web.Request, plan: _Plan, queue: asyncio.Queue[_Event],
-                      timing: _Timing) -> tuple[web.StreamResponse, str]:
+    async def _stream(
+        self, request: web.Request, plan: _Plan, queue: asyncio.Queue[_Event], timing: _Timing
+    ) -> tuple[web.StreamResponse, str]:
         """SSE, opened at the first token, so a failure before it is still a plain HTTP error."""
         response: web.StreamResponse | None = None
         replies = self._replies(plan)
@@ -344,8 +395,9 @@ class _OpenAIApi:
                 if event.error is not None:
                     if response is None:
                         raise event.error
-                    log.warning("stream failed", extra={"request_id": plan.reply_id,
-                                                        "error": event.error.message})
+                    log.warning(
+                        "stream failed", extra={"request_id": plan.reply_id, "error": event.error.message}
+                    )
                     await response.write(sse(_generation_error_body(event.error)) + _DONE)
                     await response.write_eof()
                     return response, _outcome_of(event.error)
@@ -353,7 +405,9 @@ class _OpenAIApi:
                     response = await _open_sse(request, plan.reply_id)
                 assert event.delta is not None
                 ids = list(event.delta.token_ids) if plan.return_token_ids else None
-                await response.write(replies.chunk(event.index, event.delta.text, event.delta.finish_reason, ids))
+                await response.write(
+                    replies.chunk(event.index, event.delta.text, event.delta.finish_reason, ids)
+                )
                 timing.written(event.index, event.delta.tokens)
                 completion_tokens += event.delta.tokens
                 remaining -= event.delta.finish_reason is not None
@@ -373,8 +427,9 @@ def _outcome_of(error: GenerationError) -> str:
 
 
 async def _open_sse(request: web.Request, reply_id: str) -> web.StreamResponse:
-    response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Request-Id": reply_id})
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Request-Id": reply_id}
+    )
     await response.prepare(request)
     return response
 

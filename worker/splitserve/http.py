@@ -38,11 +38,15 @@ class RunningApp:
             await self.runner.cleanup()
 
 
-async def start_app(app: web.Application, *, host: str = "127.0.0.1", port: int = 0,
-                    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> RunningApp:
+async def start_app(
+    app: web.Application,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+) -> RunningApp:
     """Start serving `app`; port 0 picks a free port (see `RunningApp.port`)."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=shutdown_timeout)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
@@ -54,8 +58,9 @@ async def start_app(app: web.Application, *, host: str = "127.0.0.1", port: int 
     return RunningApp(runner, host, bound_port)
 
 
-async def serve_app(app: web.Application, *, host: str, port: int,
-                    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
+async def serve_app(
+    app: web.Application, *, host: str, port: int, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+) -> None:
     """Serve until SIGTERM or SIGINT (Kubernetes stops pods with SIGTERM), then shut down gracefully."""
     running = await start_app(app, host=host, port=port, shutdown_timeout=shutdown_timeout)
     stop = asyncio.Event()

@@ -101,28 +101,46 @@ class KVHeader:
 
     def __post_init__(self) -> None:
         rid = self.request_id.encode("utf-8") if isinstance(self.request_id, str) else b""
-        _require(0 < len(rid) <= MAX_REQUEST_ID_BYTES,
-                 f"request id must be 1..{MAX_REQUEST_ID_BYTES} bytes of utf-8")
-        _require(_is_int(self.first_token) and 0 <= self.first_token < 2**32,
-                 f"first token {self.first_token!r} is not a u32")
-        _require(_is_int(self.num_layers) and 0 < self.num_layers < 2**32,
-                 f"num_layers {self.num_layers!r} is not a positive u32")
-        _require(_is_int(self.num_tokens) and 0 < self.num_tokens < 2**63,
-                 f"num_tokens {self.num_tokens!r} is not positive")
+        _require(
+            0 < len(rid) <= MAX_REQUEST_ID_BYTES,
+            f"request id must be 1..{MAX_REQUEST_ID_BYTES} bytes of utf-8",
+        )
+        _require(
+            _is_int(self.first_token) and 0 <= self.first_token < 2**32,
+            f"first token {self.first_token!r} is not a u32",
+        )
+        _require(
+            _is_int(self.num_layers) and 0 < self.num_layers < 2**32,
+            f"num_layers {self.num_layers!r} is not a positive u32",
+        )
+        _require(
+            _is_int(self.num_tokens) and 0 < self.num_tokens < 2**63,
+            f"num_tokens {self.num_tokens!r} is not positive",
+        )
         _require(self.dtype in _DTYPE_CODES, f"dtype {self.dtype} is not one of float32, bfloat16, float16")
         shape = self.layer_shape
-        _require(isinstance(shape, tuple) and all(_is_int(d) and 0 < d < 2**63 for d in shape),
-                 f"layer shape {shape!r} must be a tuple of positive ints")
-        _require(len(shape) == KV_NDIM and shape[0] == 2 and shape[2] == self.num_tokens,
-                 f"layer shape {list(shape)} is not [2, H_kv, T={self.num_tokens}, D]")
+        _require(
+            isinstance(shape, tuple) and all(_is_int(d) and 0 < d < 2**63 for d in shape),
+            f"layer shape {shape!r} must be a tuple of positive ints",
+        )
+        _require(
+            len(shape) == KV_NDIM and shape[0] == 2 and shape[2] == self.num_tokens,
+            f"layer shape {list(shape)} is not [2, H_kv, T={self.num_tokens}, D]",
+        )
 
     @classmethod
     def describe(cls, request_id: str, first_token: int, layers: Sequence[torch.Tensor]) -> KVHeader:
         """The header for sending `layers` (the prefill side's shortcut)."""
         _require(len(layers) > 0, "no layers to send")
         shape = tuple(layers[0].shape)
-        return cls(request_id, first_token, shape[2] if len(shape) == KV_NDIM else 0, len(layers),
-                   layers[0].dtype, shape)
+        return cls(
+            request_id,
+            first_token,
+            shape[2] if len(shape) == KV_NDIM else 0,
+            len(layers),
+            layers[0].dtype,
+            shape,
+        )
 
     @property
     def layer_nbytes(self) -> int:
@@ -143,12 +161,21 @@ class KVLimits:
 
     def check(self, header: KVHeader) -> None:
         limit = ErrorCode.LIMIT
-        _require(header.num_layers <= self.max_layers,
-                 f"{header.num_layers} layers exceed the limit of {self.max_layers}", limit)
-        _require(header.layer_nbytes <= self.max_frame_bytes,
-                 f"a layer of {header.layer_nbytes} bytes exceeds the limit of {self.max_frame_bytes}", limit)
-        _require(header.total_nbytes <= self.max_transfer_bytes,
-                 f"{header.total_nbytes} bytes exceed the transfer limit of {self.max_transfer_bytes}", limit)
+        _require(
+            header.num_layers <= self.max_layers,
+            f"{header.num_layers} layers exceed the limit of {self.max_layers}",
+            limit,
+        )
+        _require(
+            header.layer_nbytes <= self.max_frame_bytes,
+            f"a layer of {header.layer_nbytes} bytes exceeds the limit of {self.max_frame_bytes}",
+            limit,
+        )
+        _require(
+            header.total_nbytes <= self.max_transfer_bytes,
+            f"{header.total_nbytes} bytes exceed the transfer limit of {self.max_transfer_bytes}",
+            limit,
+        )
 
 
 @dataclass(frozen=True)
@@ -180,15 +207,22 @@ def decode_prefix(data: bytes | bytearray | memoryview) -> FramePrefix:
 
 
 def check_payload(prefix: FramePrefix, payload: bytes | bytearray | memoryview) -> None:
-    _require(checksum(payload) == prefix.crc, f"{prefix.type.name} frame checksum mismatch",
-             ErrorCode.CHECKSUM)
+    _require(
+        checksum(payload) == prefix.crc, f"{prefix.type.name} frame checksum mismatch", ErrorCode.CHECKSUM
+    )
 
 
 def encode_header(header: KVHeader) -> bytes:
     """The BEGIN frame."""
     rid = header.request_id.encode("utf-8")
-    fixed = _HEADER.pack(len(rid), _DTYPE_CODES[header.dtype], len(header.layer_shape), header.num_layers,
-                         header.first_token, header.num_tokens)
+    fixed = _HEADER.pack(
+        len(rid),
+        _DTYPE_CODES[header.dtype],
+        len(header.layer_shape),
+        header.num_layers,
+        header.first_token,
+        header.num_tokens,
+    )
     dims = struct.pack(f"<{len(header.layer_shape)}Q", *header.layer_shape)
     return encode_frame(FrameType.BEGIN, fixed + rid + dims)
 
@@ -202,7 +236,7 @@ def decode_header(payload: bytes | bytearray | memoryview) -> KVHeader:
     _require(rid_len <= MAX_REQUEST_ID_BYTES, f"request id of {rid_len} bytes")
     _require(len(payload) == _HEADER.size + rid_len + 8 * ndim, "header length disagrees with its fields")
     try:
-        request_id = bytes(payload[_HEADER.size:_HEADER.size + rid_len]).decode("utf-8")
+        request_id = bytes(payload[_HEADER.size : _HEADER.size + rid_len]).decode("utf-8")
     except UnicodeDecodeError:
         raise KVProtocolError("request id is not utf-8") from None
     shape = struct.unpack_from(f"<{ndim}Q", payload, _HEADER.size + rid_len)
@@ -217,10 +251,14 @@ def encode_error(code: ErrorCode, reason: str) -> bytes:
 
 def check_reply_prefix(prefix: FramePrefix) -> None:
     """Bound a receiver's reply before reading its payload."""
-    _require(prefix.type in (FrameType.ACCEPT, FrameType.OK, FrameType.ERROR),
-             f"{prefix.type.name} frame where a reply was expected")
-    _require(prefix.length <= (_ERROR.size + MAX_REASON_BYTES if prefix.type == FrameType.ERROR else 0),
-             f"{prefix.type.name} reply of {prefix.length} bytes")
+    _require(
+        prefix.type in (FrameType.ACCEPT, FrameType.OK, FrameType.ERROR),
+        f"{prefix.type.name} frame where a reply was expected",
+    )
+    _require(
+        prefix.length <= (_ERROR.size + MAX_REASON_BYTES if prefix.type == FrameType.ERROR else 0),
+        f"{prefix.type.name} reply of {prefix.length} bytes",
+    )
 
 
 def decode_error(payload: bytes | bytearray | memoryview) -> tuple[ErrorCode, str]:
@@ -228,7 +266,7 @@ def decode_error(payload: bytes | bytearray | memoryview) -> tuple[ErrorCode, st
     (code,) = _ERROR.unpack_from(payload)
     _require(code in ErrorCode._value2member_map_, f"unknown error code {code}")
     try:
-        return ErrorCode(code), bytes(payload[_ERROR.size:]).decode("utf-8")
+        return ErrorCode(code), bytes(payload[_ERROR.size :]).decode("utf-8")
     except UnicodeDecodeError:
         raise KVProtocolError("error reason is not utf-8") from None
 
@@ -312,8 +350,10 @@ class TransferDecoder:
         header = self.header
         if header is None:
             _require(prefix.type == FrameType.BEGIN, f"{prefix.type.name} frame before BEGIN")
-            _require(_HEADER.size <= prefix.length <= MAX_HEADER_BYTES,
-                     f"BEGIN frame of {prefix.length} bytes (at most {MAX_HEADER_BYTES})")
+            _require(
+                _HEADER.size <= prefix.length <= MAX_HEADER_BYTES,
+                f"BEGIN frame of {prefix.length} bytes (at most {MAX_HEADER_BYTES})",
+            )
             self._prefix = prefix
             self._begin_buf = bytearray(prefix.length)
             self._want = memoryview(self._begin_buf)
@@ -325,12 +365,15 @@ class TransferDecoder:
             check_payload(prefix, b"")
             self.done = True
             return End()
-        _require(prefix.type == FrameType.LAYER and done < header.num_layers,
-                 f"{prefix.type.name} frame where {'LAYER' if done < header.num_layers else 'END'} "
-                 "was expected")
+        _require(
+            prefix.type == FrameType.LAYER and done < header.num_layers,
+            f"{prefix.type.name} frame where {'LAYER' if done < header.num_layers else 'END'} was expected",
+        )
         _require(prefix.index == done, f"layer {prefix.index} where layer {done} was expected")
-        _require(prefix.length == header.layer_nbytes,
-                 f"layer {done} of {prefix.length} bytes, the header says {header.layer_nbytes}")
+        _require(
+            prefix.length == header.layer_nbytes,
+            f"layer {done} of {prefix.length} bytes, the header says {header.layer_nbytes}",
+        )
         if self._kv is None:
             buffer = torch.empty(header.layer_nbytes, dtype=torch.uint8)
             self._layer_bytes = buffer.numpy().data
@@ -338,14 +381,14 @@ class TransferDecoder:
         self._prefix = prefix
         self._offset = 0
         self._crc = 0
-        self._want = self._layer_bytes[:self._chunk]
+        self._want = self._layer_bytes[: self._chunk]
         return None
 
     def _on_layer_chunk(self, prefix: FramePrefix) -> Event | None:
         self._crc = layer_checksum(self._want, self._crc)
         self._offset += len(self._want)
         if self._offset < prefix.length:
-            self._want = self._layer_bytes[self._offset:self._offset + self._chunk]
+            self._want = self._layer_bytes[self._offset : self._offset + self._chunk]
             return None
         _require(self._crc == prefix.crc, f"layer {prefix.index} checksum mismatch", ErrorCode.CHECKSUM)
         assert self._kv is not None
@@ -358,7 +401,10 @@ def layer_payloads(header: KVHeader, layers: Sequence[torch.Tensor]) -> list[mem
     """Check that `layers` match `header` and return their raw bytes (the sender's side of the codec)."""
     _require(len(layers) == header.num_layers, f"{len(layers)} layers, the header says {header.num_layers}")
     for index, layer in enumerate(layers):
-        _require(isinstance(layer, torch.Tensor) and layer.dtype == header.dtype
-                 and tuple(layer.shape) == header.layer_shape,
-                 f"layer {index} is not a {header.dtype} tensor of shape {list(header.layer_shape)}")
+        _require(
+            isinstance(layer, torch.Tensor)
+            and layer.dtype == header.dtype
+            and tuple(layer.shape) == header.layer_shape,
+            f"layer {index} is not a {header.dtype} tensor of shape {list(header.layer_shape)}",
+        )
     return [tensor_bytes(layer) for layer in layers]

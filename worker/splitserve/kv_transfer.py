@@ -156,13 +156,13 @@ class _Connection(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._target is not None:
-            return self._target[self._target_got:]
+            return self._target[self._target_got :]
         if self._head == self._tail:
             self._head = self._tail = 0
         elif self._tail == len(self._staging):
-            self._staging[:self._tail - self._head] = self._staging[self._head:self._tail]
+            self._staging[: self._tail - self._head] = self._staging[self._head : self._tail]
             self._head, self._tail = 0, self._tail - self._head
-        return self._staged[self._tail:]
+        return self._staged[self._tail :]
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._target is not None:
@@ -194,7 +194,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _take(self, view: memoryview) -> int:
         count = min(len(view), self._tail - self._head)
-        view[:count] = self._staged[self._head:self._head + count]
+        view[:count] = self._staged[self._head : self._head + count]
         self._head += count
         return count
 
@@ -254,8 +254,16 @@ class TcpKVReceiver(KVReceiver):
     `idle_timeout` bounds the wait for each frame prefix and each chunk of payload.
     """
 
-    def __init__(self, host: str, port: int, sink: KVSink, limits: KVLimits | None = None, *,
-                 idle_timeout: float = 30.0, linger_seconds: float = 5.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        sink: KVSink,
+        limits: KVLimits | None = None,
+        *,
+        idle_timeout: float = 30.0,
+        linger_seconds: float = 5.0,
+    ) -> None:
         self._host, self._port = host, port
         self._sink = sink
         self._limits = limits or KVLimits()
@@ -330,8 +338,13 @@ class TcpKVReceiver(KVReceiver):
         except KVRejected as exc:
             await self._fail(conn, destination, request_id, ErrorCode.REJECTED, exc.reason)
         except TimeoutError:
-            await self._fail(conn, destination, request_id, ErrorCode.TIMEOUT,
-                             f"no data from the sender for {self._idle_timeout} s")
+            await self._fail(
+                conn,
+                destination,
+                request_id,
+                ErrorCode.TIMEOUT,
+                f"no data from the sender for {self._idle_timeout} s",
+            )
         except _PeerClosedError as exc:
             await self._fail(conn, destination, request_id, ErrorCode.UNAVAILABLE, str(exc))
         except asyncio.CancelledError:
@@ -345,10 +358,21 @@ class TcpKVReceiver(KVReceiver):
             self._tasks.discard(task)
             conn.transport.close()
 
-    async def _fail(self, conn: _Connection, destination: KVDestination | None, request_id: str,
-                    code: ErrorCode, reason: str) -> None:
-        logger.warning("kv receive failed request_id=%s peer=%s code=%s reason=%s",
-                       request_id, conn.peer, code.name.lower(), reason)
+    async def _fail(
+        self,
+        conn: _Connection,
+        destination: KVDestination | None,
+        request_id: str,
+        code: ErrorCode,
+        reason: str,
+    ) -> None:
+        logger.warning(
+            "kv receive failed request_id=%s peer=%s code=%s reason=%s",
+            request_id,
+            conn.peer,
+            code.name.lower(),
+            reason,
+        )
         if destination is not None:
             try:
                 destination.abort(reason)
@@ -362,7 +386,7 @@ class TcpKVReceiver(KVReceiver):
 
 
 def parse_target(target: str) -> tuple[str, int]:
-    """"host:port" or "[v6]:port" -> (host, port)."""
+    """ "host:port" or "[v6]:port" -> (host, port)."""
     host, _, port = target.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -386,8 +410,13 @@ class TcpKVSender(KVSender):
     the decode worker's admission wait; None waits forever.
     """
 
-    def __init__(self, *, connect_timeout: float = 10.0, idle_timeout: float | None = 120.0,
-                 chunk_bytes: int = 4 * CHUNK_BYTES) -> None:
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = 10.0,
+        idle_timeout: float | None = 120.0,
+        chunk_bytes: int = 4 * CHUNK_BYTES,
+    ) -> None:
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
         self._chunk_bytes = chunk_bytes
@@ -412,8 +441,13 @@ class TcpKVSender(KVSender):
             error = KVTransferError(header.request_id, ErrorCode.UNAVAILABLE, f"{target}: {exc}")
         else:
             return TransferStats(header.total_nbytes, time.perf_counter() - start, accept_seconds)
-        logger.warning("kv send failed request_id=%s target=%s code=%s reason=%s",
-                       header.request_id, target, error.code.name.lower(), error.reason)
+        logger.warning(
+            "kv send failed request_id=%s target=%s code=%s reason=%s",
+            header.request_id,
+            target,
+            error.code.name.lower(),
+            error.reason,
+        )
         raise error
 
     async def _connect(self, host: str, port: int) -> socket.socket:
@@ -442,8 +476,9 @@ class TcpKVSender(KVSender):
                 return sock
             raise error
 
-    async def _transfer(self, sock: socket.socket, header: KVHeader, payloads: list[memoryview],
-                        start: float) -> float:
+    async def _transfer(
+        self, sock: socket.socket, header: KVHeader, payloads: list[memoryview], start: float
+    ) -> float:
         """BEGIN, wait for ACCEPT, stream the layers and END, wait for OK; seconds until ACCEPT."""
         await self._send(sock, encode_header(header))
         async with asyncio.timeout(self._idle_timeout):
@@ -490,7 +525,7 @@ class TcpKVSender(KVSender):
                     crc_next = _checksum_soon(payloads[index + 1])
                 await self._send(sock, encode_layer_prefix(index, len(payload), crc))
                 for offset in range(0, len(payload), self._chunk_bytes):
-                    await self._send(sock, payload[offset:offset + self._chunk_bytes])
+                    await self._send(sock, payload[offset : offset + self._chunk_bytes])
             await self._send(sock, encode_frame(FrameType.END))
         finally:
             crc_next.cancel()

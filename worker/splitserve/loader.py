@@ -77,8 +77,10 @@ def load_model(config: EngineConfig) -> LoadedModel:
     tokenizer = load_tokenizer(config.model, config.revision)
     model = AutoModelForCausalLM.from_pretrained(
         config.model, revision=config.revision, dtype=dtype, attn_implementation=attention.ATTENTION_NAME
-    ).to(device)
-    model.eval()
+    )
+    # In place, through nn.Module: transformers' decorated .to()/.eval() are opaque to mypy.
+    torch.nn.Module.to(model, device)
+    torch.nn.Module.eval(model)
     text_config = model.config.get_text_config()
     _check_supported(model, text_config)
     layout = kv_layout(text_config, dtype)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import json
 import signal
 import tempfile
@@ -76,7 +78,10 @@ def run_local(args: argparse.Namespace) -> int:
     config = engine_config(spec).model_copy(update={"model": local_model(spec.model.name)})
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix=f"splitserve-{name}-"))
     pool = LocalPool(
-        name, config, workdir, args.port or spec.router.service.port,
+        name,
+        config,
+        workdir,
+        args.port or spec.router.service.port,
         threads={"prefill": spec.prefill.threads or 1, "decode": spec.decode.threads or 1},
         log_level=args.log_level,
     )
@@ -98,14 +103,19 @@ class Up:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop.set)
         pool = self.pool
-        print(f"splitserve up: pool {pool.name!r}, model {pool.config.model}; logs in {pool.workdir / 'logs'}",
-              flush=True)
+        print(
+            f"splitserve up: pool {pool.name!r}, model {pool.config.model}; logs in {pool.workdir / 'logs'}",
+            flush=True,
+        )
         try:
             await pool.start(self.spec.prefill.replicas.start, self.spec.decode.replicas.start)
             source = await self._signal_source()
-            print(f"ready: OpenAI API at {pool.url}/v1 (model {pool.config.name!r}); prefill "
-                  f"{pool.replicas('prefill')}, decode {pool.replicas('decode')}; {self._scaling_note()}; "
-                  "Ctrl-C stops", flush=True)
+            print(
+                f"ready: OpenAI API at {pool.url}/v1 (model {pool.config.name!r}); prefill "
+                f"{pool.replicas('prefill')}, decode {pool.replicas('decode')}; {self._scaling_note()}; "
+                "Ctrl-C stops",
+                flush=True,
+            )
             if self.args.demo:
                 await demo(pool.url, pool.config.name)
             await self._watch(source)
@@ -132,8 +142,8 @@ class Up:
         if not autoscaling.enabled:
             return "autoscaling off"
         via = f"Prometheus at {self.prometheus.url}" if self.prometheus else "the workers' /metrics"
-        return (f"autoscaling every {autoscaling.interval_seconds}s on TTFT<={self.spec.prefill.slo.ttft_seconds}s "
-                f"and ITL<={self.spec.decode.slo.itl_seconds}s via {via}")
+        ttft, itl = self.spec.prefill.slo.ttft_seconds, self.spec.decode.slo.itl_seconds
+        return f"autoscaling every {autoscaling.interval_seconds}s on TTFT<={ttft}s and ITL<={itl}s via {via}"
 
     def _targets(self) -> list[str]:
         return [process.url.removeprefix("http://") for process in self.pool.processes()]
@@ -146,26 +156,30 @@ class Up:
         autoscaler, state = PoolAutoscaler(source), AutoscalerState()
         while not self.stop.is_set():
             await self._replace_dead()
-            if self.spec.autoscaling.enabled and state.due(time.time(), self.spec.autoscaling.interval_seconds):
+            if self.spec.autoscaling.enabled and state.due(
+                time.time(), self.spec.autoscaling.interval_seconds
+            ):
                 current = {role: self.pool.replicas(role) for role in ROLES}
-                outcome = await autoscaler.evaluate(None, self.pool.name, self.spec, current, state, time.time())
+                outcome = await autoscaler.evaluate(
+                    None, self.pool.name, self.spec, current, state, time.time()
+                )
                 for event in outcome.events:
                     report(event)
                 for role, replicas in outcome.changed.items():
                     await self.pool.scale(role, replicas)
                 if outcome.changed:
                     self._retarget(source)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), WATCH_SECONDS)
-            except TimeoutError:
-                pass
 
     async def _replace_dead(self) -> None:
         dead = self.pool.dead()
         if not dead:
             return
         if self.pool.router in dead:
-            raise RuntimeError(f"the router exited:\n{self.pool.router.log_tail() if self.pool.router else ''}")
+            raise RuntimeError(
+                f"the router exited:\n{self.pool.router.log_tail() if self.pool.router else ''}"
+            )
         for process in dead:
             print(f"  {process.name} exited with code {process.exit_code()}; replacing it", flush=True)
         for role in ROLES:
@@ -188,15 +202,22 @@ def report(event: AutoscaleEvent) -> None:
 
 async def demo(url: str, model: str, max_tokens: int = 48) -> dict[str, Any]:
     """Stream one chat completion to the terminal and print what the client saw: TTFT and ITL."""
-    body = {"model": model, "messages": [{"role": "user", "content": DEMO_PROMPT}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "return_token_ids": True}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": DEMO_PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "return_token_ids": True,
+    }
     print(f"\ndemo> {DEMO_PROMPT}\n", flush=True)
     sent = time.perf_counter()
     arrivals: list[tuple[float, int]] = []
     timeout = aiohttp.ClientTimeout(total=300)
-    async with aiohttp.ClientSession(timeout=timeout) as session, session.post(
-        url + "/v1/chat/completions", json=body
-    ) as reply:
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.post(url + "/v1/chat/completions", json=body) as reply,
+    ):
         reply.raise_for_status()
         async for line in reply.content:
             if not line.startswith(b"data: {"):
@@ -205,14 +226,22 @@ async def demo(url: str, model: str, max_tokens: int = 48) -> dict[str, Any]:
             print(choice["delta"].get("content", ""), end="", flush=True)
             arrivals.append((time.perf_counter(), len(choice.get("token_ids") or [])))
     gaps = sorted(
-        (now - before) / count for (before, _), (now, count) in zip(arrivals, arrivals[1:], strict=False)
-        for _ in range(count) if count
+        (now - before) / count
+        for (before, _), (now, count) in itertools.pairwise(arrivals)
+        for _ in range(count)
+        if count
     )
     tokens = sum(count for _, count in arrivals)
-    stats = {"ttft_s": arrivals[0][0] - sent, "tokens": tokens,
-             "itl_p50_s": gaps[len(gaps) // 2] if gaps else 0.0,
-             "itl_p99_s": gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] if gaps else 0.0}
-    print(f"\n\n(random weights, so the text is gibberish) {tokens} tokens: TTFT "
-          f"{stats['ttft_s'] * 1000:.0f} ms, ITL p50 {stats['itl_p50_s'] * 1000:.1f} ms, "
-          f"p99 {stats['itl_p99_s'] * 1000:.1f} ms\n", flush=True)
+    stats = {
+        "ttft_s": arrivals[0][0] - sent,
+        "tokens": tokens,
+        "itl_p50_s": gaps[len(gaps) // 2] if gaps else 0.0,
+        "itl_p99_s": gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] if gaps else 0.0,
+    }
+    print(
+        f"\n\n(random weights, so the text is gibberish) {tokens} tokens: TTFT "
+        f"{stats['ttft_s'] * 1000:.0f} ms, ITL p50 {stats['itl_p50_s'] * 1000:.1f} ms, "
+        f"p99 {stats['itl_p99_s'] * 1000:.1f} ms\n",
+        flush=True,
+    )
     return stats

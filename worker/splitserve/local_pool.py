@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -69,9 +68,9 @@ class LocalProcess:
     def exit_code(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
-    async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = STARTUP_TIMEOUT_S) -> float:
+    async def wait_ready(self, session: aiohttp.ClientSession, limit_s: float = STARTUP_TIMEOUT_S) -> float:
         """Poll /health until 200; seconds it took. Raises with the log's tail if the process died."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + limit_s
         while time.monotonic() < deadline:
             if self.exit_code() is not None:
                 raise RuntimeError(f"{self.name} exited with code {self.exit_code()}:\n{self.log_tail()}")
@@ -82,7 +81,7 @@ class LocalProcess:
             except (aiohttp.ClientError, TimeoutError):
                 pass
             await asyncio.sleep(0.2)
-        raise RuntimeError(f"{self.name} was not ready after {timeout:g}s:\n{self.log_tail()}")
+        raise RuntimeError(f"{self.name} was not ready after {limit_s:g}s:\n{self.log_tail()}")
 
     def stop(self, grace: float = STOP_GRACE_S) -> None:
         """SIGTERM (the worker drains), then SIGKILL after `grace` seconds."""
@@ -147,7 +146,8 @@ class LocalPool:
         self.engine_file.write_text(self.config.model_dump_json(exclude_none=True, indent=2))
         self._write_discovery()
         self.router = self._process(
-            "router", self.router_port,
+            "router",
+            self.router_port,
             ["router", "--config", str(self.engine_file), "--discovery-file", str(self.discovery_file)],
         )
         self.router.start()
@@ -198,13 +198,24 @@ class LocalPool:
         self.progress(f"  {process.name:<10} ready in {seconds:.1f}s at {process.url}")
 
     def _process(self, name: str, port: int, argv: list[str]) -> LocalProcess:
-        argv = [*argv, "--host", "127.0.0.1", "--port", str(port), "--pool", self.name,
-                "--log-level", self.log_level]
-        return LocalProcess(name, port, splitserve_argv(*argv), self.workdir / "logs" / f"{name}.log", self.env)
+        argv = [
+            *argv,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--pool",
+            self.name,
+            "--log-level",
+            self.log_level,
+        ]
+        return LocalProcess(
+            name, port, splitserve_argv(*argv), self.workdir / "logs" / f"{name}.log", self.env
+        )
 
     def _write_discovery(self) -> None:
         """Atomic rewrite, so the router never reads half a file."""
         urls = {role: [process.url for process in self.workers[role]] for role in ROLES}
         staging = self.discovery_file.with_suffix(".tmp")
         staging.write_text(json.dumps(urls))
-        os.replace(staging, self.discovery_file)
+        staging.replace(self.discovery_file)

@@ -25,8 +25,9 @@ def find_prometheus() -> str | None:
 
 
 class LocalPrometheus:
-    def __init__(self, binary: str, workdir: Path, *, scrape_interval: str = "1s",
-                 labels: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, binary: str, workdir: Path, *, scrape_interval: str = "1s", labels: dict[str, str] | None = None
+    ) -> None:
         self.binary = binary
         self.workdir = workdir
         self.labels = labels or {}
@@ -42,7 +43,7 @@ class LocalPrometheus:
         """`host:port` targets serving /metrics; written atomically."""
         staging = self.targets_file.with_suffix(".tmp")
         staging.write_text(json.dumps([{"targets": targets, "labels": self.labels}]))
-        os.replace(staging, self.targets_file)
+        staging.replace(self.targets_file)
 
     def start(self) -> None:
         if not self.targets_file.exists():
@@ -57,10 +58,17 @@ class LocalPrometheus:
         )
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [self.binary, f"--config.file={config}", f"--storage.tsdb.path={self.workdir / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=2h",
-                 "--log.level=warn"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    self.binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={self.workdir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    "--storage.tsdb.retention.time=2h",
+                    "--log.level=warn",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:

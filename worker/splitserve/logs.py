@@ -48,5 +48,5 @@ def silence_transformers() -> None:
     """transformers' progress bars and advisory warnings are noise in a server log (workers only)."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]

@@ -24,14 +24,22 @@ MAX_CHOICES = 128  # prompts × n in one request: each choice is a generation of
 class ProtocolError(Exception):
     """A request the API refuses; rendered as an OpenAI error body with `status`."""
 
-    def __init__(self, message: str, *, status: int = 400, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message, self.status, self.param, self.type, self.code = message, status, param, type, code
 
 
-def error_body(message: str, *, type: str, param: str | None = None, code: str | int | None = None
-               ) -> dict[str, Any]:
+def error_body(
+    message: str, *, type: str, param: str | None = None, code: str | int | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -175,16 +183,20 @@ def completion_prompts(prompt: Any) -> list[str | list[int]]:
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_token_list(p) for p in prompt):
         batch = prompt
     else:
-        raise ProtocolError("prompt must be a non-empty string, a list of token ids, or a list of those",
-                            param="prompt")
+        raise ProtocolError(
+            "prompt must be a non-empty string, a list of token ids, or a list of those", param="prompt"
+        )
     if any(len(item) == 0 for item in batch):
         raise ProtocolError("prompt must not be empty", param="prompt")
     return batch
 
 
 def _is_token_list(value: Any) -> bool:
-    return (isinstance(value, list) and bool(value)
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    )
 
 
 def check_token_ids(token_ids: Sequence[int], vocab_size: int) -> None:
@@ -197,8 +209,9 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
     out = []
     for index, message in enumerate(messages):
         if message.role not in ("system", "developer", "user", "assistant"):
-            raise ProtocolError(f"messages[{index}].role {message.role!r} is not supported",
-                                param=f"messages.{index}.role")
+            raise ProtocolError(
+                f"messages[{index}].role {message.role!r} is not supported", param=f"messages.{index}.role"
+            )
         out.append({"role": message.role, "content": _text_content(message.content, index)})
         if message.name is not None:
             out[-1]["name"] = message.name
@@ -210,13 +223,21 @@ def _text_content(content: str | list[dict[str, Any]] | None, index: int) -> str
         return content
     parts = content or []
     if content is None or not all(p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
-        raise ProtocolError(f"messages[{index}].content must be a string or a list of text parts",
-                            param=f"messages.{index}.content")
+        raise ProtocolError(
+            f"messages[{index}].content must be a string or a list of text parts",
+            param=f"messages.{index}.content",
+        )
     return "".join(part["text"] for part in parts)
 
 
-def sampling_params(request: _CommonRequest, *, prompt_len: int, max_model_len: int,
-                    default_max_tokens: int | None, choice: int = 0) -> SamplingParams:
+def sampling_params(
+    request: _CommonRequest,
+    *,
+    prompt_len: int,
+    max_model_len: int,
+    default_max_tokens: int | None,
+    choice: int = 0,
+) -> SamplingParams:
     """Resolve one choice's sampling; `default_max_tokens=None` means "the rest of the context".
 
     With n > 1 and a seed, choice i gets seed + i (vLLM's rule), so choices differ but reproduce.
@@ -234,14 +255,18 @@ def sampling_params(request: _CommonRequest, *, prompt_len: int, max_model_len: 
     if prompt_len + max_tokens > max_model_len:
         raise _context_error(prompt_len, max_tokens, max_model_len)
     if request.min_tokens > max_tokens:
-        raise ProtocolError(f"min_tokens ({request.min_tokens}) must not exceed max_tokens ({max_tokens})",
-                            param="min_tokens")
+        raise ProtocolError(
+            f"min_tokens ({request.min_tokens}) must not exceed max_tokens ({max_tokens})", param="min_tokens"
+        )
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if any(not stop for stop in stops):
         raise ProtocolError("stop strings must not be empty", param="stop")
     fields: dict[str, Any] = {
-        "max_tokens": max_tokens, "min_tokens": request.min_tokens, "ignore_eos": request.ignore_eos,
-        "stop": tuple(stops), "stop_token_ids": tuple(request.stop_token_ids or ()),
+        "max_tokens": max_tokens,
+        "min_tokens": request.min_tokens,
+        "ignore_eos": request.ignore_eos,
+        "stop": tuple(stops),
+        "stop_token_ids": tuple(request.stop_token_ids or ()),
         "seed": None if request.seed is None else request.seed + choice,
     }
     for name in ("temperature", "top_p", "top_k"):
@@ -258,7 +283,8 @@ def _context_error(prompt_len: int, max_tokens: int, max_model_len: int) -> Prot
         f"This model's maximum context length is {max_model_len} tokens. However, you requested "
         f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the completion). "
         "Please reduce the length of the prompt or completion.",
-        param="max_tokens", code="context_length_exceeded",
+        param="max_tokens",
+        code="context_length_exceeded",
     )
 
 
@@ -336,36 +362,61 @@ class ChatCompletionChunk(BaseModel):
 class Replies:
     """The response bodies of one request in its endpoint's format: a whole reply, or SSE chunks."""
 
-    def __init__(self, reply_id: str, model: str, *, chat: bool, prompt_tokens: int,
-                 include_usage: bool = False) -> None:
+    def __init__(
+        self, reply_id: str, model: str, *, chat: bool, prompt_tokens: int, include_usage: bool = False
+    ) -> None:
         self._id, self._model, self._chat = reply_id, model, chat
         self._prompt_tokens, self._include_usage = prompt_tokens, include_usage
         self._created = int(time.time())
         self._opened: set[int] = set()  # chat choices whose first chunk (with the role) went out
 
     def usage(self, completion_tokens: int) -> Usage:
-        return Usage(prompt_tokens=self._prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=self._prompt_tokens + completion_tokens)
+        return Usage(
+            prompt_tokens=self._prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=self._prompt_tokens + completion_tokens,
+        )
 
-    def whole(self, texts: list[str], finishes: list[FinishReason | None], completion_tokens: int,
-              token_ids: list[list[int]] | None = None) -> str:
+    def whole(
+        self,
+        texts: list[str],
+        finishes: list[FinishReason | None],
+        completion_tokens: int,
+        token_ids: list[list[int]] | None = None,
+    ) -> str:
         """`token_ids` (one list per choice) only when the client asked for them."""
-        head: dict[str, Any] = {"id": self._id, "created": self._created, "model": self._model,
-                                "usage": self.usage(completion_tokens)}
+        head: dict[str, Any] = {
+            "id": self._id,
+            "created": self._created,
+            "model": self._model,
+            "usage": self.usage(completion_tokens),
+        }
         ids: list[list[int] | None] = list(token_ids) if token_ids is not None else [None] * len(texts)
         results = list(enumerate(zip(texts, finishes, ids, strict=True)))
         if self._chat:
-            return ChatCompletionResponse(**head, choices=[
-                ChatChoice(index=i, message=ChatResponseMessage(content=text), finish_reason=finish,
-                           token_ids=choice_ids)
-                for i, (text, finish, choice_ids) in results]).model_dump_json()
-        return CompletionResponse(**head, choices=[
-            CompletionChoice(index=i, text=text, finish_reason=finish, token_ids=choice_ids)
-            for i, (text, finish, choice_ids) in results
-        ]).model_dump_json()
+            return ChatCompletionResponse(
+                **head,
+                choices=[
+                    ChatChoice(
+                        index=i,
+                        message=ChatResponseMessage(content=text),
+                        finish_reason=finish,
+                        token_ids=choice_ids,
+                    )
+                    for i, (text, finish, choice_ids) in results
+                ],
+            ).model_dump_json()
+        return CompletionResponse(
+            **head,
+            choices=[
+                CompletionChoice(index=i, text=text, finish_reason=finish, token_ids=choice_ids)
+                for i, (text, finish, choice_ids) in results
+            ],
+        ).model_dump_json()
 
-    def chunk(self, index: int, text: str, finish_reason: FinishReason | None,
-              token_ids: list[int] | None = None) -> bytes:
+    def chunk(
+        self, index: int, text: str, finish_reason: FinishReason | None, token_ids: list[int] | None = None
+    ) -> bytes:
         head: dict[str, Any] = {"id": self._id, "created": self._created, "model": self._model}
         chunk: CompletionResponse | ChatCompletionChunk
         if self._chat:
@@ -373,17 +424,32 @@ class Replies:
             self._opened.add(index)
             if text or "role" in delta:
                 delta["content"] = text
-            chunk = ChatCompletionChunk(**head, choices=[
-                ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason, token_ids=token_ids)])
+            chunk = ChatCompletionChunk(
+                **head,
+                choices=[
+                    ChatChunkChoice(
+                        index=index, delta=delta, finish_reason=finish_reason, token_ids=token_ids
+                    )
+                ],
+            )
         else:
-            chunk = CompletionResponse(**head, choices=[
-                CompletionChoice(index=index, text=text, finish_reason=finish_reason, token_ids=token_ids)])
+            chunk = CompletionResponse(
+                **head,
+                choices=[
+                    CompletionChoice(index=index, text=text, finish_reason=finish_reason, token_ids=token_ids)
+                ],
+            )
         # With include_usage, OpenAI sends "usage": null on every chunk and the numbers in a last one.
         return sse(chunk.model_dump(exclude=None if self._include_usage else {"usage"}))
 
     def usage_chunk(self, completion_tokens: int) -> bytes:
-        head: dict[str, Any] = {"id": self._id, "created": self._created, "model": self._model,
-                                "choices": [], "usage": self.usage(completion_tokens)}
+        head: dict[str, Any] = {
+            "id": self._id,
+            "created": self._created,
+            "model": self._model,
+            "choices": [],
+            "usage": self.usage(completion_tokens),
+        }
         chunk = ChatCompletionChunk(**head) if self._chat else CompletionResponse(**head)
         return sse(chunk.model_dump())
 

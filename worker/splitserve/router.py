@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-
 class RouterSettings(BaseModel):
     """Everything `splitserve router` is configured with; each timeout bounds one wait."""
 
@@ -80,8 +79,14 @@ class RouterSettings(BaseModel):
 class _RetryError(Exception):
     """This handoff failed before any token; another one, avoiding the blamed workers, may succeed."""
 
-    def __init__(self, message: str, *, prefill: Endpoint | None = None, decode: Endpoint | None = None,
-                 status: int = 502) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        prefill: Endpoint | None = None,
+        decode: Endpoint | None = None,
+        status: int = 502,
+    ) -> None:
         super().__init__(message)
         self.message, self.prefill, self.decode, self.status = message, prefill, decode, status
 
@@ -103,8 +108,10 @@ class RouterBackend:
     def __init__(self, settings: RouterSettings, *, resolver: Resolver = resolve_all) -> None:
         self.settings = settings
         self.pools: dict[Role, EndpointPool] = {role: EndpointPool(role) for role in ROLES}
-        seeds: dict[Role, list[Seed]] = {"prefill": [Seed.parse(u) for u in settings.prefill],
-                                         "decode": [Seed.parse(u) for u in settings.decode]}
+        seeds: dict[Role, list[Seed]] = {
+            "prefill": [Seed.parse(u) for u in settings.prefill],
+            "decode": [Seed.parse(u) for u in settings.decode],
+        }
         self._discovery = Discovery(seeds, settings.discovery_file, resolver)
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -130,9 +137,19 @@ class RouterBackend:
 
     def snapshot(self) -> dict[str, list[dict[str, Any]]]:
         """Every endpoint's state, for GET /router/endpoints and tests."""
-        return {role: [{"url": e.url, "healthy": e.healthy, "in_flight": e.in_flight,
-                        "reported_load": e.reported_load, "kv_cache_usage": e.kv_cache_usage}
-                       for e in pool.endpoints] for role, pool in self.pools.items()}
+        return {
+            role: [
+                {
+                    "url": e.url,
+                    "healthy": e.healthy,
+                    "in_flight": e.in_flight,
+                    "reported_load": e.reported_load,
+                    "kv_cache_usage": e.kv_cache_usage,
+                }
+                for e in pool.endpoints
+            ]
+            for role, pool in self.pools.items()
+        }
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
@@ -177,8 +194,9 @@ class RouterBackend:
                 chunk = await handoff.open(avoid)
             except _RetryError as retry:
                 handoff.close()
-                log.warning("handoff failed, retrying",
-                            extra={"request_id": request_id, "error": retry.message})
+                log.warning(
+                    "handoff failed, retrying", extra={"request_id": request_id, "error": retry.message}
+                )
                 failure = retry
                 for endpoint in (retry.prefill, retry.decode):
                     if endpoint is not None:
@@ -188,8 +206,9 @@ class RouterBackend:
                 handoff.close()
                 if failure is None:
                     raise
-                raise GenerationError(f"{failure.message}; {error.message} to retry on",
-                                      status=failure.status) from None
+                raise GenerationError(
+                    f"{failure.message}; {error.message} to retry on", status=failure.status
+                ) from None
             except BaseException:
                 handoff.close()
                 raise
@@ -202,8 +221,9 @@ class RouterBackend:
                 handoff.close()
             return
         assert failure is not None
-        raise GenerationError(f"{failure.message} (gave up after {self.settings.max_attempts} attempts)",
-                              status=failure.status)
+        raise GenerationError(
+            f"{failure.message} (gave up after {self.settings.max_attempts} attempts)", status=failure.status
+        )
 
     def adopt(self, task: asyncio.Task[Any]) -> None:
         """Keep a prefill call that is finishing (or being cancelled) referenced until it is done."""
@@ -244,8 +264,11 @@ class _Handoff:
                     await asyncio.wait_for(asyncio.shield(first), self._settings.first_token_timeout_s)
                 except TimeoutError:
                     waited = self._settings.first_token_timeout_s
-                    raise _RetryError(f"decode worker {decode.url} sent no first token within {waited:g}s",
-                                      decode=decode, status=504) from None
+                    raise _RetryError(
+                        f"decode worker {decode.url} sent no first token within {waited:g}s",
+                        decode=decode,
+                        status=504,
+                    ) from None
             try:
                 chunk = first.result()
             except GenerationError:  # the decode worker gave up on it: a failed prefill is the likelier cause
@@ -262,13 +285,18 @@ class _Handoff:
         return chunk
 
     async def _register(self, decode: Endpoint) -> int:
-        body = DecodeCall(request_id=self._id, prompt_len=len(self._request.prompt_token_ids),
-                          sampling=self._request.sampling).model_dump(mode="json")
+        body = DecodeCall(
+            request_id=self._id,
+            prompt_len=len(self._request.prompt_token_ids),
+            sampling=self._request.sampling,
+        ).model_dump(mode="json")
         try:
             async with asyncio.timeout(self._settings.register_timeout_s):
                 response = self._response = await self._backend.session.post(
-                    decode.url + "/internal/decode", json=body,
-                    timeout=aiohttp.ClientTimeout(connect=self._settings.connect_timeout_s))
+                    decode.url + "/internal/decode",
+                    json=body,
+                    timeout=aiohttp.ClientTimeout(connect=self._settings.connect_timeout_s),
+                )
                 if response.status != 200:
                     await _raise_worker_error(response, decode)
         except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
@@ -277,24 +305,38 @@ class _Handoff:
         try:
             return int(response.headers[KV_PORT_HEADER])
         except (KeyError, ValueError):
-            raise GenerationError(f"decode worker {decode.url} sent no valid {KV_PORT_HEADER} header",
-                                  status=502) from None
+            raise GenerationError(
+                f"decode worker {decode.url} sent no valid {KV_PORT_HEADER} header", status=502
+            ) from None
 
     async def _prefill(self, kv_target: str, avoid: set[str]) -> PrefillReply:
         pool = self._backend.pools["prefill"]
         prefill = pool.acquire(avoid)
         if prefill is None:
             raise _NoWorkerError("prefill")
-        body = PrefillCall(request_id=self._id, prompt_token_ids=self._request.prompt_token_ids,
-                           sampling=self._request.sampling, kv_target=kv_target).model_dump(mode="json")
+        body = PrefillCall(
+            request_id=self._id,
+            prompt_token_ids=self._request.prompt_token_ids,
+            sampling=self._request.sampling,
+            kv_target=kv_target,
+        ).model_dump(mode="json")
         try:
-            async with asyncio.timeout(self._settings.prefill_timeout_s), self._backend.session.post(
-                    prefill.url + "/internal/prefill", json=body,
-                    timeout=aiohttp.ClientTimeout(connect=self._settings.connect_timeout_s)) as response:
+            async with (
+                asyncio.timeout(self._settings.prefill_timeout_s),
+                self._backend.session.post(
+                    prefill.url + "/internal/prefill",
+                    json=body,
+                    timeout=aiohttp.ClientTimeout(connect=self._settings.connect_timeout_s),
+                ) as response,
+            ):
                 if response.status != 200:
                     await _raise_worker_error(response, prefill)
                 result = PrefillReply.model_validate(await response.json())
-        except (aiohttp.ClientError, ConnectionError, ValueError) as exc:  # ValidationError is a ValueError  # aiohttp's timeouts included
+        except (
+            aiohttp.ClientError,
+            ConnectionError,
+            ValueError,
+        ) as exc:  # ValidationError is a ValueError  # aiohttp's timeouts included
             prefill.mark_unhealthy(repr(exc))
             raise _RetryError(f"prefill worker {prefill.url} failed: {exc!r}", prefill=prefill) from exc
         except TimeoutError:
@@ -323,20 +365,23 @@ class _Handoff:
                 raise GenerationError(message, status=502) from exc
             raise _RetryError(f"decode worker {decode.url} failed: {exc}", decode=decode) from exc
         except TimeoutError:
-            raise GenerationError(f"decode worker {decode.url} sent nothing for {wait_s}s",
-                                  status=504) from None
+            raise GenerationError(
+                f"decode worker {decode.url} sent nothing for {wait_s}s", status=504
+            ) from None
         try:
             data = json.loads(line)
             if "error" in data:
                 error = data["error"]
                 status = int(error.get("code") or 502)
                 kind = str(error.get("type") or "server_error")
-                raise GenerationError(str(error.get("message")), kind=kind,
-                                      status=status if 400 <= status < 600 else 502)
+                raise GenerationError(
+                    str(error.get("message")), kind=kind, status=status if 400 <= status < 600 else 502
+                )
             return GenerationChunk.model_validate(data)
         except (ValueError, TypeError, AttributeError, ValidationError) as exc:
-            raise GenerationError(f"decode worker {decode.url} sent an invalid line: {line[:200]!r}",
-                                  status=502) from exc
+            raise GenerationError(
+                f"decode worker {decode.url} sent an invalid line: {line[:200]!r}", status=502
+            ) from exc
 
     def close(self) -> None:
         """Close both connections (aborting whatever still runs there) and release the decode slot.
@@ -373,17 +418,26 @@ async def _raise_worker_error(response: aiohttp.ClientResponse, endpoint: Endpoi
     raise _RetryError(retry, decode=endpoint)
 
 
-def build_router_app(settings: RouterSettings, *, tokenizer: PreTrainedTokenizerBase | None = None,
-                     metrics: Metrics | None = None, resolver: Resolver = resolve_all) -> web.Application:
+def build_router_app(
+    settings: RouterSettings,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    metrics: Metrics | None = None,
+    resolver: Resolver = resolve_all,
+) -> web.Application:
     """The router's whole HTTP app: the OpenAI API over a RouterBackend that starts and stops with it."""
     if tokenizer is None:
         from .loader import load_tokenizer
 
         tokenizer = load_tokenizer(settings.model, settings.revision)
     backend = RouterBackend(settings, resolver=resolver)
-    app = build_openai_app(backend, tokenizer, served_model_name=settings.name,
-                           max_model_len=settings.max_model_len or model_max_len(settings),
-                           metrics=metrics or Metrics(pool=settings.pool, role="router"))
+    app = build_openai_app(
+        backend,
+        tokenizer,
+        served_model_name=settings.name,
+        max_model_len=settings.max_model_len or model_max_len(settings),
+        metrics=metrics or Metrics(pool=settings.pool, role="router"),
+    )
     app[BACKEND_KEY] = backend
 
     async def endpoints(request: web.Request) -> web.Response:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -93,7 +93,7 @@ class EngineRuntime:
 
     # ---- both ---------------------------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk]:
         prompt = list(request.prompt_token_ids)
         stream = self._open(
             request.request_id, len(prompt), request.sampling, len(prompt) + request.sampling.max_tokens
@@ -140,7 +140,7 @@ class EngineRuntime:
         assert self._loop is not None
         self._loop.call_later(self.config.kv_timeout_seconds, self._kv_deadline, stream)
 
-    async def stream(self, request_id: str) -> AsyncIterator[GenerationChunk]:
+    async def stream(self, request_id: str) -> AsyncGenerator[GenerationChunk]:
         stream = self._streams[request_id]
         try:
             async for chunk in self._drain(stream):

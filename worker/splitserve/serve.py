@@ -19,7 +19,8 @@ from .config import EngineConfig
 from .engine import Engine
 from .frontend import build_openai_app
 from .http import start_app
-from .kv_transfer import KVLimits, TcpKVReceiver, TcpKVSender
+from .kv_frames import KVLimits
+from .kv_transfer import TcpKVReceiver, TcpKVSender
 from .loader import context_length, load_model, load_tokenizer
 from .metrics import Metrics
 from .runtime import EngineRuntime

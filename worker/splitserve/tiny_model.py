@@ -62,7 +62,7 @@ def write_tiny_model(directory: Path, seed: int = 0) -> Path:
         show_progress=False,
     )
     bpe.train_from_iterator([_CORPUS], trainer)
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=bpe,
         bos_token=BOS,
         eos_token=EOS,
@@ -73,7 +73,7 @@ def write_tiny_model(directory: Path, seed: int = 0) -> Path:
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(directory)
 
-    eos_ids = [tokenizer.convert_tokens_to_ids(EOS), tokenizer.convert_tokens_to_ids(IM_END)]
+    eos_ids = [int(tokenizer.convert_tokens_to_ids(token)) for token in (EOS, IM_END)]  # type: ignore[arg-type]
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=HIDDEN_SIZE,
@@ -88,12 +88,12 @@ def write_tiny_model(directory: Path, seed: int = 0) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
         initializer_range=INIT_STD,
-        torch_dtype="float32",
+        dtype="float32",
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.save_pretrained(directory)
-    GenerationConfig(
+    GenerationConfig(  # type: ignore[no-untyped-call]
         bos_token_id=config.bos_token_id, eos_token_id=eos_ids, pad_token_id=config.pad_token_id
     ).save_pretrained(directory)
     return directory

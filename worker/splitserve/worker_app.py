@@ -17,17 +17,16 @@ import torch
 from aiohttp import web
 from pydantic import ValidationError
 
+from .frontend import error_response
 from .internal_api import KV_PORT_HEADER, NDJSON, DecodeCall, PrefillCall, PrefillReply
 from .kv_cache import SequenceKV
-from .kv_transfer import KVDestination, KVHeader, KVRejected, KVSender, KVTransferError
+from .kv_frames import KVHeader
+from .kv_transfer import KVDestination, KVRejected, KVSender, KVTransferError
 from .metrics import Metrics
 from .params import GenerationChunk, GenerationError, GenerationRequest
-from .frontend import error_response
 from .runtime import EngineRuntime
 
 log = logging.getLogger(__name__)
-
-STATE = web.AppKey("worker_state", "WorkerState")
 
 
 @dataclass
@@ -39,6 +38,9 @@ class WorkerState:
         if self.runtime is None:
             raise GenerationError("the model is still loading", status=503, kind="service_unavailable")
         return self.runtime
+
+
+STATE = web.AppKey("worker_state", WorkerState)
 
 
 class LocalBackend:
@@ -130,9 +132,8 @@ def build_prefill_app(state: WorkerState, sender: KVSender) -> web.Application:
         except GenerationError as error:
             return error_response(error.status, error.message, type=error.kind)
         except KVTransferError as error:
-            return error_response(
-                502, f"KV transfer to the decode worker failed: {error}", "kv_transfer_error"
-            )
+            message = f"KV transfer to the decode worker failed: {error}"
+            return error_response(502, message, type="kv_transfer_error")
 
     app = web.Application()
     add_common_routes(app, state)
