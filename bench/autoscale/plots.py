@@ -10,8 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from bench.autoscale.traces import Trace
 
+from bench.autoscale.traces import Trace
 from splitserve_operator.models import InferencePoolSpec
 
 if TYPE_CHECKING:

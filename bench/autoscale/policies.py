@@ -13,7 +13,6 @@ import math
 from typing import Protocol
 
 from bench.autoscale.simulate import Simulation
-
 from splitserve_operator.autoscale import ROLES, PoolPolicy, Role, limit_step, stabilize
 from splitserve_operator.autoscaler import AutoscalerState, PoolAutoscaler
 from splitserve_operator.models import InferencePoolSpec

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
+
 from bench.autoscale.capacity import Capacity
 from bench.autoscale.plots import plot_trace
 from bench.autoscale.policies import (
@@ -35,8 +37,6 @@ from bench.autoscale.policies import (
 )
 from bench.autoscale.simulate import Simulation, Workload, weighted_quantile
 from bench.autoscale.traces import TRACES, Trace
-from numpy.typing import NDArray
-
 from splitserve_operator.autoscale import ROLES, Role
 from splitserve_operator.models import (
     DecodePoolSpec,

@@ -24,9 +24,9 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from bench.autoscale.capacity import Capacity
 from numpy.typing import NDArray
 
+from bench.autoscale.capacity import Capacity
 from splitserve.metrics import ITL_BUCKETS, TTFT_BUCKETS
 from splitserve_operator.planner import erlang_c
 from splitserve_operator.signals import PoolSignals, SignalQuery, WorkerSignals, histogram_quantile

@@ -25,7 +25,6 @@ from typing import Any
 
 import aiohttp
 import kmock
-
 from tests.operator.apiserver import ApiServer
 
 ROOT = Path(__file__).resolve().parents[2]
