@@ -8,7 +8,11 @@ BIN := $(VENV)/bin
 # Debian's prometheus for the autoscaling tests; apt-get needs root (CI) or sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install lint typecheck pytest prometheus crds
+# helm-sdkpy (the real Helm library, for the chart tests) needs Python >= 3.12; pyenv has one here.
+PYTHON312 ?= $(or $(shell ls -d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -1),$(shell command -v python3.12))
+HELM_VENV := build/helm-venv
+
+.PHONY: demo test install lint typecheck pytest prometheus helm-venv crds
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +32,14 @@ prometheus:
 	@# the package starts a system service on :9090; the tests start their own on free ports
 	@$(SUDO) service prometheus stop >/dev/null 2>&1 || true
 
+helm-venv: $(HELM_VENV)/.installed
+
+$(HELM_VENV)/.installed:
+	@test -n "$(PYTHON312)" || { echo "make: need python3.12 for helm-sdkpy (set PYTHON312=...)"; exit 1; }
+	$(PYTHON312) -m venv $(HELM_VENV)
+	$(HELM_VENV)/bin/pip install --quiet helm-sdkpy==0.1.32
+	touch $@
+
 lint: install
 	$(BIN)/ruff check operator worker tests bench
 	$(BIN)/ruff format --check operator worker tests bench
@@ -38,7 +50,7 @@ typecheck: install
 crds: install
 	$(BIN)/python -m splitserve_operator.crd --out crds/
 
-pytest: install prometheus
-	$(BIN)/pytest
+pytest: install prometheus helm-venv
+	SPLITSERVE_HELM_PYTHON=$(HELM_VENV)/bin/python $(BIN)/pytest
 
 test: lint typecheck pytest

@@ -49,7 +49,10 @@ def helm_python() -> str:
         ROOT / "build" / "helm-venv" / "bin" / "python"
     )
     if not Path(configured).exists():
-        pytest.skip(f"no Helm venv at {configured}: set SPLITSERVE_HELM_PYTHON (see docs/operator.md)")
+        reason = f"no Helm venv at {configured}: `make helm-venv`, or set SPLITSERVE_HELM_PYTHON"
+        if os.environ.get("CI"):
+            pytest.fail(reason, pytrace=False)  # CI must lint and render the chart, never skip it
+        pytest.skip(reason)
     return configured
 
 
