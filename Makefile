@@ -48,7 +48,7 @@ typecheck: install
 	$(BIN)/mypy
 
 crds: install
-	$(BIN)/python -m splitserve_operator.crd --out crds/
+	$(BIN)/python -m splitserve_operator.crd --out crds/ --out charts/splitserve/crds/ --readme README.md
 
 pytest: install prometheus helm-venv
 	SPLITSERVE_HELM_PYTHON=$(HELM_VENV)/bin/python $(BIN)/pytest

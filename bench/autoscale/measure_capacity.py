@@ -1,10 +1,10 @@
-"""Measure the tiny model's prefill and decode cost on one CPU thread and write a capacity file.
+"""Measure splitserve's engine on the tiny model and write the autoscale bench's capacity file.
 
 The bench's capacity model (see capacity.py for the schema) needs two curves: how long a prefill of
-L prompt tokens takes, and how long one decode step over a batch of b sequences takes. Until the
-worker benchmarks land, this script measures them directly on the model the tests use: a randomly
-initialised `LlamaForCausalLM` (hidden 256, 4 layers, 8 heads / 4 KV heads, vocab 1024), float32,
-with HF's DynamicCache, one torch thread.
+L prompt tokens takes, and how long one decode step over a batch of b sequences takes. Both are
+measured on the worker's own engine (`splitserve.engine.Engine`: chunked `prefill`, batched
+`decode_one_token` over per-sequence KV caches), loading the model `splitserve make-tiny-model`
+writes, float32, one torch thread, as a pinned CPU worker runs it.
 
     PYTHONPATH=operator:worker python -m bench.autoscale.measure_capacity \
         --out bench/autoscale/results/capacity-tiny-cpu.json
@@ -17,103 +17,84 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from splitserve.config import EngineConfig
+from splitserve.engine import Engine
+from splitserve.loader import CPU_KV_BUDGET_BYTES, load_model
+from splitserve.tiny_model import write_tiny_model
 
 PROMPT_LENGTHS = (16, 32, 64, 128, 256, 512)
 BATCH_SIZES = tuple(range(1, 33))
-CPU_KV_BYTES = 2 << 30
+CHUNK = 512  # the worker's default prefill chunk size
 
 
-LAYERS, KV_HEADS, HEAD_DIM = 4, 4, 32
-# 2 (K and V) x layers x KV heads x head_dim x 4 bytes (float32).
-KV_BYTES_PER_TOKEN = 2 * LAYERS * KV_HEADS * HEAD_DIM * 4
-
-
-def tiny_model() -> tuple[LlamaForCausalLM, LlamaConfig]:
-    config = LlamaConfig(
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=8,
-        num_key_value_heads=KV_HEADS,
-        head_dim=HEAD_DIM,
-        vocab_size=1024,
-        max_position_embeddings=2048,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)  # random init, float32 (torch's default dtype)
-    torch.nn.Module.eval(model)
-    return model, config
-
-
-def time_prefill(model: LlamaForCausalLM, config: LlamaConfig, length: int, repeats: int) -> float:
-    """Median seconds of one prefill forward of `length` tokens (batch 1), as a prefill worker runs it."""
-    ids = torch.randint(0, config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
+def time_prefill(engine: Engine, length: int, repeats: int) -> float:
+    """Median seconds to prefill `length` prompt tokens (batch 1), as a prefill worker runs it."""
+    tokens = [4 + (i * 7919) % 300 for i in range(length)]
     samples = []
     for i in range(repeats + 2):  # two warm-up runs
-        cache = DynamicCache(config=config)
+        kv = engine.new_kv(length)
         start = time.perf_counter()
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        for offset in range(0, length, CHUNK):
+            engine.prefill(kv, tokens[offset : offset + CHUNK])
         if i >= 2:
             samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
 
-def time_decode_step(
-    model: LlamaForCausalLM, config: LlamaConfig, batch: int, context: int, steps: int
-) -> float:
+def time_decode_step(engine: Engine, batch: int, context: int, steps: int) -> float:
     """Median seconds of one decode step over `batch` sequences that already hold `context` tokens."""
-    generator = torch.Generator().manual_seed(batch)
-    ids = torch.randint(0, config.vocab_size, (batch, context), generator=generator)
-    cache = DynamicCache(config=config)
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    kvs = [engine.new_kv(context + steps + 2) for _ in range(batch)]
+    for kv in kvs:
+        engine.prefill(kv, [5] * context)
+    tokens = [7] * batch
     samples = []
     for i in range(steps + 2):
         start = time.perf_counter()
-        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens = engine.decode_one_token(kvs, tokens).argmax(-1).tolist()
         if i >= 2:
             samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
 
 def measure(repeats: int, steps: int, context: int) -> dict[str, Any]:
-    torch.set_num_threads(1)
-    model, config = tiny_model()
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = write_tiny_model(Path(scratch) / "tiny")
+        engine = Engine(load_model(EngineConfig(model=str(model_dir), threads=1)))
+    layout = engine.loaded.layout
     prefill, decode = [], []
-    with torch.inference_mode():
-        for length in PROMPT_LENGTHS:
-            seconds = time_prefill(model, config, length, repeats)
-            prefill.append({"prompt_tokens": length, "seconds": round(seconds, 6)})
-            print(f"prefill {length:4d} tokens: {seconds * 1e3:7.2f} ms", file=sys.stderr)
-        time_decode_step(model, config, max(BATCH_SIZES), context, steps)  # warm the allocator up
-        for batch in BATCH_SIZES:
-            seconds = time_decode_step(model, config, batch, context, steps)
-            decode.append({"batch_size": batch, "step_seconds": round(seconds, 6)})
-            print(f"decode batch {batch:2d}: {seconds * 1e3:6.2f} ms/step", file=sys.stderr)
+    for length in PROMPT_LENGTHS:
+        seconds = time_prefill(engine, length, repeats)
+        prefill.append({"prompt_tokens": length, "seconds": round(seconds, 6)})
+        print(f"prefill {length:4d} tokens: {seconds * 1e3:7.2f} ms", file=sys.stderr)
+    time_decode_step(engine, max(BATCH_SIZES), context, steps)  # warm the allocator up
+    for batch in BATCH_SIZES:
+        seconds = time_decode_step(engine, batch, context, steps)
+        decode.append({"batch_size": batch, "step_seconds": round(seconds, 6)})
+        print(f"decode batch {batch:2d}: {seconds * 1e3:6.2f} ms/step", file=sys.stderr)
     return {
         "schema": "splitserve.capacity/v1",
-        "description": "tiny random LlamaForCausalLM (hidden 256, 4 layers, 8/4 heads, head_dim 32, "
-        f"vocab 1024), float32, 1 CPU thread, HF DynamicCache; decode context {context} tokens",
+        "description": "splitserve's engine on the tiny model (`splitserve make-tiny-model`: Llama, hidden "
+        f"256, 4 layers, 8/4 heads, head_dim 32), float32, 1 CPU thread; decode context {context} tokens",
         "measured_on": {
             "machine": platform.machine(),
             "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "threads": 1,
+            "threads": torch.get_num_threads(),
         },
         "prefill": {"points": prefill},
         "decode": {"context_tokens": context, "max_num_seqs": max(BATCH_SIZES), "points": decode},
-        # The worker's CPU default KV budget (2 GiB) over the model's bytes per token.
-        "kv_capacity_tokens": CPU_KV_BYTES // KV_BYTES_PER_TOKEN,
+        # The worker's CPU default KV budget over the model's bytes per token (the seeds' formula).
+        "kv_capacity_tokens": CPU_KV_BUDGET_BYTES // layout.bytes_per_token,
     }
 
 

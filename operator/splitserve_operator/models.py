@@ -281,8 +281,24 @@ class ScalingRules(ApiModel):
     )
 
 
-def _default_scale_down() -> ScalingRules:
-    return ScalingRules(stabilization_window_seconds=300, max_step=1, max_step_percent=10)
+class ScaleUpRules(ScalingRules):
+    """Scale-up, with the HPA's defaults: act at once, up to 4 replicas or doubling per evaluation."""
+
+
+class ScaleDownRules(ScalingRules):
+    """Scale-down, slow by default (HPA: 300 s stabilization); each field defaults on its own, so
+    setting only `maxStep` keeps the 300 s window."""
+
+    stabilization_window_seconds: int = Field(
+        300, ge=0, le=3600, description="Act on the most conservative recommendation seen in this window."
+    )
+    max_step: int = Field(1, ge=1, description="Most replicas removed per evaluation.")
+    max_step_percent: int = Field(
+        10,
+        ge=1,
+        description="Most replicas removed per evaluation as a percentage of current; "
+        "the larger of this and maxStep applies.",
+    )
 
 
 class AutoscalingSpec(ApiModel):
@@ -304,8 +320,8 @@ class AutoscalingSpec(ApiModel):
     predictive: bool = Field(
         True, description="Also size pools from request/token rates and measured per-replica capacity."
     )
-    scale_up: ScalingRules = Field(default_factory=ScalingRules)
-    scale_down: ScalingRules = Field(default_factory=_default_scale_down)
+    scale_up: ScaleUpRules = Field(default_factory=ScaleUpRules)
+    scale_down: ScaleDownRules = Field(default_factory=ScaleDownRules)
 
     @model_validator(mode="after")
     def _window_covers_interval(self) -> AutoscalingSpec:

@@ -24,6 +24,8 @@ from splitserve_operator.models import (
     ModelSpec,
     PrefillPoolSpec,
     ReplicaBounds,
+    ScaleDownRules,
+    ScaleUpRules,
     ScalingRules,
     TtftSlo,
 )
@@ -47,7 +49,7 @@ def spec(
         decode=DecodePoolSpec(replicas=bounds, slo=ItlSlo(itl_seconds=0.01, percentile=0.9), max_num_seqs=64),
         autoscaling=AutoscalingSpec(
             predictive=predictive,
-            scale_down=ScalingRules(
+            scale_down=ScaleDownRules(
                 stabilization_window_seconds=down_window, max_step=1, max_step_percent=10
             ),
             **auto,
@@ -110,7 +112,7 @@ def test_stabilize(history: list[tuple[float, int]], current: int, expected: int
 
 
 def test_scale_up_window_takes_the_lowest_recommendation() -> None:
-    policy = prefill_policy(scale_up=ScalingRules(stabilization_window_seconds=60))
+    policy = prefill_policy(scale_up=ScaleUpRules(stabilization_window_seconds=60))
     assert stabilize([(250, 9), (280, 6), (300, 8)], 4, 300.0, policy, None) == 6
 
 

@@ -26,7 +26,7 @@ from splitserve_operator.models import (
     ModelSpec,
     PrefillPoolSpec,
     ReplicaBounds,
-    ScalingRules,
+    ScaleDownRules,
     TtftSlo,
 )
 from splitserve_operator.signals import PrometheusSource, ScrapeSource, SignalQuery
@@ -46,7 +46,7 @@ SPEC = InferencePoolSpec(
         interval_seconds=1,
         window_seconds=10,
         predictive=False,
-        scale_down=ScalingRules(stabilization_window_seconds=0, max_step=1, max_step_percent=10),
+        scale_down=ScaleDownRules(stabilization_window_seconds=0, max_step=1, max_step_percent=10),
     ),
 )
 

@@ -160,3 +160,11 @@ def test_defaults_match_pydantic() -> None:
 )
 def test_name_rules(name: str, ok: bool) -> None:
     assert (cel_errors(SCHEMA, {"metadata": {"name": name}}) == []) == ok
+
+
+def test_readme_crd_reference_matches_the_models() -> None:
+    readme = ROOT / "README.md"
+    assert crd.with_reference(readme.read_text()) == readme.read_text(), (
+        "README's CRD reference is stale: python -m splitserve_operator.crd --readme README.md"
+    )
+    assert crd.main(["--check", "--readme", str(readme)]) == 0
