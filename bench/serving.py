@@ -16,6 +16,9 @@
    TTFT per request (from the prefill worker's metrics), against a raw loopback socket copy of the
    same bytes measured in the same run.
 3. Decode batching: tokens/s of the decode worker (core 1) with 1 vs 16 concurrent streams.
+4. Control, no serving code at all: the bare engine's decode step (6 sequences) on core 1, alone vs
+   while another process prefills 4,000-token prompts on core 0. Whatever this shows is the machine's
+   own coupling of the two cores (shared caches, memory bandwidth, host), a floor for experiment 1.
 Every setup runs in this one invocation, so ratios compare like with like on a shared machine.
 """
 
@@ -29,6 +32,8 @@ import os
 import random
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -328,6 +333,62 @@ async def throughput(setup: Setup, concurrency: int, seconds: float) -> dict[str
     return {"streams": concurrency, "tokens_per_s": tokens / (end - start), "mean_batch": tokens / steps}
 
 
+PREFILL_LOOP = """
+import sys
+from splitserve.config import EngineConfig
+from splitserve.engine import Engine
+from splitserve.loader import load_model
+engine = Engine(load_model(EngineConfig(model=sys.argv[1], threads=1)))
+print("ready", flush=True)
+while True:
+    kv = engine.new_kv(4000)
+    for start in range(0, 4000, 512):
+        engine.prefill(kv, [7] * min(512, 4000 - start))
+"""
+
+
+def engine_control(model: Path, steps: int = 800) -> dict[str, Any]:
+    """p50/p99 of a bare decode step on core 1, alone and next to a prefill loop on core 0."""
+    from splitserve.config import EngineConfig
+    from splitserve.engine import Engine
+    from splitserve.loader import load_model
+
+    os.sched_setaffinity(0, {1})
+    engine = Engine(load_model(EngineConfig(model=str(model), threads=1)))
+    kvs = [engine.new_kv(400) for _ in range(6)]
+
+    def measure() -> dict[str, float]:
+        samples = []
+        for _ in range(steps):
+            for kv in kvs:
+                kv.length = 300
+            started = time.perf_counter()
+            engine.decode_one_token(kvs, [5] * len(kvs))
+            samples.append(time.perf_counter() - started)
+        return {"p50": percentile(samples, 0.5), "p99": percentile(samples, 0.99)}
+
+    measure()  # warm-up
+    alone = measure()
+    neighbour = subprocess.Popen(
+        ["taskset", "-c", "0", sys.executable, "-c", PREFILL_LOOP, str(model)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert neighbour.stdout is not None and neighbour.stdout.readline().strip() == "ready"
+        time.sleep(1.0)
+        beside_prefill = measure()
+    finally:
+        neighbour.kill()
+        neighbour.wait()
+    return {
+        "alone": alone,
+        "beside_prefill": beside_prefill,
+        "p99_ratio": beside_prefill["p99"] / alone["p99"],
+    }
+
+
 # ---- main -------------------------------------------------------------------------------------
 
 
@@ -360,6 +421,8 @@ async def run(args: argparse.Namespace, model: Path, workdir: Path) -> dict[str,
         }
     finally:
         setup.stop()
+    log("bare engine control")
+    results["engine_control"] = await asyncio.to_thread(engine_control, model)
     return results
 
 
@@ -435,6 +498,8 @@ def main() -> None:
         f"KV {handoff['kv_bandwidth_gbps']:.2f} GB/s vs raw {handoff['raw_loopback_gbps']:.2f} GB/s"
     )
     log(f"decode 16 vs 1 stream tokens/s: {results['decode_throughput']['ratio']:.2f}x")
+    control = results["engine_control"]["p99_ratio"]
+    log(f"control: bare engine p99 step beside a prefill / alone: {control:.2f}")
 
 
 if __name__ == "__main__":

@@ -80,13 +80,13 @@ class PoolPolicy:
 
     def sizing(self, startup: float | None) -> Sizing:
         """Size for the target itself (the tolerance band is hysteresis, not margin), as far ahead as a
-        replica asked for now takes to serve: one interval plus the learned start-up time (a window
-        until one was seen). Absorb a queue within a window; shrink only to what still carries the load
+        replica asked for now takes to serve: the learned start-up time (a window until one was seen)
+        plus two intervals, since the decision already lags the data by up to one. Absorb a queue within a window; shrink only to what still carries the load
         plus the tolerance, so noise does not take away a replica that takes a start-up to get back."""
         return Sizing(
             target=self.target,
             percentile=self.percentile,
-            horizon=self.interval + (startup if startup is not None else self.window),
+            horizon=2 * self.interval + (startup if startup is not None else self.window),
             drain=self.window,
             max_num_seqs=self.max_num_seqs,
             headroom=self.tolerance,

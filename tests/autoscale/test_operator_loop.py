@@ -56,6 +56,11 @@ async def test_operator_scales_on_what_prometheus_reports_and_holds_without_it(
         async with running_operator(apiserver, settings):
             await cluster.create_pool("chat", SPEC, namespace=NAMESPACE)
             await eventually(lambda: replicas(cluster, "prefill") > 1, limit=40, what="prefill scale-up")
+            # kopf applies the timer's status patch once the handler returns, just after the scale.
+            await eventually(
+                lambda: cluster.pool("chat", NAMESPACE)["status"]["prefill"]["lastScaleTime"],
+                what="the decision in status",
+            )
             status = cluster.pool("chat", NAMESPACE)["status"]
             assert status["prefill"]["observedLatencySeconds"] > 2.0
             assert status["prefill"]["targetLatencySeconds"] == 1.0

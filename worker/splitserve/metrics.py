@@ -39,8 +39,11 @@ ITL_BUCKETS = (
     0.001,
     0.0025,
     0.005,
+    0.006,
+    0.007,
     0.0075,
     0.01,
+    0.0125,
     0.015,
     0.02,
     0.025,
@@ -55,7 +58,7 @@ ITL_BUCKETS = (
     0.5,
     1.0,
     2.5,
-)
+)  # fine around 5-10 ms: decode ITL targets live there, and histogram_quantile interpolates within a bucket
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 STEP_BUCKETS = (
     0.001,

@@ -5,7 +5,9 @@ Torch-free on purpose: the router and the operator import these without loading 
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -48,13 +50,32 @@ class GenerationRequest(BaseModel):
     sampling: SamplingParams
 
 
-class GenerationChunk(BaseModel):
-    """New tokens of one request; `finish_reason` is set on the last chunk only."""
+@dataclass(frozen=True, slots=True)
+class GenerationChunk:
+    """New tokens of one request; `finish_reason` is set on the last chunk only.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    A plain dataclass, not a pydantic model: one is made per token on the hot path. Lines from
+    another process go through `from_json`, which validates them.
+    """
 
     token_ids: tuple[int, ...] = ()
     finish_reason: FinishReason | None = None
+
+    def to_json(self) -> bytes:
+        """One NDJSON line of the decode worker's stream."""
+        return json.dumps({"token_ids": self.token_ids, "finish_reason": self.finish_reason}).encode()
+
+    @classmethod
+    def from_json(cls, data: object) -> GenerationChunk:
+        """Validate a decoded line; ValueError for anything that is not a chunk."""
+        if not isinstance(data, dict) or set(data) - {"token_ids", "finish_reason"}:
+            raise ValueError(f"not a generation chunk: {data!r}")
+        tokens, finish = data.get("token_ids", []), data.get("finish_reason")
+        if not isinstance(tokens, list) or not all(type(token) is int for token in tokens):
+            raise ValueError(f"token_ids must be a list of integers: {tokens!r}")
+        if finish not in (None, "stop", "length"):
+            raise ValueError(f"unknown finish_reason {finish!r}")
+        return cls(tuple(tokens), finish)
 
 
 class GenerationError(Exception):

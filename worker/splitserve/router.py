@@ -377,7 +377,7 @@ class _Handoff:
                 raise GenerationError(
                     str(error.get("message")), kind=kind, status=status if 400 <= status < 600 else 502
                 )
-            return GenerationChunk.model_validate(data)
+            return GenerationChunk.from_json(data)
         except (ValueError, TypeError, AttributeError, ValidationError) as exc:
             raise GenerationError(
                 f"decode worker {decode.url} sent an invalid line: {line[:200]!r}", status=502

@@ -269,13 +269,7 @@ class EngineRuntime:
             if stream is None:
                 continue
             if emission.token is not None:
-                self._deliver(
-                    # Built from the engine's own output: skip validation on this per-token path.
-                    stream,
-                    GenerationChunk.model_construct(
-                        token_ids=(emission.token,), finish_reason=emission.finish
-                    ),
-                )
+                self._deliver(stream, GenerationChunk((emission.token,), emission.finish))
             elif emission.error != "aborted":
                 self._deliver(stream, GenerationError(emission.error or "engine error", status=500))
             if emission.done:

@@ -159,7 +159,7 @@ def build_decode_app(state: WorkerState, kv_port: int) -> web.Application:
         try:
             await response.prepare(request)  # the router reads this as "registered"
             async for chunk in tokens:
-                await response.write(chunk.model_dump_json().encode() + b"\n")
+                await response.write(chunk.to_json() + b"\n")
         except GenerationError as error:
             line = {"error": {"message": error.message, "type": error.kind, "code": error.status}}
             await response.write(json.dumps(line).encode() + b"\n")
