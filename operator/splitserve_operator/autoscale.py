@@ -81,8 +81,9 @@ class PoolPolicy:
     def sizing(self, startup: float | None) -> Sizing:
         """Size for the target itself (the tolerance band is hysteresis, not margin), as far ahead as a
         replica asked for now takes to serve: the learned start-up time (a window until one was seen)
-        plus two intervals, since the decision already lags the data by up to one. Absorb a queue within a window; shrink only to what still carries the load
-        plus the tolerance, so noise does not take away a replica that takes a start-up to get back."""
+        plus two intervals, since the decision already lags the data by up to one. Absorb a queue within
+        a window; shrink only to what still carries the load plus the tolerance, so noise does not take
+        away a replica that takes a start-up to get back."""
         return Sizing(
             target=self.target,
             percentile=self.percentile,
