@@ -139,9 +139,8 @@ class Runtime:
     ) -> None:
         """One autoscaler evaluation when the pool's interval has passed: scale, explain, report."""
         namespace, name = body.metadata.namespace or "", body.metadata.name or ""
-        try:
-            spec = InferencePoolSpec.model_validate(body.spec)
-        except ValidationError:
+        spec = _validated_spec(body, memo)
+        if spec is None:
             return  # the reconciler reports invalid specs
         if not spec.autoscaling.enabled:
             memo.pop("autoscaler", None)
@@ -177,6 +176,19 @@ class Runtime:
             self.dirty.add((namespace, name))  # the reconciler writes conditions, within poll_seconds
         for event in outcome.events:
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+def _validated_spec(body: kopf.Body, memo: kopf.Memo) -> InferencePoolSpec | None:
+    """The pool's spec, validated once per generation: the autoscale timer ticks every second."""
+    generation = body.metadata.get("generation")
+    cached: tuple[Any, InferencePoolSpec | None] | None = memo.get("spec")
+    if cached is None or cached[0] != generation:
+        try:
+            cached = (generation, InferencePoolSpec.model_validate(body.spec))
+        except ValidationError:
+            cached = (generation, None)
+        memo["spec"] = cached
+    return cached[1]
 
 
 def _snapshot(body: kopf.Body) -> dict[str, Any]:
