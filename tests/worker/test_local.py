@@ -177,3 +177,13 @@ def test_bad_manifest_is_one_line_and_a_nonzero_exit(
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("splitserve up: error:") and message in lines[0]
+
+
+def test_the_demo_pool_is_packaged_and_is_examples_local_yaml() -> None:
+    from splitserve.local import DEMO_MANIFEST, TINY_MODEL_DIR, load_manifest
+
+    examples = Path(__file__).resolve().parents[2] / "examples" / "local.yaml"
+    assert examples.resolve() == DEMO_MANIFEST.resolve()
+    name, spec = load_manifest(DEMO_MANIFEST)
+    assert name == "tiny" and spec.model.name == str(TINY_MODEL_DIR)
+    assert spec.autoscaling.enabled and spec.prefill.replicas.start == spec.decode.replicas.start == 1

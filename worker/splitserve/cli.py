@@ -97,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
 
     up = commands.add_parser("up", help="run an InferencePool manifest as local processes")
-    up.add_argument("manifest", type=Path, help="InferencePool YAML, e.g. examples/local.yaml")
+    up.add_argument(
+        "manifest",
+        nargs="?",
+        type=Path,
+        help="InferencePool YAML (default: the tiny demo pool, examples/local.yaml)",
+    )
     up.add_argument("--port", type=int, help="router port (default: the manifest's router.service.port)")
     up.add_argument("--workdir", type=Path, help="where logs and generated files go (default: a temp dir)")
     up.add_argument(

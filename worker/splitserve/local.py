@@ -30,7 +30,9 @@ from splitserve_operator.signals import PrometheusSource, ScrapeSource, SignalSo
 from .local_pool import ROLES, LocalPool
 from .local_prometheus import LocalPrometheus, find_prometheus
 
-# The demo manifest's model: written here on first use, so `make demo` needs no network.
+# The demo pool `splitserve up` runs without a manifest (examples/local.yaml is a link to it), and its
+# model: written here on first use, so the demo needs no network.
+DEMO_MANIFEST = Path(__file__).with_name("demo.yaml")
 TINY_MODEL_DIR = Path("~/.cache/splitserve/tiny-model")
 DEMO_PROMPT = "In one sentence: why run prefill and decode on separate GPU pools?"
 WATCH_SECONDS = 1.0
@@ -74,7 +76,7 @@ def local_model(name: str) -> str:
 
 
 def run_local(args: argparse.Namespace) -> int:
-    name, spec = load_manifest(args.manifest)
+    name, spec = load_manifest(args.manifest or DEMO_MANIFEST)
     config = engine_config(spec).model_copy(update={"model": local_model(spec.model.name)})
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix=f"splitserve-{name}-"))
     pool = LocalPool(
