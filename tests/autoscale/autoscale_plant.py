@@ -13,6 +13,21 @@ from splitserve_operator.autoscale import PoolPolicy, PoolState, decide
 from splitserve_operator.planner import Observation
 
 
+def idle(ready: int) -> Observation:
+    """No traffic over the window: no latency samples, every rate zero."""
+    return Observation(
+        latency=None,
+        request_rate=0.0,
+        demand=0.0,
+        ready=ready,
+        running=0.0,
+        waiting=0.0,
+        busy=0.0,
+        steps=0.0,
+        tokens=0.0,
+    )
+
+
 @dataclass
 class PrefillPlant:
     capacity: float = 10.0  # requests/s per replica
@@ -21,17 +36,7 @@ class PrefillPlant:
 
     def observe(self, load: float, ready: int, backlog: float = 0.0) -> Observation:
         if load == 0:
-            return Observation(
-                latency=None,
-                request_rate=0.0,
-                demand=0.0,
-                ready=ready,
-                running=0.0,
-                waiting=0.0,
-                busy=0.0,
-                steps=0.0,
-                tokens=0.0,
-            )
+            return idle(ready)
         utilisation = load / (ready * self.capacity)
         latency = self.service / (1 - utilisation) if utilisation < 0.98 else 30.0
         served = min(load, ready * self.capacity)
@@ -57,17 +62,7 @@ class DecodePlant:
     def observe(self, load: float, ready: int) -> Observation:
         """`load` is requests/s; streams in flight follow from Little's law at the current step time."""
         if load == 0:
-            return Observation(
-                latency=None,
-                request_rate=0.0,
-                demand=0.0,
-                ready=ready,
-                running=0.0,
-                waiting=0.0,
-                busy=0.0,
-                steps=0.0,
-                tokens=0.0,
-            )
+            return idle(ready)
         per_replica = load / ready * self.output_tokens
         denominator = max(1 - per_replica * self.per_seq, 0.05)
         batch = per_replica * self.base / denominator

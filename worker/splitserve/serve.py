@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 
 from aiohttp import web
 
@@ -101,7 +101,7 @@ async def _serve_worker(config: EngineConfig, args: argparse.Namespace) -> None:
             await state.runtime.close()
 
 
-async def until_signal(startup: Awaitable[None], on_stop: Callable[[], None] | None = None) -> None:
+async def until_signal(startup: Awaitable[None]) -> None:
     """Run `startup`, then wait for SIGTERM/SIGINT; a signal during startup stops it too."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -118,8 +118,6 @@ async def until_signal(startup: Awaitable[None], on_stop: Callable[[], None] | N
         else:
             starting.cancel()
         log.info("stopping")
-        if on_stop is not None:
-            on_stop()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
