@@ -83,10 +83,6 @@ class KVBudget:
     def usage(self) -> float:
         return self.reserved_tokens / self.capacity_tokens if self.capacity_tokens else 1.0
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
     def fits_ever(self, tokens: int) -> bool:
         return tokens <= self.capacity_tokens
 

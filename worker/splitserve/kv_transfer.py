@@ -100,12 +100,6 @@ class TransferStats:
     seconds: float  # connect to the receiver's OK
     accept_seconds: float  # connect to ACCEPT: includes the receiver's admission wait
 
-    @property
-    def bytes_per_second(self) -> float:
-        """Throughput of the streaming phase, after ACCEPT."""
-        streaming = self.seconds - self.accept_seconds
-        return self.bytes / streaming if streaming > 0 else float("inf")
-
 
 class KVSender(ABC):
     @abstractmethod
