@@ -213,7 +213,7 @@ def missing(obs: Observation | None, role: Role) -> str | None:
         return "no signals"
     if obs.request_rate is None:
         return "no request rate at the router"
-    if obs.latency is None and not is_idle(obs):
+    if obs.latency is None and obs.request_rate:
         return f"no {SIGNAL[role]} samples although requests are flowing"
     return None
 
@@ -228,7 +228,8 @@ def recommend(
     """The raw (unstabilized) recommendation, the planner's answer and the words for both."""
     if is_idle(obs):
         return policy.min_replicas, None, f"idle: no requests over {policy.window:g}s"
-    assert obs.latency is not None  # missing() rules this out
+    if obs.latency is None:  # no arrivals and no samples, yet work in flight over the window: let it drain
+        return current, None, f"draining: no new requests over {policy.window:g}s, work still in flight"
     fb, below, words = feedback(policy, current, obs, obs.latency, settled)
     predicted = state.planner.plan(obs, policy.sizing(state.startup)) if policy.predictive else None
     pred = predicted.replicas if predicted else None

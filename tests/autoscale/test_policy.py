@@ -168,6 +168,15 @@ def test_missing_data_holds_replicas(obs: Observation | None, unavailable: str |
     assert why in decision.reason
 
 
+def test_draining_after_traffic_stops_holds_without_a_missing_data_alarm() -> None:
+    """No arrivals and no latency samples over the window, but work was still running in it (the
+    gauges' window average): not idle yet, and not missing data either."""
+    draining = Observation(latency=None, request_rate=0.0, demand=0.0, ready=4, running=2.0, waiting=0.0)
+    decision = decide(prefill_policy(), PoolState.new("prefill"), 6, draining, now=0.0)
+    assert decision.desired == 6 and decision.metrics_available
+    assert "draining" in decision.reason
+
+
 def test_bounds_apply_even_while_holding() -> None:
     decision = decide(prefill_policy(max_replicas=4), PoolState.new("prefill"), 9, None, 0.0, "down")
     assert decision.desired == 4

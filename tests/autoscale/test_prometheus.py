@@ -175,7 +175,7 @@ async def test_decisions_follow_what_prometheus_reports(prometheus: Prometheus, 
         traffic.running = False
         idle = await until("idle", evaluate, lambda o: "idle" in o.decisions["prefill"].reason)
         assert idle.replicas["prefill"] == current["prefill"] - 1
-        assert idle.condition.status == "True"
+        assert idle.condition.status == "True", (idle.condition.message, idle.decisions["decode"].reason)
 
         # A pool Prometheus knows nothing about, or another namespace: hold, MetricsAvailable=False.
         unknown = await autoscaler.evaluate("team-b", "chat", SPEC, current, AutoscalerState(), time.time())  # type: ignore[arg-type]
