@@ -1,4 +1,5 @@
-"""The bench's CLI, run as a subprocess on the step trace: scale-up within two intervals, determinism."""
+"""The bench's CLIs, run as subprocesses on the step trace: scale-up within two intervals, determinism,
+the settings frontier."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ REPO = Path(__file__).resolve().parents[2]
 CAPACITY = REPO / "bench" / "autoscale" / "results" / "capacity-tiny-cpu.json"
 
 
-def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+def run_bench(*args: str, module: str = "bench.autoscale.run") -> subprocess.CompletedProcess[str]:
     paths = [str(REPO / "operator"), str(REPO / "worker"), str(REPO)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     return subprocess.run(
-        [sys.executable, "-m", "bench.autoscale.run", *args],
+        [sys.executable, "-m", module, *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -47,3 +48,25 @@ def test_bad_capacity_file_is_one_clear_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     expected = "error: capacity file: expected schema 'splitserve.capacity/v1', got 'something/else'"
     assert done.stderr.strip().splitlines() == [expected]
+
+
+def test_frontier_replays_every_combination_of_settings(tmp_path: Path) -> None:
+    done = run_bench(
+        "--capacity",
+        str(CAPACITY),
+        "--out",
+        str(tmp_path),
+        "--trace",
+        "step",
+        module="bench.autoscale.frontier",
+    )
+    assert done.returncode == 0, done.stderr
+    document = json.loads((tmp_path / "frontier-step.json").read_text())
+    points = document["points"]
+    assert len(points) == 3 * 4 * 2
+    settings = {(p["window_seconds"], p["scale_down_stabilization_seconds"], p["tolerance"]) for p in points}
+    assert len(settings) == len(points)
+    defaults = document["defaults"]
+    assert tuple(defaults.values()) in settings
+    assert all(0 <= p["attainment"] <= 1 and p["replica_seconds_vs_fixed_peak"] > 0 for p in points)
+    assert (tmp_path / "frontier-step.png").stat().st_size > 10_000
