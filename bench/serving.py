@@ -5,9 +5,9 @@
 1. Interference (the seeds' scenario): six streams decode, then a ~4,000-token prompt arrives
    (eight times, pooled: a p99 over three arrivals moved with this machine's noise). ITL of the six
    streams, measured at the client, in the second before each arrival vs while the big prefill runs
-   (paired, because ITL grows with the streams' context). Disaggregated
-   runs also report the phase after it, while the prompt's KV cache lands on the decode worker
-   (split at the prefill worker's own compute time):
+   (paired, because ITL grows with the streams' context). Disaggregated runs also report the phase
+   after it, while the prompt's KV cache lands on the decode worker (split at the prefill worker's
+   own compute time):
    - colocated `both`, 2 threads on cores 0-1, whole-prompt prefill (decode waits);
    - colocated `both`, 2 threads, chunked prefill interleaved with decode steps (Sarathi-Serve);
    - disaggregated: prefill pinned to core 0, decode to core 1 (1 thread each). The decode core runs
