@@ -6,7 +6,9 @@
 Replays the trace (diurnal by default) with the splitserve policy for every combination of the
 latency window, the scale-down stabilization window and the tolerance, with everything else as in
 `bench.autoscale.run`. If the settings only slide along one curve, no tuning of them reaches a corner
-that the curve misses: the policy (or the start-up delay) has to change instead. Writes
+that the curve misses: the policy (or the start-up delay) has to change instead. Beside it, the curve of
+a clairvoyant reference (`ClairvoyantPolicy`: knows the trace, sizes from the simulator itself, same
+start-up delay) over its Poisson margin: how much room the trace leaves at all. Writes
 frontier-<trace>.json and frontier-<trace>.png.
 """
 
@@ -19,15 +21,16 @@ import functools
 import itertools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench.autoscale.capacity import Capacity
-from bench.autoscale.policies import SplitservePolicy
+from bench.autoscale.policies import ClairvoyantPolicy, Policy, SplitservePolicy
 from bench.autoscale.run import TARGET_ATTAINMENT, Setup, bench_spec, fixed_peak, replay, summarize
-from bench.autoscale.simulate import Workload
+from bench.autoscale.simulate import Simulation, Workload
 from bench.autoscale.traces import TRACES
 from splitserve_operator.models import InferencePoolSpec
 
@@ -35,6 +38,8 @@ WINDOWS = (30, 45, 60)
 STABILIZATION = (120, 180, 240, 300)
 TOLERANCES = (0.05, 0.1)
 TARGET_REPLICA_SECONDS = 0.60
+Curves = dict[str, list[dict[str, Any]]]  # per policy: its points, each settings + outcome
+MARGINS = (0.0, 0.5, 1.0, 1.5, 2.0)  # the clairvoyant's, x sqrt(requests/s)
 
 
 def with_settings(
@@ -46,35 +51,53 @@ def with_settings(
     return spec.model_copy(update={"autoscaling": auto.model_copy(update=update)})
 
 
-async def frontier(setup: Setup, trace_name: str, peak_rate: float) -> list[dict[str, Any]]:
+async def frontier(setup: Setup, trace_name: str, peak_rate: float) -> Curves:
     trace = TRACES[trace_name](peak_rate, np.random.default_rng(setup.seed))
     fixed = (await fixed_peak(trace, setup)).replica_seconds
-    points = []
-    grid = list(itertools.product(WINDOWS, STABILIZATION, TOLERANCES))
-    for done, (window, stabilization, tolerance) in enumerate(grid, 1):
+    settings = list(itertools.product(WINDOWS, STABILIZATION, TOLERANCES))
+    total, curves = len(settings) + len(MARGINS), Curves(splitserve=[], clairvoyant=[])
+
+    async def point(
+        curve: str, variant: Setup, policy: Callable[[Simulation], Policy], **labels: Any
+    ) -> None:
+        summary = summarize(await replay(trace, variant, policy), trace, variant, fixed)
+        labels["attainment"] = summary["attainment"]
+        labels["replica_seconds_vs_fixed_peak"] = summary["replica_seconds_vs_fixed_peak"]
+        curves[curve].append(labels)
+        done = sum(map(len, curves.values()))
+        print(f"[{done}/{total}] {curve} {json.dumps(labels)}", file=sys.stderr, flush=True)
+
+    for window, stabilization, tolerance in settings:
         spec = with_settings(setup.spec, window, stabilization, tolerance)
-        variant = dataclasses.replace(setup, spec=spec)
-        run = await replay(trace, variant, functools.partial(SplitservePolicy, spec))
-        summary = summarize(run, trace, variant, fixed)
-        point = {
-            "window_seconds": window,
-            "scale_down_stabilization_seconds": stabilization,
-            "tolerance": tolerance,
-            "attainment": summary["attainment"],
-            "replica_seconds_vs_fixed_peak": summary["replica_seconds_vs_fixed_peak"],
-        }
-        points.append(point)
-        print(f"[{done}/{len(grid)}] {json.dumps(point)}", file=sys.stderr, flush=True)
-    return points
+        await point(
+            "splitserve",
+            dataclasses.replace(setup, spec=spec),
+            functools.partial(SplitservePolicy, spec),
+            window_seconds=window,
+            scale_down_stabilization_seconds=stabilization,
+            tolerance=tolerance,
+        )
+    for margin in MARGINS:
+        knows = functools.partial(ClairvoyantPolicy, spec=setup.spec, startup=setup.startup, margin=margin)
+        await point("clairvoyant", setup, knows, margin=margin)
+    return curves
 
 
-def plot(points: list[dict[str, Any]], defaults: dict[str, Any], trace_name: str, path: Path) -> None:
+def plot(curves: Curves, defaults: dict[str, Any], trace_name: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    points, reference = curves["splitserve"], curves["clairvoyant"]
     fig, ax = plt.subplots(figsize=(7, 5))
+    ax.plot(
+        [p["replica_seconds_vs_fixed_peak"] for p in reference],
+        [100 * p["attainment"] for p in reference],
+        color="gray",
+        marker=".",
+        label="clairvoyant reference (margin 0-2)",
+    )
     for window in WINDOWS:
         mine = [p for p in points if p["window_seconds"] == window]
         ax.scatter(
@@ -93,6 +116,7 @@ def plot(points: list[dict[str, Any]], defaults: dict[str, Any], trace_name: str
     )
     ax.axhline(100 * TARGET_ATTAINMENT, color="red", linestyle="--", linewidth=0.8)
     ax.axvline(TARGET_REPLICA_SECONDS, color="red", linestyle="--", linewidth=0.8)
+    ax.set_ylim(95, 100.3)  # the reference's thinnest margins fall far below: their line leaves the plot
     ax.set_xlabel("replica-seconds / fixed peak-sized pools")
     ax.set_ylabel("SLO attainment (%)")
     ax.set_title(f"{trace_name}: settings of the splitserve policy (target: upper left of the red lines)")
@@ -115,7 +139,7 @@ def main() -> None:
         parser.exit(2, f"error: {error}\n")
     spec = bench_spec(0.1, 0.0075, 32, capacity.max_num_seqs)
     setup = Setup(capacity, Workload(), spec, 60.0, args.seed, 0.7, 900)
-    points = asyncio.run(frontier(setup, args.trace, args.peak_rate))
+    curves = asyncio.run(frontier(setup, args.trace, args.peak_rate))
     auto = spec.autoscaling
     defaults = {
         "window_seconds": auto.window_seconds,
@@ -126,10 +150,11 @@ def main() -> None:
     document = {
         "command": " ".join(["python -m bench.autoscale.frontier", *sys.argv[1:]]),
         "defaults": defaults,
-        "points": points,
+        "points": curves["splitserve"],
+        "clairvoyant": curves["clairvoyant"],
     }
     (args.out / f"frontier-{args.trace}.json").write_text(json.dumps(document, indent=2) + "\n")
-    plot(points, defaults, args.trace, args.out / f"frontier-{args.trace}.png")
+    plot(curves, defaults, args.trace, args.out / f"frontier-{args.trace}.png")
     print(f"wrote {args.out / f'frontier-{args.trace}.json'}", file=sys.stderr)
 
 

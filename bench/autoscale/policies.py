@@ -5,12 +5,18 @@
 - `HpaUtilizationPolicy`: what a HorizontalPodAutoscaler on a utilisation metric would do
   (desired = ceil(ready * utilisation / target), same tolerance, stabilization windows and step
   limits as ours): prefill utilisation = busy fraction, decode = running streams / maxNumSeqs.
+- `ClairvoyantPolicy`: a reference no autoscaler can be, to tell how far a target is from what the
+  trace allows at all.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable
 from typing import Protocol
+
+import numpy as np
 
 from bench.autoscale.simulate import Simulation
 from splitserve_operator.autoscale import ROLES, PoolPolicy, Role, limit_step, stabilize
@@ -90,6 +96,55 @@ class HpaUtilizationPolicy:
             stable = stabilize(self.history[role], current[role], now, policy, self.started)
             desired[role] = policy.bound(limit_step(current[role], stable, policy))
         return desired
+
+
+class ClairvoyantPolicy:
+    """Knows the trace: orders, a start-up ahead, the replicas that the highest rate until they would next
+    be resized needs, plus `margin` x sqrt(rate) requests/s for the Poisson arrivals around that mean,
+    sized from the simulator's own latency distributions (the plant, not a model of it). No forecast
+    error, no model error, no stabilization: its attainment and replica-seconds bound any real policy's."""
+
+    name = "clairvoyant"
+    TRIALS = 20_000  # latency samples per pool size tried
+
+    def __init__(self, sim: Simulation, spec: InferencePoolSpec, startup: float, margin: float) -> None:
+        self.lookahead = int(startup) + spec.autoscaling.interval_seconds
+        self.margin = margin
+        self.ttft, self.itl = spec.prefill.slo, spec.decode.slo
+        # A plant of its own for sizing, so sampling does not disturb the replay's random stream.
+        self.plant = Simulation(sim.cap, sim.work, sim.rates, seed=0)
+        self.sizes: dict[int, dict[Role, int]] = {}
+
+    async def decide(self, sim: Simulation, now: float) -> dict[Role, int]:
+        rate = float(sim.rates[int(now) : int(now) + self.lookahead].max())
+        return self.size(math.ceil(rate + self.margin * math.sqrt(rate)))
+
+    def size(self, rate: int) -> dict[Role, int]:
+        if rate not in self.sizes:
+            load = max(rate, 1)
+            self.sizes[rate] = {
+                "prefill": smallest(lambda n: self.prefill_meets(n, load)),
+                "decode": smallest(lambda n: self.decode_meets(n, load)),
+            }
+        return self.sizes[rate]
+
+    def prefill_meets(self, replicas: int, rate: float) -> bool:
+        plant = self.plant
+        if rate * plant.service >= 0.98 * replicas:
+            return False
+        samples = plant.ttft_samples(replicas, rate, 0.0, self.TRIALS)
+        return bool(np.quantile(samples, self.ttft.percentile) <= self.ttft.ttft_seconds)
+
+    def decode_meets(self, replicas: int, rate: float) -> bool:
+        plant = self.plant
+        if rate >= plant.decode_capacity(replicas):
+            return False
+        samples = plant.itl_samples(replicas, plant.decode_batch(replicas, rate), 0.0, 1.0, self.TRIALS)
+        return bool(np.quantile(samples, self.itl.percentile) <= self.itl.itl_seconds)
+
+
+def smallest(meets: Callable[[int], bool]) -> int:
+    return next(n for n in itertools.count(1) if meets(n))
 
 
 def estimate_size(sim: Simulation, rate: float, itl_target: float) -> dict[Role, int]:

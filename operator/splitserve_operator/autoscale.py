@@ -81,13 +81,14 @@ class PoolPolicy:
     def sizing(self, startup: float | None) -> Sizing:
         """Size for the target itself (the tolerance band is hysteresis, not margin), as far ahead as a
         replica asked for now takes to serve: the learned start-up time (a window until one was seen)
-        plus two intervals, since the decision already lags the data by up to one. Absorb a queue within
-        a window; shrink only to what still carries the load plus the tolerance, so noise does not take
+        plus two intervals, since the decision already lags the data by up to one, plus half a window,
+        since a rate over the window measures the load at the window's middle. Absorb a queue within a
+        window; shrink only to what still carries the load plus the tolerance, so noise does not take
         away a replica that takes a start-up to get back."""
         return Sizing(
             target=self.target,
             percentile=self.percentile,
-            horizon=2 * self.interval + (startup if startup is not None else self.window),
+            horizon=2 * self.interval + self.window / 2 + (startup if startup is not None else self.window),
             drain=self.window,
             max_num_seqs=self.max_num_seqs,
             headroom=self.tolerance,

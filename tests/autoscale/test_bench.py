@@ -50,7 +50,7 @@ def test_bad_capacity_file_is_one_clear_line(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines() == [expected]
 
 
-def test_frontier_replays_every_combination_of_settings(tmp_path: Path) -> None:
+def test_frontier_replays_every_combination_of_settings_and_the_reference(tmp_path: Path) -> None:
     done = run_bench(
         "--capacity",
         str(CAPACITY),
@@ -69,4 +69,10 @@ def test_frontier_replays_every_combination_of_settings(tmp_path: Path) -> None:
     defaults = document["defaults"]
     assert tuple(defaults.values()) in settings
     assert all(0 <= p["attainment"] <= 1 and p["replica_seconds_vs_fixed_peak"] > 0 for p in points)
+    # The clairvoyant reference: one point per margin; more margin buys attainment with replicas.
+    reference = document["clairvoyant"]
+    assert [p["margin"] for p in reference] == [0.0, 0.5, 1.0, 1.5, 2.0]
+    thinnest, widest = reference[0], reference[-1]
+    assert widest["replica_seconds_vs_fixed_peak"] > thinnest["replica_seconds_vs_fixed_peak"]
+    assert widest["attainment"] >= thinnest["attainment"]
     assert (tmp_path / "frontier-step.png").stat().st_size > 10_000

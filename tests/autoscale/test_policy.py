@@ -246,9 +246,9 @@ def test_spike_scales_up_fast_and_down_slowly() -> None:
     assert up > 3
     # No scale-down within the 300 s (20 intervals) window after the last high recommendation...
     assert min(replicas[31:50]) == max(replicas[31:50])
-    # ...then at most max(1, 10 %) per evaluation, back to a small pool.
-    drops = [a - b for a, b in itertools.pairwise(replicas[50:]) if b < a]
-    assert drops and all(drop <= max(1, math.ceil(0.1 * up)) for drop in drops)
+    # ...then at most max(1, 10 % of the pool) per evaluation, back to a small pool.
+    drops = [(a, a - b) for a, b in itertools.pairwise(replicas[50:]) if b < a]
+    assert drops and all(drop <= max(1, math.ceil(0.1 * pool)) for pool, drop in drops)
     assert replicas[-1] <= 4
 
 
