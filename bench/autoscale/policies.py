@@ -102,7 +102,7 @@ class ClairvoyantPolicy:
     """Knows the trace: orders, a start-up ahead, the replicas that the highest rate until they would next
     be resized needs, plus `margin` x sqrt(rate) requests/s for the Poisson arrivals around that mean,
     sized from the simulator's own latency distributions (the plant, not a model of it). No forecast
-    error, no model error, no stabilization: its attainment and replica-seconds bound any real policy's."""
+    error, no model error, no stabilization: a real policy is not expected to beat its curve."""
 
     name = "clairvoyant"
     TRIALS = 20_000  # latency samples per pool size tried
