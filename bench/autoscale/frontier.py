@@ -55,7 +55,8 @@ async def frontier(setup: Setup, trace_name: str, peak_rate: float) -> Curves:
     trace = TRACES[trace_name](peak_rate, np.random.default_rng(setup.seed))
     fixed = (await fixed_peak(trace, setup)).replica_seconds
     settings = list(itertools.product(WINDOWS, STABILIZATION, TOLERANCES))
-    total, curves = len(settings) + len(MARGINS), Curves(splitserve=[], clairvoyant=[])
+    curves: Curves = {"splitserve": [], "clairvoyant": []}
+    total = len(settings) + len(MARGINS)
 
     async def point(
         curve: str, variant: Setup, policy: Callable[[Simulation], Policy], **labels: Any
