@@ -11,8 +11,8 @@ Per evaluation and pool (prefill tracks TTFT, decode tracks ITL):
    holds, and it acts only on a window that shows the current replicas (all ready for a window).
    The predictive planner (planner.py) sizes the pool for the forecast load: above or within the band
    the larger of feedback and planner wins, so load growing faster than latency reacts is met before
-   the breach; below the band the planner decides how far to shrink (to what carries the load plus
-   the tolerance), since latency near saturation says little about how many replicas can go.
+   the breach; below the band the planner decides how far to shrink, since latency near saturation
+   says little about how many replicas can go.
 4. The recommendation goes through the HPA `behavior` machinery: scale-up acts on the lowest
    recommendation of its stabilization window, scale-down on the highest of its own (300 s by
    default, which is what stops flapping), each limited to max(maxStep, ceil(current*maxStepPercent%))
@@ -79,19 +79,17 @@ class PoolPolicy:
         )
 
     def sizing(self, startup: float | None) -> Sizing:
-        """Size for the target itself (the tolerance band is hysteresis, not margin), as far ahead as a
-        replica asked for now takes to serve: the learned start-up time (a window until one was seen)
-        plus two intervals, since the decision already lags the data by up to one, plus half a window,
-        since a rate over the window measures the load at the window's middle. Absorb a queue within a
-        window; shrink only to what still carries the load plus the tolerance, so noise does not take
-        away a replica that takes a start-up to get back."""
+        """Size for the target itself (the tolerance band is the feedback's, not a margin), as far ahead
+        as a replica asked for now takes to serve: the learned start-up time (a window until one was
+        seen) plus two intervals, since the decision already lags the data by up to one, plus half a
+        window, since a rate over the window measures the load at the window's middle. Absorb a queue
+        within a window."""
         return Sizing(
             target=self.target,
             percentile=self.percentile,
             horizon=2 * self.interval + self.window / 2 + (startup if startup is not None else self.window),
             drain=self.window,
             max_num_seqs=self.max_num_seqs,
-            headroom=self.tolerance,
         )
 
     def bound(self, replicas: int) -> int:
@@ -236,10 +234,10 @@ def recommend(
     pred = predicted.replicas if predicted else None
     if not below:  # above or within the band: the larger answer, so load outruns latency no more
         rec = max(fb, pred or 0)
-    elif predicted is None or predicted.replicas is None:  # below it without a planner: HPA's ratio
+    elif pred is None:  # below it without a planner: HPA's ratio
         rec = fb
-    else:  # below it: grow if the planner says so, shrink no further than load plus tolerance needs
-        rec = max(predicted.replicas, min(current, predicted.keep or predicted.replicas))
+    else:  # below it: the planner's size; the scale-down window keeps noise from shrinking the pool
+        rec = pred
     parts = [words]
     if fb != current:
         parts.append(f"feedback {fb}")

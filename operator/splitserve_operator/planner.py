@@ -1,18 +1,21 @@
 """Predictive sizing, after an SLA planner: replicas for the forecast load at the latency target.
 
 Feedback on latency acts only once the SLO is already missed, and a windowed percentile lags by about
-half a window. The planner instead forecasts the load (Holt's level + trend) as far ahead as a new
-replica takes to serve, and sizes the pool for it from a capacity learned online from the workers' own
+half a window. The planner instead forecasts the load (Holt's level + trend, the trend only where it
+stands out of its own noise) as far ahead as a new replica takes to serve, and sizes the pool for it,
+plus headroom for what no forecast knows, from a capacity learned online from the workers' own
 counters, with a correction factor (observed / modelled latency, as in NVIDIA Dynamo's SLA planner) for
 what the model leaves out:
 
 - prefill: prompt tokens a replica computes per busy second (token rate / step-seconds rate) give the
   service time of an average prompt; the pool behind a least-loaded router is an M/D/c queue (Erlang C),
-  and the planner takes the fewest replicas whose modelled TTFT percentile meets target / correction.
+  and the planner takes the fewest replicas whose modelled TTFT percentile meets target / correction
+  at the forecast arrival rate plus PREFILL_HEADROOM.
 - decode: step time as a line over batch size, fitted online on (mean batch, mean step) pairs, solved
   for the largest batch whose step stays within target / correction (correction = observed ITL
-  percentile / mean step), capped by maxNumSeqs, the KV cache and twice the largest batch ever seen
-  (no blind extrapolation); streams in flight (Little's law) over that batch give the replicas.
+  percentile / modelled step, see DecodePlanner.learn), capped by maxNumSeqs, the KV cache and twice
+  the largest batch ever seen (no blind extrapolation); streams in flight (Little's law) plus
+  DECODE_SIGMAS of their Poisson spread, over that batch, give the replicas.
 
 Everything here is pure: state is plain data that the policy carries from one evaluation to the next.
 """
@@ -37,6 +40,16 @@ FORGET = 0.99
 MIN_BATCH_VARIANCE = 0.25
 # Headroom kept in the KV cache when it caps the batch.
 KV_HEADROOM = 0.9
+# Margins for what the forecast cannot know; the three are calibrated on the bench/autoscale replays
+# (docs/autoscaling.md has the alternatives measured).
+# Standard errors of its own estimate that a load trend must exceed before it is extrapolated.
+TREND_SIGMAS = 3.0
+# Share of the forecast arrival rate a prefill pool is sized above it: load wanders away from any
+# forecast during a start-up in proportion to its size (the M/D/c model already covers Poisson arrivals).
+PREFILL_HEADROOM = 0.06
+# Standard deviations of the streams in flight a decode pool is sized above the forecast: their number
+# is Poisson (M/G/infinity), so sqrt(streams) is their spread, large for small pools, small for large.
+DECODE_SIGMAS = 1.0
 
 
 @dataclass(frozen=True)
@@ -64,21 +77,15 @@ class Sizing:
     horizon: float  # seconds ahead to forecast the load
     drain: float  # seconds in which queued requests should be absorbed
     max_num_seqs: int  # decode batch limit
-    headroom: float = 0.0  # extra load share a pool must still carry after shrinking
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What the planner asks for; replicas None when it cannot size the pool yet (see note).
-
-    `keep` is the size for the load plus the headroom: shrinking stops there, so a pool does not give
-    up a replica that the next small rise (or a noisy forecast) would ask back a start-up later.
-    """
+    """What the planner asks for; replicas None when it cannot size the pool yet (see note)."""
 
     replicas: int | None
     load: float | None
     note: str
-    keep: int | None = None
 
 
 def ewma(previous: float | None, sample: float, rate: float = LEARN_RATE) -> float:
@@ -103,13 +110,19 @@ def replicas_for(load: float, per_replica: float) -> int:
 
 @dataclass
 class Forecaster:
-    """Holt's linear smoothing over irregular samples: level plus trend per second, never negative."""
+    """Holt's linear smoothing over irregular samples: level plus trend per second, never negative.
 
-    alpha: float = 0.5
+    The trend is extrapolated only by what exceeds TREND_SIGMAS standard errors of its estimate (a soft
+    threshold): a ramp is followed, while the trend of a load that merely wanders, mostly noise, is not
+    multiplied by the horizon (on the diurnal bench trace that nearly doubled the forecast error).
+    """
+
+    alpha: float = 0.7  # the windowed rates it is fed are smooth already
     beta: float = 0.3
     level: float | None = None
     trend: float = 0.0
     time: float | None = None
+    trend_variance: float = 0.0  # of the per-sample trend estimates around the smoothed trend
 
     def update(self, now: float, value: float) -> None:
         if self.level is None or self.time is None or now <= self.time:
@@ -118,11 +131,19 @@ class Forecaster:
         dt = now - self.time
         predicted = self.level + self.trend * dt
         level = self.alpha * value + (1 - self.alpha) * predicted
-        self.trend = self.beta * (level - self.level) / dt + (1 - self.beta) * self.trend
+        deviation = (level - self.level) / dt - self.trend
+        self.trend_variance += self.beta * (deviation * deviation - self.trend_variance)
+        self.trend += self.beta * deviation
         self.level, self.time = level, now
 
+    def significant_trend(self) -> float:
+        """The trend less TREND_SIGMAS standard errors (an EWMA of weight beta over samples of variance v
+        has variance v * beta / (2 - beta)), zero where the trend is within them."""
+        error = math.sqrt(self.trend_variance * self.beta / (2 - self.beta))
+        return math.copysign(max(0.0, abs(self.trend) - TREND_SIGMAS * error), self.trend)
+
     def forecast(self, horizon: float) -> float:
-        return max(0.0, (self.level or 0.0) + self.trend * horizon)
+        return max(0.0, (self.level or 0.0) + self.significant_trend() * horizon)
 
 
 # ---- prefill ------------------------------------------------------------------------------------
@@ -202,16 +223,15 @@ class PrefillPlanner:
         # Queued prompts come on top of the forecast, absorbed over the drain time.
         load = self.demand.forecast(sizing.horizon) + (obs.waiting or 0.0) * prompt_tokens / sizing.drain
         budget = sizing.target / self.correction
-        replicas = replicas_for_ttft(load / prompt_tokens, service, budget, sizing.percentile)
+        arrivals = load / prompt_tokens * (1 + PREFILL_HEADROOM)
+        replicas = replicas_for_ttft(arrivals, service, budget, sizing.percentile)
         if replicas is None:
             return Plan(None, None, f"one prompt takes {service:.3g}s, over the TTFT budget {budget:.3g}s")
-        more = load * (1 + sizing.headroom)
-        keep = replicas_for_ttft(more / prompt_tokens, service, budget, sizing.percentile)
         note = (
-            f"{load:.4g} prompt tokens/s forecast, {capacity:.4g} tokens/s per busy replica, "
-            f"modelled TTFT within {budget:.3g}s"
+            f"{load:.4g} prompt tokens/s forecast (+{PREFILL_HEADROOM:.0%}), {capacity:.4g} tokens/s per "
+            f"busy replica, modelled TTFT within {budget:.3g}s"
         )
-        return Plan(replicas, load, note, keep)
+        return Plan(replicas, load, note)
 
 
 def _service_time(obs: Observation, capacity: float | None) -> float | None:
@@ -267,8 +287,8 @@ class DecodePlanner:
     demand: Forecaster = field(default_factory=Forecaster)
 
     def learn(self, obs: Observation, now: float, sizing: Sizing, settled: bool) -> None:
-        """Step times from every sample; the correction (ITL percentile over mean step) only from a settled
-        pool where no stream waits for a slot (a wait is one long gap, not a slow step)."""
+        """Step times from every sample; the correction (ITL percentile over modelled step) only from a
+        settled pool where no stream waits for a slot (a wait is one long gap, not a slow step)."""
         if obs.demand is not None:
             self.demand.update(now, obs.demand)
         if not obs.steps or obs.busy is None or obs.tokens is None or obs.tokens <= 0:
@@ -277,8 +297,19 @@ class DecodePlanner:
         if batch < 0.5 or step <= 0:
             return
         self.steps.add(batch, step)
-        if settled and obs.latency is not None and not obs.waiting and near_target(obs.latency, sizing):
-            self.correction = clamp(ewma(self.correction, obs.latency / step), *CORRECTION_RANGE)
+        line, ready = self.steps.line, obs.ready or 1
+        if (
+            settled
+            and line is not None
+            and obs.latency is not None
+            and not obs.waiting
+            and near_target(obs.latency, sizing)
+        ):
+            # The window's mean batch is a sample: over `ready` replicas holding Poisson streams it has a
+            # spread of sqrt(batch / ready). Calibrating against the step one spread above it leaves the
+            # pool-level spread to the planner's DECODE_SIGMAS margin instead of counting it twice.
+            modelled = line[0] + line[1] * (batch + math.sqrt(batch / ready))
+            self.correction = clamp(ewma(self.correction, obs.latency / modelled), *CORRECTION_RANGE)
 
     def plan(self, obs: Observation, sizing: Sizing) -> Plan:
         if self.steps.line is None:
@@ -302,7 +333,6 @@ class DecodePlanner:
         output_tokens = (obs.demand or 0.0) / obs.request_rate if obs.request_rate else 0.0
         backlog = (obs.waiting or 0.0) * output_tokens / sizing.drain
         streams = (self.demand.forecast(sizing.horizon) + backlog) * (intercept + slope * batch)
-        note = f"{streams:.4g} streams forecast, {batch:.3g} per replica ({bound})"
-        return Plan(
-            replicas_for(streams, batch), streams, note, replicas_for(streams * (1 + sizing.headroom), batch)
-        )
+        spread = DECODE_SIGMAS * math.sqrt(streams)
+        note = f"{streams:.4g} streams forecast (+{spread:.3g}), {batch:.3g} per replica ({bound})"
+        return Plan(replicas_for(streams + spread, batch), streams, note)

@@ -1,5 +1,5 @@
 """The bench's CLIs, run as subprocesses on the step trace: scale-up within two intervals, determinism,
-the settings frontier."""
+the settings frontier, the spread over seeds."""
 
 from __future__ import annotations
 
@@ -76,3 +76,17 @@ def test_frontier_replays_every_combination_of_settings_and_the_reference(tmp_pa
     assert widest["replica_seconds_vs_fixed_peak"] > thinnest["replica_seconds_vs_fixed_peak"]
     assert widest["attainment"] >= thinnest["attainment"]
     assert (tmp_path / "frontier-step.png").stat().st_size > 10_000
+
+
+def test_seeds_replays_one_day_per_seed_and_counts_those_meeting_both_targets(tmp_path: Path) -> None:
+    args = ("--capacity", str(CAPACITY), "--out", str(tmp_path), "--trace", "step", "--seeds", "3", "5")
+    done = run_bench(*args, module="bench.autoscale.seeds")
+    assert done.returncode == 0, done.stderr
+    document = json.loads((tmp_path / "seeds-step.json").read_text())
+    rows, summary = document["per_seed"], document["summary"]
+    assert [row["seed"] for row in rows] == [3, 5] and rows[0] != rows[1]  # each seed its own day
+    meeting = sum(row["attainment"] >= 0.99 and row["replica_seconds_vs_fixed_peak"] <= 0.6 for row in rows)
+    assert summary["seeds"] == 2 and summary["seeds_meeting_both_targets"] == meeting
+    attainment = summary["attainment"]
+    assert attainment["min"] <= attainment["mean"] <= attainment["max"]
+    assert (tmp_path / "seeds-step.png").stat().st_size > 10_000

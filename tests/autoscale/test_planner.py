@@ -7,6 +7,8 @@ import math
 import pytest
 
 from splitserve_operator.planner import (
+    DECODE_SIGMAS,
+    PREFILL_HEADROOM,
     DecodePlanner,
     Forecaster,
     Observation,
@@ -18,7 +20,7 @@ from splitserve_operator.planner import (
     replicas_for_ttft,
 )
 
-SIZING = Sizing(target=0.5, percentile=0.9, horizon=30.0, drain=60.0, max_num_seqs=64, headroom=0.1)
+SIZING = Sizing(target=0.5, percentile=0.9, horizon=30.0, drain=60.0, max_num_seqs=64)
 
 
 def test_forecaster_follows_level_and_trend_and_never_goes_negative() -> None:
@@ -34,6 +36,18 @@ def test_forecaster_follows_level_and_trend_and_never_goes_negative() -> None:
     for k in range(10):
         falling.update(15.0 * k, 500 - 20.0 * k)
     assert falling.trend < 0 and falling.forecast(600) == 0.0
+
+
+def test_forecaster_does_not_extrapolate_a_trend_that_is_noise() -> None:
+    wandering = Forecaster()
+    for k in range(40):  # 100 +- 5, no trend
+        wandering.update(15.0 * k, 100.0 + (5.0 if (k * 7) % 3 == 0 else -5.0))
+    assert wandering.trend != 0.0 and wandering.significant_trend() == 0.0
+    assert wandering.forecast(600) == pytest.approx(wandering.level)
+    noisy_ramp = Forecaster()
+    for k in range(40):  # +1 per second, the same noise
+        noisy_ramp.update(15.0 * k, 100.0 + 15.0 * k + (5.0 if (k * 7) % 3 == 0 else -5.0))
+    assert 0.5 < noisy_ramp.significant_trend() <= noisy_ramp.trend  # most of it stands out
 
 
 @pytest.mark.parametrize(
@@ -88,7 +102,8 @@ def test_prefill_planner_learns_capacity_and_sizes_for_the_load() -> None:
     assert planner.tokens_per_busy_second == pytest.approx(1000)
     at_20 = planner.plan(prefill_obs(20, 4), SIZING)
     assert at_20.replicas is not None and at_20.load == pytest.approx(2000)
-    assert at_20.keep is not None and at_20.keep >= at_20.replicas
+    # Sized for the forecast arrivals plus the headroom, at the TTFT target.
+    assert at_20.replicas == replicas_for_ttft(20 * (1 + PREFILL_HEADROOM), 0.1, 0.5, 0.9)
     for k in range(10, 20):
         planner.learn(prefill_obs(40, 4), 15.0 * k, SIZING, settled=False)
     at_40 = planner.plan(prefill_obs(40, 4), SIZING)
@@ -167,11 +182,15 @@ def test_decode_planner_batch_limits(
     sizing = Sizing(target=target, percentile=0.9, horizon=0.0, drain=60.0, max_num_seqs=max_num_seqs)
     plan = planner.plan(decode_obs(12, kv_usage=kv_usage), sizing)
     assert bound in plan.note and f"{batch:.3g} per replica" in plan.note
-    assert plan.replicas == max(1, math.ceil(plan.load / batch - 1e-6)) if plan.load else False
+    assert plan.load is not None
+    streams = plan.load + DECODE_SIGMAS * math.sqrt(plan.load)  # plus the Poisson spread of the streams
+    assert plan.replicas == max(1, math.ceil(streams / batch - 1e-6))
 
 
 def test_decode_planner_uses_littles_law_and_reports_infeasible_targets() -> None:
     planner = trained_decode_planner()
+    for k in range(10):  # the load settles at batch 12
+        planner.learn(decode_obs(12, latency=None), 200.0 + 15 * k, SIZING, settled=True)
     plan = planner.plan(decode_obs(12), Sizing(0.01, 0.9, 0.0, 60.0, 64))
     tokens_per_second = decode_obs(12).demand
     assert tokens_per_second is not None and plan.load == pytest.approx(tokens_per_second * 0.010, rel=0.05)
@@ -179,9 +198,10 @@ def test_decode_planner_uses_littles_law_and_reports_infeasible_targets() -> Non
     assert hopeless.replicas is None and "over the ITL target" in hopeless.note
 
 
-def test_decode_correction_is_itl_percentile_over_mean_step() -> None:
+def test_decode_correction_is_itl_percentile_over_the_step_one_spread_above_the_mean_batch() -> None:
     planner = trained_decode_planner()
+    modelled = 0.002 + 0.0002 * (20 + math.sqrt(20 / 2))  # two replicas at a mean batch of 20
     for k in range(20):
-        obs = decode_obs(20, latency=1.5 * (0.002 + 0.0002 * 20))
+        obs = decode_obs(20, latency=1.5 * modelled)
         planner.learn(obs, 200.0 + 15 * k, Sizing(0.01, 0.9, 0.0, 60.0, 64), settled=True)
     assert planner.correction == pytest.approx(1.5, rel=0.01)
