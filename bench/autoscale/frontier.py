@@ -115,31 +115,48 @@ def plot(curves: Curves, defaults: dict[str, Any], trace_name: str, path: Path) 
         edgecolors="black",
         label="spec defaults",
     )
+    ax.set_ylim(95, 100.3)  # the reference's thinnest margins fall far below: their line leaves the plot
+    finish_target_plot(fig, ax, f"{trace_name}: settings of the splitserve policy", path)
+
+
+def finish_target_plot(fig: Any, ax: Any, title: str, path: Path) -> None:
+    """Attainment over replica-seconds: the target corner in red, labels, legend; saved to `path`."""
     ax.axhline(100 * TARGET_ATTAINMENT, color="red", linestyle="--", linewidth=0.8)
     ax.axvline(TARGET_REPLICA_SECONDS, color="red", linestyle="--", linewidth=0.8)
-    ax.set_ylim(95, 100.3)  # the reference's thinnest margins fall far below: their line leaves the plot
     ax.set_xlabel("replica-seconds / fixed peak-sized pools")
     ax.set_ylabel("SLO attainment (%)")
-    ax.set_title(f"{trace_name}: settings of the splitserve policy (target: upper left of the red lines)")
+    ax.set_title(f"{title} (target: upper left of the red lines)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments the diurnal-study CLIs share."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--capacity", type=Path, required=True, help="Capacity JSON (schema in capacity.py).")
     parser.add_argument("--out", type=Path, required=True, help="Directory for the JSON and the PNG.")
     parser.add_argument("--trace", default="diurnal", choices=list(TRACES))
-    parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--peak-rate", type=float, default=300.0)
-    args = parser.parse_args()
+    return parser
+
+
+def default_setup(parser: argparse.ArgumentParser, capacity_file: Path, seed: int) -> Setup:
+    """The bench's defaults (as in bench.autoscale.run) on a capacity file; a bad file exits with one line."""
     try:
-        capacity = Capacity.load(args.capacity)
+        capacity = Capacity.load(capacity_file)
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
     spec = bench_spec(0.1, 0.0075, 32, capacity.max_num_seqs)
-    setup = Setup(capacity, Workload(), spec, 60.0, args.seed, 0.7, 900)
+    return Setup(capacity, Workload(), spec, 60.0, seed, 0.7, 900)
+
+
+def main() -> None:
+    parser = bench_parser(__doc__)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    setup = default_setup(parser, args.capacity, args.seed)
+    spec = setup.spec
     curves = asyncio.run(frontier(setup, args.trace, args.peak_rate))
     auto = spec.autoscaling
     defaults = {

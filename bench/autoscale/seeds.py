@@ -12,7 +12,6 @@ seeds-<trace>.png (attainment against replica-seconds, one point per seed, the t
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import functools
@@ -23,11 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from bench.autoscale.capacity import Capacity
-from bench.autoscale.frontier import TARGET_REPLICA_SECONDS
+from bench.autoscale.frontier import TARGET_REPLICA_SECONDS, bench_parser, default_setup, finish_target_plot
 from bench.autoscale.policies import SplitservePolicy
-from bench.autoscale.run import TARGET_ATTAINMENT, Setup, bench_spec, fixed_peak, replay, summarize
-from bench.autoscale.simulate import Workload
+from bench.autoscale.run import TARGET_ATTAINMENT, Setup, fixed_peak, replay, summarize
 from bench.autoscale.traces import TRACES
 
 
@@ -85,30 +82,14 @@ def plot(rows: list[dict[str, Any]], trace_name: str, path: Path) -> None:
     for row, x, y in zip(rows, xs, ys, strict=True):
         ax.annotate(str(row["seed"]), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
     ax.scatter([np.mean(xs)], [np.mean(ys)], marker="x", s=120, color="black", label="mean")
-    ax.axhline(100 * TARGET_ATTAINMENT, color="red", linestyle="--", linewidth=0.8)
-    ax.axvline(TARGET_REPLICA_SECONDS, color="red", linestyle="--", linewidth=0.8)
-    ax.set_xlabel("replica-seconds / fixed peak-sized pools")
-    ax.set_ylabel("SLO attainment (%)")
-    ax.set_title(f"{trace_name}: one replay per seed (target: upper left of the red lines)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    finish_target_plot(fig, ax, f"{trace_name}: one replay per seed", path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--capacity", type=Path, required=True, help="Capacity JSON (schema in capacity.py).")
-    parser.add_argument("--out", type=Path, required=True, help="Directory for the JSON and the PNG.")
-    parser.add_argument("--trace", default="diurnal", choices=list(TRACES))
+    parser = bench_parser(__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(1, 11)))
-    parser.add_argument("--peak-rate", type=float, default=300.0)
     args = parser.parse_args()
-    try:
-        capacity = Capacity.load(args.capacity)
-    except ValueError as error:
-        parser.exit(2, f"error: {error}\n")
-    spec = bench_spec(0.1, 0.0075, 32, capacity.max_num_seqs)
-    setup = Setup(capacity, Workload(), spec, 60.0, args.seeds[0], 0.7, 900)
+    setup = default_setup(parser, args.capacity, args.seeds[0])
     rows = asyncio.run(over_seeds(setup, args.trace, args.peak_rate, args.seeds))
     args.out.mkdir(parents=True, exist_ok=True)
     document = {
