@@ -17,7 +17,7 @@ HELM_VENV := build/helm-venv
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test,bench]"
+	$(BIN)/pip install --quiet -e ".[local,test,bench]"
 	touch $@
 
 install: $(VENV)/.installed

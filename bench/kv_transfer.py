@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-import splitserve.kv_frames as kv_frames
-import splitserve.kv_transfer as kv_transfer
-from splitserve.kv_frames import KVHeader, KVLimits, layer_payloads
-from splitserve.kv_transfer import TcpKVReceiver, TcpKVSender
+import splitserve.transfer.frames as kv_frames
+import splitserve.transfer.tcp as kv_transfer
+from splitserve.transfer.frames import KVHeader, KVLimits, layer_payloads
+from splitserve.transfer.tcp import TcpKVReceiver, TcpKVSender
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SENDER_CORE, RECEIVER_CORE = 0, (os.cpu_count() or 1) - 1

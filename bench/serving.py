@@ -45,8 +45,8 @@ from typing import Any
 import aiohttp
 
 from bench.kv_transfer import raw_copy, raw_server
-from splitserve.local_pool import LocalProcess, free_port, splitserve_argv
-from splitserve.tiny_model import write_tiny_model
+from splitserve.engine.tiny_model import write_tiny_model
+from splitserve.local.pool import LocalProcess, free_port, splitserve_argv
 
 RESULTS = Path(__file__).parent / "results"
 MODEL = "tiny"
@@ -336,9 +336,9 @@ async def throughput(setup: Setup, concurrency: int, seconds: float) -> dict[str
 
 PREFILL_LOOP = """
 import sys
-from splitserve.config import EngineConfig
-from splitserve.engine import Engine
-from splitserve.loader import load_model
+from splitserve.contract.config import EngineConfig
+from splitserve.engine.forward import Engine
+from splitserve.engine.loader import load_model
 engine = Engine(load_model(EngineConfig(model=sys.argv[1], threads=1)))
 print("ready", flush=True)
 while True:
@@ -350,9 +350,9 @@ while True:
 
 def engine_control(model: Path, steps: int = 800) -> dict[str, Any]:
     """p50/p99 of a bare decode step on core 1, alone and next to a prefill loop on core 0."""
-    from splitserve.config import EngineConfig
-    from splitserve.engine import Engine
-    from splitserve.loader import load_model
+    from splitserve.contract.config import EngineConfig
+    from splitserve.engine.forward import Engine
+    from splitserve.engine.loader import load_model
 
     os.sched_setaffinity(0, {1})
     engine = Engine(load_model(EngineConfig(model=str(model), threads=1)))

@@ -15,7 +15,7 @@ SOURCE_ROOTS = [str(REPO / "operator"), str(REPO / "worker")]
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random Llama with a real BPE tokenizer, written once per test session."""
-    from splitserve.tiny_model import write_tiny_model
+    from splitserve.engine.tiny_model import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 import transformers
 
-from splitserve.config import EngineConfig
-from splitserve.engine import Engine
-from splitserve.loader import CPU_KV_BUDGET_BYTES, load_model
-from splitserve.tiny_model import write_tiny_model
+from splitserve.contract.config import EngineConfig
+from splitserve.engine.forward import Engine
+from splitserve.engine.loader import CPU_KV_BUDGET_BYTES, load_model
+from splitserve.engine.tiny_model import write_tiny_model
 
 PROMPT_LENGTHS = (16, 32, 64, 128, 256, 512)
 BATCH_SIZES = tuple(range(1, 33))

@@ -19,16 +19,17 @@ from typing import Protocol
 import numpy as np
 
 from bench.autoscale.simulate import Simulation
-from splitserve_operator.autoscale import ROLES, PoolPolicy, Role, limit_step, stabilize
-from splitserve_operator.autoscaler import AutoscalerState, PoolAutoscaler
+from splitserve.contract.names import WORKER_ROLES, WorkerRole
+from splitserve_operator.autoscaling.evaluator import AutoscalerState, PoolAutoscaler
+from splitserve_operator.autoscaling.policy import PoolPolicy, limit_step, stabilize
+from splitserve_operator.autoscaling.signals import PoolSignals, SignalQuery
 from splitserve_operator.models import InferencePoolSpec
-from splitserve_operator.signals import PoolSignals, SignalQuery
 
 
 class Policy(Protocol):
     name: str
 
-    async def decide(self, sim: Simulation, now: float) -> dict[Role, int]: ...
+    async def decide(self, sim: Simulation, now: float) -> dict[WorkerRole, int]: ...
 
 
 class SimSource:
@@ -47,8 +48,8 @@ class SplitservePolicy:
     def __init__(self, spec: InferencePoolSpec, sim: Simulation) -> None:
         self.spec, self.autoscaler, self.state = spec, PoolAutoscaler(SimSource(sim)), AutoscalerState()
 
-    async def decide(self, sim: Simulation, now: float) -> dict[Role, int]:
-        current: dict[Role, int] = {"prefill": sim.prefill.replicas, "decode": sim.decode.replicas}
+    async def decide(self, sim: Simulation, now: float) -> dict[WorkerRole, int]:
+        current: dict[WorkerRole, int] = {"prefill": sim.prefill.replicas, "decode": sim.decode.replicas}
         outcome = await self.autoscaler.evaluate(None, "bench", self.spec, current, self.state, now)
         return outcome.replicas
 
@@ -56,10 +57,10 @@ class SplitservePolicy:
 class FixedPolicy:
     name = "fixed-peak"
 
-    def __init__(self, replicas: dict[Role, int]) -> None:
+    def __init__(self, replicas: dict[WorkerRole, int]) -> None:
         self.replicas = replicas
 
-    async def decide(self, sim: Simulation, now: float) -> dict[Role, int]:
+    async def decide(self, sim: Simulation, now: float) -> dict[WorkerRole, int]:
         return dict(self.replicas)
 
 
@@ -67,16 +68,16 @@ class HpaUtilizationPolicy:
     name = "hpa-utilization"
 
     def __init__(self, spec: InferencePoolSpec, target: float) -> None:
-        self.policies = {role: PoolPolicy.from_spec(spec, role) for role in ROLES}
+        self.policies = {role: PoolPolicy.from_spec(spec, role) for role in WORKER_ROLES}
         self.target = target
-        self.history: dict[Role, list[tuple[float, int]]] = {role: [] for role in ROLES}
+        self.history: dict[WorkerRole, list[tuple[float, int]]] = {role: [] for role in WORKER_ROLES}
         self.started: float | None = None
 
-    async def decide(self, sim: Simulation, now: float) -> dict[Role, int]:
+    async def decide(self, sim: Simulation, now: float) -> dict[WorkerRole, int]:
         if self.started is None:
             self.started = now
         signals = sim.signals(SignalQuery("bench", self.policies["prefill"].window, 0.9, 0.9))
-        current: dict[Role, int] = {"prefill": sim.prefill.replicas, "decode": sim.decode.replicas}
+        current: dict[WorkerRole, int] = {"prefill": sim.prefill.replicas, "decode": sim.decode.replicas}
         ready = {"prefill": signals.prefill.replicas or 0, "decode": signals.decode.replicas or 0}
         usage = {
             "prefill": signals.prefill.busy,
@@ -84,8 +85,8 @@ class HpaUtilizationPolicy:
             if signals.decode.running is None
             else signals.decode.running / self.policies["decode"].max_num_seqs,
         }
-        desired: dict[Role, int] = {}
-        for role in ROLES:
+        desired: dict[WorkerRole, int] = {}
+        for role in WORKER_ROLES:
             policy, used = self.policies[role], usage[role]
             if not ready[role] or used is None:
                 desired[role] = current[role]
@@ -113,13 +114,13 @@ class ClairvoyantPolicy:
         self.ttft, self.itl = spec.prefill.slo, spec.decode.slo
         # A plant of its own for sizing, so sampling does not disturb the replay's random stream.
         self.plant = Simulation(sim.cap, sim.work, sim.rates, seed=0)
-        self.sizes: dict[int, dict[Role, int]] = {}
+        self.sizes: dict[int, dict[WorkerRole, int]] = {}
 
-    async def decide(self, sim: Simulation, now: float) -> dict[Role, int]:
+    async def decide(self, sim: Simulation, now: float) -> dict[WorkerRole, int]:
         rate = float(sim.rates[int(now) : int(now) + self.lookahead].max())
         return self.size(math.ceil(rate + self.margin * math.sqrt(rate)))
 
-    def size(self, rate: int) -> dict[Role, int]:
+    def size(self, rate: int) -> dict[WorkerRole, int]:
         if rate not in self.sizes:
             load = max(rate, 1)
             self.sizes[rate] = {
@@ -147,7 +148,7 @@ def smallest(meets: Callable[[int], bool]) -> int:
     return next(n for n in itertools.count(1) if meets(n))
 
 
-def estimate_size(sim: Simulation, rate: float, itl_target: float) -> dict[Role, int]:
+def estimate_size(sim: Simulation, rate: float, itl_target: float) -> dict[WorkerRole, int]:
     """A first guess at the pools steady `rate` needs: prefill at most 85 % busy, decode batches whose
     p90 step (mean + 1.28 sigma) stays within the ITL target. The bench refines it by replaying."""
     prefill = max(1, math.ceil(rate * sim.service / 0.85))

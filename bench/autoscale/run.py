@@ -37,7 +37,7 @@ from bench.autoscale.policies import (
 )
 from bench.autoscale.simulate import Simulation, Workload, weighted_quantile
 from bench.autoscale.traces import TRACES, Trace
-from splitserve_operator.autoscale import ROLES, Role
+from splitserve.contract.names import WORKER_ROLES, WorkerRole
 from splitserve_operator.models import (
     DecodePoolSpec,
     InferencePoolSpec,
@@ -68,7 +68,7 @@ class Run:
 
     policy: str
     sim: Simulation
-    decisions: list[tuple[float, dict[Role, int]]]
+    decisions: list[tuple[float, dict[WorkerRole, int]]]
     offset: int
 
     def rec(self, name: str) -> NDArray[np.float64]:
@@ -111,7 +111,10 @@ def bench_spec(ttft: float, itl: float, max_replicas: int, max_num_seqs: int) ->
 
 
 async def replay(
-    trace: Trace, setup: Setup, policy: Callable[[Simulation], Policy], start: dict[Role, int] | None = None
+    trace: Trace,
+    setup: Setup,
+    policy: Callable[[Simulation], Policy],
+    start: dict[WorkerRole, int] | None = None,
 ) -> Run:
     """Run one policy over the warm-up and the trace; pools start at `start` (or a first guess), ready."""
     rates = np.concatenate([np.full(setup.warmup, trace.rate[0]), trace.rate])
@@ -121,7 +124,7 @@ async def replay(
     sim.decode.scale_to(start["decode"], -setup.startup, setup.startup)
     chosen = policy(sim)
     interval = setup.spec.autoscaling.interval_seconds
-    decisions: list[tuple[float, dict[Role, int]]] = []
+    decisions: list[tuple[float, dict[WorkerRole, int]]] = []
     for t in range(len(rates)):
         if t > 0 and t % interval == 0:
             desired = await chosen.decide(sim, float(t))
@@ -139,7 +142,7 @@ async def fixed_peak(trace: Trace, setup: Setup) -> Run:
     sim = Simulation(setup.capacity, setup.workload, trace.rate, setup.seed)
     size = estimate_size(sim, float(trace.rate.max()), setup.spec.decode.slo.itl_seconds)
 
-    async def attempt(replicas: dict[Role, int]) -> tuple[Run, NDArray[np.bool_], NDArray[np.bool_]]:
+    async def attempt(replicas: dict[WorkerRole, int]) -> tuple[Run, NDArray[np.bool_], NDArray[np.bool_]]:
         fixed = FixedPolicy(dict(replicas))
         run = await replay(trace, setup, lambda _sim: fixed, start=fixed.replicas)
         return (run, *run.meets(setup.spec))
@@ -148,7 +151,7 @@ async def fixed_peak(trace: Trace, setup: Setup) -> Run:
     while (ttft_ok & itl_ok).mean() < TARGET_ATTAINMENT:
         size["prefill" if ttft_ok.mean() <= itl_ok.mean() else "decode"] += 1
         run, ttft_ok, itl_ok = await attempt(size)
-    for role in ROLES:
+    for role in WORKER_ROLES:
         while size[role] > 1:
             smaller = {**size, role: size[role] - 1}
             candidate, ttft_ok, itl_ok = await attempt(smaller)
@@ -186,9 +189,9 @@ def summarize(run: Run, trace: Trace, setup: Setup, fixed_replica_seconds: float
 
 def scale_up_delay(run: Run, step_at: int, interval: int) -> float | None:
     """Intervals from the step to the first decision that adds replicas to any pool."""
-    previous: dict[Role, int] | None = None
+    previous: dict[WorkerRole, int] | None = None
     for at, desired in run.decisions:
-        if at > step_at and previous and any(desired[r] > previous[r] for r in ROLES):
+        if at > step_at and previous and any(desired[r] > previous[r] for r in WORKER_ROLES):
             return (at - step_at) / interval
         previous = desired
     return None

@@ -27,9 +27,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bench.autoscale.capacity import Capacity
-from splitserve.metrics import ITL_BUCKETS, TTFT_BUCKETS
-from splitserve_operator.planner import erlang_c
-from splitserve_operator.signals import PoolSignals, SignalQuery, WorkerSignals, histogram_quantile
+from splitserve.contract.names import ITL_BUCKETS, TTFT_BUCKETS
+from splitserve_operator.autoscaling.planner import erlang_c
+from splitserve_operator.autoscaling.signals import (
+    PoolSignals,
+    SignalQuery,
+    WorkerSignals,
+    histogram_quantile,
+)
 
 SAMPLES = 16  # latency samples per simulated second
 TIMEOUT = 60.0  # what a client sees when no replica serves at all

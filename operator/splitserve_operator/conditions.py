@@ -1,4 +1,4 @@
-"""Standard Kubernetes conditions: set one without disturbing the others.
+"""Standard Kubernetes conditions (set one without disturbing the others) and the events beside them.
 
 Shared by the reconciler (Ready, Progressing, Degraded) and the autoscaler (MetricsAvailable), which
 both write `status.conditions`. A merge patch replaces lists whole, so every writer sends the full
@@ -9,9 +9,19 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 Status = Literal["True", "False", "Unknown"]
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event to post on the pool: the reconciler's and the autoscaler's alike."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
 
 
 def rfc3339(timestamp: float) -> str:

@@ -19,15 +19,15 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
+from splitserve.contract.names import WORKER_ROLES, WorkerRole
 from splitserve_operator import naming
-from splitserve_operator.autoscale import ROLES as WORKER_ROLES
-from splitserve_operator.autoscaler import AutoscalerState, PoolAutoscaler
+from splitserve_operator.autoscaling.evaluator import AutoscalerState, PoolAutoscaler
+from splitserve_operator.autoscaling.signals import PrometheusSource, SignalSource, UnconfiguredSource
 from splitserve_operator.conditions import now_rfc3339
 from splitserve_operator.kube import KINDS, Credentials, KubeClient
 from splitserve_operator.models import API_GROUP, API_VERSION, PLURAL, InferencePoolSpec, InferencePoolStatus
 from splitserve_operator.reconcile import Object, Reconciler, TransientError
 from splitserve_operator.settings import OperatorSettings
-from splitserve_operator.signals import PrometheusSource, SignalSource, UnconfiguredSource
 
 logger = logging.getLogger("splitserve.operator")
 
@@ -137,7 +137,8 @@ class Runtime:
     async def autoscale(
         self, body: kopf.Body, patch: kopf.Patch, indexes: Mapping[str, Any], memo: kopf.Memo
     ) -> None:
-        """One autoscaler evaluation when the pool's interval has passed: scale, explain, report."""
+        """One autoscaler step for the pool (autoscaling/evaluator.py decides and scales); this writes
+        its status fields, hands MetricsAvailable to the reconciler and posts the events."""
         namespace, name = body.metadata.namespace or "", body.metadata.name or ""
         spec = _validated_spec(body, memo)
         if spec is None:
@@ -149,33 +150,33 @@ class Runtime:
         if state is None:  # first sight since this operator started: carry on from status
             recorded = InferencePoolStatus.model_validate(body.status or {})
             state = memo["autoscaler"] = AutoscalerState.resume(recorded)
-        now = time.time()
-        if not state.due(now, spec.autoscaling.interval_seconds):
-            return
         children = ChildView(indexes)
-        deployments = {
-            role: children.get("Deployment", namespace, naming.child_name(name, role))
+        replicas = {
+            role: _replicas(children.get("Deployment", namespace, naming.child_name(name, role)))
             for role in WORKER_ROLES
         }
-        current = {role: int((d or {}).get("spec", {}).get("replicas", 0)) for role, d in deployments.items()}
-        if not all(deployments.values()):
-            return  # not created yet: the reconciler runs first
+
+        async def scale(role: WorkerRole, count: int) -> None:
+            body_ = {"spec": {"replicas": count}}
+            await self.client.merge_patch("Deployment", namespace, naming.child_name(name, role), body_)
+
         async with self.lock(namespace, name):
-            outcome = await self.autoscaler.evaluate(namespace, name, spec, current, state, now)
-            for role, replicas in outcome.changed.items():
-                await self.client.merge_patch(
-                    "Deployment", namespace, naming.child_name(name, role), {"spec": {"replicas": replicas}}
-                )
-        status = dict(body.status or {})
-        for pool_role, fields in outcome.status_patch().items():
-            if {key: (status.get(pool_role) or {}).get(key) for key in fields} != fields:
-                patch.status[pool_role] = fields  # merged: the reconciler owns the other PoolStatus fields
-        condition = outcome.condition.model_dump(include={"status", "reason", "message"})
-        if self.metrics_conditions.get((namespace, name)) != condition:
-            self.metrics_conditions[(namespace, name)] = condition
+            applied = await self.autoscaler.step(
+                namespace, name, spec, state, replicas, body.status or {}, time.time(), scale
+            )
+        if applied is None:
+            return
+        for pool_role, fields in applied.status_patch.items():
+            patch.status[pool_role] = fields  # merged: the reconciler owns the other PoolStatus fields
+        if self.metrics_conditions.get((namespace, name)) != applied.condition:
+            self.metrics_conditions[(namespace, name)] = applied.condition
             self.dirty.add((namespace, name))  # the reconciler writes conditions, within poll_seconds
-        for event in outcome.events:
+        for event in applied.events:
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+def _replicas(deployment: Object | None) -> int | None:
+    return None if deployment is None else int(deployment.get("spec", {}).get("replicas", 0))
 
 
 def _validated_spec(body: kopf.Body, memo: kopf.Memo) -> InferencePoolSpec | None:

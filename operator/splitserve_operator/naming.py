@@ -1,4 +1,4 @@
-"""Names, label keys, annotation keys and condition types shared by the operator and the autoscaler.
+"""Names, label keys, annotation keys and condition types of the operator's children.
 
 Children have fixed names derived from the pool's, so a reconcile can find them without a lookup
 and a second run of the same handler addresses the same objects.
@@ -7,13 +7,34 @@ and a second run of the same handler addresses the same objects.
 from __future__ import annotations
 
 import re
-from typing import Final, Literal
+from typing import Final
 
-GROUP: Final = "splitserve.io"
+# The keys and ports the worker image and the operator agree on, from the shared contract.
+from splitserve.contract.names import (
+    COMPONENT_ROLES,
+    ENGINE_CONFIG_DIR,
+    ENGINE_CONFIG_KEY,
+    GROUP,
+    HTTP_PORT,
+    POOL_LABEL,
+    ROLE_LABEL,
+    WORKER_ROLES,
+    ComponentRole,
+)
 
-# Labels on every child and on every worker pod.
-POOL_LABEL: Final = f"{GROUP}/pool"
-ROLE_LABEL: Final = f"{GROUP}/role"
+__all__ = [
+    "COMPONENT_ROLES",
+    "ENGINE_CONFIG_DIR",
+    "ENGINE_CONFIG_KEY",
+    "GROUP",
+    "HTTP_PORT",
+    "POOL_LABEL",
+    "ROLE_LABEL",
+    "WORKER_ROLES",
+    "ComponentRole",
+]
+
+# Recommended labels on every child.
 MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY: Final = "splitserve-operator"
 NAME_LABEL: Final = "app.kubernetes.io/name"
@@ -29,15 +50,6 @@ PROGRESSING: Final = "Progressing"
 DEGRADED: Final = "Degraded"
 METRICS_AVAILABLE: Final = "MetricsAvailable"  # written by the autoscaler
 
-Role = Literal["prefill", "decode", "router"]
-WORKER_ROLES: Final[tuple[Role, Role]] = ("prefill", "decode")
-ROLES: Final[tuple[Role, Role, Role]] = ("prefill", "decode", "router")
-
-# Ports and paths of the worker image (the contract with worker/splitserve).
-HTTP_PORT: Final = 8000
-ENGINE_CONFIG_DIR: Final = "/etc/splitserve"
-ENGINE_CONFIG_KEY: Final = "engine.json"
-
 # A Service name is a DNS-1035 label of at most 63 characters; the longest suffix is "-prefill".
 MAX_POOL_NAME: Final = 63 - len("-prefill")
 POOL_NAME_PATTERN: Final = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
@@ -45,7 +57,7 @@ NAME_TOO_LONG: Final = f"name must be at most {MAX_POOL_NAME} characters (Servic
 NAME_NOT_DNS: Final = "name must be a DNS-1035 label: lowercase letters, digits and '-', from a letter"
 
 
-def child_name(pool: str, role: Role) -> str:
+def child_name(pool: str, role: ComponentRole) -> str:
     """Deployment and Service name of one role: `{pool}-{role}`."""
     return f"{pool}-{role}"
 
@@ -54,12 +66,12 @@ def engine_config_name(pool: str) -> str:
     return f"{pool}-engine"
 
 
-def selector_labels(pool: str, role: Role) -> dict[str, str]:
+def selector_labels(pool: str, role: ComponentRole) -> dict[str, str]:
     """The immutable Deployment selector and the Service selector of one role."""
     return {POOL_LABEL: pool, ROLE_LABEL: role}
 
 
-def common_labels(pool: str, role: Role | None = None) -> dict[str, str]:
+def common_labels(pool: str, role: ComponentRole | None = None) -> dict[str, str]:
     """Labels on every child: the pool selector, plus recommended app.kubernetes.io ones.
 
     Not app.kubernetes.io/instance: Argo CD tracks applications by that label.

@@ -16,8 +16,9 @@ from typing import Any, Literal, Protocol
 import aiohttp
 from pydantic import ValidationError
 
+from splitserve.contract.errors import one_line
 from splitserve_operator import naming
-from splitserve_operator.conditions import get_condition
+from splitserve_operator.conditions import Event, get_condition
 from splitserve_operator.diff import covers, merge_diff, strip_nones, with_removals
 from splitserve_operator.kube import ApiError, KubeClient
 from splitserve_operator.models import InferencePoolSpec
@@ -38,13 +39,6 @@ class Children(Protocol):
     def get(self, kind: str, namespace: str, name: str) -> Object | None: ...
 
 
-@dataclass(frozen=True)
-class Event:
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
-
-
 @dataclass
 class Outcome:
     status_patch: dict[str, Any] = field(default_factory=dict)
@@ -53,16 +47,6 @@ class Outcome:
 
 class TransientError(Exception):
     """The apiserver could not be reached or was overloaded: retry the whole reconcile later."""
-
-
-def validation_message(error: ValidationError) -> str:
-    """Pydantic errors as one line with wire (camelCase) paths: `spec.prefill.replicas: ...`."""
-    parts = []
-    for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"] if p not in ("function-after",))
-        message = item["msg"].removeprefix("Value error, ")
-        parts.append(f"spec.{where}: {message}" if where else f"spec: {message}")
-    return "; ".join(parts)
 
 
 def parse(body: Object, settings: OperatorSettings) -> tuple[Pool | None, Problem | None]:
@@ -75,7 +59,7 @@ def parse(body: Object, settings: OperatorSettings) -> tuple[Pool | None, Proble
     try:
         spec = InferencePoolSpec.model_validate(body.get("spec") or {})
     except ValidationError as exc:
-        return None, Problem("InvalidSpec", validation_message(exc))
+        return None, Problem("InvalidSpec", one_line(exc, root="spec"))
     return Pool(name=name, namespace=namespace, spec=spec, image=spec.image or settings.worker_image), None
 
 
@@ -229,7 +213,11 @@ class Reconciler:
 
     def forget(self, namespace: str, name: str) -> None:
         self._secret_checks.pop((namespace, name), None)
-        mine = {name, naming.engine_config_name(name), *(naming.child_name(name, r) for r in naming.ROLES)}
+        mine = {
+            name,
+            naming.engine_config_name(name),
+            *(naming.child_name(name, r) for r in naming.COMPONENT_ROLES),
+        }
         for key in [k for k in self._written if k[1] == namespace and k[2] in mine]:
             del self._written[key]
 
@@ -258,9 +246,9 @@ class Reconciler:
         generation = meta.get("generation")
         outcome = Outcome()
         pool, invalid = parse(body, self.settings)
-        deployments: dict[naming.Role, Object | None] = {
+        deployments: dict[naming.ComponentRole, Object | None] = {
             role: children.get("Deployment", meta["namespace"], naming.child_name(meta["name"], role))
-            for role in naming.ROLES
+            for role in naming.COMPONENT_ROLES
         }
         problems: list[Problem] = []
         endpoint = None
@@ -298,7 +286,7 @@ class Reconciler:
         pool: Pool,
         desired_children: list[Manifest],
         children: Children,
-        deployments: dict[naming.Role, Object | None],
+        deployments: dict[naming.ComponentRole, Object | None],
         problems: list[Problem],
         outcome: Outcome,
     ) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 from splitserve_operator import naming
 from splitserve_operator.diff import strip_nones
-from splitserve_operator.engine import build_engine_config_map, content_hash
+from splitserve_operator.engine_configmap import build_engine_config_map
 from splitserve_operator.models import InferencePoolSpec, Scheduling, WorkerPoolSpec
 from splitserve_operator.quantity import cpu_threads
 
@@ -42,7 +42,7 @@ class Pool:
     def router_port(self) -> int:
         return self.spec.router.service.port
 
-    def service_url(self, role: naming.Role, port: int = naming.HTTP_PORT) -> str:
+    def service_url(self, role: naming.ComponentRole, port: int = naming.HTTP_PORT) -> str:
         return f"http://{naming.child_name(self.name, role)}.{self.namespace}.svc:{port}"
 
     @property
@@ -51,11 +51,16 @@ class Pool:
         return self.service_url("router", self.router_port) + "/v1"
 
 
+def content_hash(text: str) -> str:
+    """16 hex digits of SHA-256: annotations that change exactly when the content does."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def spec_hash(manifest: Manifest) -> str:
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    return content_hash(json.dumps(manifest, sort_keys=True))
 
 
-def _meta(pool: Pool, name: str, role: naming.Role | None) -> Manifest:
+def _meta(pool: Pool, name: str, role: naming.ComponentRole | None) -> Manifest:
     return {"name": name, "namespace": pool.namespace, "labels": naming.common_labels(pool.name, role)}
 
 
@@ -99,7 +104,7 @@ def _resources(scheduling: Scheduling) -> Manifest | None:
     return resources or None
 
 
-def _worker_args(pool: Pool, role: naming.Role, spec: WorkerPoolSpec) -> list[str]:
+def _worker_args(pool: Pool, role: naming.ComponentRole, spec: WorkerPoolSpec) -> list[str]:
     args = [
         "worker",
         "--role",
@@ -140,7 +145,7 @@ def _router_args(pool: Pool) -> list[str]:
     ]
 
 
-def _ports(pool: Pool, role: naming.Role) -> list[Manifest]:
+def _ports(pool: Pool, role: naming.ComponentRole) -> list[Manifest]:
     http_port = pool.router_port if role == "router" else naming.HTTP_PORT
     ports = [{"name": "http", "containerPort": http_port, "protocol": "TCP"}]
     if role == "decode":
@@ -148,7 +153,7 @@ def _ports(pool: Pool, role: naming.Role) -> list[Manifest]:
     return ports
 
 
-def build_deployment(pool: Pool, role: naming.Role, config_hash: str) -> Manifest:
+def build_deployment(pool: Pool, role: naming.ComponentRole, config_hash: str) -> Manifest:
     """The Deployment of one role; `config_hash` rolls its pods when the engine settings change."""
     spec = pool.spec
     scheduling: Scheduling = spec.router if role == "router" else getattr(spec, role)
@@ -209,7 +214,7 @@ def build_deployment(pool: Pool, role: naming.Role, config_hash: str) -> Manifes
     }
 
 
-def build_service(pool: Pool, role: naming.Role) -> Manifest:
+def build_service(pool: Pool, role: naming.ComponentRole) -> Manifest:
     """Headless for workers (the router resolves one A record per ready pod); a plain one for the router."""
     spec: Manifest
     if role == "router":
@@ -246,7 +251,7 @@ def build_children(pool: Pool, *, pod_monitor: bool) -> list[Manifest]:
     config_map = build_engine_config_map(pool.name, pool.namespace, pool.spec)
     config_hash = content_hash(config_map["data"][naming.ENGINE_CONFIG_KEY])
     children = [config_map]
-    for role in naming.ROLES:
+    for role in naming.COMPONENT_ROLES:
         children += [build_service(pool, role), build_deployment(pool, role, config_hash)]
     if pod_monitor:
         children.append(build_pod_monitor(pool))

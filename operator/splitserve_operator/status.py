@@ -30,7 +30,7 @@ class Problem:
 class Rollout:
     """What a Deployment says about itself, as `kubectl rollout status` reads it."""
 
-    role: naming.Role
+    role: naming.ComponentRole
     desired: int
     replicas: int
     ready: int
@@ -39,7 +39,7 @@ class Rollout:
     stalled: str | None  # why the Deployment controller gave up, if it did
 
     @classmethod
-    def of(cls, role: naming.Role, deployment: Object | None) -> Rollout:
+    def of(cls, role: naming.ComponentRole, deployment: Object | None) -> Rollout:
         if deployment is None:
             return cls(role, 0, 0, 0, 0, done=False, stalled=None)
         spec, status = deployment.get("spec") or {}, deployment.get("status") or {}
@@ -130,7 +130,7 @@ def build_conditions(
 
 def build_status(
     current: Object,
-    deployments: Mapping[naming.Role, Object | None],
+    deployments: Mapping[naming.ComponentRole, Object | None],
     problems: Sequence[Problem],
     *,
     invalid: Problem | None,
@@ -157,7 +157,7 @@ def build_status(
             metrics_available["message"],
             now=now,
         )
-    rollouts = [Rollout.of(role, deployments.get(role)) for role in naming.ROLES]
+    rollouts = [Rollout.of(role, deployments.get(role)) for role in naming.COMPONENT_ROLES]
     by_role = {r.role: r for r in rollouts}
     status: dict[str, Any] = {
         "observedGeneration": generation,

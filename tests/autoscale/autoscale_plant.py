@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from splitserve_operator.autoscale import PoolPolicy, PoolState, decide
-from splitserve_operator.planner import Observation
+from splitserve_operator.autoscaling.planner import Observation
+from splitserve_operator.autoscaling.policy import PoolPolicy, PoolState, decide
 
 
 def idle(ready: int) -> Observation:

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from splitserve.local_prometheus import find_prometheus
-from splitserve.metrics import Metrics
+from splitserve.local.prometheus import find_prometheus
+from splitserve.serving.metrics import Metrics
 
 # The emulated apiserver of the operator suite, for the whole-loop test.
 from tests.operator.conftest import apiserver, apiserver_options, cluster  # noqa: F401

@@ -6,11 +6,17 @@ from typing import Literal
 
 import pytest
 
-from splitserve_operator.autoscaler import (
+from splitserve_operator.autoscaling.evaluator import (
     METRICS_AVAILABLE,
     AutoscalerState,
     Outcome,
     PoolAutoscaler,
+)
+from splitserve_operator.autoscaling.signals import (
+    PoolSignals,
+    SignalQuery,
+    SignalsUnavailableError,
+    WorkerSignals,
 )
 from splitserve_operator.conditions import rfc3339
 from splitserve_operator.models import (
@@ -24,7 +30,6 @@ from splitserve_operator.models import (
     ReplicaBounds,
     TtftSlo,
 )
-from splitserve_operator.signals import PoolSignals, SignalQuery, SignalsUnavailableError, WorkerSignals
 
 SPEC = InferencePoolSpec(
     model=ModelSpec(name="m"),

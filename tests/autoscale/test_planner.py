@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from splitserve_operator.planner import (
+from splitserve_operator.autoscaling.planner import (
     DECODE_SIGMAS,
     PREFILL_HEADROOM,
     DecodePlanner,

@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from splitserve_operator.autoscale import (
+from splitserve_operator.autoscaling.planner import Observation
+from splitserve_operator.autoscaling.policy import (
     PoolPolicy,
     PoolState,
     decide,
@@ -29,7 +30,6 @@ from splitserve_operator.models import (
     ScalingRules,
     TtftSlo,
 )
-from splitserve_operator.planner import Observation
 
 from .autoscale_plant import DecodePlant, Loop, PrefillPlant
 

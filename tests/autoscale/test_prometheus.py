@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from splitserve.local_prometheus import LocalPrometheus
-from splitserve_operator.autoscaler import AutoscalerState, Outcome, PoolAutoscaler
+from splitserve.local.prometheus import LocalPrometheus
+from splitserve_operator.autoscaling.evaluator import AutoscalerState, Outcome, PoolAutoscaler
+from splitserve_operator.autoscaling.signals import PrometheusSource, ScrapeSource, SignalQuery
 from splitserve_operator.models import (
     AutoscalingSpec,
     DecodePoolSpec,
@@ -29,7 +30,6 @@ from splitserve_operator.models import (
     ScaleDownRules,
     TtftSlo,
 )
-from splitserve_operator.signals import PrometheusSource, ScrapeSource, SignalQuery
 
 from .conftest import MetricsEndpoint, drive, prometheus_binary
 

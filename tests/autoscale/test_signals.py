@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from aiohttp import web
 
-from splitserve_operator.signals import (
+from splitserve_operator.autoscaling.signals import (
     PrometheusSource,
     ScrapeSource,
     SignalQuery,

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from splitserve.config import EngineConfig
+from splitserve.contract.config import EngineConfig
 from splitserve_operator.handlers import Runtime
 
 from .apiserver import eventually

@@ -34,7 +34,7 @@ def test_operator_imports_no_data_plane() -> None:
     code = (
         "import sys, splitserve_operator.main, splitserve_operator.crd; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'zlib_ng') "
-        "or (m.startswith('splitserve.') and m != 'splitserve.config')))"
+        "or (m.startswith('splitserve.') and m != 'splitserve.contract.config')))"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "worker")])}
     out = subprocess.run(

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from splitserve.config import EngineConfig
+from splitserve.contract.config import EngineConfig
 from splitserve_operator import naming
 from splitserve_operator.diff import strip_nones
 from splitserve_operator.models import InferencePoolSpec
@@ -177,7 +177,7 @@ def test_replicas_scheduling_and_markers() -> None:
 )
 def test_model_sources(source: dict[str, Any], volume: dict[str, Any], env: dict[str, Any] | None) -> None:
     p = pool({"model": {"name": "/models/llama", "source": source}})
-    for role in naming.ROLES:  # the router tokenizes, so it needs the weights' tokenizer too
+    for role in naming.COMPONENT_ROLES:  # the router tokenizes, so it needs the weights' tokenizer too
         deployment = build_deployment(p, role, "h")
         assert volume in deployment["spec"]["template"]["spec"]["volumes"]
         if env is not None:

@@ -10,8 +10,8 @@ import pytest
 from aiohttp import web
 from transformers import PreTrainedTokenizerBase
 
-from splitserve.http import RunningApp, start_app
-from splitserve.loader import load_tokenizer
+from splitserve.engine.model_info import load_tokenizer
+from splitserve.serving.http import RunningApp, start_app
 
 
 class Serve(Protocol):

@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-from splitserve.http import RunningApp
-from splitserve.internal_api import KV_PORT_HEADER
+from splitserve.serving.http import RunningApp
+from splitserve.serving.internal_api import KV_PORT_HEADER
 
 from .conftest import Serve
 

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from splitserve.detokenize import Delta, IncrementalDetokenizer, OutputStream
-from splitserve.params import FinishReason, GenerationChunk, SamplingParams
+from splitserve.engine.params import FinishReason, GenerationChunk, SamplingParams
+from splitserve.serving.detokenize import Delta, IncrementalDetokenizer, OutputStream
 
 MULTIBYTE = "héllo 世界 🙂 ça va? ÄÖÜ ok"
 

@@ -18,10 +18,10 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from splitserve.config import EngineConfig
-from splitserve.internal_api import KV_PORT_HEADER
-from splitserve.kv_frames import KVHeader, encode_header, encode_layer_prefix
-from splitserve.local_pool import LocalPool, free_port
+from splitserve.contract.config import EngineConfig
+from splitserve.local.pool import LocalPool, free_port
+from splitserve.serving.internal_api import KV_PORT_HEADER
+from splitserve.transfer.frames import KVHeader, encode_header, encode_layer_prefix
 from tests.conftest import Reference, random_prompt, subprocess_env
 
 pytestmark = pytest.mark.slow

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitserve.attention import _causal_mask
-from splitserve.config import EngineConfig
-from splitserve.engine import Engine, Work
-from splitserve.kv_cache import KVLayout
-from splitserve.loader import LoadedModel, kv_layout, load_model
+from splitserve.contract.config import EngineConfig
+from splitserve.engine.attention import _causal_mask
+from splitserve.engine.forward import Engine, Work
+from splitserve.engine.kv_cache import KVLayout
+from splitserve.engine.loader import LoadedModel, kv_layout, load_model
 from tests.conftest import Reference, random_prompt
 
 

@@ -14,10 +14,10 @@ import pytest
 from aiohttp import web
 from transformers import PreTrainedTokenizerBase
 
-from splitserve.frontend import build_openai_app
-from splitserve.http import serve_app
-from splitserve.metrics import Metrics
-from splitserve.params import GenerationChunk, GenerationError, GenerationRequest
+from splitserve.engine.params import GenerationChunk, GenerationError, GenerationRequest
+from splitserve.serving.frontend import build_openai_app
+from splitserve.serving.http import serve_app
+from splitserve.serving.metrics import Metrics
 
 from .conftest import Serve
 

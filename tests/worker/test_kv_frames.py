@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitserve.kv_frames import (
+from splitserve.transfer.frames import (
     MAGIC,
     MAX_HEADER_BYTES,
     MAX_REASON_BYTES,

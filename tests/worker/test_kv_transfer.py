@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-import splitserve.kv_transfer as kv_transfer
-from splitserve.kv_frames import (
+import splitserve.transfer.tcp as kv_transfer
+from splitserve.transfer.base import KVDestination, KVRejected, KVTransferError, TransferStats
+from splitserve.transfer.frames import (
     PREFIX,
     ErrorCode,
     FrameType,
@@ -24,14 +25,7 @@ from splitserve.kv_frames import (
     encode_header,
     encode_layer_prefix,
 )
-from splitserve.kv_transfer import (
-    KVDestination,
-    KVRejected,
-    KVTransferError,
-    TcpKVReceiver,
-    TcpKVSender,
-    TransferStats,
-)
+from splitserve.transfer.tcp import TcpKVReceiver, TcpKVSender
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -178,7 +172,7 @@ async def test_checksum_corruption_aborts_and_tells_the_sender(
 ) -> None:
     monkeypatch.setattr(kv_transfer, "layer_checksum", lambda data, value=0: checksum(data, value) ^ 1)
     with (
-        caplog.at_level(logging.WARNING, logger="splitserve.kv_transfer"),
+        caplog.at_level(logging.WARNING, logger="splitserve.transfer.tcp"),
         pytest.raises(KVTransferError, match="layer 0 checksum mismatch") as caught,
     ):
         await send(receiver, "corrupt", make_layers(4, (2, 4, 500, 32)))

@@ -15,7 +15,7 @@ import openai
 import pytest
 import yaml
 
-from splitserve.local_pool import free_port
+from splitserve.local.pool import free_port
 from tests.conftest import splitserve_command, subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -180,7 +180,7 @@ def test_bad_manifest_is_one_line_and_a_nonzero_exit(
 
 
 def test_the_demo_pool_is_packaged_and_is_examples_local_yaml() -> None:
-    from splitserve.local import DEMO_MANIFEST, TINY_MODEL_DIR, load_manifest
+    from splitserve.local.up import DEMO_MANIFEST, TINY_MODEL_DIR, load_manifest
 
     examples = Path(__file__).resolve().parents[2] / "examples" / "local.yaml"
     assert examples.resolve() == DEMO_MANIFEST.resolve()

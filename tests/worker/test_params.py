@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from splitserve.params import GenerationChunk
+from splitserve.engine.params import GenerationChunk
 
 
 def test_round_trip() -> None:

@@ -17,7 +17,8 @@ import pytest
 from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
-from splitserve.endpoints import (
+from splitserve.engine.model_info import context_length
+from splitserve.serving.endpoints import (
     SLOW_PROBES_TOLERATED,
     Endpoint,
     Seed,
@@ -25,8 +26,13 @@ from splitserve.endpoints import (
     probe,
     read_discovery_file,
 )
-from splitserve.metrics import Metrics
-from splitserve.router import BACKEND_KEY, RouterBackend, RouterSettings, build_router_app, model_max_len
+from splitserve.serving.metrics import Metrics
+from splitserve.serving.router import (
+    BACKEND_KEY,
+    RouterBackend,
+    RouterSettings,
+    build_router_app,
+)
 
 from .conftest import Serve
 from .fake_workers import FakeDecode, FakePrefill, expected_tokens
@@ -392,5 +398,4 @@ async def test_slow_health_answers_are_tolerated_a_refused_one_is_not(serve: Ser
 
 
 def test_context_window_comes_from_the_model_config(tiny_model: Path) -> None:
-    settings = RouterSettings(model=str(tiny_model), prefill=["http://a:1"], decode=["http://b:2"])
-    assert model_max_len(settings) == 8192
+    assert context_length(str(tiny_model)) == 8192

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from splitserve.config import EngineConfig, Role
-from splitserve.engine import Engine
-from splitserve.internal_api import Load
-from splitserve.loader import load_model
-from splitserve.metrics import Metrics
-from splitserve.params import GenerationChunk, GenerationError, GenerationRequest, SamplingParams
-from splitserve.runtime import EngineRuntime
+from splitserve.contract.config import EngineConfig
+from splitserve.contract.names import EngineRole
+from splitserve.engine.forward import Engine
+from splitserve.engine.loader import load_model
+from splitserve.engine.params import GenerationChunk, GenerationError, GenerationRequest, SamplingParams
+from splitserve.engine.runtime import EngineRuntime
+from splitserve.serving.internal_api import Load
+from splitserve.serving.metrics import Metrics
 from tests.conftest import Reference, random_prompt
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
@@ -27,7 +28,7 @@ def engines(tiny_model: Path) -> tuple[Engine, Engine]:
     return Engine(load_model(config)), Engine(load_model(config))
 
 
-def make_runtime(engine: Engine, role: Role, **settings: object) -> EngineRuntime:
+def make_runtime(engine: Engine, role: EngineRole, **settings: object) -> EngineRuntime:
     config = EngineConfig(model="tiny", prefill_chunk_size=32, **settings)  # type: ignore[arg-type]
     return EngineRuntime(engine, config, role, Metrics("test", role))
 

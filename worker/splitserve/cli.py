@@ -13,7 +13,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .config import EngineConfig
+from splitserve.contract.config import EngineConfig
+from splitserve.contract.errors import one_line
 
 # Flags that map 1:1 onto EngineConfig fields (flag --max-model-len -> field max_model_len).
 ENGINE_FLAGS: dict[str, type] = {
@@ -139,10 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import logs
+    from splitserve import logs
 
     if args.command == "make-tiny-model":
-        from .tiny_model import write_tiny_model
+        from splitserve.engine.tiny_model import write_tiny_model
 
         logs.configure("warning")
         logs.silence_transformers()
@@ -151,12 +152,12 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     logs.configure(args.log_level)
     if args.command == "up":
-        from .local import run_local
+        from splitserve.local.up import run_local
 
         logs.silence_transformers()
         return run_local(args)
     config = engine_config(args)
-    from . import serve
+    from splitserve.serving import serve
 
     logs.silence_transformers()
     if args.command == "worker":
@@ -166,8 +167,5 @@ def _run(args: argparse.Namespace) -> int:
 
 def _one_line(error: BaseException) -> str:
     if isinstance(error, ValidationError):
-        return "; ".join(
-            f"{'.'.join(str(part) for part in item['loc']) or 'value'}: {item['msg']}"
-            for item in error.errors()
-        )
+        return one_line(error)
     return " ".join(str(error).split())

@@ -18,7 +18,7 @@ def _quote(value: object) -> str:
 
 
 class LogfmtFormatter(logging.Formatter):
-    """`time=... level=info logger=splitserve.engine msg="model loaded" seconds=1.2`."""
+    """`time=... level=info logger=splitserve.engine.forward msg="model loaded" seconds=1.2`."""
 
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, object] = {

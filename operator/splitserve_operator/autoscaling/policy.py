@@ -1,0 +1,322 @@
+"""The autoscaling policy: one pool's latency and load over the window -> desired replicas, explained.
+
+Pure: no I/O, no clock; everything it remembers lives in `PoolState`, which the caller keeps.
+
+Per evaluation and pool (prefill tracks TTFT, decode tracks ITL):
+1. Missing data (no request rate, no latency while requests flow, no signals at all) holds the current
+   replicas; garbage never moves a pool to zero or to max.
+2. Idle (no requests over the window, nothing running or queued) recommends `min`.
+3. Otherwise HPA-style feedback on the latency ratio r = observed / target with a tolerance band:
+   outside target*(1±tol) it asks for ceil(ready * r) (at least one more above the band), inside it
+   holds, and it acts only on a window that shows the current replicas (all ready for a window).
+   The predictive planner (planner.py) sizes the pool for the forecast load: above or within the band
+   the larger of feedback and planner wins, so load growing faster than latency reacts is met before
+   the breach; below the band the planner decides how far to shrink, since latency near saturation
+   says little about how many replicas can go.
+4. The recommendation goes through the HPA `behavior` machinery: scale-up acts on the lowest
+   recommendation of its stabilization window, scale-down on the highest of its own (300 s by
+   default, which is what stops flapping), each limited to max(maxStep, ceil(current*maxStepPercent%))
+   per evaluation, and the result is clamped to min..max.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from splitserve.contract.names import WorkerRole
+from splitserve_operator.autoscaling.planner import (
+    DecodePlanner,
+    Observation,
+    Plan,
+    Planner,
+    PrefillPlanner,
+    Sizing,
+    ewma,
+)
+from splitserve_operator.models import InferencePoolSpec, ScalingRules
+
+SIGNAL: dict[WorkerRole, str] = {"prefill": "TTFT", "decode": "ITL"}
+
+
+@dataclass(frozen=True)
+class PoolPolicy:
+    """One pool's autoscaling settings, flattened from the InferencePool spec."""
+
+    role: WorkerRole
+    target: float
+    percentile: float
+    min_replicas: int
+    max_replicas: int
+    tolerance: float
+    interval: float
+    window: float
+    predictive: bool
+    scale_up: ScalingRules
+    scale_down: ScalingRules
+    max_num_seqs: int
+
+    @classmethod
+    def from_spec(cls, spec: InferencePoolSpec, role: WorkerRole) -> PoolPolicy:
+        auto = spec.autoscaling
+        pool = spec.prefill if role == "prefill" else spec.decode
+        target = spec.prefill.slo.ttft_seconds if role == "prefill" else spec.decode.slo.itl_seconds
+        return cls(
+            role=role,
+            target=target,
+            percentile=pool.slo.percentile,
+            min_replicas=pool.replicas.min,
+            max_replicas=pool.replicas.max,
+            tolerance=auto.tolerance,
+            interval=auto.interval_seconds,
+            window=auto.window_seconds,
+            predictive=auto.predictive,
+            scale_up=auto.scale_up,
+            scale_down=auto.scale_down,
+            max_num_seqs=spec.decode.max_num_seqs,
+        )
+
+    def sizing(self, startup: float | None) -> Sizing:
+        """Size for the target itself (the tolerance band is the feedback's, not a margin), as far ahead
+        as a replica asked for now takes to serve: the learned start-up time (a window until one was
+        seen) plus two intervals, since the decision already lags the data by up to one, plus half a
+        window, since a rate over the window measures the load at the window's middle. Absorb a queue
+        within a window."""
+        return Sizing(
+            target=self.target,
+            percentile=self.percentile,
+            horizon=2 * self.interval + self.window / 2 + (startup if startup is not None else self.window),
+            drain=self.window,
+            max_num_seqs=self.max_num_seqs,
+        )
+
+    def bound(self, replicas: int) -> int:
+        return min(max(replicas, self.min_replicas), self.max_replicas)
+
+    def describe_latency(self, latency: float) -> str:
+        return f"{SIGNAL[self.role]} p{self.percentile * 100:g} {latency:.3g}s"
+
+
+@dataclass
+class PoolState:
+    """What one pool's policy remembers between evaluations (in memory; see docs/autoscaling.md)."""
+
+    planner: Planner
+    history: list[tuple[float, int]] = field(default_factory=list)
+    last_scale_time: float | None = None
+    started: float | None = None
+    settled_since: float | None = None  # since when every replica asked for has been serving
+    startup: float | None = None  # learned seconds from a scale-up decision to its replicas serving
+    scaling_up: tuple[float, int] | None = None  # (when, to how many) of the scale-up in flight
+
+    def track_startup(self, ready: int | None, now: float) -> None:
+        """Learn the start-up delay from the last scale-up that completed undisturbed."""
+        if self.scaling_up is not None and ready is not None and ready >= self.scaling_up[1]:
+            self.startup = ewma(self.startup, now - self.scaling_up[0], 0.5)
+            self.scaling_up = None
+
+    def settle(self, current: int, ready: int | None, now: float, window: float) -> bool:
+        """Whether the latency window shows the current replicas: all of them have served for a whole
+        window. Until then latency-ratio feedback must not add more (the last step has not shown yet)."""
+        if ready is not None and ready < current:
+            self.settled_since = None
+            return False
+        if self.settled_since is None:
+            # First look (e.g. after an operator restart): replicas that are all ready count as settled.
+            first_look = self.started == now and ready is not None
+            self.settled_since = now - window if first_look else now
+        return now - self.settled_since >= window
+
+    @classmethod
+    def new(cls, role: WorkerRole, last_scale_time: float | None = None) -> PoolState:
+        planner = PrefillPlanner() if role == "prefill" else DecodePlanner()
+        return cls(planner=planner, last_scale_time=last_scale_time)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One pool's outcome, with everything needed to explain it in status."""
+
+    role: WorkerRole
+    current: int
+    desired: int
+    target: float
+    observed_latency: float | None
+    predicted_replicas: int | None
+    predicted_load: float | None
+    reason: str
+    last_scale_time: float | None
+    metrics_available: bool = True
+
+
+def step_limit(current: int, rules: ScalingRules) -> int:
+    """Replicas one evaluation may add or remove: max(maxStep, ceil(current * maxStepPercent / 100))."""
+    return max(rules.max_step, math.ceil(current * rules.max_step_percent / 100))
+
+
+def stabilize(
+    history: list[tuple[float, int]], current: int, now: float, policy: PoolPolicy, hold_since: float | None
+) -> int:
+    """HPA stabilization: up to the lowest recommendation of the scale-up window, down to the highest of
+    the scale-down window. `hold_since` counts `current` as recommended then (a fresh state has not yet
+    watched a whole scale-down window, so it must not shrink the pool on its first evaluations)."""
+    up_cut = now - policy.scale_up.stabilization_window_seconds
+    down_cut = now - policy.scale_down.stabilization_window_seconds
+    ups = [rec for time, rec in history if time >= up_cut]
+    downs = [rec for time, rec in history if time >= down_cut]
+    if hold_since is not None and hold_since >= down_cut:
+        downs.append(current)
+    result = current
+    if ups and result < min(ups):
+        result = min(ups)
+    if downs and result > max(downs):
+        result = max(downs)
+    return result
+
+
+def limit_step(current: int, desired: int, policy: PoolPolicy) -> int:
+    if desired > current:
+        return min(desired, current + step_limit(current, policy.scale_up))
+    if desired < current:
+        return max(desired, current - step_limit(current, policy.scale_down))
+    return desired
+
+
+def feedback(
+    policy: PoolPolicy, current: int, obs: Observation, latency: float, settled: bool
+) -> tuple[int, bool, str]:
+    """HPA target tracking on the latency ratio r = observed / target: ceil(ready * r) outside the
+    tolerance band, the current replicas inside it. Returns (answer, below the band, words)."""
+    ratio, tol = latency / policy.target, policy.tolerance
+    observed = policy.describe_latency(latency)
+    # Size from the replicas that produced the latency: pods still starting have not helped yet.
+    base = min(obs.ready, current) if obs.ready else current
+    if ratio > 1 + tol:
+        words = f"{observed} above target {policy.target:.3g}s+{tol:.0%}"
+        if not settled:  # the replicas last added are not in the window yet: wait for them
+            return current, False, words + " (waiting for the last scale-up to show)"
+        return max(math.ceil(base * ratio - 1e-9), current + 1), False, words
+    if ratio < 1 - tol:
+        words = f"{observed} below target {policy.target:.3g}s-{tol:.0%}"
+        # Latency is not proportional to load near saturation: shrink on it only once it shows the
+        # current replicas (the planner, when it has an answer, overrides this).
+        return (math.ceil(base * ratio - 1e-9) if settled else current), True, words
+    return current, False, f"{observed} within target {policy.target:.3g}s±{tol:.0%}"
+
+
+def missing(obs: Observation | None, role: WorkerRole) -> str | None:
+    """Why these signals cannot drive a decision, or None when they can."""
+    if obs is None:
+        return "no signals"
+    if obs.request_rate is None:
+        return "no request rate at the router"
+    if obs.latency is None and obs.request_rate:
+        return f"no {SIGNAL[role]} samples although requests are flowing"
+    return None
+
+
+def is_idle(obs: Observation) -> bool:
+    return obs.request_rate == 0 and not obs.running and not obs.waiting
+
+
+def recommend(
+    policy: PoolPolicy, state: PoolState, current: int, obs: Observation, settled: bool
+) -> tuple[int, Plan | None, str]:
+    """The raw (unstabilized) recommendation, the planner's answer and the words for both."""
+    if is_idle(obs):
+        return policy.min_replicas, None, f"idle: no requests over {policy.window:g}s"
+    if obs.latency is None:  # no arrivals and no samples, yet work in flight over the window: let it drain
+        return current, None, f"draining: no new requests over {policy.window:g}s, work still in flight"
+    fb, below, words = feedback(policy, current, obs, obs.latency, settled)
+    predicted = state.planner.plan(obs, policy.sizing(state.startup)) if policy.predictive else None
+    pred = predicted.replicas if predicted else None
+    if not below:  # above or within the band: the larger answer, so load outruns latency no more
+        rec = max(fb, pred or 0)
+    elif pred is None:  # below it without a planner: HPA's ratio
+        rec = fb
+    else:  # below it: the planner's size; the scale-down window keeps noise from shrinking the pool
+        rec = pred
+    parts = [words]
+    if fb != current:
+        parts.append(f"feedback {fb}")
+    if predicted is not None:
+        parts.append(f"predictive {pred} ({predicted.note})" if pred is not None else predicted.note)
+    return rec, predicted, "; ".join(parts)
+
+
+def decide(
+    policy: PoolPolicy,
+    state: PoolState,
+    current: int,
+    obs: Observation | None,
+    now: float,
+    unavailable: str | None = None,
+) -> Decision:
+    """Evaluate one pool. `unavailable` (why the signals could not be read) forces a hold."""
+    if state.started is None:
+        state.started = now
+    why_not = unavailable or missing(obs, policy.role)
+    if why_not is not None or obs is None:
+        desired = policy.bound(current)
+        reason = f"holding {current}: {why_not}"
+        if desired != current:
+            reason += f"; moved into bounds {policy.min_replicas}..{policy.max_replicas}"
+            state.last_scale_time = now
+        return Decision(
+            policy.role,
+            current,
+            desired,
+            policy.target,
+            None,
+            None,
+            None,
+            reason,
+            state.last_scale_time,
+            metrics_available=False,
+        )
+
+    settled = state.settle(current, obs.ready, now, policy.window)
+    state.track_startup(obs.ready, now)
+    state.planner.learn(obs, now, policy.sizing(state.startup), settled)
+    raw, predicted, reason = recommend(policy, state, current, obs, settled)
+    rec = policy.bound(raw)
+    state.history.append((now, rec))
+    keep = max(policy.scale_up.stabilization_window_seconds, policy.scale_down.stabilization_window_seconds)
+    state.history = [(time, r) for time, r in state.history if time >= now - keep]
+
+    stable = stabilize(state.history, current, now, policy, state.started)
+    limited = limit_step(current, stable, policy)
+    desired = policy.bound(limited)
+    reason += f" -> {_explain(policy, current, rec, stable, limited, desired)}"
+    if desired != current:
+        state.last_scale_time = now
+    if desired > current:
+        state.settled_since = None  # new replicas: latency will show them only later
+        state.scaling_up = (now, desired)
+    elif desired < current:
+        state.scaling_up = None
+    return Decision(
+        policy.role,
+        current,
+        desired,
+        policy.target,
+        obs.latency,
+        predicted.replicas if predicted else None,
+        predicted.load if predicted else None,
+        reason,
+        state.last_scale_time,
+    )
+
+
+def _explain(policy: PoolPolicy, current: int, rec: int, stable: int, limited: int, desired: int) -> str:
+    words = f"{desired}" if desired == current else f"{current} to {desired}"
+    if rec > stable:
+        words += f" (scale-up stabilized over {policy.scale_up.stabilization_window_seconds}s)"
+    elif rec < stable:
+        words += f" (scale-down stabilized over {policy.scale_down.stabilization_window_seconds}s)"
+    if limited != stable:
+        rules = policy.scale_up if stable > current else policy.scale_down
+        words += f" (limited to {step_limit(current, rules)} per evaluation)"
+    if desired != limited:
+        words += f" (bounds {policy.min_replicas}..{policy.max_replicas})"
+    return words

@@ -1,0 +1,88 @@
+"""Names both planes rely on: roles, label keys, the worker image's ports and paths, metric names.
+
+The data plane exports these metrics and the control plane queries them; the operator labels pods with
+these keys and runs the worker image with these ports. Written once here, so neither side can drift.
+Imports nothing of the project and nothing heavy: the operator image has no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+# ---- roles ------------------------------------------------------------------------------------
+
+# What one worker process runs (`splitserve worker --role`); `both` is the colocated baseline.
+EngineRole = Literal["prefill", "decode", "both"]
+ENGINE_ROLES: Final[tuple[EngineRole, ...]] = ("prefill", "decode", "both")
+# The two pools an InferencePool scales, each on its own latency signal.
+WorkerRole = Literal["prefill", "decode"]
+WORKER_ROLES: Final[tuple[WorkerRole, WorkerRole]] = ("prefill", "decode")
+# The Deployments of one InferencePool.
+ComponentRole = Literal["prefill", "decode", "router"]
+COMPONENT_ROLES: Final[tuple[ComponentRole, ComponentRole, ComponentRole]] = ("prefill", "decode", "router")
+
+# ---- Kubernetes labels on every child and every worker pod ---------------------------------------
+
+GROUP: Final = "splitserve.io"
+POOL_LABEL: Final = f"{GROUP}/pool"
+ROLE_LABEL: Final = f"{GROUP}/role"
+
+# ---- the worker image ----------------------------------------------------------------------------
+
+HTTP_PORT: Final = 8000
+ENGINE_CONFIG_DIR: Final = "/etc/splitserve"  # where the operator mounts the engine ConfigMap
+ENGINE_CONFIG_KEY: Final = "engine.json"
+
+# ---- metrics (every series carries the labels `pool` and `role`) ---------------------------------
+
+METRIC_LABELS: Final = ("pool", "role")
+# What clients see: exported by the router and by `both` workers.
+TTFT: Final = "splitserve_time_to_first_token_seconds"
+ITL: Final = "splitserve_inter_token_latency_seconds"
+E2E_LATENCY: Final = "splitserve_e2e_request_latency_seconds"
+PROMPT_TOKENS: Final = "splitserve_prompt_tokens_total"
+GENERATION_TOKENS: Final = "splitserve_generation_tokens_total"
+REQUESTS: Final = "splitserve_requests_total"  # label `outcome`, one of OUTCOMES
+# What a worker's stage costs: exported by prefill, decode and both workers.
+KV_TRANSFER_SECONDS: Final = "splitserve_kv_transfer_seconds"
+KV_TRANSFER_BYTES: Final = "splitserve_kv_transfer_bytes_total"
+REQUESTS_RUNNING: Final = "splitserve_requests_running"
+REQUESTS_WAITING: Final = "splitserve_requests_waiting"
+KV_CACHE_USAGE: Final = "splitserve_kv_cache_usage_ratio"
+KV_CACHE_CAPACITY_TOKENS: Final = "splitserve_kv_cache_capacity_tokens"
+
+
+def step_seconds(stage: WorkerRole) -> str:
+    """Histogram of one forward of `stage` (prefill chunk, or the decode batch)."""
+    return f"splitserve_{stage}_step_seconds"
+
+
+def stage_tokens(stage: WorkerRole) -> str:
+    """Tokens computed by `stage`: prompt tokens for prefill, sampled tokens for decode."""
+    return f"splitserve_{stage}_tokens_total"
+
+
+OUTCOME_SUCCESS: Final = "success"
+OUTCOME_CLIENT_ERROR: Final = "client_error"  # 4xx: bad input
+OUTCOME_SERVER_ERROR: Final = "server_error"  # a worker failed the request
+OUTCOME_CANCELLED: Final = "cancelled"  # the client went away
+OUTCOMES: Final = (OUTCOME_SUCCESS, OUTCOME_CLIENT_ERROR, OUTCOME_SERVER_ERROR, OUTCOME_CANCELLED)
+
+# Bucket edges resolve a 50 ms TTFT and a 5 ms ITL: histogram_quantile interpolates within a bucket, so
+# the edges sit at and around the targets (decode ITL targets live at 5-10 ms).
+# fmt: off
+TTFT_BUCKETS: Final = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0,
+    20.0, 30.0, 60.0,
+)
+ITL_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.006, 0.007, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
+    0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5,
+)
+E2E_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+STEP_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0,
+)
+TRANSFER_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# fmt: on

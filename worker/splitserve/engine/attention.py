@@ -1,0 +1,152 @@
+"""Ragged attention over per-sequence KV caches, plugged into any transformers model.
+
+The engine runs the Hugging Face model on a *packed* batch: the new tokens of every sequence in
+the step (a prompt chunk, or one token per decoding stream) laid end to end as `[1, N]`, each with its
+own position id. transformers calls the attention function registered here with the new tokens'
+keys and values (after RoPE); we write them into each sequence's `SequenceKV` and attend each
+segment to its own cache. No padding and no per-step copies of old KV, so one 4k-token sequence
+does not slow the attention of its short neighbours. This is the pattern transformers' own paged
+attention and vLLM's transformers backend use: the cache travels through the forward's kwargs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from splitserve.engine.kv_cache import SequenceKV
+
+ATTENTION_NAME = "splitserve_ragged"
+BATCH_KWARG = "splitserve_batch"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """`length` new tokens of one sequence, at positions `start .. start+length-1`."""
+
+    kv: SequenceKV
+    start: int
+    length: int
+
+
+class PackedBatch:
+    """The sequences of one forward pass, in packing order."""
+
+    def __init__(self, segments: list[Segment]) -> None:
+        self.segments = segments
+        self.lengths = [segment.length for segment in segments]
+        self.num_tokens = sum(self.lengths)
+
+    def position_ids(self, device: torch.device) -> torch.Tensor:
+        positions = [p for s in self.segments for p in range(s.start, s.start + s.length)]
+        return torch.tensor(positions, device=device).unsqueeze(0)  # [1, N]
+
+    def last_token_indices(self, device: torch.device) -> torch.Tensor:
+        """Index of each segment's last token in the packed batch: where logits are needed."""
+        ends = torch.tensor(self.lengths).cumsum(0) - 1
+        return ends.to(device)
+
+    def attend(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor:
+        """query `[Hq, N, D]`, key/value `[H, N, D]` of the new tokens -> output `[N, Hq, D]`."""
+        keys_new = torch.split(key, self.lengths, dim=1)
+        values_new = torch.split(value, self.lengths, dim=1)
+        # One dispatch for all cache writes of this layer.
+        torch._foreach_copy_(
+            [s.kv.keys[layer][:, s.start : s.start + s.length] for s in self.segments], list(keys_new)
+        )
+        torch._foreach_copy_(
+            [s.kv.values[layer][:, s.start : s.start + s.length] for s in self.segments], list(values_new)
+        )
+        heads, _, head_dim = query.shape
+        kv_heads = key.shape[0]
+        out = query.new_empty(self.num_tokens, heads, head_dim)  # [N, Hq, D]
+        # Decode rows: queries pre-scaled once for the whole batch, grouped per KV head (GQA).
+        grouped = (
+            (query * scale).transpose(0, 1).reshape(self.num_tokens, kv_heads, heads // kv_heads, head_dim)
+        )
+        grouped_out = out.view(self.num_tokens, kv_heads, heads // kv_heads, head_dim)  # [N, H, G, D]
+        offset = 0
+        for segment in self.segments:
+            end = segment.start + segment.length
+            begin = max(0, segment.start + 1 - window) if window else 0  # the first query's window
+            keys = segment.kv.keys[layer][:, begin:end]  # [H, T, D]
+            values = segment.kv.values[layer][:, begin:end]  # [H, T, D]
+            q = query[:, offset : offset + segment.length]  # [Hq, n, D]
+            if segment.length == 1:
+                _decode_attention(grouped[offset], keys, values, grouped_out[offset])
+            else:
+                mask = _causal_mask(segment.start, segment.length, begin, end, window, q.device)
+                attended = F.scaled_dot_product_attention(
+                    q.unsqueeze(0),
+                    keys.unsqueeze(0),
+                    values.unsqueeze(0),
+                    attn_mask=mask,
+                    scale=scale,
+                    enable_gqa=True,
+                )  # [1, Hq, n, D]
+                out[offset : offset + segment.length] = attended[0].transpose(0, 1)
+            offset += segment.length
+        return out
+
+
+def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
+    """One scaled query token against its cache with two small bmm's (cheaper than SDPA at this size).
+
+    q `[H, G, D]` (G query heads per KV head), keys/values `[H, T, D]`, written into out `[H, G, D]`.
+    """
+    scores = torch.bmm(q, keys.transpose(1, 2))  # [H, G, T]
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if weights.dtype != q.dtype:
+        weights = weights.to(q.dtype)
+    torch.bmm(weights, values, out=out)
+
+
+def _causal_mask(
+    start: int, length: int, begin: int, end: int, window: int | None, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean `[n, T]` mask for a prompt chunk at `start` attending to cached keys `begin..end-1`."""
+    if start == 0 and begin == 0 and not window:
+        return torch.ones(length, end, dtype=torch.bool, device=device).tril()
+    query_pos = torch.arange(start, start + length, device=device)[:, None]
+    key_pos = torch.arange(begin, end, device=device)[None, :]
+    allowed = key_pos <= query_pos
+    if window:
+        allowed &= key_pos > query_pos - window
+    return allowed
+
+
+def ragged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: `[1, Hq, N, D]` in, `[1, N, Hq, D]` out."""
+    batch = kwargs.get(BATCH_KWARG)
+    if not isinstance(batch, PackedBatch):
+        raise RuntimeError(f"{ATTENTION_NAME} attention needs a PackedBatch in `{BATCH_KWARG}`")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    # Mistral passes the window as a kwarg, Qwen2/Gemma-style layers carry it as an attribute.
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    layer: int = module.layer_idx  # type: ignore[assignment]
+    output = batch.attend(layer, query[0], key[0], value[0], scale, window)
+    return output.unsqueeze(0), None
+
+
+AttentionInterface.register(ATTENTION_NAME, ragged_attention)

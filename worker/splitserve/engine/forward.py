@@ -1,0 +1,61 @@
+"""The inference core: one forward pass over a packed batch of prompt chunks and decode tokens.
+
+gpt-fast's vocabulary: `prefill` runs prompt tokens into a sequence's KV cache, `decode_one_token`
+extends every running sequence by one token, `sample` (sampling.py) picks the tokens. Both are the
+same packed forward (attention.py), so a step can mix them (chunked prefill, Sarathi-Serve style).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from splitserve.engine.attention import BATCH_KWARG, PackedBatch, Segment
+from splitserve.engine.kv_cache import SequenceKV
+from splitserve.engine.loader import LoadedModel
+
+
+@dataclass(frozen=True)
+class Work:
+    """New tokens of one sequence for this step: a prompt chunk, or its last sampled token."""
+
+    kv: SequenceKV
+    token_ids: list[int]
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.device = loaded.device
+
+    def new_kv(self, capacity: int) -> SequenceKV:
+        return SequenceKV(self.loaded.layout, capacity, self.device)
+
+    def prefill(self, kv: SequenceKV, token_ids: list[int]) -> torch.Tensor:
+        """Run one prompt chunk; logits `[V]` of its last token."""
+        return self.forward([Work(kv, token_ids)])[0]
+
+    def decode_one_token(self, kvs: list[SequenceKV], token_ids: list[int]) -> torch.Tensor:
+        """Extend each sequence by its last sampled token; logits `[S, V]`."""
+        return self.forward([Work(kv, [token]) for kv, token in zip(kvs, token_ids, strict=True)])
+
+    @torch.inference_mode()
+    def forward(self, work: list[Work]) -> torch.Tensor:
+        """One model forward over every item of `work`; logits `[S, V]` at each item's last token."""
+        batch = PackedBatch([Segment(item.kv, item.kv.length, len(item.token_ids)) for item in work])
+        input_ids = torch.tensor(
+            [token for item in work for token in item.token_ids], device=self.device
+        ).unsqueeze(0)  # [1, N]
+        output = self.model(
+            input_ids=input_ids,
+            position_ids=batch.position_ids(self.device),
+            logits_to_keep=batch.last_token_indices(self.device),
+            use_cache=False,
+            **{BATCH_KWARG: batch},
+        )
+        for item in work:
+            item.kv.length += len(item.token_ids)
+        logits: torch.Tensor = output.logits[0]  # [S, V]
+        return logits

@@ -1,0 +1,283 @@
+"""The asyncio face of the engine: KV admission, per-request streams, and the engine thread's output.
+
+Three ways in, one per role:
+- `generate()` (both): prefill and decode here, stream tokens.
+- `prefill()` (prefill): run the prompt, hand back the first token and the KV cache to ship.
+- `register()` + `receive_kv()` (decode): a request announced by the router, then its KV cache
+  arriving from a prefill worker; the sequence joins the running batch once it is in.
+The KV budget is only touched on this loop; a sequence's tokens are released once the engine thread
+has let go of it (or, on a prefill worker, once its KV cache has been shipped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from splitserve.contract.config import EngineConfig
+from splitserve.contract.names import EngineRole
+from splitserve.engine.forward import Engine
+from splitserve.engine.kv_cache import KVBudget, SequenceKV
+from splitserve.engine.params import GenerationChunk, GenerationError, GenerationRequest, Load, SamplingParams
+from splitserve.engine.sampling import finish_reason
+from splitserve.engine.scheduler import BatchPolicy, Emission, EngineLoop, EngineMetrics, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    first_token: int
+    kv: SequenceKV
+
+
+KVState = Literal["none", "expected", "receiving", "arrived"]
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One request as the loop sees it; `_settle` frees its KV once nothing needs it any more."""
+
+    request_id: str
+    prompt_len: int
+    params: SamplingParams
+    tokens: int  # KV tokens to reserve: prompt + max_tokens (decode, both) or prompt (prefill)
+    outbox: asyncio.Queue[GenerationChunk | GenerationError] = field(default_factory=asyncio.Queue)
+    reserved: bool = False  # holds `tokens` of the KV budget
+    in_engine: bool = False  # the engine thread holds the sequence
+    hold_kv: bool = False  # prefill: the KV outlives the engine's interest until it is shipped
+    kv_state: KVState = "none"  # decode: where the pushed KV cache is
+    closed: bool = False  # the consumer is gone
+    failed: bool = False  # an error was delivered; nothing more will be
+
+    @property
+    def busy(self) -> bool:
+        """Someone still writes into this stream's KV: the engine, or a transfer in flight."""
+        return self.in_engine or self.kv_state == "receiving"
+
+
+class EngineRuntime:
+    def __init__(
+        self, engine: Engine, config: EngineConfig, role: EngineRole, metrics: EngineMetrics
+    ) -> None:
+        loaded = engine.loaded
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics
+        self.max_model_len = loaded.max_model_len
+        self.budget = KVBudget(loaded.kv_budget_bytes // loaded.layout.bytes_per_token, config.max_num_seqs)
+        policy = BatchPolicy.for_role(
+            role, config.prefill_chunk_size, config.chunked_prefill, loaded.max_model_len
+        )
+        self.engine_loop = EngineLoop(engine, policy, metrics, self._from_engine_thread)
+        self._streams: dict[str, _Stream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        metrics.kv_cache_capacity_tokens.set(self.budget.capacity_tokens)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.engine_loop.start()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.engine_loop.stop)
+
+    def load(self) -> Load:
+        """What /load reports and the router's least-loaded choice reads."""
+        queued = self.engine_loop.queued
+        in_engine = sum(1 for stream in self._streams.values() if stream.in_engine)
+        admitting = sum(1 for stream in self._streams.values() if not stream.reserved and not stream.closed)
+        return Load(running=in_engine - queued, waiting=admitting + queued, kv_cache_usage=self.budget.usage)
+
+    # ---- both ---------------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk]:
+        prompt = list(request.prompt_token_ids)
+        stream = self._open(
+            request.request_id, len(prompt), request.sampling, len(prompt) + request.sampling.max_tokens
+        )
+        try:
+            await self._admit(stream)
+            kv = self.engine.new_kv(stream.tokens)
+            self._submit(stream, Sequence(stream.request_id, stream.params, kv, prompt, len(prompt)))
+            async for chunk in self._drain(stream):
+                yield chunk
+        finally:
+            self._close(stream)
+
+    # ---- prefill ------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def prefill(self, request: GenerationRequest) -> AsyncIterator[PrefillResult]:
+        """Run the prompt; its KV cache stays reserved until the block exits (after shipping it)."""
+        prompt = list(request.prompt_token_ids)
+        stream = self._open(request.request_id, len(prompt), request.sampling, len(prompt))
+        stream.hold_kv = True
+        try:
+            await self._admit(stream)
+            sequence = Sequence(
+                stream.request_id,
+                stream.params,
+                self.engine.new_kv(stream.tokens),
+                prompt,
+                len(prompt),
+                decode_after_prefill=False,
+            )
+            self._submit(stream, sequence)
+            first = await self._next(stream)
+            yield PrefillResult(first.token_ids[0], sequence.kv)
+        finally:
+            self._close(stream)
+
+    # ---- decode -------------------------------------------------------------------------------
+
+    def register(self, request_id: str, prompt_len: int, params: SamplingParams) -> None:
+        """Announce a request whose KV cache a prefill worker will push; it fails if none comes in time."""
+        stream = self._open(request_id, prompt_len, params, prompt_len + params.max_tokens)
+        stream.kv_state = "expected"
+        assert self._loop is not None
+        self._loop.call_later(self.config.kv_timeout_seconds, self._kv_deadline, stream)
+
+    async def stream(self, request_id: str) -> AsyncGenerator[GenerationChunk]:
+        stream = self._streams[request_id]
+        try:
+            async for chunk in self._drain(stream):
+                yield chunk
+        finally:
+            self._close(stream)
+
+    async def receive_kv(self, request_id: str, num_tokens: int) -> SequenceKV:
+        """Reserve KV for an arriving cache; waits while the budget is full (back-pressure on TCP)."""
+        stream = self._streams.get(request_id)
+        if stream is None or stream.kv_state != "expected" or stream.closed or stream.failed:
+            raise GenerationError(f"no request {request_id!r} is waiting for a KV cache", status=404)
+        if num_tokens != stream.prompt_len:
+            raise GenerationError(
+                f"KV cache has {num_tokens} tokens, the request's prompt has {stream.prompt_len}", status=400
+            )
+        stream.kv_state = "receiving"
+        try:
+            await self._admit(stream)
+        except asyncio.CancelledError:
+            stream.kv_state = "expected"  # the transfer broke off; another one may still come
+            self._settle(stream)
+            raise
+        if stream.closed or stream.failed:
+            self.kv_failed(request_id, "request was cancelled")
+            raise GenerationError(f"request {request_id!r} was cancelled", status=499)
+        return self.engine.new_kv(stream.tokens)
+
+    def kv_arrived(self, request_id: str, kv: SequenceKV, first_token: int) -> None:
+        """Every layer is in: emit the first token (sampled by prefill) and join the decode batch."""
+        stream = self._streams[request_id]
+        stream.kv_state = "arrived"
+        kv.length = stream.prompt_len
+        finish = finish_reason(stream.params, self.engine.loaded.eos_token_ids, first_token, 1)
+        if finish is None and not (stream.closed or stream.failed):
+            self._submit(
+                stream, Sequence(request_id, stream.params, kv, [], stream.prompt_len, [first_token])
+            )
+        self._deliver(stream, GenerationChunk(token_ids=(first_token,), finish_reason=finish))
+        self._settle(stream)
+
+    def kv_failed(self, request_id: str, reason: str) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.kv_state = "arrived" if stream.kv_state == "receiving" else stream.kv_state
+            self._deliver(stream, GenerationError(f"KV transfer failed: {reason}", status=502))
+            self._settle(stream)
+
+    # ---- plumbing -----------------------------------------------------------------------------
+
+    def _open(self, request_id: str, prompt_len: int, params: SamplingParams, tokens: int) -> _Stream:
+        if request_id in self._streams:
+            raise GenerationError(f"request id {request_id!r} is already in use", status=409)
+        if not self.budget.fits_ever(tokens):
+            raise GenerationError(
+                f"{tokens} KV tokens (prompt {prompt_len} + max_tokens) exceed this worker's KV budget "
+                f"of {self.budget.capacity_tokens} tokens",
+                status=400,
+                kind="invalid_request_error",
+            )
+        stream = _Stream(request_id, prompt_len, params, tokens)
+        self._streams[request_id] = stream
+        self._update_gauges()
+        return stream
+
+    async def _admit(self, stream: _Stream) -> None:
+        self._update_gauges()
+        await self.budget.reserve(stream.tokens)
+        stream.reserved = True
+        self._update_gauges()
+
+    def _submit(self, stream: _Stream, sequence: Sequence) -> None:
+        stream.in_engine = True
+        self.engine_loop.add(sequence)
+
+    def _deliver(self, stream: _Stream, item: GenerationChunk | GenerationError) -> None:
+        if not stream.failed:
+            stream.failed = isinstance(item, GenerationError)
+            stream.outbox.put_nowait(item)
+
+    async def _next(self, stream: _Stream) -> GenerationChunk:
+        item = await stream.outbox.get()
+        if isinstance(item, GenerationError):
+            raise item
+        return item
+
+    async def _drain(self, stream: _Stream) -> AsyncIterator[GenerationChunk]:
+        while True:
+            chunk = await self._next(stream)
+            yield chunk
+            if chunk.finish_reason is not None:
+                return
+
+    def _close(self, stream: _Stream) -> None:
+        """The consumer is done: abort in the engine if the sequence is still there, free the rest."""
+        stream.closed = True
+        if stream.in_engine:
+            self.engine_loop.abort(stream.request_id)  # settled when the engine confirms
+        self._settle(stream)
+
+    def _settle(self, stream: _Stream) -> None:
+        """Free the KV once nobody writes or reads it; forget the stream once its consumer is gone."""
+        if not stream.busy and stream.reserved and (stream.closed or not stream.hold_kv):
+            stream.reserved = False
+            self.budget.release(stream.tokens)
+        if stream.closed and not stream.busy and not stream.reserved:
+            self._streams.pop(stream.request_id, None)
+        self._update_gauges()
+
+    def _kv_deadline(self, stream: _Stream) -> None:
+        if stream.kv_state in ("expected", "receiving") and not stream.closed:
+            self._deliver(
+                stream,
+                GenerationError(
+                    f"KV cache did not arrive within {self.config.kv_timeout_seconds:g}s", status=504
+                ),
+            )
+
+    def _from_engine_thread(self, emissions: list[Emission]) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._on_step, emissions)
+
+    def _on_step(self, emissions: list[Emission]) -> None:
+        for emission in emissions:
+            stream = self._streams.get(emission.sequence.request_id)
+            if stream is None:
+                continue
+            if emission.token is not None:
+                self._deliver(stream, GenerationChunk((emission.token,), emission.finish))
+            elif emission.error != "aborted":
+                self._deliver(stream, GenerationError(emission.error or "engine error", status=500))
+            if emission.done:
+                stream.in_engine = False
+                self._settle(stream)
+
+    def _update_gauges(self) -> None:
+        load = self.load()
+        self.metrics.requests_waiting.set(load.waiting)
+        self.metrics.kv_cache_usage.set(load.kv_cache_usage)

@@ -1,0 +1,102 @@
+"""Prometheus metrics of every role; names and buckets come from the contract the autoscaler queries.
+
+Every series carries `pool` (the InferencePool's name) and `role` (router, prefill, decode, both).
+The router (and `both`, which is its own frontend) records what clients see; workers record their stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from splitserve.contract import names
+from splitserve.contract.names import (
+    E2E_BUCKETS,
+    ITL_BUCKETS,
+    METRIC_LABELS,
+    OUTCOMES,
+    STEP_BUCKETS,
+    TRANSFER_BUCKETS,
+    TTFT_BUCKETS,
+)
+
+
+@dataclass
+class Metrics:
+    """All splitserve series of one process, in a registry of its own (tests run several per process)."""
+
+    pool: str
+    role: str
+    registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
+
+    def __post_init__(self) -> None:
+        reg, labels = self.registry, METRIC_LABELS
+        values = {"pool": self.pool, "role": self.role}
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=reg).labels(**values)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=reg).labels(**values)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=reg).labels(**values)
+
+        # What clients see (router, both).
+        self.ttft = histogram(
+            names.TTFT,
+            "Request arrival to first token sent, as the client sees it.",
+            TTFT_BUCKETS,
+        )
+        self.itl = histogram(
+            names.ITL,
+            "Gap between consecutive tokens of one stream.",
+            ITL_BUCKETS,
+        )
+        self.e2e = histogram(names.E2E_LATENCY, "Request arrival to last token.", E2E_BUCKETS)
+        self.prompt_tokens = counter(names.PROMPT_TOKENS, "Prompt tokens of admitted requests.")
+        self.generation_tokens = counter(names.GENERATION_TOKENS, "Tokens sent to clients.")
+        self._requests = Counter(
+            names.REQUESTS, "Finished requests by outcome.", (*labels, "outcome"), registry=reg
+        )
+        # What a worker's stage costs (prefill, decode, both).
+        self.kv_transfer_seconds = histogram(
+            names.KV_TRANSFER_SECONDS,
+            "Time to send (prefill) or receive (decode) one KV cache.",
+            TRANSFER_BUCKETS,
+        )
+        self.kv_transfer_bytes = counter(names.KV_TRANSFER_BYTES, "KV cache bytes moved.")
+        self.requests_running = gauge(names.REQUESTS_RUNNING, "Requests in the engine's batch.")
+        self.requests_waiting = gauge(
+            names.REQUESTS_WAITING, "Requests queued for the engine (KV budget or batch full)."
+        )
+        self.kv_cache_usage = gauge(names.KV_CACHE_USAGE, "Reserved KV tokens over the KV budget, 0..1.")
+        self.kv_cache_capacity_tokens = gauge(
+            names.KV_CACHE_CAPACITY_TOKENS, "KV budget in tokens (bytes / bytes per token)."
+        )
+        self.prefill_step = histogram(
+            names.step_seconds("prefill"), "Duration of one prefill forward (one chunk).", STEP_BUCKETS
+        )
+        self.decode_step = histogram(
+            names.step_seconds("decode"),
+            "Duration of one decode step over the whole batch.",
+            STEP_BUCKETS,
+        )
+        self.prefill_tokens = counter(
+            names.stage_tokens("prefill"),
+            "Prompt tokens this worker computed (capacity = rate / busy time).",
+        )
+        self.decode_tokens = counter(
+            names.stage_tokens("decode"), "Tokens produced by decode steps (batch size = rate / steps)."
+        )
+        for outcome in OUTCOMES:
+            self._requests.labels(**values, outcome=outcome)
+
+    def request_finished(self, outcome: str) -> None:
+        self._requests.labels(pool=self.pool, role=self.role, outcome=outcome).inc()
+
+    def exposition(self) -> tuple[bytes, str]:
+        """Body and content type for GET /metrics."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,467 @@
+"""The router's `GenerationBackend`: one request = a decode worker, a prefill worker and a KV handoff.
+
+Per request: register with the least loaded decode worker (`POST /internal/decode`, which answers at
+once with its KV port and then streams NDJSON tokens), ask the least loaded prefill worker to run the
+prompt and ship the KV cache there (`POST /internal/prefill`), and relay the decode stream.
+
+Failure rules. Before the first token nothing reached the client, so a whole handoff is retried
+(bounded) with fresh workers: a prefill worker that refuses or dies, a decode worker that refuses or
+dies before its first token. Each retry registers a fresh decode request, so a half-sent KV cache
+never meets a second one. 4xx answers are the request's fault and are returned, not retried. After
+the first token, a dying decode worker fails only its own streams (502). Closing the generator
+(client gone, stop string) closes both internal connections, which aborts the work on both workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from splitserve.contract.names import WORKER_ROLES, WorkerRole
+from splitserve.engine.model_info import context_length, load_tokenizer
+from splitserve.engine.params import GenerationChunk, GenerationError, GenerationRequest
+from splitserve.serving.endpoints import (
+    Discovery,
+    Endpoint,
+    EndpointPool,
+    Resolver,
+    Seed,
+    probe,
+    resolve_all,
+)
+from splitserve.serving.frontend import build_openai_app
+from splitserve.serving.http import serve_app
+from splitserve.serving.internal_api import KV_PORT_HEADER, DecodeCall, PrefillCall, PrefillReply
+from splitserve.serving.metrics import Metrics
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+class RouterSettings(BaseModel):
+    """Everything `splitserve router` is configured with; each timeout bounds one wait."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(min_length=1, description="Tokenizer source and default served model name.")
+    revision: str | None = None
+    served_model_name: str | None = None
+    max_model_len: int | None = Field(None, ge=16, description="Defaults to the model config's positions.")
+    pool: str = Field("default", description="`pool` label of the metrics.")
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    prefill: list[str] = Field(default_factory=list, description="Prefill worker URLs (hostnames resolved).")
+    decode: list[str] = Field(default_factory=list, description="Decode worker URLs (hostnames resolved).")
+    discovery_file: Path | None = Field(None, description='JSON {"prefill": [urls], "decode": [urls]}.')
+    discovery_interval_s: float = Field(3.0, gt=0, description="Hostnames and the file are re-read so often.")
+    health_interval_s: float = Field(1.0, gt=0, description="How often each endpoint's /health is polled.")
+    connect_timeout_s: float = Field(5.0, gt=0)
+    register_timeout_s: float = Field(30.0, gt=0, description="Decode worker: registration answer.")
+    prefill_timeout_s: float = Field(600.0, gt=0, description="Prefill worker: prompt run plus KV delivery.")
+    first_token_timeout_s: float = Field(120.0, gt=0, description="Decode: first token after the prefill.")
+    idle_timeout_s: float = Field(120.0, gt=0, description="Decode: longest silence mid-stream.")
+    max_attempts: int = Field(3, ge=1, description="Handoffs tried per request before the first token.")
+
+    @model_validator(mode="after")
+    def _check_workers(self) -> RouterSettings:
+        for url in (*self.prefill, *self.decode):
+            Seed.parse(url)
+        if self.discovery_file is None and not (self.prefill and self.decode):
+            raise ValueError("give --prefill and --decode worker URLs, or --discovery-file")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model
+
+
+class _RetryError(Exception):
+    """This handoff failed before any token; another one, avoiding the blamed workers, may succeed."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        prefill: Endpoint | None = None,
+        decode: Endpoint | None = None,
+        status: int = 502,
+    ) -> None:
+        super().__init__(message)
+        self.message, self.prefill, self.decode, self.status = message, prefill, decode, status
+
+
+class _NoWorkerError(GenerationError):
+    """Every endpoint of a role is unhealthy or already failed this request."""
+
+    def __init__(self, role: WorkerRole) -> None:
+        super().__init__(f"no healthy {role} worker available", status=503)
+
+
+class _DecodeLostError(Exception):
+    """The decode worker's stream broke (connection reset, EOF before a finish)."""
+
+
+class RouterBackend:
+    """The prefill and decode pools behind the OpenAI frontend. `start()` before use, `close()` after."""
+
+    def __init__(self, settings: RouterSettings, *, resolver: Resolver = resolve_all) -> None:
+        self.settings = settings
+        self.pools: dict[WorkerRole, EndpointPool] = {role: EndpointPool(role) for role in WORKER_ROLES}
+        seeds: dict[WorkerRole, list[Seed]] = {
+            "prefill": [Seed.parse(u) for u in settings.prefill],
+            "decode": [Seed.parse(u) for u in settings.decode],
+        }
+        self._discovery = Discovery(seeds, settings.discovery_file, resolver)
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ----------------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """One discovery and health round now (ready at once if workers are up), then keep polling."""
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        await self._discover()  # probes every endpoint it finds
+        self._spawn(self._every(self.settings.discovery_interval_s, self._discover))
+        self._spawn(self._every(self.settings.health_interval_s, lambda: self._probe(self._all_endpoints())))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    def is_ready(self) -> bool:
+        return all(pool.any_healthy() for pool in self.pools.values())
+
+    def snapshot(self) -> dict[str, list[dict[str, Any]]]:
+        """Every endpoint's state, for GET /router/endpoints and tests."""
+        return {
+            role: [
+                {
+                    "url": e.url,
+                    "healthy": e.healthy,
+                    "in_flight": e.in_flight,
+                    "reported_load": e.reported_load,
+                    "kv_cache_usage": e.kv_cache_usage,
+                }
+                for e in pool.endpoints
+            ]
+            for role, pool in self.pools.items()
+        }
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _every(self, interval: float, action: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await action()
+            except Exception:
+                log.exception("router maintenance failed")
+
+    def _all_endpoints(self) -> list[Endpoint]:
+        return [endpoint for pool in self.pools.values() for endpoint in pool.endpoints]
+
+    async def _discover(self) -> None:
+        addresses = await self._discovery.addresses()
+        added = [e for role, pool in self.pools.items() for e in pool.update(addresses[role])]
+        await self._probe(added)
+
+    async def _probe(self, endpoints: list[Endpoint]) -> None:
+        limit_s = self.settings.connect_timeout_s
+        await asyncio.gather(*(probe(self.session, endpoint, limit_s) for endpoint in endpoints))
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("RouterBackend.start() was not called")
+        return self._session
+
+    # ---------------------------------------------------------------------------------- generation
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        avoid: dict[WorkerRole, set[str]] = {"prefill": set(), "decode": set()}
+        failure: _RetryError | None = None
+        for attempt in range(self.settings.max_attempts):
+            request_id = request.request_id if attempt == 0 else f"{request.request_id[:110]}.retry{attempt}"
+            handoff = _Handoff(self, request, request_id)
+            try:
+                chunk = await handoff.open(avoid)
+            except _RetryError as retry:
+                handoff.close()
+                log.warning(
+                    "handoff failed, retrying", extra={"request_id": request_id, "error": retry.message}
+                )
+                failure = retry
+                for endpoint in (retry.prefill, retry.decode):
+                    if endpoint is not None:
+                        avoid[endpoint.role].add(endpoint.url)
+                continue
+            except _NoWorkerError as error:
+                handoff.close()
+                if failure is None:
+                    raise
+                raise GenerationError(
+                    f"{failure.message}; {error.message} to retry on", status=failure.status
+                ) from None
+            except BaseException:
+                handoff.close()
+                raise
+            try:
+                yield chunk
+                while chunk.finish_reason is None:
+                    chunk = await handoff.next_chunk(self.settings.idle_timeout_s, started=True)
+                    yield chunk
+            finally:
+                handoff.close()
+            return
+        assert failure is not None
+        raise GenerationError(
+            f"{failure.message} (gave up after {self.settings.max_attempts} attempts)", status=failure.status
+        )
+
+    def adopt(self, task: asyncio.Task[Any]) -> None:
+        """Keep a prefill call that is finishing (or being cancelled) referenced until it is done."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+
+BACKEND_KEY = web.AppKey("router_backend", RouterBackend)
+
+
+class _Handoff:
+    """One attempt: a decode registration, one prefill call, the decode stream."""
+
+    def __init__(self, backend: RouterBackend, request: GenerationRequest, request_id: str) -> None:
+        self._backend, self._request, self._id = backend, request, request_id
+        self._settings = backend.settings
+        self._decode: Endpoint | None = None
+        self._response: aiohttp.ClientResponse | None = None
+        self._prefill_task: asyncio.Task[PrefillReply] | None = None
+        self._got_token = False
+
+    async def open(self, avoid: dict[WorkerRole, set[str]]) -> GenerationChunk:
+        """Register, prefill, and wait for the first token; raises _RetryError when another try may work."""
+        decode = self._decode = self._backend.pools["decode"].acquire(avoid["decode"])
+        if decode is None:
+            raise _NoWorkerError("decode")
+        kv_port = await self._register(decode)
+        host = f"[{decode.host}]" if ":" in decode.host else decode.host
+        kv_target = f"{host}:{kv_port}"
+        prefill = self._prefill_task = asyncio.create_task(self._prefill(kv_target, avoid["prefill"]))
+        first = asyncio.create_task(self.next_chunk(None, started=False))
+        try:
+            await asyncio.wait({prefill, first}, return_when=asyncio.FIRST_COMPLETED)
+            if not first.done():
+                prefill.result()  # the prefill failed (raises), or the KV cache is on its way
+                try:
+                    await asyncio.wait_for(asyncio.shield(first), self._settings.first_token_timeout_s)
+                except TimeoutError:
+                    waited = self._settings.first_token_timeout_s
+                    raise _RetryError(
+                        f"decode worker {decode.url} sent no first token within {waited:g}s",
+                        decode=decode,
+                        status=504,
+                    ) from None
+            try:
+                chunk = first.result()
+            except GenerationError:  # the decode worker gave up on it: a failed prefill is the likelier cause
+                await asyncio.wait({prefill}, timeout=self._settings.connect_timeout_s)
+                if prefill.done() and not prefill.cancelled():
+                    with contextlib.suppress(GenerationError):
+                        prefill.result()  # re-raises a _RetryError
+                raise
+        finally:
+            if not first.done():
+                first.cancel()
+                await asyncio.gather(first, return_exceptions=True)
+        self._got_token = True
+        return chunk
+
+    async def _register(self, decode: Endpoint) -> int:
+        body = DecodeCall(
+            request_id=self._id,
+            prompt_len=len(self._request.prompt_token_ids),
+            sampling=self._request.sampling,
+        ).model_dump(mode="json")
+        try:
+            async with asyncio.timeout(self._settings.register_timeout_s):
+                response = self._response = await self._backend.session.post(
+                    decode.url + "/internal/decode",
+                    json=body,
+                    timeout=aiohttp.ClientTimeout(connect=self._settings.connect_timeout_s),
+                )
+                if response.status != 200:
+                    await _raise_worker_error(response, decode)
+        except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+            decode.mark_unhealthy(repr(exc))
+            raise _RetryError(f"decode worker {decode.url} unreachable: {exc!r}", decode=decode) from exc
+        try:
+            return int(response.headers[KV_PORT_HEADER])
+        except (KeyError, ValueError):
+            raise GenerationError(
+                f"decode worker {decode.url} sent no valid {KV_PORT_HEADER} header", status=502
+            ) from None
+
+    async def _prefill(self, kv_target: str, avoid: set[str]) -> PrefillReply:
+        pool = self._backend.pools["prefill"]
+        prefill = pool.acquire(avoid)
+        if prefill is None:
+            raise _NoWorkerError("prefill")
+        body = PrefillCall(
+            request_id=self._id,
+            prompt_token_ids=self._request.prompt_token_ids,
+            sampling=self._request.sampling,
+            kv_target=kv_target,
+        ).model_dump(mode="json")
+        try:
+            async with (
+                asyncio.timeout(self._settings.prefill_timeout_s),
+                self._backend.session.post(
+                    prefill.url + "/internal/prefill",
+                    json=body,
+                    timeout=aiohttp.ClientTimeout(connect=self._settings.connect_timeout_s),
+                ) as response,
+            ):
+                if response.status != 200:
+                    await _raise_worker_error(response, prefill)
+                result = PrefillReply.model_validate(await response.json())
+        except (
+            aiohttp.ClientError,
+            ConnectionError,
+            ValueError,
+        ) as exc:  # ValidationError is a ValueError  # aiohttp's timeouts included
+            prefill.mark_unhealthy(repr(exc))
+            raise _RetryError(f"prefill worker {prefill.url} failed: {exc!r}", prefill=prefill) from exc
+        except TimeoutError:
+            waited = self._settings.prefill_timeout_s
+            raise GenerationError(f"prefill worker {prefill.url} took over {waited:g}s", status=504) from None
+        finally:
+            pool.release(prefill)
+        log.debug("prefill done", extra={"request_id": self._id, **result.model_dump()})
+        return result
+
+    async def next_chunk(self, wait_s: float | None, *, started: bool) -> GenerationChunk:
+        """The next NDJSON line of the decode stream as a chunk, or the worker's error."""
+        assert self._response is not None and self._decode is not None
+        decode = self._decode
+        try:
+            async with asyncio.timeout(wait_s):
+                line = b""
+                while not line.strip():
+                    line = await self._response.content.readline()
+                    if not line:
+                        raise _DecodeLostError("the stream ended before the request finished")
+        except (aiohttp.ClientError, ConnectionError, _DecodeLostError) as exc:
+            decode.mark_unhealthy(repr(exc))
+            if started:
+                message = f"decode worker {decode.url} failed mid-stream: {exc}"
+                raise GenerationError(message, status=502) from exc
+            raise _RetryError(f"decode worker {decode.url} failed: {exc}", decode=decode) from exc
+        except TimeoutError:
+            raise GenerationError(
+                f"decode worker {decode.url} sent nothing for {wait_s}s", status=504
+            ) from None
+        try:
+            data = json.loads(line)
+            if "error" in data:
+                error = data["error"]
+                status = int(error.get("code") or 502)
+                kind = str(error.get("type") or "server_error")
+                raise GenerationError(
+                    str(error.get("message")), kind=kind, status=status if 400 <= status < 600 else 502
+                )
+            return GenerationChunk.from_json(data)
+        except (ValueError, TypeError, AttributeError, ValidationError) as exc:
+            raise GenerationError(
+                f"decode worker {decode.url} sent an invalid line: {line[:200]!r}", status=502
+            ) from exc
+
+    def close(self) -> None:
+        """Close both connections (aborting whatever still runs there) and release the decode slot.
+
+        Synchronous on purpose: it runs while the request is being torn down, often in a task that is
+        itself being cancelled, and an await here could be interrupted halfway and leak the slot.
+        """
+        prefill, self._prefill_task = self._prefill_task, None
+        if prefill is not None:
+            if not (self._got_token and not prefill.done()):  # once the KV cache arrived, let it answer
+                prefill.cancel()
+            self._backend.adopt(prefill)
+        if self._response is not None:
+            if self._response.content.at_eof():
+                self._response.release()
+            else:
+                self._response.close()
+            self._response = None
+        if self._decode is not None:
+            self._backend.pools["decode"].release(self._decode)
+            self._decode = None
+
+
+async def _raise_worker_error(response: aiohttp.ClientResponse, endpoint: Endpoint) -> None:
+    """A worker refused: 4xx is the request's fault (returned as is); 429, 5xx are worth a retry elsewhere."""
+    message = response.reason or "no reason given"
+    with contextlib.suppress(Exception):
+        message = str((await response.json())["error"]["message"])
+    if 400 <= response.status < 500 and response.status != 429:
+        raise GenerationError(message, status=response.status, kind="invalid_request_error")
+    retry = f"{endpoint.role} worker {endpoint.url} answered {response.status}: {message}"
+    if endpoint.role == "prefill":
+        raise _RetryError(retry, prefill=endpoint)
+    raise _RetryError(retry, decode=endpoint)
+
+
+def build_router_app(
+    settings: RouterSettings,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    metrics: Metrics | None = None,
+    resolver: Resolver = resolve_all,
+) -> web.Application:
+    """The router's whole HTTP app: the OpenAI API over a RouterBackend that starts and stops with it."""
+    if tokenizer is None:
+        tokenizer = load_tokenizer(settings.model, settings.revision)
+    backend = RouterBackend(settings, resolver=resolver)
+    app = build_openai_app(
+        backend,
+        tokenizer,
+        served_model_name=settings.name,
+        max_model_len=context_length(settings.model, settings.revision, settings.max_model_len),
+        metrics=metrics or Metrics(pool=settings.pool, role="router"),
+    )
+    app[BACKEND_KEY] = backend
+
+    async def endpoints(request: web.Request) -> web.Response:
+        return web.json_response(backend.snapshot())
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await backend.start()
+        yield
+        await backend.close()
+
+    app.router.add_get("/router/endpoints", endpoints)
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+async def run_router(settings: RouterSettings) -> None:
+    """`splitserve router`: serve until SIGTERM/SIGINT."""
+    app = build_router_app(settings)
+    await serve_app(app, host=settings.host, port=settings.port)

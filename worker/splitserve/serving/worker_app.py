@@ -1,0 +1,218 @@
+"""HTTP faces of a worker: the /internal routes of prefill and decode, and the `both` backend.
+
+The server starts before the model loads so /health can say 503 ("loading") to probes and to
+`splitserve up`; the routes answer 503 until `WorkerState.runtime` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from aiohttp import web
+from pydantic import ValidationError
+
+from splitserve.contract.errors import one_line
+from splitserve.engine.kv_cache import SequenceKV
+from splitserve.engine.params import GenerationChunk, GenerationError, GenerationRequest
+from splitserve.engine.runtime import EngineRuntime
+from splitserve.serving.frontend import error_response
+from splitserve.serving.internal_api import KV_PORT_HEADER, NDJSON, DecodeCall, PrefillCall, PrefillReply
+from splitserve.serving.metrics import Metrics
+from splitserve.transfer.base import KVDestination, KVRejected, KVSender, KVTransferError
+from splitserve.transfer.frames import KVHeader
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerState:
+    metrics: Metrics
+    runtime: EngineRuntime | None = None
+
+    def ready_runtime(self) -> EngineRuntime:
+        if self.runtime is None:
+            raise GenerationError("the model is still loading", status=503, kind="service_unavailable")
+        return self.runtime
+
+
+STATE = web.AppKey("worker_state", WorkerState)
+
+
+class LocalBackend:
+    """`GenerationBackend` of the colocated `both` role: this process's own engine."""
+
+    def __init__(self, state: WorkerState) -> None:
+        self.state = state
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        return self.state.ready_runtime().generate(request)
+
+    def is_ready(self) -> bool:
+        return self.state.runtime is not None
+
+
+def add_common_routes(app: web.Application, state: WorkerState) -> None:
+    """/health, /load, /metrics: what probes, the router and Prometheus read from every worker."""
+
+    async def health(_: web.Request) -> web.Response:
+        if state.runtime is None:
+            return web.json_response({"status": "loading"}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def load(_: web.Request) -> web.Response:
+        try:
+            return web.json_response(state.ready_runtime().load().model_dump())
+        except GenerationError as error:
+            return error_response(error.status, error.message, type=error.kind)
+
+    async def metrics(_: web.Request) -> web.Response:
+        body, content_type = state.metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    app[STATE] = state
+    app.router.add_get("/health", health)
+    app.router.add_get("/load", load)
+    app.router.add_get("/metrics", metrics)
+
+
+Body = TypeVar("Body", DecodeCall, PrefillCall)
+
+
+async def _parse(request: web.Request, model: type[Body]) -> Body:
+    try:
+        return model.model_validate(await request.json())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise GenerationError(f"malformed JSON: {error}", status=400, kind="invalid_request_error") from error
+    except ValidationError as error:
+        raise GenerationError(one_line(error), status=400, kind="invalid_request_error") from error
+
+
+# ---- prefill ------------------------------------------------------------------------------------
+
+
+def build_prefill_app(state: WorkerState, sender: KVSender) -> web.Application:
+    """POST /internal/prefill: run the prompt, push its KV cache to the chosen decode worker."""
+
+    async def prefill(request: web.Request) -> web.Response:
+        try:
+            call = await _parse(request, PrefillCall)
+            runtime = state.ready_runtime()
+            generation = GenerationRequest(
+                request_id=call.request_id, prompt_token_ids=call.prompt_token_ids, sampling=call.sampling
+            )
+            started = time.perf_counter()
+            async with runtime.prefill(generation) as result:
+                prefilled = time.perf_counter()
+                layout = result.kv.layout
+                header = KVHeader(
+                    request_id=call.request_id,
+                    first_token=result.first_token,
+                    num_tokens=result.kv.length,
+                    num_layers=layout.num_layers,
+                    dtype=layout.dtype,
+                    layer_shape=tuple(result.kv.layer(0).shape),
+                )
+                layers = [result.kv.layer(index) for index in range(layout.num_layers)]
+                stats = await sender.send(call.kv_target, header, layers)
+            state.metrics.kv_transfer_seconds.observe(stats.seconds)
+            state.metrics.kv_transfer_bytes.inc(stats.bytes)
+            reply = PrefillReply(
+                first_token=result.first_token,
+                prompt_len=result.kv.length,
+                prefill_seconds=prefilled - started,
+                transfer_seconds=stats.seconds,
+                kv_bytes=stats.bytes,
+            )
+            return web.json_response(reply.model_dump())
+        except GenerationError as error:
+            return error_response(error.status, error.message, type=error.kind)
+        except KVTransferError as error:
+            message = f"KV transfer to the decode worker failed: {error}"
+            return error_response(502, message, type="kv_transfer_error")
+
+    app = web.Application()
+    add_common_routes(app, state)
+    app.router.add_post("/internal/prefill", prefill)
+    return app
+
+
+# ---- decode -------------------------------------------------------------------------------------
+
+
+def build_decode_app(state: WorkerState, kv_port: int) -> web.Application:
+    """POST /internal/decode: register a request, then stream its tokens as NDJSON once KV arrives."""
+
+    async def decode(request: web.Request) -> web.StreamResponse:
+        try:
+            call = await _parse(request, DecodeCall)
+            runtime = state.ready_runtime()
+            runtime.register(call.request_id, call.prompt_len, call.sampling)
+        except GenerationError as error:
+            return error_response(error.status, error.message, type=error.kind)
+        response = web.StreamResponse(headers={KV_PORT_HEADER: str(kv_port), "Content-Type": NDJSON})
+        tokens = runtime.stream(call.request_id)
+        try:
+            await response.prepare(request)  # the router reads this as "registered"
+            async for chunk in tokens:
+                await response.write(chunk.to_json() + b"\n")
+        except GenerationError as error:
+            line = {"error": {"message": error.message, "type": error.kind, "code": error.status}}
+            await response.write(json.dumps(line).encode() + b"\n")
+        finally:
+            await tokens.aclose()  # aborts the request if the router went away
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    add_common_routes(app, state)
+    app.router.add_post("/internal/decode", decode)
+    return app
+
+
+class DecodeKVSink:
+    """Where pushed KV caches land: the runtime's reservation for the request they belong to."""
+
+    def __init__(self, state: WorkerState) -> None:
+        self.state = state
+
+    async def open(self, header: KVHeader) -> KVDestination:
+        try:
+            runtime = self.state.ready_runtime()
+            layout = runtime.engine.loaded.layout
+            expected = (2, layout.num_kv_heads, header.num_tokens, layout.head_dim)
+            if (header.num_layers, header.dtype, tuple(header.layer_shape)) != (
+                layout.num_layers,
+                layout.dtype,
+                expected,
+            ):
+                raise KVRejected(
+                    f"KV layout {header.num_layers}x{list(header.layer_shape)} {header.dtype} does not match "
+                    f"this worker's model ({layout.num_layers}x{list(expected)} {layout.dtype})"
+                )
+            kv = await runtime.receive_kv(header.request_id, header.num_tokens)
+        except GenerationError as error:
+            raise KVRejected(error.message) from error
+        return _Destination(runtime, header, kv, self.state.metrics)
+
+
+class _Destination:
+    def __init__(self, runtime: EngineRuntime, header: KVHeader, kv: SequenceKV, metrics: Metrics) -> None:
+        self.runtime, self.header, self.kv, self.metrics = runtime, header, kv, metrics
+        self.started = time.perf_counter()
+
+    def write_layer(self, index: int, kv: torch.Tensor) -> None:
+        self.kv.load_layer(index, kv)
+
+    def commit(self) -> None:
+        self.metrics.kv_transfer_seconds.observe(time.perf_counter() - self.started)
+        self.metrics.kv_transfer_bytes.inc(self.header.num_tokens * self.kv.layout.bytes_per_token)
+        self.runtime.kv_arrived(self.header.request_id, self.kv, self.header.first_token)
+
+    def abort(self, reason: str) -> None:
+        self.runtime.kv_failed(self.header.request_id, reason)
