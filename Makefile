@@ -43,6 +43,7 @@ $(HELM_VENV)/.installed:
 lint: install
 	$(BIN)/ruff check operator worker tests bench
 	$(BIN)/ruff format --check operator worker tests bench
+	$(BIN)/lint-imports --no-cache  # the layer contracts in .importlinter
 
 typecheck: install
 	$(BIN)/mypy

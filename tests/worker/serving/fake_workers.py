@@ -15,8 +15,7 @@ from aiohttp import web
 
 from splitserve.serving.http import RunningApp
 from splitserve.serving.internal_api import KV_PORT_HEADER
-
-from .conftest import Serve
+from tests.worker.conftest import Serve
 
 
 def first_token(prompt_len: int) -> int:

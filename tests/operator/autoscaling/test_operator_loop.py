@@ -10,9 +10,8 @@ from typing import Any
 
 from splitserve_operator.settings import OperatorSettings
 from tests.operator.apiserver import ApiServer, eventually, running_operator
+from tests.operator.autoscaling.test_prometheus import NAMESPACE, Endpoints, Prometheus, Traffic
 from tests.operator.conftest import TINY_SPEC, Cluster
-
-from .test_prometheus import NAMESPACE, Endpoints, Prometheus, Traffic
 
 DEPLOYMENTS = "apps/v1/deployments"
 SPEC: dict[str, Any] = copy.deepcopy(TINY_SPEC) | {

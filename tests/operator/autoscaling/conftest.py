@@ -13,7 +13,6 @@ from splitserve.local.prometheus import find_prometheus
 from splitserve.serving.metrics import Metrics
 
 # The emulated apiserver of the operator suite, for the whole-loop test.
-from tests.operator.conftest import apiserver, apiserver_options, cluster  # noqa: F401
 
 
 def free_port() -> int:

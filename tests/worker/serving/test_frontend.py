@@ -18,8 +18,7 @@ from splitserve.engine.params import GenerationChunk, GenerationError, Generatio
 from splitserve.serving.frontend import build_openai_app
 from splitserve.serving.http import serve_app
 from splitserve.serving.metrics import Metrics
-
-from .conftest import Serve
+from tests.worker.conftest import Serve
 
 MODEL = "tiny"
 MAX_MODEL_LEN = 256

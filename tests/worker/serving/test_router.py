@@ -33,9 +33,8 @@ from splitserve.serving.router import (
     RouterSettings,
     build_router_app,
 )
-
-from .conftest import Serve
-from .fake_workers import FakeDecode, FakePrefill, expected_tokens
+from tests.worker.conftest import Serve
+from tests.worker.serving.fake_workers import FakeDecode, FakePrefill, expected_tokens
 
 MODEL = "tiny"
 StartRouter = Callable[..., Awaitable["Router"]]

@@ -22,8 +22,7 @@ from splitserve_operator.autoscaling.signals import (
     promql,
     signal_specs,
 )
-
-from .conftest import MetricsEndpoint, drive, free_port
+from tests.operator.autoscaling.conftest import MetricsEndpoint, drive, free_port
 
 QUERY = SignalQuery(pool="chat", window_seconds=60, ttft_percentile=0.9, itl_percentile=0.95)
 

@@ -30,8 +30,7 @@ from splitserve_operator.models import (
     ScaleDownRules,
     TtftSlo,
 )
-
-from .conftest import MetricsEndpoint, drive, prometheus_binary
+from tests.operator.autoscaling.conftest import MetricsEndpoint, drive, prometheus_binary
 
 Endpoints = dict[str, MetricsEndpoint]
 WAIT_SECONDS = 30.0  # bound on every wait

@@ -30,8 +30,7 @@ from splitserve_operator.models import (
     ScalingRules,
     TtftSlo,
 )
-
-from .autoscale_plant import DecodePlant, Loop, PrefillPlant
+from tests.operator.autoscaling.autoscale_plant import DecodePlant, Loop, PrefillPlant
 
 
 def spec(
