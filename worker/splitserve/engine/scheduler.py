@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -90,6 +90,23 @@ class BatchPolicy:
             # The colocated baseline: whole prompts, decode waits (the stall the seeds describe).
             return cls(prefill_token_budget=max_model_len, interleave=False)
         return cls(prefill_token_budget=chunk_size, interleave=True)
+
+
+def plan_step(
+    prefilling: Iterable[Sequence], decoding: list[Sequence], policy: BatchPolicy
+) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
+    """One step's work: FIFO prompt chunks up to the token budget (the oldest prompt first, so a long
+    one is never starved), plus every decode stream the policy lets run beside them."""
+    plan: list[tuple[Sequence, int]] = []
+    budget = policy.prefill_token_budget
+    for seq in prefilling:
+        if budget <= 0:
+            break
+        take = min(budget, seq.prompt_len - seq.kv.length)
+        plan.append((seq, take))
+        budget -= take
+    decode = list(decoding) if (policy.interleave or not plan) else []
+    return plan, decode
 
 
 _ABORT, _ADD, _STOP = "abort", "add", "stop"
@@ -178,7 +195,7 @@ class EngineLoop:
         return [Emission(seq, None, None, error="aborted") for seq in gone]
 
     def _step_safely(self) -> None:
-        prefill_plan, decode = self._plan()
+        prefill_plan, decode = plan_step(self.prefilling, self.decoding, self.policy)
         try:
             emissions = self._step(prefill_plan, decode)
         except Exception as error:  # a failed forward fails its sequences, never the worker
@@ -191,19 +208,6 @@ class EngineLoop:
         self.metrics.requests_running.set(len(self.decoding) + len(self.prefilling) - self.queued)
         if emissions:
             self.on_step(emissions)
-
-    def _plan(self) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
-        """FIFO prompt chunks up to the token budget, plus every decode stream the policy allows."""
-        plan: list[tuple[Sequence, int]] = []
-        budget = self.policy.prefill_token_budget
-        for seq in self.prefilling:
-            if budget <= 0:
-                break
-            take = min(budget, seq.prompt_len - seq.kv.length)
-            plan.append((seq, take))
-            budget -= take
-        decode = list(self.decoding) if (self.policy.interleave or not plan) else []
-        return plan, decode
 
     def _step(self, prefill_plan: list[tuple[Sequence, int]], decode: list[Sequence]) -> list[Emission]:
         work = [Work(seq.kv, [seq.output[-1]]) for seq in decode]
