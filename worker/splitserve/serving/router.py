@@ -443,7 +443,7 @@ def build_router_app(
         backend,
         tokenizer,
         served_model_name=settings.name,
-        max_model_len=context_length(settings.model, settings.revision, settings.max_model_len),
+        max_model_len=settings.max_model_len or context_length(settings.model, settings.revision),
         metrics=metrics or Metrics(pool=settings.pool, role="router"),
     )
     app[BACKEND_KEY] = backend
