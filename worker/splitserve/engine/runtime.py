@@ -22,7 +22,14 @@ from splitserve.contract.config import EngineConfig
 from splitserve.contract.names import EngineRole
 from splitserve.engine.forward import Engine
 from splitserve.engine.kv_cache import KVBudget, SequenceKV
-from splitserve.engine.params import GenerationChunk, GenerationError, GenerationRequest, Load, SamplingParams
+from splitserve.engine.params import (
+    REQUEST_FAULT,
+    GenerationChunk,
+    GenerationError,
+    GenerationRequest,
+    Load,
+    SamplingParams,
+)
 from splitserve.engine.sampling import finish_reason
 from splitserve.engine.scheduler import BatchPolicy, Emission, EngineLoop, EngineMetrics, Sequence
 
@@ -216,6 +223,7 @@ class EngineRuntime:
     def _submit(self, stream: _Stream, sequence: Sequence) -> None:
         stream.in_engine = True
         self.engine_loop.add(sequence)
+        self._update_gauges()
 
     def _deliver(self, stream: _Stream, item: GenerationChunk | GenerationError) -> None:
         if not stream.failed:
@@ -272,12 +280,16 @@ class EngineRuntime:
             if emission.token is not None:
                 self._deliver(stream, GenerationChunk((emission.token,), emission.finish))
             elif emission.error != "aborted":
-                self._deliver(stream, GenerationError(emission.error or "engine error", status=500))
+                kind = REQUEST_FAULT if emission.request_fault else "server_error"
+                self._deliver(
+                    stream, GenerationError(emission.error or "engine error", status=500, kind=kind)
+                )
             if emission.done:
                 stream.in_engine = False
                 self._settle(stream)
 
     def _update_gauges(self) -> None:
         load = self.load()
+        self.metrics.requests_running.set(load.running)  # also when no step follows (last one left)
         self.metrics.requests_waiting.set(load.waiting)
         self.metrics.kv_cache_usage.set(load.kv_cache_usage)

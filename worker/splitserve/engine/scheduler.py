@@ -23,7 +23,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from splitserve.engine.forward import Engine, Work
 from splitserve.engine.kv_cache import SequenceKV
 from splitserve.engine.params import FinishReason, SamplingParams
-from splitserve.engine.sampling import SamplingRow, finish_reason, sample
+from splitserve.engine.sampling import SamplingError, SamplingRow, finish_reason, sample
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class Emission:
     token: int | None
     finish: FinishReason | None
     error: str | None = None
+    request_fault: bool = False  # the sequence failed alone while the step's others went on
 
     @property
     def done(self) -> bool:
@@ -200,14 +201,44 @@ class EngineLoop:
             emissions = self._step(prefill_plan, decode)
         except Exception as error:  # a failed forward fails its sequences, never the worker
             log.exception("engine step failed")
-            emissions = []
-            for seq in {*(seq for seq, _ in prefill_plan), *decode}:
-                self._remove(seq.request_id)
-                emissions.append(Emission(seq, None, None, error=f"engine step failed: {error}"))
+            emissions = self._isolate(prefill_plan, decode, error)
         self._count_queued()
         self.metrics.requests_running.set(len(self.decoding) + len(self.prefilling) - self.queued)
         if emissions:
             self.on_step(emissions)
+
+    def _isolate(
+        self, prefill_plan: list[tuple[Sequence, int]], decode: list[Sequence], error: Exception
+    ) -> list[Emission]:
+        """Re-run each sequence of a failed step alone, so that only those failing by themselves fail.
+
+        A failed forward leaves every KV length as it was (`Engine.forward` advances them last), so a
+        re-run rewrites the same positions. A sequence that fails while another passes is the
+        request's own fault (`request_fault`: not worth retrying elsewhere); when every one fails, or
+        it ran alone, the worker is the likelier culprit.
+        """
+        parts: list[tuple[list[tuple[Sequence, int]], list[Sequence]]] = [
+            ([item], []) for item in prefill_plan
+        ]
+        parts += [([], [seq]) for seq in decode]
+        emissions: list[Emission] = []
+        failed: list[tuple[Sequence, Exception]] = []
+        for plan, streams in parts:
+            seq = plan[0][0] if plan else streams[0]
+            if len(parts) == 1:
+                failed.append((seq, error))
+                continue
+            try:
+                emissions += self._step(plan, streams)
+            except Exception as alone:
+                failed.append((seq, alone))
+        fault = len(failed) < len(parts)
+        for seq, reason in failed:
+            self._remove(seq.request_id)
+            emissions.append(
+                Emission(seq, None, None, error=f"engine step failed: {reason}", request_fault=fault)
+            )
+        return emissions
 
     def _step(self, prefill_plan: list[tuple[Sequence, int]], decode: list[Sequence]) -> list[Emission]:
         work = [Work(seq.kv, [seq.output[-1]]) for seq in decode]
@@ -231,8 +262,11 @@ class EngineLoop:
             self.metrics.decode_tokens.inc(len(decode))
         return [self._advance(seq, token) for seq, token in zip(sampled, tokens, strict=True)]
 
-    def _advance(self, seq: Sequence, token: int) -> Emission:
-        """Record a sampled token and move the sequence to where it belongs next."""
+    def _advance(self, seq: Sequence, token: int | SamplingError) -> Emission:
+        """Record a sampled token and move the sequence to where it belongs next (out, if it failed)."""
+        if isinstance(token, SamplingError):
+            self._remove(seq.request_id)
+            return Emission(seq, None, None, error=str(token), request_fault=True)
         seq.output.append(token)
         finish = finish_reason(seq.params, self.stop_ids, token, len(seq.output))
         if seq in self.prefilling:
