@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from splitserve.engine.params import SamplingParams
-from splitserve.engine.sampling import SamplingRow, finish_reason, sample
+from splitserve.engine.sampling import SamplingError, SamplingRow, finish_reason, sample
 
 EOS = frozenset({0})
 
@@ -56,3 +56,16 @@ def test_finish_reasons() -> None:
     assert finish_reason(params, EOS, 9, 1) == "stop"
     assert finish_reason(params, EOS, 5, 3) == "length"
     assert finish_reason(params.model_copy(update={"ignore_eos": True}), EOS, 0, 1) is None
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone() -> None:
+    """Past validation (model_construct): an overflowing temperature and out-of-vocabulary stop ids."""
+    broken = SamplingParams.model_construct(
+        **{**SamplingParams().model_dump(), "temperature": 1e-45, "min_tokens": 2, "stop_token_ids": (-5, 99)}
+    )
+    greedy = SamplingParams(temperature=0.0, min_tokens=2)
+    row = [5.0, 4.0, 1.0, 0.0]
+    tokens = sample(logits(row, row, row, row), [SamplingRow(greedy, 0), SamplingRow(broken, 0)] * 2, EOS)
+    first, failed, third, _ = tokens
+    assert (first, third) == (1, 1)
+    assert isinstance(failed, SamplingError) and "sampling failed" in str(failed)
