@@ -62,7 +62,7 @@ class Router:
 
 
 @pytest.fixture
-def start_router(serve: Serve, tokenizer: PreTrainedTokenizerBase) -> StartRouter:
+def start_router(serve: Serve, tokenizer: PreTrainedTokenizerBase, tiny_model: Path) -> StartRouter:
     """A router over the given worker URLs, with fast polling and short timeouts."""
 
     async def start(
@@ -77,7 +77,12 @@ def start_router(serve: Serve, tokenizer: PreTrainedTokenizerBase) -> StartRoute
             "idle_timeout_s": 5.0,
         } | settings
         config = RouterSettings(
-            model=MODEL, max_model_len=512, prefill=prefill or [], decode=decode or [], **options
+            model=str(tiny_model),  # its config, read from disk: no hub lookup
+            served_model_name=MODEL,
+            max_model_len=512,
+            prefill=prefill or [],
+            decode=decode or [],
+            **options,
         )
         app = build_router_app(
             config, tokenizer=tokenizer, metrics=Metrics(pool="test", role="router"), resolver=resolver
@@ -222,6 +227,19 @@ async def test_worker_4xx_is_returned_not_retried(serve: Serve, start_router: St
             await client.completions.create(model=MODEL, prompt="hello", max_tokens=2)
     assert len(rejecting.requests) == 1
     assert router.healthy("prefill") == {rejecting.url: True}
+
+
+async def test_a_request_fault_is_returned_not_retried(serve: Serve, start_router: StartRouter) -> None:
+    """A 5xx marked REQUEST_FAULT failed alone on a healthy worker: the next one would fail the same."""
+    faulty = [await FakePrefill("fault").start(serve) for _ in range(2)]
+    decode = await FakeDecode().start(serve)
+    router = await start_router([worker.url for worker in faulty], [decode.url])
+    async with router.client() as client:
+        with pytest.raises(openai.InternalServerError, match="sampling failed") as caught:
+            await client.completions.create(model=MODEL, prompt="hello", max_tokens=2)
+    assert caught.value.status_code == 500
+    assert sum(len(worker.requests) for worker in faulty) == 1
+    assert set(router.healthy("prefill").values()) == {True}
 
 
 async def test_decode_error_line_is_relayed(serve: Serve, start_router: StartRouter) -> None:
