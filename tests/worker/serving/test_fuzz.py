@@ -236,7 +236,7 @@ def test_openai_api_fuzz(stack: LiveStack, expected: list[int], target: str) -> 
     @given(calls=openai_calls)
     @example(calls=[(path, {**base, **attack}) for path, base in BASES for attack in ATTACKS])
     def run(calls: list[tuple[str, dict[str, Any]]]) -> None:
-        async def example() -> list[int]:
+        async def exchange() -> list[int]:
             timeout = aiohttp.ClientTimeout(total=60)
             async with aiohttp.ClientSession(timeout=timeout) as session:
                 greedy = asyncio.ensure_future(_greedy_via_openai(session, url))
@@ -245,7 +245,7 @@ def test_openai_api_fuzz(stack: LiveStack, expected: list[int], target: str) -> 
                     _no_server_error(status, reply, call)
                 return await greedy
 
-        assert asyncio.run(example()) == expected
+        assert asyncio.run(exchange()) == expected
 
     run()
 
@@ -292,12 +292,16 @@ def test_internal_api_fuzz(stack: LiveStack, expected: list[int]) -> None:
     @FUZZ
     @given(calls=internal_calls)
     @example(
-        calls=[_internal({"request_id": "r", "prompt_token_ids": [5, 6], **attack}) for attack in ATTACKS]
+        calls=[
+            _internal({"request_id": rid, "prompt_token_ids": [5, 6], **attack})
+            for rid, attack in [("r", attack) for attack in ATTACKS]
+            + [(rid, {"max_tokens": 2}) for rid in ("é" * 100, "\ud800", "a b")]
+        ]
     )
     def run(calls: list[dict[str, Any]]) -> None:
         number = next(examples)  # request ids unique across examples: no clash with one still closing
 
-        async def example() -> list[int] | None:
+        async def exchange() -> list[int] | None:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
                 valid = {
                     "request_id": f"greedy{number}",
@@ -315,7 +319,7 @@ def test_internal_api_fuzz(stack: LiveStack, expected: list[int]) -> None:
                 )
                 return results[0]
 
-        assert asyncio.run(example()) == expected
+        assert asyncio.run(exchange()) == expected
 
     run()
 

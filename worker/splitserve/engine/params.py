@@ -105,12 +105,16 @@ def check_vocabulary(prompt_token_ids: Iterable[int], params: SamplingParams, vo
             )
 
 
+RequestId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[!-~]+$")]
+"""Printable ASCII without spaces: one byte a character, so any id fits the KV header's 128 bytes."""
+
+
 class GenerationRequest(BaseModel):
     """A tokenized prompt on its way to an engine."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    request_id: str = Field(min_length=1, max_length=128)
+    request_id: RequestId
     prompt_token_ids: tuple[int, ...] = Field(min_length=1)
     sampling: SamplingParams
 
