@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from splitserve.engine.forward import Engine
-from splitserve.engine.params import REQUEST_FAULT, GenerationError, SamplingParams
+from splitserve.engine.params import REQUEST_FAULT, GenerationChunk, GenerationError, SamplingParams
 from splitserve.engine.runtime import EngineRuntime
 from splitserve.serving.metrics import Metrics
 from tests.conftest import Reference, random_prompt
@@ -42,8 +42,8 @@ async def _poisoned_step(
     streams = [runtime.generate(request(prompt, GREEDY, rid=f"ok{i}")) for i, prompt in enumerate(prompts)]
     firsts = [await anext(stream) for stream in streams]  # every stream is in the decode batch now
 
-    async def rest(stream: AsyncIterator[object]) -> list[int]:
-        tokens, _ = await collect(stream)  # type: ignore[arg-type]
+    async def rest(stream: AsyncIterator[GenerationChunk]) -> list[int]:
+        tokens, _ = await collect(stream)
         return tokens
 
     prompt, sampling = poison
@@ -57,6 +57,7 @@ async def _poisoned_step(
     )
     failure, *others = results
     for prompt_ids, first, tokens in zip(prompts, firsts, others, strict=True):
+        assert isinstance(tokens, list), tokens
         assert [*first.token_ids, *tokens] == reference.greedy(prompt_ids, MAX_TOKENS, ignore_eos=True)
     assert isinstance(failure, GenerationError), failure
     assert runtime.budget.reserved_tokens == 0

@@ -182,7 +182,7 @@ ATTACKS: list[dict[str, Any]] = [
     {"stop_token_ids": [2**70], "min_tokens": 2, "max_tokens": 4},
     {"stop": "y" * 200_000, "max_tokens": 4},
 ]
-BASES = [
+BASES: list[tuple[str, dict[str, Any]]] = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi"}),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
 ]
