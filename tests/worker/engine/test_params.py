@@ -59,7 +59,7 @@ def test_malformed_lines_are_refused(line: object) -> None:
         ({"stop": ("x",) * (MAX_STOP_STRINGS + 1)}, "stop"),
         ({"seed": 2**64}, "seed"),
         ({"top_k": 2**40}, "top_k"),
-        ({"max_tokens": 4, "min_tokens": 5}, ""),
+        ({"max_tokens": 4, "min_tokens": 5}, "min_tokens"),
     ],
 )
 def test_sampling_limits_are_enforced_wherever_params_are_built(

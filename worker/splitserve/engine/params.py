@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 FinishReason = Literal["stop", "length"]
 
@@ -78,11 +78,13 @@ class SamplingParams(BaseModel):
             raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
         return value
 
-    @model_validator(mode="after")
-    def _min_within_max(self) -> SamplingParams:
-        if self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        return self
+    @field_validator("min_tokens")
+    @classmethod
+    def _min_within_max(cls, value: int, info: ValidationInfo) -> int:
+        maximum = info.data.get("max_tokens")  # validated first (declared first); absent if invalid
+        if maximum is not None and value > maximum:
+            raise ValueError(f"must not exceed max_tokens ({maximum})")
+        return value
 
     @property
     def greedy(self) -> bool:

@@ -264,7 +264,8 @@ class _OpenAIApi:
                     max_model_len=self._max_model_len,
                     default_max_tokens=default_max_tokens,
                 )
-                self._check_vocabulary(token_ids, sampling)
+                if sample == 0:  # every choice of a prompt has the same token ids
+                    self._check_vocabulary(token_ids, sampling)
                 request_id = reply_id if count == 1 else f"{reply_id}-{len(choices)}"
                 choices.append(
                     GenerationRequest(request_id=request_id, prompt_token_ids=token_ids, sampling=sampling)
