@@ -62,7 +62,7 @@ class Router:
 
 
 @pytest.fixture
-def start_router(serve: Serve, tokenizer: PreTrainedTokenizerBase, tiny_model: Path) -> StartRouter:
+def start_router(serve: Serve, tokenizer: PreTrainedTokenizerBase) -> StartRouter:
     """A router over the given worker URLs, with fast polling and short timeouts."""
 
     async def start(
@@ -77,12 +77,7 @@ def start_router(serve: Serve, tokenizer: PreTrainedTokenizerBase, tiny_model: P
             "idle_timeout_s": 5.0,
         } | settings
         config = RouterSettings(
-            model=str(tiny_model),  # its config, read from disk: no hub lookup
-            served_model_name=MODEL,
-            max_model_len=512,
-            prefill=prefill or [],
-            decode=decode or [],
-            **options,
+            model=MODEL, max_model_len=512, prefill=prefill or [], decode=decode or [], **options
         )
         app = build_router_app(
             config, tokenizer=tokenizer, metrics=Metrics(pool="test", role="router"), resolver=resolver
