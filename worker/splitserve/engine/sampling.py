@@ -52,7 +52,7 @@ def sample(
         if not row.params.greedy:
             try:
                 tokens[index] = _sample_row(logits[index], row, generator)
-            except (RuntimeError, ValueError, OverflowError) as error:  # torch reports bad input so
+            except (RuntimeError, ValueError, OverflowError) as error:  # how torch refuses bad input
                 tokens[index] = SamplingError(f"sampling failed: {error}")
     return tokens
 
