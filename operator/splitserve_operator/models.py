@@ -333,12 +333,26 @@ class AutoscalingSpec(ApiModel):
         return self
 
 
+class LocalObjectReference(ApiModel):
+    """A Secret in the pool's namespace, by name."""
+
+    name: str = Field(min_length=1, description="Name of a Secret in the pool's namespace.")
+
+
 class InferencePoolSpec(ApiModel):
     """Desired state of an InferencePool."""
 
     model: ModelSpec
     image: str | None = Field(None, description="Worker image; defaults to the operator's setting.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        default_factory=list, description="Registry credentials (docker-registry Secrets) of every pod."
+    )
+    pod_security_context: KubeObject | None = Field(
+        None,
+        description="Core v1 PodSecurityContext fields merged over the restricted defaults "
+        "(runAsNonRoot, runAsUser/runAsGroup/fsGroup 10001, seccompProfile RuntimeDefault).",
+    )
     prefill: PrefillPoolSpec = Field(default_factory=PrefillPoolSpec)
     decode: DecodePoolSpec = Field(default_factory=DecodePoolSpec)
     router: RouterSpec = Field(default_factory=RouterSpec)

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from splitserve_operator import naming
+from splitserve_operator import naming, pod_security
 from splitserve_operator.diff import strip_nones
 from splitserve_operator.engine_configmap import build_engine_config_map
 from splitserve_operator.models import InferencePoolSpec, Scheduling, WorkerPoolSpec
@@ -176,7 +176,7 @@ def build_deployment(pool: Pool, role: naming.ComponentRole, config_hash: str) -
         ],
         "resources": _resources(scheduling),
         "volumeMounts": [config_mount, *mounts],
-        "securityContext": {"allowPrivilegeEscalation": False},
+        "securityContext": pod_security.CONTAINER_SECURITY_CONTEXT,
         **_probes("http"),
     }
     template_annotations = {
@@ -203,6 +203,8 @@ def build_deployment(pool: Pool, role: naming.ComponentRole, config_hash: str) -
                     "containers": [strip_nones(container)],
                     "volumes": [config_volume, *volumes],
                     "enableServiceLinks": False,
+                    "securityContext": pod_security.pod_security_context(spec),
+                    "imagePullSecrets": pod_security.image_pull_secrets(spec),
                     "terminationGracePeriodSeconds": 60,
                     "nodeSelector": scheduling.node_selector or None,
                     "tolerations": scheduling.tolerations or None,
