@@ -72,9 +72,32 @@ class SecretKeyRef(ApiModel):
     key: str = Field("token", min_length=1, description="Key within the Secret.")
 
 
-class HubSource(ApiModel):
-    """Download weights from the Hugging Face hub at start-up."""
+class ModelCache(ApiModel):
+    """The pool's Hugging Face cache on a PersistentVolumeClaim: the first pod downloads the weights,
+    every later one (scale-ups, restarts, rollouts) loads them from the claim instead of the hub."""
 
+    enabled: bool = Field(True, description="false: a per-pod emptyDir, downloaded again by every pod.")
+    claim_name: str | None = Field(
+        None,
+        min_length=1,
+        description="An existing claim to use (shared by pools, kept after them); by default the "
+        "operator creates `<pool>-model-cache`, deleted with the pool.",
+    )
+    size: Quantity = Field("100Gi", description="Size of the claim the operator creates: the weights fit.")
+    storage_class_name: str | None = Field(
+        None, description="StorageClass of the created claim; default: the cluster's default class."
+    )
+    access_mode: Literal["ReadWriteMany", "ReadWriteOnce"] = Field(
+        "ReadWriteMany",
+        description="ReadWriteMany lets pods on every node share it (NFS, CephFS, EFS, Filestore...); "
+        "ReadWriteOnce only suits pools whose pods share one node.",
+    )
+
+
+class HubSource(ApiModel):
+    """Download weights from the Hugging Face hub, once, into the pool's model cache."""
+
+    cache: ModelCache = Field(default_factory=ModelCache, description="Where downloads are kept.")
     token_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret holding a hub token (HF_TOKEN), for gated or private models."
     )
@@ -99,7 +122,8 @@ class HostPathSource(ApiModel):
 
 
 class ModelSource(ApiModel):
-    """Where weights come from: at most one of hub, pvc, hostPath (hub when none is set)."""
+    """Where weights come from: at most one of hub, pvc, hostPath (hub, with its cache, when none is
+    set). hostPath is refused by namespaces enforcing the restricted Pod Security Standard."""
 
     model_config = validations(
         cel(

@@ -37,6 +37,7 @@ def test_children_names_and_labels() -> None:
     children = by_kind(build_children(pool(), pod_monitor=False))
     assert set(children) == {
         ("ConfigMap", "llama-engine"),
+        ("PersistentVolumeClaim", "llama-model-cache"),
         ("Service", "llama-prefill"),
         ("Deployment", "llama-prefill"),
         ("Service", "llama-decode"),
@@ -170,8 +171,13 @@ def test_replicas_scheduling_and_markers() -> None:
         ),
         (
             {"hub": {"tokenSecretRef": {"name": "hf", "key": "tok"}, "endpoint": "https://mirror"}},
-            {"name": "hf-cache", "emptyDir": {}},
+            {"name": "hf-cache", "persistentVolumeClaim": {"claimName": "llama-model-cache"}},
             {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "tok"}}},
+        ),
+        (
+            {"hub": {"cache": {"enabled": False}}},
+            {"name": "hf-cache", "emptyDir": {}},
+            {"name": "HF_HOME", "value": "/cache/huggingface"},
         ),
     ],
 )

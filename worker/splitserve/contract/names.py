@@ -62,6 +62,29 @@ def stage_tokens(stage: WorkerRole) -> str:
     return f"splitserve_{stage}_tokens_total"
 
 
+# Which roles export each series: a role exports only what it measures, so a query without a `role`
+# filter is not diluted by zeros (a router's KV usage, a decode worker's TTFT). Unlisted: every role.
+_CLIENT: Final = frozenset({"router", "both"})
+_ENGINE: Final = frozenset({"prefill", "decode", "both"})
+_TRANSFER: Final = frozenset({"prefill", "decode"})
+SERIES_ROLES: Final[dict[str, frozenset[str]]] = {
+    **dict.fromkeys((TTFT, ITL, E2E_LATENCY, PROMPT_TOKENS, GENERATION_TOKENS, REQUESTS), _CLIENT),
+    **dict.fromkeys((KV_TRANSFER_SECONDS, KV_TRANSFER_BYTES), _TRANSFER),
+    **dict.fromkeys((REQUESTS_RUNNING, REQUESTS_WAITING, KV_CACHE_USAGE, KV_CACHE_CAPACITY_TOKENS), _ENGINE),
+    **{
+        name: frozenset({stage, "both"})
+        for stage in WORKER_ROLES
+        for name in (step_seconds(stage), stage_tokens(stage))
+    },
+}
+
+
+def exported_by(metric: str, role: str) -> bool:
+    """Whether a process of `role` (router, prefill, decode, both) exports `metric`."""
+    roles = SERIES_ROLES.get(metric)
+    return roles is None or role in roles
+
+
 OUTCOME_SUCCESS: Final = "success"
 OUTCOME_CLIENT_ERROR: Final = "client_error"  # 4xx: bad input
 OUTCOME_SERVER_ERROR: Final = "server_error"  # a worker failed the request
