@@ -119,7 +119,8 @@ def _structural(node: Schema, defs: Schema, keep_defaults: bool) -> Schema:
         options = [option for option in any_of if option.get("type") != "null"]
         if len(options) != 1:
             raise ValueError(f"unions are not structural: {any_of}")
-        node = {**_structural(options[0], defs, keep_defaults), **node}
+        # Each part once: converting the inner model's properties twice would nest int-or-string.
+        return {**_structural(options[0], defs, keep_defaults), **_structural(node, defs, keep_defaults)}
     node.pop("title", None)
     if "const" in node:
         node["enum"] = [node.pop("const")]
