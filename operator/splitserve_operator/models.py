@@ -424,6 +424,11 @@ class PoolStatus(StatusModel):
     )
     reason: str | None = Field(None, description="Why desiredReplicas is what it is.")
     last_scale_time: str | None = None
+    startup_seconds: float | None = Field(
+        None,
+        description="Start-up time the planner sizes for: the workers' own measurement (process start "
+        "to serving) until a scale-up was timed from decision to ready, then that.",
+    )
 
 
 class RouterStatus(StatusModel):

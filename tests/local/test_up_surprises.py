@@ -7,12 +7,14 @@ import os
 import signal
 import socket
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import aiohttp
 import openai
 import pytest
 
+from splitserve.contract import names
 from splitserve.contract.config import EngineConfig
 from splitserve.local.pool import STOP_GRACE_S, LocalProcess, check_port_free, free_port
 from tests.conftest import splitserve_command, subprocess_env
@@ -135,7 +137,8 @@ async def wait_healthy(port: int, worker: subprocess.Popen[bytes]) -> None:
 
 @pytest.mark.slow
 def test_a_worker_run_by_hand_serves_its_directory_name(tiny_model: Path) -> None:
-    """The README's `model="tiny"` works against `splitserve worker --model path/to/tiny`."""
+    """The README's `model="tiny"` works against `splitserve worker --model path/to/tiny`; the worker
+    exports how long it took to start (the autoscaler's first start-up estimate)."""
     port = free_port()
     worker = subprocess.Popen(
         splitserve_command("worker", "--role", "both", "--model", str(tiny_model), "--port", str(port)),
@@ -147,6 +150,9 @@ def test_a_worker_run_by_hand_serves_its_directory_name(tiny_model: Path) -> Non
         asyncio.run(wait_healthy(port, worker))
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=60)
         assert [model.id for model in client.models.list()] == ["tiny"]
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        (startup,) = [line for line in metrics.splitlines() if line.startswith(names.STARTUP_SECONDS + "{")]
+        assert float(startup.split()[-1]) > 0, "the worker measured its own start-up"
         reply = client.completions.create(model="tiny", prompt="hi", max_tokens=2, temperature=0)
         assert reply.usage is not None and reply.usage.completion_tokens == 2
     finally:

@@ -39,6 +39,7 @@ STATUS_FIELDS = (
     "predicted_load",
     "reason",
     "last_scale_time",
+    "startup_seconds",
 )
 
 
@@ -71,6 +72,8 @@ class AutoscalerState:
             role: PoolState.new(role, parse_rfc3339(getattr(status, role).last_scale_time))
             for role in WORKER_ROLES
         }
+        for role, pool in pools.items():
+            pool.startup = getattr(status, role).startup_seconds  # what was learned before the restart
         condition = next((c for c in status.conditions if c.type == METRICS_AVAILABLE), None)
         return cls(pools=pools, condition=condition)
 
@@ -110,6 +113,7 @@ def pool_status(decision: Decision) -> dict[str, Any]:
         predicted_load=_round(decision.predicted_load),
         reason=decision.reason,
         last_scale_time=rfc3339(last) if last is not None else None,
+        startup_seconds=_round(decision.startup),
     )
     return status.model_dump(mode="json", by_alias=True, include=set(STATUS_FIELDS))
 
@@ -132,6 +136,7 @@ def observation(signals: PoolSignals, role: WorkerRole) -> Observation:
         busy=workers.busy,
         steps=workers.steps,
         tokens=workers.tokens,
+        startup=workers.startup,
     )
 
 

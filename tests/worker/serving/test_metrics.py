@@ -22,6 +22,7 @@ ENGINE = {
     names.REQUESTS_WAITING,
     names.KV_CACHE_USAGE,
     names.KV_CACHE_CAPACITY_TOKENS,
+    names.STARTUP_SECONDS,
 }
 TRANSFER = {names.KV_TRANSFER_SECONDS, names.KV_TRANSFER_BYTES}
 PREFILL = {names.step_seconds("prefill"), names.stage_tokens("prefill")}

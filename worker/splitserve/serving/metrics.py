@@ -100,6 +100,9 @@ class Metrics:
         self.decode_tokens = counter(
             names.stage_tokens("decode"), "Tokens produced by decode steps (batch size = rate / steps)."
         )
+        self.startup_seconds = gauge(
+            names.STARTUP_SECONDS, "Seconds from process start to serving: imports, weights loaded, warm."
+        )
         for outcome in OUTCOMES:
             self._requests.labels(**values, outcome=outcome)
 
