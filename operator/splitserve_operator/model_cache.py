@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from splitserve.contract.config import looks_like_path
 from splitserve_operator import naming
 from splitserve_operator.models import HubSource, ModelCache
 
@@ -21,9 +22,10 @@ Manifest = dict[str, Any]
 
 
 def hub_cache(pool: Pool) -> ModelCache | None:
-    """The cache of a hub-sourced pool (the default source), or None: no cache, or not from the hub."""
+    """The cache of a hub-sourced pool (the default source), or None: no cache, or nothing downloaded
+    (a pvc or hostPath source, or a model path inside the image)."""
     source = pool.spec.model.source
-    if source.pvc is not None or source.host_path is not None:
+    if source.pvc is not None or source.host_path is not None or looks_like_path(pool.spec.model.name):
         return None
     cache = (source.hub or HubSource()).cache
     return cache if cache.enabled else None

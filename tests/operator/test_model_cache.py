@@ -51,6 +51,11 @@ def test_cache_settings_an_existing_claim_and_opting_out() -> None:
     assert "PersistentVolumeClaim" not in [child["kind"] for child in shared], "the user's claim is not ours"
     for volumes in pod_volumes(shared).values():
         assert {"name": "hf-cache", "persistentVolumeClaim": {"claimName": "team-cache"}} in volumes
-    for source in ({"hub": {"cache": {"enabled": False}}}, {"pvc": {"claimName": "weights"}}):
-        children = build_children(pool({"model": {"name": "m", "source": source}}), pod_monitor=False)
-        assert "PersistentVolumeClaim" not in [child["kind"] for child in children]
+    nothing_to_download = [
+        {"name": "m", "source": {"hub": {"cache": {"enabled": False}}}},
+        {"name": "m", "source": {"pvc": {"claimName": "weights"}}},
+        {"name": "/opt/splitserve/models/tiny"},  # baked into the image (examples/tiny-cpu.yaml)
+    ]
+    for model in nothing_to_download:
+        children = build_children(pool({"model": model}), pod_monitor=False)
+        assert "PersistentVolumeClaim" not in [child["kind"] for child in children], model

@@ -36,7 +36,7 @@ def pods(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.parametrize("source", SOURCES.values(), ids=SOURCES.keys())
 def test_router_and_worker_pods_are_restricted(source: dict[str, Any]) -> None:
-    templates = pods({"model": {"name": "/models/llama", "source": source}})
+    templates = pods({"model": {"name": "meta-llama/Llama-3.1-8B", "source": source}})
     assert set(templates) == {naming.child_name("llama", role) for role in naming.COMPONENT_ROLES}
     for name, template in templates.items():
         assert violations(template["spec"], template["metadata"].get("annotations")) == [], name

@@ -182,7 +182,7 @@ def test_replicas_scheduling_and_markers() -> None:
     ],
 )
 def test_model_sources(source: dict[str, Any], volume: dict[str, Any], env: dict[str, Any] | None) -> None:
-    p = pool({"model": {"name": "/models/llama", "source": source}})
+    p = pool({"model": {"name": "meta-llama/Llama-3.1-8B", "source": source}})
     for role in naming.COMPONENT_ROLES:  # the router tokenizes, so it needs the weights' tokenizer too
         deployment = build_deployment(p, role, "h")
         assert volume in deployment["spec"]["template"]["spec"]["volumes"]
