@@ -62,6 +62,7 @@ typecheck: install
 
 crds: install
 	$(BIN)/python -m splitserve_operator.crd --out crds/ --out charts/splitserve/crds/ --readme README.md
+	$(BIN)/python -m splitserve_operator.chart_values --chart charts/splitserve --doc docs/install.md
 
 pytest: install prometheus helm-venv
 	SPLITSERVE_HELM_PYTHON=$(HELM_VENV)/bin/python $(BIN)/pytest
