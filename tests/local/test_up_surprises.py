@@ -44,11 +44,13 @@ def test_a_taken_port_is_one_line_and_exit_2_before_any_model_loads(tiny_model: 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("prometheus", ["off", "auto"], ids=["direct-scrape", "local-prometheus"])
 def test_stop_is_quiet_and_the_temp_dir_goes_and_no_false_metrics_warning(
-    tiny_model: Path, tmp_path: Path
+    tiny_model: Path, tmp_path: Path, prometheus: str
 ) -> None:
-    """Direct scraping (no Prometheus), two prefill workers idle: the autoscaler's first scale-down is
-    an event that proves evaluations ran, and none of them may say MetricsUnavailable."""
+    """Direct scraping or a real Prometheus (when installed), two prefill workers idle: the
+    autoscaler's first scale-down is an event that proves evaluations ran, and none of them may say
+    MetricsUnavailable."""
     pool = manifest(
         tmp_path,
         tiny_model,
@@ -61,7 +63,7 @@ def test_stop_is_quiet_and_the_temp_dir_goes_and_no_false_metrics_warning(
     )
     temp = tmp_path / "tmp"
     temp.mkdir()
-    up = Up(str(pool), "--prometheus", "off", workdir=None, TMPDIR=str(temp))
+    up = Up(str(pool), "--prometheus", prometheus, workdir=None, TMPDIR=str(temp))
     try:
         up.wait_for("ready: OpenAI API at")
         assert [path.name.startswith("splitserve-local-test-") for path in temp.iterdir()] == [True]

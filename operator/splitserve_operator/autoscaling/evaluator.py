@@ -122,6 +122,17 @@ def _round(value: float | None) -> float | None:
     return None if value is None else float(f"{value:.4g}")
 
 
+def signal_query(namespace: str | None, name: str, spec: InferencePoolSpec) -> SignalQuery:
+    """What one evaluation of the pool reads: its series, over its window, at its SLO percentiles."""
+    return SignalQuery(
+        pool=name,
+        namespace=namespace,
+        window_seconds=spec.autoscaling.window_seconds,
+        ttft_percentile=spec.prefill.slo.percentile,
+        itl_percentile=spec.decode.slo.percentile,
+    )
+
+
 def observation(signals: PoolSignals, role: WorkerRole) -> Observation:
     """The policy's view of one pool: its latency, the router's load, its workers' counters."""
     workers = signals.prefill if role == "prefill" else signals.decode
@@ -205,17 +216,10 @@ class PoolAutoscaler:
         if not spec.autoscaling.enabled:
             raise ValueError(f"{name}: autoscaling is disabled; replicas come from the spec")
         state.last_evaluation = now
-        query = SignalQuery(
-            pool=name,
-            namespace=namespace,
-            window_seconds=spec.autoscaling.window_seconds,
-            ttft_percentile=spec.prefill.slo.percentile,
-            itl_percentile=spec.decode.slo.percentile,
-        )
         signals: PoolSignals | None = None
         unavailable: SignalsUnavailableError | None = None
         try:
-            signals = await self.source.read(query)
+            signals = await self.source.read(signal_query(namespace, name, spec))
         except SignalsUnavailableError as error:
             unavailable = error
         decisions = {

@@ -27,8 +27,13 @@ from splitserve.contract.names import WORKER_ROLES
 from splitserve.engine.model_info import check_model_source
 from splitserve.local.pool import LocalPool, check_port_free
 from splitserve.local.prometheus import LocalPrometheus, find_prometheus
-from splitserve_operator.autoscaling.evaluator import AutoscalerState, PoolAutoscaler
-from splitserve_operator.autoscaling.signals import PrometheusSource, ScrapeSource, SignalSource
+from splitserve_operator.autoscaling.evaluator import AutoscalerState, PoolAutoscaler, signal_query
+from splitserve_operator.autoscaling.signals import (
+    PrometheusSource,
+    ScrapeSource,
+    SignalSource,
+    SignalsUnavailableError,
+)
 from splitserve_operator.conditions import Event
 from splitserve_operator.engine_configmap import engine_config
 from splitserve_operator.models import API_GROUP, KIND, InferencePoolSpec
@@ -39,6 +44,7 @@ DEMO_MANIFEST = Path(__file__).with_name("demo.yaml")
 TINY_MODEL_DIR = Path("~/.cache/splitserve/tiny-model")
 DEMO_PROMPT = "In one sentence: why run prefill and decode on separate GPU pools?"
 WATCH_SECONDS = 1.0
+WARM_UP_SECONDS = 30.0
 
 
 def load_manifest(path: Path) -> tuple[str, InferencePoolSpec]:
@@ -163,6 +169,7 @@ class Up:
         pool = self.pool
         await pool.start(self.spec.prefill.replicas.start, self.spec.decode.replicas.start)
         self.source = await self._signal_source()
+        await self._warm_up(self.source)
         print(
             f"ready: OpenAI API at {pool.url}/v1 (model {pool.config.name!r}); prefill "
             f"{pool.replicas('prefill')}, decode {pool.replicas('decode')}; {self._scaling_note()}; "
@@ -194,6 +201,26 @@ class Up:
         self.prometheus.start()
         await asyncio.to_thread(self.prometheus.wait_ready)
         return PrometheusSource(self.prometheus.url)
+
+    async def _warm_up(self, source: SignalSource) -> None:
+        """Until the source shows every process and a request rate at the router: Prometheus applies
+        new targets within about 5 s and a rate needs two scrapes, and an evaluation before that
+        would report metrics as unavailable that are merely not there yet. Bounded: a source that
+        never shows them is then reported by the evaluations, as it should be."""
+        if not self.spec.autoscaling.enabled:
+            return
+        query = signal_query(None, self.pool.name, self.spec)
+        deadline = time.monotonic() + WARM_UP_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                signals = await source.read(query)
+            except SignalsUnavailableError:
+                signals = None
+            if signals is not None and signals.request_rate is not None:
+                counted = {"prefill": signals.prefill.replicas, "decode": signals.decode.replicas}
+                if all(counted[role] == self.pool.replicas(role) for role in WORKER_ROLES):
+                    return
+            await asyncio.sleep(WATCH_SECONDS / 2)
 
     def _scaling_note(self) -> str:
         autoscaling = self.spec.autoscaling
