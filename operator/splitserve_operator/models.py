@@ -375,7 +375,8 @@ class InferencePoolSpec(ApiModel):
     pod_security_context: KubeObject | None = Field(
         None,
         description="Core v1 PodSecurityContext fields merged over the restricted defaults "
-        "(runAsNonRoot, runAsUser/runAsGroup/fsGroup 10001, seccompProfile RuntimeDefault).",
+        "(runAsNonRoot, runAsUser/runAsGroup/fsGroup 10001, fsGroupChangePolicy OnRootMismatch, "
+        "seccompProfile RuntimeDefault).",
     )
     prefill: PrefillPoolSpec = Field(default_factory=PrefillPoolSpec)
     decode: DecodePoolSpec = Field(default_factory=DecodePoolSpec)

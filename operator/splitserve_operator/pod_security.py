@@ -32,6 +32,9 @@ def pod_security_context(spec: InferencePoolSpec) -> Manifest:
         "runAsUser": WORKER_UID,
         "runAsGroup": WORKER_UID,
         "fsGroup": WORKER_UID,
+        # Re-own the model cache only when its root is not ours yet: a recursive chown of a filled
+        # cache on every pod start would cost what the cache saves.
+        "fsGroupChangePolicy": "OnRootMismatch",
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     return {**defaults, **(spec.pod_security_context or {})}

@@ -68,6 +68,7 @@ def test_pod_security_context_override_and_pull_secrets() -> None:
         "runAsUser": 2000,
         "runAsGroup": 2000,
         "fsGroup": 2000,
+        "fsGroupChangePolicy": "OnRootMismatch",
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     assert template["imagePullSecrets"] == [{"name": "registry"}]
