@@ -17,12 +17,15 @@ Manifest = dict[str, Any]
 
 WORKER_UID = 10001  # `USER 10001` in worker/Dockerfile
 
-CONTAINER_SECURITY_CONTEXT: Manifest = {
-    "allowPrivilegeEscalation": False,
-    "capabilities": {"drop": ["ALL"]},
-    "runAsNonRoot": True,
-    "seccompProfile": {"type": "RuntimeDefault"},
-}
+
+def container_security_context() -> Manifest:
+    """A fresh dict per container: manifests are plain data that callers may change."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def pod_security_context(spec: InferencePoolSpec) -> Manifest:

@@ -182,7 +182,7 @@ def build_deployment(pool: Pool, role: naming.ComponentRole, config_hash: str) -
         ],
         "resources": _resources(scheduling),
         "volumeMounts": [config_mount, *mounts],
-        "securityContext": pod_security.CONTAINER_SECURITY_CONTEXT,
+        "securityContext": pod_security.container_security_context(),
         **_probes("http"),
     }
     template_annotations = {
