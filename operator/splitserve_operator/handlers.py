@@ -35,7 +35,8 @@ POOLS = (API_GROUP, API_VERSION, PLURAL)
 CHILD_LABELS = {naming.POOL_LABEL: kopf.PRESENT}
 # Kinds the operator creates, and the index each one lives in.
 CHILD_INDEXES = {
-    kind: f"children_{KINDS[kind].plural}" for kind in ("ConfigMap", "Service", "Deployment", "PodMonitor")
+    kind: f"children_{KINDS[kind].plural}"
+    for kind in ("ConfigMap", "PersistentVolumeClaim", "Service", "Deployment", "PodMonitor")
 }
 
 

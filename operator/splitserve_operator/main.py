@@ -89,6 +89,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="Prometheus the autoscaler queries for TTFT/ITL",
     )
     parser.add_argument(
+        "--pod-monitor-label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="pod_monitor_labels",
+        help="extra label of every PodMonitor (repeatable), e.g. release=kube-prometheus-stack",
+    )
+    parser.add_argument(
         "--worker-image",
         default=env("SPLITSERVE_WORKER_IMAGE", DEFAULT_WORKER_IMAGE),
         help="worker image for pools that set no spec.image",
@@ -123,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.poll_seconds <= 0 or args.resync_seconds <= 0:
         print("splitserve operator: --poll-seconds and --resync-seconds must be positive", file=sys.stderr)
         return 2
+    labels = dict(label.partition("=")[::2] for label in args.pod_monitor_labels)
+    if any(not key or not value for key, value in labels.items()):
+        print("splitserve operator: --pod-monitor-label takes KEY=VALUE", file=sys.stderr)
+        return 2
     level = getattr(logging, args.log_level.upper())
     kopf.configure(
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
@@ -137,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         prometheus_url=args.prometheus_url,
         poll_seconds=args.poll_seconds,
         resync_seconds=args.resync_seconds,
+        pod_monitor_labels=labels,
     )
     registry, _ = build(settings, default_credentials, peering=args.peering is not None)
     logger.info(
