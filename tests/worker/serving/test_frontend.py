@@ -495,3 +495,55 @@ async def test_return_token_ids(server: Server, stream: bool) -> None:
 async def test_token_ids_absent_unless_asked(server: Server) -> None:
     status, reply = await server.post("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 3})
     assert status == 200 and "token_ids" not in reply["choices"][0]
+
+
+async def sse_events(url: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every `data:` event of a streamed reply but [DONE], which must come last."""
+    async with aiohttp.ClientSession() as session, session.post(url, json=body) as reply:
+        assert reply.status == 200, await reply.text()
+        lines = [line.strip() async for line in reply.content if line.strip()]
+    assert lines[-1] == b"data: [DONE]"
+    return [json.loads(line.removeprefix(b"data: ")) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_ascii_stream_has_one_event_per_token_with_continuous_usage(
+    serve: Serve, tokenizer: PreTrainedTokenizerBase, path: str
+) -> None:
+    """guidellm's stream_options (vLLM's continuous_usage_stats): usage so far on every chunk."""
+    text = "Hello, world! How are you today? The cat sat on the mat."
+    backend = ScriptedBackend(tokenizer, text)
+    metrics = Metrics(pool="test", role="both")
+    app = build_openai_app(
+        backend, tokenizer, served_model_name=MODEL, max_model_len=MAX_MODEL_LEN, metrics=metrics
+    )
+    running = await serve(app)
+    prompt: dict[str, Any] = (
+        {"prompt": "Hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "Hi"}]}
+    )
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    events = await sse_events(
+        running.url + path, {**prompt, "max_tokens": 100, "stream": True, "stream_options": options}
+    )
+    *chunks, last = events
+    tokens = len(backend.script)
+    assert len(chunks) == tokens
+    pieces = [c["choices"][0].get("text", c["choices"][0].get("delta", {}).get("content")) for c in chunks]
+    assert pieces == [decode(tokenizer, [token]) for token in backend.script]
+    prompt_tokens = len(backend.requests[0].prompt_token_ids)
+    assert [c["usage"] for c in chunks] == [
+        {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+        for n in range(1, tokens + 1)
+    ]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == tokens
+    samples = metrics.registry.get_sample_value(
+        "splitserve_inter_token_latency_seconds_count", {"pool": "test", "role": "both"}
+    )
+    assert samples == tokens - 1
+
+
+async def test_usage_is_on_the_last_chunk_only_without_continuous_usage_stats(server: Server) -> None:
+    body = {"prompt": "Hi", "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}}
+    *chunks, last = await sse_events(server.url + "/v1/completions", body)
+    assert [chunk["usage"] for chunk in chunks] == [None] * 4
+    assert last["usage"]["completion_tokens"] == 4
