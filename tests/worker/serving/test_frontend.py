@@ -278,6 +278,31 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
         400,
         "logprobs",
     ),
+    # vLLM's extensions that need machinery we do not have, or change the text, refused by name.
+    ("/v1/completions", {"prompt": "hi", "guided_json": {"type": "object"}}, 400, "guided_json"),
+    ("/v1/completions", {"prompt": "hi", "use_beam_search": True}, 400, "use_beam_search"),
+    ("/v1/completions", {"prompt": "hi", "min_p": 0.1}, 400, "min_p"),
+    ("/v1/completions", {"prompt": "hi", "kv_transfer_params": {"remote": "x"}}, 400, "kv_transfer_params"),
+    ("/v1/completions", {"prompt": "hi", "add_special_tokens": False}, 400, "add_special_tokens"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "chat_template": "{{ x }}"},
+        400,
+        "chat_template",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "add_special_tokens": True},
+        400,
+        "add_special_tokens",
+    ),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}, 400, "echo"),
+    (
+        "/v1/completions",
+        {"prompt": "hi", "stream": True, "stream_options": {"continuous_usage_stats": "yes"}},
+        400,
+        "stream_options.continuous_usage_stats",
+    ),
 ]
 
 
@@ -547,3 +572,36 @@ async def test_usage_is_on_the_last_chunk_only_without_continuous_usage_stats(se
     *chunks, last = await sse_events(server.url + "/v1/completions", body)
     assert [chunk["usage"] for chunk in chunks] == [None] * 4
     assert last["usage"]["completion_tokens"] == 4
+
+
+NEUTRAL_VLLM_FIELDS: dict[str, Any] = {
+    "skip_special_tokens": True,
+    "spaces_between_special_tokens": True,
+    "include_stop_str_in_output": False,
+    "min_p": 0.0,
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "cache_salt": "a salt changes nothing without a prefix cache",
+    "priority": 0,
+    "guided_json": None,
+    "bad_words": [],
+    "logits_processors": None,
+    "vllm_xargs": {},
+}
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_vllm_extensions_at_their_neutral_values_are_accepted(
+    server: Server, tokenizer: PreTrainedTokenizerBase, path: str
+) -> None:
+    if path == "/v1/completions":
+        body: dict[str, Any] = {"prompt": "hi", "add_special_tokens": True}
+    else:
+        body = {"messages": [{"role": "user", "content": "hi"}], "add_special_tokens": False}
+        body |= {"add_generation_prompt": True, "continue_final_message": False, "echo": False}
+        body |= {"include_reasoning": True, "documents": None, "chat_template_kwargs": None}
+    status, reply = await server.post(path, {**body, **NEUTRAL_VLLM_FIELDS, "max_tokens": 4})
+    assert status == 200, reply
+    choice = reply["choices"][0]
+    text = choice["text"] if path == "/v1/completions" else choice["message"]["content"]
+    assert text == decode(tokenizer, server.backend.script[:4])
