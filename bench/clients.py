@@ -10,8 +10,8 @@ One `splitserve up` (the demo pool with autoscaling off: prefill 1, decode 1, th
 run. Each tool streams chat and completions with fixed output lengths (ignore_eos, min_tokens) and
 server token counts; around each run the router's /metrics is read, so the tool's TTFT, ITL and TPOT
 are compared with the router's own histograms over exactly that run (means from _sum/_count; the
-router's TPOT is its mean ITL, since every request has the same length). Each tool's raw SSE is also
-checked: one event with text per generated token unless the text was held back.
+router's TPOT is its mean ITL, since every request has the same length). From inference-perf's
+record of every SSE event: events with text per generated token, and its gaps between events.
 """
 
 from __future__ import annotations
