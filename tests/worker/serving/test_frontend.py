@@ -605,3 +605,14 @@ async def test_vllm_extensions_at_their_neutral_values_are_accepted(
     choice = reply["choices"][0]
     text = choice["text"] if path == "/v1/completions" else choice["message"]["content"]
     assert text == decode(tokenizer, server.backend.script[:4])
+
+
+async def test_continuous_usage_counts_each_choice_on_its_own(server: Server) -> None:
+    """As vLLM: with n > 1 a chunk's usage is its own choice's tokens so far, the last chunk the total."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    body = {"prompt": "Hi", "max_tokens": 5, "n": 2, "stream": True, "stream_options": options}
+    *chunks, last = await sse_events(server.url + "/v1/completions", body)
+    for index in (0, 1):
+        counts = [c["usage"]["completion_tokens"] for c in chunks if c["choices"][0]["index"] == index]
+        assert counts == [1, 2, 3, 4, 5]
+    assert last["usage"]["completion_tokens"] == 10
