@@ -129,3 +129,22 @@ def test_eager_tokens_release_every_token_while_text_is_held(tokenizer: PreTrain
     deltas = [stream.add(GenerationChunk(token_ids=(token,))) for token in ids]
     assert [delta.token_ids for delta in deltas] == [(token,) for token in ids]
     assert "".join(delta.text for delta in deltas) == "🙂🙂"
+
+
+def test_every_token_of_ascii_text_is_released_on_its_own(tokenizer: PreTrainedTokenizerBase) -> None:
+    """One delta per token, so a stream carries one event per token and clients can measure ITL."""
+    ids = [*tokenizer.encode("Hello, world!"), tokenizer.eos_token_id, *tokenizer.encode(" How are you?")]
+    deltas = feed(tokenizer, ids, SamplingParams(ignore_eos=True))
+    assert [delta.token_ids for delta in deltas] == [(token,) for token in ids]
+    assert deltas[ids.index(tokenizer.eos_token_id)].text == ""  # a special token: its own empty delta
+    assert text_of(deltas) == "Hello, world! How are you?"
+
+
+def test_tokens_are_coalesced_only_while_text_is_held_back(tokenizer: PreTrainedTokenizerBase) -> None:
+    head, emoji, tail = tokenizer.encode("ab"), tokenizer.encode("🙂"), tokenizer.encode(" ok then")
+    assert tokenizer.convert_ids_to_tokens(tail) == ["Ġ", "o", "k", "Ġthe", "n"]
+    deltas = feed(tokenizer, [*head, *emoji, *tail], SamplingParams(stop=(" ok?",)))
+    # The emoji's four bytes wait for each other; " ", " o", " ok" wait to see whether " ok?" follows.
+    released = [delta.token_ids for delta in deltas if delta.token_ids]
+    assert released == [*[(t,) for t in head], tuple(emoji), tuple(tail[:4]), tuple(tail[4:])]
+    assert text_of(deltas) == "ab🙂 ok then"

@@ -1,5 +1,9 @@
 """Token ids -> text, incrementally, with stop strings: what a stream may show the client right now.
 
+Every token is released as soon as its text can be shown, so a stream carries one event per token
+(a special token, whose text is empty, too) and a client can measure inter-token latency. Tokens are
+coalesced only while text is held back, for the two reasons below.
+
 Byte-level BPE splits one multi-byte UTF-8 character across several tokens, so decoding each token
 alone would emit U+FFFD mid-stream. vLLM's answer, used here: keep a window of converted tokens
 between a *prefix* offset and a *read* offset, decode the window with and without the new tokens,
@@ -50,6 +54,11 @@ class IncrementalDetokenizer:
             self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
             return full[len(prefix) :]
         return ""
+
+    @property
+    def holding(self) -> bool:
+        """Whether converted tokens wait for the rest of their character."""
+        return self._read_offset < len(self._tokens)
 
     def flush(self) -> str:
         """Whatever is held back, at the end of the output (invalid bytes then show as U+FFFD)."""
@@ -122,9 +131,11 @@ class OutputStream:
         release = len(self._text) if finish else len(self._text) - self._held_back()
         text = self._text[self._sent : release]
         if not text and finish is None:
-            if not (self._eager_tokens and self._pending_ids):
+            # Nothing to show: a special token (released now, its own event) or text held back
+            # (an incomplete character, a possible stop string: released with the text).
+            held = self._detokenizer.holding or release < len(self._text)
+            if not self._pending_ids or (held and not self._eager_tokens):
                 return Delta("")
-            release = self._sent
         self._sent = release
         token_ids, self._pending_ids = tuple(self._pending_ids), []
         self.finished = finish is not None

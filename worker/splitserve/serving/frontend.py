@@ -45,6 +45,7 @@ from splitserve.serving.protocol import (
     CompletionRequest,
     ProtocolError,
     Replies,
+    Usage,
     chat_messages,
     completion_prompts,
     error_body,
@@ -131,6 +132,7 @@ class _Plan:
     prompt_tokens: int  # counted once per prompt, however many choices share it
     stream: bool
     include_usage: bool
+    continuous_usage: bool  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
     return_token_ids: bool
 
 
@@ -270,10 +272,19 @@ class _OpenAIApi:
                 choices.append(
                     GenerationRequest(request_id=request_id, prompt_token_ids=token_ids, sampling=sampling)
                 )
-        include_usage = parsed.stream_options is not None and parsed.stream_options.include_usage
+        options = parsed.stream_options
+        include_usage = options is not None and options.include_usage
+        continuous_usage = include_usage and options is not None and options.continuous_usage_stats
         prompt_tokens = sum(len(token_ids) for token_ids in prompts)
         return _Plan(
-            reply_id, chat, choices, prompt_tokens, parsed.stream, include_usage, parsed.return_token_ids
+            reply_id,
+            chat,
+            choices,
+            prompt_tokens,
+            parsed.stream,
+            include_usage,
+            continuous_usage,
+            parsed.return_token_ids,
         )
 
     def _check_vocabulary(self, token_ids: tuple[int, ...], sampling: SamplingParams) -> None:
@@ -401,7 +412,7 @@ class _OpenAIApi:
         response: web.StreamResponse | None = None
         replies = self._replies(plan)
         remaining = len(plan.choices)
-        completion_tokens = 0
+        generated = [0] * len(plan.choices)
         try:
             while remaining:
                 event = await queue.get()
@@ -419,15 +430,19 @@ class _OpenAIApi:
                     response = await _open_sse(request, plan.reply_id)
                 assert event.delta is not None
                 ids = list(event.delta.token_ids) if plan.return_token_ids else None
+                generated[event.index] += event.delta.tokens
+                usage = None
+                if plan.continuous_usage:  # vLLM counts per choice: its own prompt, its tokens so far
+                    prompt = len(plan.choices[event.index].prompt_token_ids)
+                    usage = Usage.counted(prompt, generated[event.index])
                 await response.write(
-                    replies.chunk(event.index, event.delta.text, event.delta.finish_reason, ids)
+                    replies.chunk(event.index, event.delta.text, event.delta.finish_reason, ids, usage)
                 )
                 timing.written(event.index, event.delta.tokens)
-                completion_tokens += event.delta.tokens
                 remaining -= event.delta.finish_reason is not None
             assert response is not None
             if plan.include_usage:
-                await response.write(replies.usage_chunk(completion_tokens))
+                await response.write(replies.usage_chunk(sum(generated)))
             await response.write(_DONE)
             timing.finished()
             timing.outcome = OUTCOME_SUCCESS  # whatever the client does from here

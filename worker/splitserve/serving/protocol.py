@@ -17,6 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from splitserve.contract import errors
 from splitserve.engine.params import FinishReason, SamplingParams
+from splitserve.serving.extensions import (
+    CHAT_NEUTRAL,
+    COMPLETION_NEUTRAL,
+    VllmChatExtensions,
+    VllmCompletionExtensions,
+)
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_CHOICES = 128  # prompts × n in one request: each choice is a generation of its own
@@ -53,6 +59,8 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    # vLLM's extension: with include_usage, every chunk also carries its choice's usage so far.
+    continuous_usage_stats: bool = False
 
 
 class ChatMessage(_Strict):
@@ -89,14 +97,14 @@ class _CommonRequest(_Strict):
     logprobs: Any = None
 
 
-class CompletionRequest(_CommonRequest):
+class CompletionRequest(_CommonRequest, VllmCompletionExtensions):
     prompt: Any = Field(description="A string, token ids, or a list of either (a batch).")
     best_of: int | None = None
     echo: bool | None = None
     suffix: str | None = None
 
 
-class ChatCompletionRequest(_CommonRequest):
+class ChatCompletionRequest(_CommonRequest, VllmChatExtensions):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     top_logprobs: int | None = None
@@ -134,25 +142,25 @@ _R = TypeVar("_R", bound=_CommonRequest)
 
 
 def parse_completion_request(body: bytes) -> CompletionRequest:
-    request = _parse(CompletionRequest, body)
+    request = _parse(CompletionRequest, body, COMPLETION_NEUTRAL)
     if request.best_of is not None and request.best_of != request.n:
         raise ProtocolError("best_of other than n is not supported", param="best_of")
     return request
 
 
 def parse_chat_request(body: bytes) -> ChatCompletionRequest:
-    request = _parse(ChatCompletionRequest, body)
+    request = _parse(ChatCompletionRequest, body, CHAT_NEUTRAL)
     if request.max_tokens is not None and request.max_completion_tokens is not None:
         raise ProtocolError("give max_tokens or max_completion_tokens, not both", param="max_tokens")
     return request
 
 
-def _parse(model: type[_R], body: bytes) -> _R:
+def _parse(model: type[_R], body: bytes, extensions: dict[str, Callable[[Any], bool]]) -> _R:
     try:
         request = model.model_validate_json(body)
     except ValidationError as exc:
         raise _protocol_error(exc) from None
-    for name, neutral in _NEUTRAL.items():
+    for name, neutral in {**_NEUTRAL, **extensions}.items():
         if name in request.model_fields_set and not neutral(getattr(request, name)):
             raise ProtocolError(f"{name} is not supported by this server", param=name)
     if not 1 <= request.n <= MAX_CHOICES:
@@ -292,6 +300,14 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
 
+    @classmethod
+    def counted(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
 
 # Present only when the client asked for them (return_token_ids), absent otherwise.
 _TOKEN_IDS = Field(None, exclude_if=lambda value: value is None)
@@ -367,11 +383,7 @@ class Replies:
         self._opened: set[int] = set()  # chat choices whose first chunk (with the role) went out
 
     def usage(self, completion_tokens: int) -> Usage:
-        return Usage(
-            prompt_tokens=self._prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=self._prompt_tokens + completion_tokens,
-        )
+        return Usage.counted(self._prompt_tokens, completion_tokens)
 
     def whole(
         self,
@@ -411,9 +423,16 @@ class Replies:
         ).model_dump_json()
 
     def chunk(
-        self, index: int, text: str, finish_reason: FinishReason | None, token_ids: list[int] | None = None
+        self,
+        index: int,
+        text: str,
+        finish_reason: FinishReason | None,
+        token_ids: list[int] | None = None,
+        usage: Usage | None = None,
     ) -> bytes:
+        """`usage`: this choice's counts so far, for vLLM's continuous_usage_stats."""
         head: dict[str, Any] = {"id": self._id, "created": self._created, "model": self._model}
+        head["usage"] = usage
         chunk: CompletionResponse | ChatCompletionChunk
         if self._chat:
             delta = {} if index in self._opened else {"role": "assistant"}
