@@ -111,6 +111,14 @@ def owner_reference(owner: Object) -> dict[str, Any]:
     }
 
 
+class ConflictError(ApiError):
+    """A child's name is taken by an object another controller owns; `live` is that object."""
+
+    def __init__(self, problem: Problem, live: Object) -> None:
+        super().__init__(409, problem.reason, problem.message)
+        self.live = live
+
+
 def _owner_problem(actual: Object, owner: Object) -> Problem | None:
     uid = owner["metadata"].get("uid")
     for ref in (actual.get("metadata") or {}).get("ownerReferences") or []:
@@ -141,7 +149,7 @@ async def apply_child(
         if actual is None:
             raise TransientError(f"{kind} {meta['name']} conflicted on create but cannot be read")
     if (problem := _owner_problem(actual, owner)) is not None:
-        raise ApiError(409, problem.reason, problem.message)
+        raise ConflictError(problem, actual)
     want = _comparable(desired, autoscaled)
     refs = list((actual.get("metadata") or {}).get("ownerReferences") or [])
     owned = any(ref.get("uid") == ours["uid"] for ref in refs)
@@ -185,6 +193,17 @@ def _transition_events(before: Object, after: list[dict[str, Any]]) -> list[Even
     return []
 
 
+def _drop_children(memory: dict[tuple[str, str, str], Any], namespace: str, pool: str) -> None:
+    """Remove the entries of `pool`'s children from a memory keyed by (kind, namespace, name)."""
+    mine = {
+        pool,
+        naming.engine_config_name(pool),
+        *(naming.child_name(pool, r) for r in naming.COMPONENT_ROLES),
+    }
+    for key in [k for k in memory if k[1] == namespace and k[2] in mine]:
+        del memory[key]
+
+
 class Reconciler:
     """Reconciles pools; remembers Secret checks so periodic resyncs do not re-read Secrets."""
 
@@ -194,6 +213,8 @@ class Reconciler:
         self._secret_checks: dict[tuple[str, str], tuple[float, Problem | None]] = {}
         # Children this process wrote whose watch event may not have reached the index yet.
         self._written: dict[tuple[str, str, str], tuple[float, Object]] = {}
+        # Children found under another controller, so a resync does not POST them again (409) and GET.
+        self._conflicts: dict[tuple[str, str, str], tuple[float, Object]] = {}
 
     def seen(self, kind: str, namespace: str, name: str) -> None:
         """A watch event of this child arrived: from now on the index knows it better than we do."""
@@ -206,20 +227,21 @@ class Reconciler:
         the first one before the watch stream delivered its creations.
         """
         indexed = children.get(kind, namespace, name)
+        if indexed is not None:
+            return indexed
+        now = time.monotonic()
         written = self._written.get((kind, namespace, name))
-        if indexed is None and written is not None and time.monotonic() - written[0] < WRITTEN_TTL_SECONDS:
+        if written is not None and now - written[0] < WRITTEN_TTL_SECONDS:
             return written[1]
-        return indexed
+        conflict = self._conflicts.get((kind, namespace, name))
+        if conflict is not None and now - conflict[0] < self.settings.conflict_recheck_seconds:
+            return conflict[1]
+        return None
 
     def forget(self, namespace: str, name: str) -> None:
         self._secret_checks.pop((namespace, name), None)
-        mine = {
-            name,
-            naming.engine_config_name(name),
-            *(naming.child_name(name, r) for r in naming.COMPONENT_ROLES),
-        }
-        for key in [k for k in self._written if k[1] == namespace and k[2] in mine]:
-            del self._written[key]
+        for memory in (self._written, self._conflicts):
+            _drop_children(memory, namespace, name)
 
     async def _secret_problem(self, pool: Pool, recheck: bool) -> Problem | None:
         key = (pool.namespace, pool.name)
@@ -245,6 +267,8 @@ class Reconciler:
         meta, current = body["metadata"], body.get("status") or {}
         generation = meta.get("generation")
         outcome = Outcome()
+        if recheck:  # a spec change or a restart: look at conflicting children afresh
+            _drop_children(self._conflicts, meta["namespace"], meta["name"])
         pool, invalid = parse(body, self.settings)
         deployments: dict[naming.ComponentRole, Object | None] = {
             role: children.get("Deployment", meta["namespace"], naming.child_name(meta["name"], role))
@@ -301,9 +325,12 @@ class Reconciler:
             autoscaled = kind == "Deployment" and role != "router" and pool.spec.autoscaling.enabled
             try:
                 result, live = await apply_child(self.client, desired, actual, body, autoscaled=autoscaled)
+            except ConflictError as exc:
+                self._conflicts[kind, pool.namespace, name] = (time.monotonic(), exc.live)
+                problems.append(Problem(exc.reason, f"{kind} {name}: {exc.message}"))
+                continue
             except ApiError as exc:
-                reason = "ChildConflict" if exc.reason == "ChildConflict" else "ApplyFailed"
-                problems.append(Problem(reason, f"{kind} {name}: {exc.message}"))
+                problems.append(Problem("ApplyFailed", f"{kind} {name}: {exc.message}"))
                 continue
             if result != "unchanged":
                 self._written[kind, pool.namespace, name] = (time.monotonic(), live)

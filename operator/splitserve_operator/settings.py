@@ -20,6 +20,10 @@ class OperatorSettings:
     resync_seconds: float = 60.0
     # How long the answer to "are the monitoring.coreos.com CRDs installed?" is trusted.
     discovery_ttl_seconds: float = 300.0
+    # How long a child found under another controller (ChildConflict) is taken as still there without
+    # asking again; a spec change or an operator restart asks at once. Such a child carries no pool
+    # label, so no watch event says when it goes.
+    conflict_recheck_seconds: float = 300.0
 
     @property
     def cluster_wide(self) -> bool:
