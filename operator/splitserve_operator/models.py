@@ -185,8 +185,19 @@ class ResourceRequirements(ApiModel):
     )
 
 
+class DisruptionBudget(ApiModel):
+    """The PodDisruptionBudget of one role, so a node drain (a voluntary eviction) cannot take the
+    whole pool at once. A pool of one replica can still be evicted: a budget that forbade it would
+    block the node drain forever; run two or more where a drain must not interrupt service."""
+
+    enabled: bool = Field(True, description="Render a PodDisruptionBudget for this role.")
+    max_unavailable: int = Field(1, ge=1, description="Most pods of this role evicted at one time.")
+
+
 class Scheduling(ApiModel):
     """Pod placement and environment, shared by every workload kind."""
+
+    disruption_budget: DisruptionBudget = Field(default_factory=DisruptionBudget)
 
     resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
     node_selector: dict[str, str] = Field(default_factory=dict)

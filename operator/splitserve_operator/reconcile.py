@@ -19,10 +19,11 @@ from pydantic import ValidationError
 from splitserve.contract.errors import one_line
 from splitserve_operator import naming
 from splitserve_operator.conditions import Event, get_condition
+from splitserve_operator.deletion_cost import before_decode_scale_down
 from splitserve_operator.diff import covers, merge_diff, strip_nones, with_removals
 from splitserve_operator.kube import ApiError, KubeClient
 from splitserve_operator.models import InferencePoolSpec
-from splitserve_operator.render import Manifest, Pool, build_children
+from splitserve_operator.render import Manifest, Pool, build_children, unwanted_children
 from splitserve_operator.settings import OperatorSettings
 from splitserve_operator.status import Problem, build_status
 
@@ -152,13 +153,18 @@ async def apply_child(
         raise ConflictError(problem, actual)
     want = _comparable(desired, autoscaled)
     refs = list((actual.get("metadata") or {}).get("ownerReferences") or [])
-    owned = any(ref.get("uid") == ours["uid"] for ref in refs)
+    owned = _owned(actual, owner)
     if owned and covers(actual, want):
         return "unchanged", actual
     want = with_removals(actual, want)
     if not owned:  # adopt: a merge patch replaces the list, so keep the references already there
         want["metadata"] = {**want["metadata"], "ownerReferences": [*refs, ours]}
     return "updated", await _call(client.merge_patch(kind, meta["namespace"], meta["name"], want))
+
+
+def _owned(child: Object, owner: Object) -> bool:
+    uid = owner["metadata"].get("uid")
+    return any(ref.get("uid") == uid for ref in (child.get("metadata") or {}).get("ownerReferences") or [])
 
 
 def _endpoint(pool: Pool, service: Object | None) -> str:
@@ -169,6 +175,12 @@ def _endpoint(pool: Pool, service: Object | None) -> str:
         if host:
             return f"http://{host}:{pool.router_port}/v1"
     return pool.endpoint
+
+
+def _lowers(desired: Manifest, actual: Object | None) -> bool:
+    """Whether applying `desired` lowers the live Deployment's replicas."""
+    live = ((actual or {}).get("spec") or {}).get("replicas")
+    return live is not None and desired["spec"].get("replicas", live) < live
 
 
 def _scale_event(desired: Manifest, before: Object) -> Event | None:
@@ -304,6 +316,18 @@ class Reconciler:
         outcome.events += _transition_events(current, status["conditions"])
         return outcome
 
+    async def _remove_unwanted(self, body: Object, pool: Pool, children: Children) -> list[str]:
+        """Delete our children the spec turned off (a disabled disruption budget); others' stay."""
+        deleted = []
+        for kind, name in unwanted_children(pool):
+            live = self._current(children, kind, pool.namespace, name)
+            if live is None or not _owned(live, body):
+                continue
+            await _call(self.client.delete(kind, pool.namespace, name))
+            self._written.pop((kind, pool.namespace, name), None)
+            deleted.append(f"{kind} {name}")
+        return deleted
+
     async def _apply_all(
         self,
         body: Object,
@@ -323,6 +347,8 @@ class Reconciler:
             actual = self._current(children, kind, pool.namespace, name)
             role = desired["metadata"]["labels"].get(naming.ROLE_LABEL)
             autoscaled = kind == "Deployment" and role != "router" and pool.spec.autoscaling.enabled
+            if kind == "Deployment" and role == "decode" and not autoscaled and _lowers(desired, actual):
+                await before_decode_scale_down(self.client, pool.namespace, pool.name)
             try:
                 result, live = await apply_child(self.client, desired, actual, body, autoscaled=autoscaled)
             except ConflictError as exc:
@@ -345,7 +371,10 @@ class Reconciler:
                 deployments[role] = live
             elif kind == "Service" and role == "router":
                 endpoint = _endpoint(pool, live)
+        deleted = await self._remove_unwanted(body, pool, children)
         # One event per kind of change, not per child: events are writes too.
+        if deleted:
+            outcome.events.append(Event("Normal", "Deleted", "Deleted " + ", ".join(deleted)))
         if created:
             outcome.events.append(Event("Normal", "Created", "Created " + ", ".join(created)))
         if updated:

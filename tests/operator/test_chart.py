@@ -20,7 +20,9 @@ from kmock._internal import enums
 from splitserve_operator.settings import OperatorSettings
 
 from .apiserver import ApiServer, eventually, running_operator
+from .autoscaling.conftest import MetricsEndpoint
 from .conftest import NAMESPACE, TINY_SPEC, Cluster, path_of
+from .test_disruption import PDBS, decode_pods_scaled_down
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "splitserve"
@@ -40,6 +42,7 @@ CONFLICT_PATH = {
     ("", "services", "get"),
     ("apps", "deployments", "get"),
     ("monitoring.coreos.com", "podmonitors", "get"),
+    ("policy", "poddisruptionbudgets", "get"),
 }
 
 
@@ -212,6 +215,24 @@ async def exercise(cluster: Cluster) -> None:
 
     await eventually(restored, what="service and monitor restored")
     await eventually(lambda: any(e["reason"] == "Updated" for e in cluster.events("rbac")), what="events")
+    await exercise_disruption(cluster)
+
+
+async def exercise_disruption(cluster: Cluster) -> None:
+    """Budgets changed and turned off (deleted); a decode scale-down that costs the pods (list, patch)."""
+    budgets = {
+        "router": {"disruptionBudget": {"enabled": False}},
+        "decode": {"disruptionBudget": {"maxUnavailable": 2}},
+    }
+    await cluster.patch(path_of("inferencepools", "rbac"), {"spec": budgets})
+    await eventually(lambda: cluster.get(PDBS, "rbac-router") is None, what="router budget deleted")
+    await eventually(lambda: cluster.get(PDBS, "rbac-decode")["spec"]["maxUnavailable"] == 2, what="patched")
+    endpoint = MetricsEndpoint("fixed", "decode")
+    await endpoint.start()
+    try:
+        await decode_pods_scaled_down(cluster, {"only": endpoint})
+    finally:
+        await endpoint.stop()
 
 
 @pytest.mark.parametrize("namespaced", [False, True], ids=["cluster-wide", "namespaced"])

@@ -17,6 +17,7 @@ from splitserve_operator.render import (
     build_deployment,
     build_pod_monitor,
     build_service,
+    unwanted_children,
 )
 
 
@@ -43,6 +44,9 @@ def test_children_names_and_labels() -> None:
         ("Deployment", "llama-decode"),
         ("Service", "llama-router"),
         ("Deployment", "llama-router"),
+        ("PodDisruptionBudget", "llama-prefill"),
+        ("PodDisruptionBudget", "llama-decode"),
+        ("PodDisruptionBudget", "llama-router"),
     }
     decode = children["Deployment", "llama-decode"]
     assert decode["spec"]["selector"]["matchLabels"] == {
@@ -214,3 +218,23 @@ def test_rendering_is_deterministic_and_config_changes_roll_pods() -> None:
         return str(deployment["spec"]["template"]["metadata"]["annotations"][naming.CONFIG_HASH_ANNOTATION])
 
     assert template_hash({}) != template_hash({"decode": {"maxNumSeqs": 8}})
+
+
+def test_disruption_budgets_per_role_configurable_and_removed_when_off() -> None:
+    spec = {
+        "decode": {"disruptionBudget": {"maxUnavailable": 2}},
+        "router": {"disruptionBudget": {"enabled": False}},
+    }
+    rendered = pool(spec)
+    children = by_kind(build_children(rendered, pod_monitor=False))
+    assert ("PodDisruptionBudget", "llama-router") not in children
+    assert unwanted_children(rendered) == [("PodDisruptionBudget", "llama-router")]
+    assert unwanted_children(pool()) == []
+    prefill, decode = (
+        children["PodDisruptionBudget", "llama-prefill"],
+        children["PodDisruptionBudget", "llama-decode"],
+    )
+    assert prefill["apiVersion"] == "policy/v1"
+    assert (prefill["spec"]["maxUnavailable"], decode["spec"]["maxUnavailable"]) == (1, 2)
+    # Selects exactly the role's pods: the Deployment's own selector.
+    assert decode["spec"]["selector"] == children["Deployment", "llama-decode"]["spec"]["selector"]
