@@ -142,9 +142,15 @@ class _Timing:
     metrics: Metrics
     arrival: float
     last_write: dict[int, float] = field(default_factory=dict)
+    # Per choice, for vLLM's per-request series: first write, tokens written, finish reason.
+    first_write: dict[int, float] = field(default_factory=dict)
+    tokens: dict[int, int] = field(default_factory=dict)
+    finish_reasons: dict[int, str | None] = field(default_factory=dict)
 
-    def written(self, index: int, tokens: int) -> None:
+    def written(self, index: int, tokens: int, finish_reason: str | None = None) -> None:
         now = time.monotonic()
+        if finish_reason is not None:
+            self.finish_reasons[index] = finish_reason
         if tokens == 0:
             return
         previous = self.last_write.get(index)
@@ -154,10 +160,15 @@ class _Timing:
             for _ in range(tokens):  # k tokens in one write share the gap evenly
                 self.metrics.itl.observe((now - previous) / tokens)
         self.last_write[index] = now
+        self.first_write.setdefault(index, now)
+        self.tokens[index] = self.tokens.get(index, 0) + tokens
         self.metrics.generation_tokens.inc(tokens)
 
     def finished(self) -> None:
         self.metrics.e2e.observe(time.monotonic() - self.arrival)
+        for index, first in self.first_write.items():
+            self.metrics.vllm.request_timed(first, self.last_write[index], self.tokens[index])
+        self.metrics.vllm.request_succeeded([self.finish_reasons.get(i) for i in sorted(self.finish_reasons)])
 
 
 class _OpenAIApi:
@@ -370,7 +381,7 @@ class _OpenAIApi:
             if event.error is not None:
                 raise event.error
             assert event.delta is not None
-            timing.written(event.index, event.delta.tokens)
+            timing.written(event.index, event.delta.tokens, event.delta.finish_reason)
             texts[event.index] += event.delta.text
             token_ids[event.index] += event.delta.token_ids
             finishes[event.index] = event.delta.finish_reason
@@ -408,7 +419,7 @@ class _OpenAIApi:
                 await response.write(
                     replies.chunk(event.index, event.delta.text, event.delta.finish_reason, ids)
                 )
-                timing.written(event.index, event.delta.tokens)
+                timing.written(event.index, event.delta.tokens, event.delta.finish_reason)
                 completion_tokens += event.delta.tokens
                 remaining -= event.delta.finish_reason is not None
             assert response is not None

@@ -444,7 +444,7 @@ def build_router_app(
         tokenizer,
         served_model_name=settings.name,
         max_model_len=context_length(settings.model, settings.revision, settings.max_model_len),
-        metrics=metrics or Metrics(pool=settings.pool, role="router"),
+        metrics=metrics or Metrics(pool=settings.pool, role="router", model_name=settings.name),
     )
     app[BACKEND_KEY] = backend
 

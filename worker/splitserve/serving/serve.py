@@ -68,7 +68,7 @@ def _urls(flag: str) -> list[str]:
 
 async def _serve_worker(config: EngineConfig, args: argparse.Namespace) -> None:
     role: str = args.role
-    state = WorkerState(Metrics(args.pool, role))
+    state = WorkerState(Metrics(args.pool, role, model_name=config.name))
     receiver: TcpKVReceiver | None = None
     app: web.Application
     if role == "prefill":
