@@ -159,6 +159,7 @@ def build_deployment(pool: Pool, role: naming.ComponentRole, config_hash: str) -
     scheduling = scheduling_of(pool, role)
     replicas = spec.router.replicas if role == "router" else getattr(spec, role).replicas.start
     args = _router_args(pool) if role == "router" else _worker_args(pool, role, getattr(spec, role))
+    args[1:1] = ["--drain-seconds", str(scheduling.drain_seconds)]  # after the subcommand
     volumes, mounts, env = _model_source(pool)
     config_volume = {"name": "engine-config", "configMap": {"name": naming.engine_config_name(pool.name)}}
     config_mount = {"name": "engine-config", "mountPath": naming.ENGINE_CONFIG_DIR, "readOnly": True}
@@ -203,7 +204,8 @@ def build_deployment(pool: Pool, role: naming.ComponentRole, config_hash: str) -
                     "containers": [strip_nones(container)],
                     "volumes": [config_volume, *volumes],
                     "enableServiceLinks": False,
-                    "terminationGracePeriodSeconds": 60,
+                    "terminationGracePeriodSeconds": scheduling.drain_seconds
+                    + naming.DRAIN_EXIT_MARGIN_SECONDS,
                     "nodeSelector": scheduling.node_selector or None,
                     "tolerations": scheduling.tolerations or None,
                     "affinity": scheduling.affinity or None,

@@ -98,6 +98,8 @@ def test_worker_and_router_commands() -> None:
     prefill = container(build_deployment(p, "prefill", "h"))
     assert prefill["args"] == [
         "worker",
+        "--drain-seconds",
+        "300",
         "--role",
         "prefill",
         "--config",
@@ -118,6 +120,8 @@ def test_worker_and_router_commands() -> None:
     router = container(build_deployment(p, "router", "h"))
     assert router["args"] == [
         "router",
+        "--drain-seconds",
+        "300",
         "--config",
         "/etc/splitserve/engine.json",
         "--host",
@@ -238,3 +242,13 @@ def test_disruption_budgets_per_role_configurable_and_removed_when_off() -> None
     assert (prefill["spec"]["maxUnavailable"], decode["spec"]["maxUnavailable"]) == (1, 2)
     # Selects exactly the role's pods: the Deployment's own selector.
     assert decode["spec"]["selector"] == children["Deployment", "llama-decode"]["spec"]["selector"]
+
+
+def test_drain_seconds_become_the_grace_period_and_the_flag() -> None:
+    rendered = by_kind(build_children(pool({"decode": {"drainSeconds": 900}}), pod_monitor=False))
+    for role, drain in (("prefill", 300), ("decode", 900), ("router", 300)):
+        deployment = rendered["Deployment", f"llama-{role}"]
+        assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == drain + 15
+        args = container(deployment)["args"]
+        assert args[0] == ("router" if role == "router" else "worker")
+        assert args[args.index("--drain-seconds") + 1] == str(drain)

@@ -32,6 +32,10 @@ ROLE_LABEL: Final = f"{GROUP}/role"
 HTTP_PORT: Final = 8000
 ENGINE_CONFIG_DIR: Final = "/etc/splitserve"  # where the operator mounts the engine ConfigMap
 ENGINE_CONFIG_KEY: Final = "engine.json"
+# SIGTERM drain (`--drain-seconds`, the pools' `drainSeconds`): a long answer, 4k tokens at 50 ms, with
+# room; the pod's terminationGracePeriodSeconds adds the margin to flush errors and stop the engine.
+DEFAULT_DRAIN_SECONDS: Final = 300
+DRAIN_EXIT_MARGIN_SECONDS: Final = 15
 
 # ---- metrics (every series carries the labels `pool` and `role`) ---------------------------------
 

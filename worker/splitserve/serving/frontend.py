@@ -13,11 +13,13 @@ Metrics are what the client sees: TTFT when the first token is written, ITL betw
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -30,6 +32,7 @@ from splitserve.contract.names import (
 )
 from splitserve.engine.params import FinishReason, GenerationBackend, GenerationError, GenerationRequest
 from splitserve.serving.detokenize import Delta, OutputStream
+from splitserve.serving.drain import DRAIN_KEY, Drain
 from splitserve.serving.metrics import Metrics
 from splitserve.serving.protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
@@ -67,10 +70,14 @@ def build_openai_app(
     max_model_len: int,
     metrics: Metrics,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    drain: Drain | None = None,
 ) -> web.Application:
-    """The OpenAI routes plus /health and /metrics. Serve it with `splitserve.serving.http.start_app`."""
-    api = _OpenAIApi(backend, tokenizer, served_model_name, max_model_len, metrics)
+    """The OpenAI routes plus /health and /metrics. Serve it with `splitserve.serving.http.start_app`;
+    `drain` (under DRAIN_KEY) is what `serve_app` runs on SIGTERM."""
+    drain = drain if drain is not None else Drain()
+    api = _OpenAIApi(backend, tokenizer, served_model_name, max_model_len, metrics, drain)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_openai_errors])
+    app[DRAIN_KEY] = drain
     app.add_routes(
         [
             web.post("/v1/completions", api.completions),
@@ -171,6 +178,11 @@ class _Timing:
         self.metrics.vllm.request_succeeded([self.finish_reasons.get(i) for i in sorted(self.finish_reasons)])
 
 
+def _fail_into(queue: asyncio.Queue[_Event], error: GenerationError) -> None:
+    """End a request from outside (the drain's deadline): its reply loop reads `error` next."""
+    asyncio.get_running_loop().create_task(queue.put(_Event(0, error=error)))
+
+
 class _OpenAIApi:
     def __init__(
         self,
@@ -179,8 +191,10 @@ class _OpenAIApi:
         model: str,
         max_model_len: int,
         metrics: Metrics,
+        drain: Drain,
     ) -> None:
         self._backend = backend
+        self._drain = drain
         self._tokenizer = tokenizer
         self._model = model
         self._max_model_len = max_model_len
@@ -204,6 +218,8 @@ class _OpenAIApi:
         return web.json_response(self._model_card())
 
     async def health(self, request: web.Request) -> web.Response:
+        if self._drain.draining:
+            return web.json_response({"status": "draining"}, status=503)
         ready = self._backend.is_ready()
         return web.json_response({"status": "ready" if ready else "not ready"}, status=200 if ready else 503)
 
@@ -318,26 +334,31 @@ class _OpenAIApi:
         self, request: web.Request, plan: _Plan, timing: _Timing
     ) -> tuple[web.StreamResponse, str]:
         queue: asyncio.Queue[_Event] = asyncio.Queue(maxsize=2 * len(plan.choices))
-        tasks = [
-            asyncio.create_task(self._produce(index, choice, queue, eager_tokens=plan.return_token_ids))
-            for index, choice in enumerate(plan.choices)
-        ]
+        tasks: list[asyncio.Task[None]] = []
         outcome = OUTCOME_CANCELLED
-        try:
-            if plan.stream:
-                response, outcome = await self._stream(request, plan, queue, timing)
-            else:
-                response, outcome = await self._collect(plan, queue, timing), OUTCOME_SUCCESS
-            return response, outcome
-        except GenerationError as error:  # nothing was sent yet: a plain error response
-            log.warning(
-                "request failed",
-                extra={"request_id": plan.reply_id, "status": error.status, "error": error.message},
-            )
-            body = _generation_error_body(error)
-            return web.json_response(body, status=error.status), _outcome_of(error)
-        finally:
-            await _finish(tasks, graceful=outcome == OUTCOME_SUCCESS)
+        with contextlib.ExitStack() as held:  # open for the drain until the reply is complete
+            try:
+                held.enter_context(self._drain.request(partial(_fail_into, queue)))  # 503 once draining
+                tasks = [
+                    asyncio.create_task(
+                        self._produce(index, choice, queue, eager_tokens=plan.return_token_ids)
+                    )
+                    for index, choice in enumerate(plan.choices)
+                ]
+                if plan.stream:
+                    response, outcome = await self._stream(request, plan, queue, timing)
+                else:
+                    response, outcome = await self._collect(plan, queue, timing), OUTCOME_SUCCESS
+                return response, outcome
+            except GenerationError as error:  # nothing was sent yet: a plain error response
+                log.warning(
+                    "request failed",
+                    extra={"request_id": plan.reply_id, "status": error.status, "error": error.message},
+                )
+                body = _generation_error_body(error)
+                return web.json_response(body, status=error.status), _outcome_of(error)
+            finally:
+                await _finish(tasks, graceful=outcome == OUTCOME_SUCCESS)
 
     def _replies(self, plan: _Plan) -> Replies:
         return Replies(
