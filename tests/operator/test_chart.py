@@ -276,3 +276,22 @@ async def test_rbac_covers_every_call_the_operator_makes(
         for verb in rule["verbs"]
     }
     assert granted <= used, f"granted but never used: {sorted(granted - used)}"
+
+
+@pytest.mark.parametrize("enabled", [False, True], ids=["default", "enabled"])
+async def test_grafana_dashboard_config_map_for_the_sidecar(
+    apiserver: ApiServer, tmp_path: Path, enabled: bool
+) -> None:
+    values = {"grafanaDashboard": {"enabled": True, "folder": "LLM serving"}} if enabled else {}
+    result = await helm_install(apiserver, values, tmp_path)
+    assert result["error"] is None and not result["lint"]["Errors"]
+    dashboards = [c for c in objects(apiserver, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+    if not enabled:
+        assert dashboards == []  # off by default
+        return
+    (dashboard,) = dashboards
+    assert dashboard["metadata"]["namespace"] == RELEASE_NAMESPACE
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["metadata"]["annotations"]["grafana_folder"] == "LLM serving"
+    shipped = json.loads((CHART / "dashboards" / "splitserve.json").read_text())
+    assert json.loads(dashboard["data"]["splitserve.json"]) == shipped
