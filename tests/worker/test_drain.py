@@ -10,18 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import aiohttp
 import openai
 import pytest
+import torch
 from openai.types import Completion
 
 from splitserve.local.pool import LocalProcess, emptiest
+from splitserve.serving.internal_api import KV_PORT_HEADER
+from splitserve.transfer.frames import (
+    FrameType,
+    KVHeader,
+    checksum,
+    encode_frame,
+    encode_header,
+    encode_layer_prefix,
+)
 from tests.conftest import Reference, random_prompt
-from tests.worker.test_e2e import MODEL, client, http_get, start_pool
+from tests.worker.test_e2e import MODEL, client, http_get, registration, start_pool
 
 pytestmark = pytest.mark.slow
 TOKENS = 200  # mid-stream when the scale-down starts; short of float drift against generate()
@@ -108,3 +120,60 @@ def test_decode_scale_down_mid_stream_loses_nothing(
         assert "draining" in log and "drained" in log and "drain deadline passed" not in log
     finally:
         asyncio.run(pool.stop())
+
+
+def test_sigterm_mid_transfer_finishes_the_transfer_and_its_stream(tiny_model: Path, tmp_path: Path) -> None:
+    """Half a KV cache is in, SIGTERM arrives: the worker refuses new work but takes the rest of
+    this transfer and streams its tokens, then exits cleanly."""
+    pool = start_pool(tiny_model, tmp_path, prefill=1, decode=1)
+    try:
+        (decode,) = pool.workers["decode"]
+        lines = asyncio.run(transfer_across_sigterm(decode))
+        assert all("error" not in line for line in lines), lines
+        assert sum(len(line.get("token_ids", [])) for line in lines) == 4
+        assert decode.process is not None and decode.process.wait(60) == 0
+        log = decode.log_path.read_text()
+        assert "drained" in log and "drain deadline passed" not in log
+    finally:
+        asyncio.run(pool.stop())
+
+
+async def transfer_across_sigterm(decode: LocalProcess) -> list[dict[str, object]]:
+    """Register, push two of four layers, SIGTERM, check the refusal, push the rest; the reply lines."""
+    sampling = {"max_tokens": 4, "temperature": 0.0}
+    header = KVHeader(
+        request_id="mid-transfer",
+        first_token=5,
+        num_tokens=3,
+        num_layers=4,
+        dtype=torch.float32,
+        layer_shape=(2, 4, 3, 32),
+    )
+    layer = bytes(header.layer_nbytes)
+    async with aiohttp.ClientSession() as session:
+        reply = await registration(session, decode.url, "mid-transfer", sampling)
+        _, writer = await asyncio.open_connection("127.0.0.1", int(reply.headers[KV_PORT_HEADER]))
+        writer.write(encode_header(header))
+        for index in range(2):
+            writer.write(encode_layer_prefix(index, len(layer), checksum(layer)) + layer)
+        await writer.drain()
+
+        assert decode.process is not None
+        decode.process.send_signal(signal.SIGTERM)
+        for _ in range(300):  # the signal's delivery gives nothing to await
+            if (await session.get(decode.url + "/health")).status == 503:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("still ready 30 s after SIGTERM")
+        new = {"request_id": "new", "prompt_len": 3, "sampling": sampling}
+        refused = await session.post(decode.url + "/internal/decode", json=new)
+        assert refused.status == 503 and "draining" in await refused.text()
+
+        for index in range(2, 4):
+            writer.write(encode_layer_prefix(index, len(layer), checksum(layer)) + layer)
+        writer.write(encode_frame(FrameType.END))
+        await writer.drain()
+        lines = [json.loads(line) async for line in reply.content if line.strip()]
+        writer.close()
+        return lines
