@@ -26,7 +26,7 @@ def test_examples_are_valid_pools(example: str) -> None:
     spec = InferencePoolSpec.model_validate(pool["spec"])
     assert cel_errors(SCHEMA, apply_defaults(SCHEMA, pool)) == []
     children = build_children(Pool(pool["metadata"]["name"], "default", spec, "worker"), pod_monitor=True)
-    assert len(children) == 8
+    assert len(children) == 11  # ConfigMap, PodMonitor, and per role a Service, Deployment and PDB
 
 
 def test_operator_imports_no_data_plane() -> None:
