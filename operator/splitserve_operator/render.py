@@ -90,12 +90,17 @@ def _model_source(pool: Pool) -> tuple[list[Manifest], list[Manifest], list[Mani
 
 
 def _probes(port: str) -> Manifest:
-    """Startup covers model loading (/health is 503 until then); readiness gates traffic after."""
+    """Startup covers model loading (/health is 503 until then); readiness gates traffic after.
+
+    Liveness asks /health?live=1, which stays 200 while the process drains after SIGTERM (readiness
+    turns 503 at once): a drain longer than liveness's minute must not end in a restart.
+    """
     health = {"httpGet": {"path": "/health", "port": port}}
+    live = {"httpGet": {"path": "/health?live=1", "port": port}}
     return {
         "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": STARTUP_BUDGET_SECONDS // 10},
         "readinessProbe": {**health, "periodSeconds": 5, "failureThreshold": 2},
-        "livenessProbe": {**health, "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
+        "livenessProbe": {**live, "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
     }
 
 

@@ -27,8 +27,8 @@ async def start(
     return (await serve(app)).url
 
 
-async def health(url: str) -> tuple[int, str]:
-    async with aiohttp.ClientSession() as session, session.get(url + "/health") as reply:
+async def health(url: str, path: str = "/health") -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(url + path) as reply:
         return reply.status, (await reply.json())["status"]
 
 
@@ -45,7 +45,8 @@ async def test_open_stream_fails_with_an_error_event_past_the_deadline(
         first = await anext(chunks)
         assert first.choices[0].text
         draining = asyncio.create_task(drain.run())
-        assert await health(url) == (503, "draining")
+        assert await health(url) == (503, "draining")  # not ready
+        assert await health(url, "/health?live=1") == (200, "ready")  # but alive: no restart mid-drain
         with pytest.raises(openai.APIStatusError) as refused:  # no new work
             await client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
         assert refused.value.status_code == 503 and "draining" in str(refused.value)

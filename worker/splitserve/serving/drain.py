@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 # After the drain, how long aiohttp waits for handlers to write their last bytes.
 FLUSH_SECONDS = 5.0
 
+# /health?live=1 is the liveness question: still 200 while draining (the process is fine, it is
+# leaving), where plain /health, the readiness question, says 503 "draining".
+LIVENESS_QUERY = "live"
+
 Fail = Callable[[GenerationError], None]
 
 

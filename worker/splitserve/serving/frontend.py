@@ -32,7 +32,7 @@ from splitserve.contract.names import (
 )
 from splitserve.engine.params import FinishReason, GenerationBackend, GenerationError, GenerationRequest
 from splitserve.serving.detokenize import Delta, OutputStream
-from splitserve.serving.drain import DRAIN_KEY, Drain
+from splitserve.serving.drain import DRAIN_KEY, LIVENESS_QUERY, Drain
 from splitserve.serving.metrics import Metrics
 from splitserve.serving.protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
@@ -218,7 +218,7 @@ class _OpenAIApi:
         return web.json_response(self._model_card())
 
     async def health(self, request: web.Request) -> web.Response:
-        if self._drain.draining:
+        if self._drain.draining and LIVENESS_QUERY not in request.query:
             return web.json_response({"status": "draining"}, status=503)
         ready = self._backend.is_ready()
         return web.json_response({"status": "ready" if ready else "not ready"}, status=200 if ready else 503)

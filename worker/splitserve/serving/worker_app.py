@@ -23,7 +23,7 @@ from splitserve.contract.errors import one_line
 from splitserve.engine.kv_cache import SequenceKV
 from splitserve.engine.params import GenerationChunk, GenerationError, GenerationRequest
 from splitserve.engine.runtime import EngineRuntime
-from splitserve.serving.drain import Drain
+from splitserve.serving.drain import LIVENESS_QUERY, Drain
 from splitserve.serving.frontend import error_response
 from splitserve.serving.internal_api import KV_PORT_HEADER, NDJSON, DecodeCall, PrefillCall, PrefillReply
 from splitserve.serving.metrics import Metrics
@@ -64,10 +64,10 @@ class LocalBackend:
 def add_common_routes(app: web.Application, state: WorkerState) -> None:
     """/health, /load, /metrics: what probes, the router and Prometheus read from every worker."""
 
-    async def health(_: web.Request) -> web.Response:
+    async def health(request: web.Request) -> web.Response:
         if state.runtime is None:
             return web.json_response({"status": "loading"}, status=503)
-        if state.drain.draining:
+        if state.drain.draining and LIVENESS_QUERY not in request.query:
             return web.json_response({"status": "draining"}, status=503)
         return web.json_response({"status": "ok"})
 
