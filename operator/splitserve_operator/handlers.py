@@ -24,6 +24,7 @@ from splitserve_operator import naming
 from splitserve_operator.autoscaling.evaluator import AutoscalerState, PoolAutoscaler
 from splitserve_operator.autoscaling.signals import PrometheusSource, SignalSource, UnconfiguredSource
 from splitserve_operator.conditions import now_rfc3339
+from splitserve_operator.deletion_cost import before_decode_scale_down
 from splitserve_operator.kube import KINDS, Credentials, KubeClient
 from splitserve_operator.models import API_GROUP, API_VERSION, PLURAL, InferencePoolSpec, InferencePoolStatus
 from splitserve_operator.reconcile import Object, Reconciler, TransientError
@@ -36,7 +37,14 @@ CHILD_LABELS = {naming.POOL_LABEL: kopf.PRESENT}
 # Kinds the operator creates, and the index each one lives in.
 CHILD_INDEXES = {
     kind: f"children_{KINDS[kind].plural}"
-    for kind in ("ConfigMap", "PersistentVolumeClaim", "Service", "Deployment", "PodMonitor")
+    for kind in (
+        "ConfigMap",
+        "PersistentVolumeClaim",
+        "Service",
+        "Deployment",
+        "PodMonitor",
+        "PodDisruptionBudget",
+    )
 }
 
 
@@ -158,6 +166,8 @@ class Controller:
         }
 
         async def scale(role: WorkerRole, count: int) -> None:
+            if role == "decode" and count < (replicas[role] or 0):
+                await before_decode_scale_down(self.client, namespace, name)
             body_ = {"spec": {"replicas": count}}
             await self.client.merge_patch("Deployment", namespace, naming.child_name(name, role), body_)
 

@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import urlencode
 
 import aiohttp
 import kopf
@@ -41,6 +42,8 @@ KINDS: Final = {
     "PersistentVolumeClaim": Kind("v1", "persistentvolumeclaims"),
     "Deployment": Kind("apps/v1", "deployments"),
     "PodMonitor": Kind("monitoring.coreos.com/v1", "podmonitors"),
+    "PodDisruptionBudget": Kind("policy/v1", "poddisruptionbudgets"),
+    "Pod": Kind("v1", "pods"),
 }
 
 
@@ -138,6 +141,20 @@ class KubeClient:
         self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]
     ) -> dict[str, Any]:
         return await self.request("PATCH", KINDS[kind].path(namespace, name), patch, MERGE_PATCH)
+
+    async def delete(self, kind: str, namespace: str, name: str) -> None:
+        """Delete the object; one already gone is fine."""
+        try:
+            await self.request("DELETE", KINDS[kind].path(namespace, name))
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+
+    async def list(self, kind: str, namespace: str, selector: Mapping[str, str]) -> list[dict[str, Any]]:
+        """The objects of `kind` in `namespace` whose labels match `selector`."""
+        query = urlencode({"labelSelector": ",".join(f"{key}={value}" for key, value in selector.items())})
+        answer = await self.request("GET", f"{KINDS[kind].path(namespace)}?{query}")
+        return [item for item in answer.get("items") or [] if isinstance(item, dict)]
 
     async def has_resource(self, api_version: str, plural: str) -> bool:
         """API discovery: whether the cluster serves `plural` in `api_version` (e.g. a CRD is installed)."""

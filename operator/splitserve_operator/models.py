@@ -12,6 +12,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
 
+from splitserve.contract.names import DEFAULT_DRAIN_SECONDS
+
 API_GROUP = "splitserve.io"
 API_VERSION = "v1alpha1"
 KIND = "InferencePool"
@@ -209,8 +211,25 @@ class ResourceRequirements(ApiModel):
     )
 
 
+class DisruptionBudget(ApiModel):
+    """The PodDisruptionBudget of one role, so a node drain (a voluntary eviction) cannot take the
+    whole pool at once. A pool of one replica can still be evicted: a budget that forbade it would
+    block the node drain forever; run two or more where a drain must not interrupt service."""
+
+    enabled: bool = Field(True, description="Render a PodDisruptionBudget for this role.")
+    max_unavailable: int = Field(1, ge=1, description="Most pods of this role evicted at one time.")
+
+
 class Scheduling(ApiModel):
     """Pod placement and environment, shared by every workload kind."""
+
+    disruption_budget: DisruptionBudget = Field(default_factory=DisruptionBudget)
+    drain_seconds: int = Field(
+        DEFAULT_DRAIN_SECONDS,
+        ge=0,
+        description="On SIGTERM (scale-down, rollout, node drain) pods stop taking work and let open "
+        "streams finish this long, then fail the rest with an error; the grace period adds 15 s.",
+    )
 
     resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
     node_selector: dict[str, str] = Field(default_factory=dict)

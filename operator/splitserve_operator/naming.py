@@ -12,6 +12,7 @@ from typing import Final
 # The keys and ports the worker image and the operator agree on, from the shared contract.
 from splitserve.contract.names import (
     COMPONENT_ROLES,
+    DRAIN_EXIT_MARGIN_SECONDS,
     ENGINE_CONFIG_DIR,
     ENGINE_CONFIG_KEY,
     GROUP,
@@ -24,6 +25,7 @@ from splitserve.contract.names import (
 
 __all__ = [
     "COMPONENT_ROLES",
+    "DRAIN_EXIT_MARGIN_SECONDS",
     "ENGINE_CONFIG_DIR",
     "ENGINE_CONFIG_KEY",
     "GROUP",

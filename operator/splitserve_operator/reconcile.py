@@ -19,10 +19,11 @@ from pydantic import ValidationError
 from splitserve.contract.errors import one_line
 from splitserve_operator import naming
 from splitserve_operator.conditions import Event, get_condition
+from splitserve_operator.deletion_cost import before_decode_scale_down
 from splitserve_operator.diff import covers, merge_diff, strip_nones, with_removals
 from splitserve_operator.kube import ApiError, KubeClient
 from splitserve_operator.models import InferencePoolSpec
-from splitserve_operator.render import Manifest, Pool, build_children
+from splitserve_operator.render import Manifest, Pool, build_children, unwanted_children
 from splitserve_operator.settings import OperatorSettings
 from splitserve_operator.status import Problem, build_status
 
@@ -113,6 +114,14 @@ def owner_reference(owner: Object) -> dict[str, Any]:
     }
 
 
+class ConflictError(ApiError):
+    """A child's name is taken by an object another controller owns; `live` is that object."""
+
+    def __init__(self, problem: Problem, live: Object) -> None:
+        super().__init__(409, problem.reason, problem.message)
+        self.live = live
+
+
 def _owner_problem(actual: Object, owner: Object) -> Problem | None:
     uid = owner["metadata"].get("uid")
     for ref in (actual.get("metadata") or {}).get("ownerReferences") or []:
@@ -143,16 +152,21 @@ async def apply_child(
         if actual is None:
             raise TransientError(f"{kind} {meta['name']} conflicted on create but cannot be read")
     if (problem := _owner_problem(actual, owner)) is not None:
-        raise ApiError(409, problem.reason, problem.message)
+        raise ConflictError(problem, actual)
     want = _comparable(desired, autoscaled)
     refs = list((actual.get("metadata") or {}).get("ownerReferences") or [])
-    owned = any(ref.get("uid") == ours["uid"] for ref in refs)
+    owned = _owned(actual, owner)
     if owned and covers(actual, want):
         return "unchanged", actual
     want = with_removals(actual, want)
     if not owned:  # adopt: a merge patch replaces the list, so keep the references already there
         want["metadata"] = {**want["metadata"], "ownerReferences": [*refs, ours]}
     return "updated", await _call(client.merge_patch(kind, meta["namespace"], meta["name"], want))
+
+
+def _owned(child: Object, owner: Object) -> bool:
+    uid = owner["metadata"].get("uid")
+    return any(ref.get("uid") == uid for ref in (child.get("metadata") or {}).get("ownerReferences") or [])
 
 
 def _endpoint(pool: Pool, service: Object | None) -> str:
@@ -163,6 +177,12 @@ def _endpoint(pool: Pool, service: Object | None) -> str:
         if host:
             return f"http://{host}:{pool.router_port}/v1"
     return pool.endpoint
+
+
+def _lowers(desired: Manifest, actual: Object | None) -> bool:
+    """Whether applying `desired` lowers the live Deployment's replicas."""
+    live = ((actual or {}).get("spec") or {}).get("replicas")
+    return live is not None and desired["spec"].get("replicas", live) < live
 
 
 def _scale_event(desired: Manifest, before: Object) -> Event | None:
@@ -187,6 +207,17 @@ def _transition_events(before: Object, after: list[dict[str, Any]]) -> list[Even
     return []
 
 
+def _drop_children(memory: dict[tuple[str, str, str], Any], namespace: str, pool: str) -> None:
+    """Remove the entries of `pool`'s children from a memory keyed by (kind, namespace, name)."""
+    mine = {
+        pool,
+        naming.engine_config_name(pool),
+        *(naming.child_name(pool, r) for r in naming.COMPONENT_ROLES),
+    }
+    for key in [k for k in memory if k[1] == namespace and k[2] in mine]:
+        del memory[key]
+
+
 class Reconciler:
     """Reconciles pools; remembers Secret checks so periodic resyncs do not re-read Secrets."""
 
@@ -196,6 +227,8 @@ class Reconciler:
         self._secret_checks: dict[tuple[str, str], tuple[float, Problem | None]] = {}
         # Children this process wrote whose watch event may not have reached the index yet.
         self._written: dict[tuple[str, str, str], tuple[float, Object]] = {}
+        # Children found under another controller, so a resync does not POST them again (409) and GET.
+        self._conflicts: dict[tuple[str, str, str], tuple[float, Object]] = {}
 
     def seen(self, kind: str, namespace: str, name: str) -> None:
         """A watch event of this child arrived: from now on the index knows it better than we do."""
@@ -208,20 +241,21 @@ class Reconciler:
         the first one before the watch stream delivered its creations.
         """
         indexed = children.get(kind, namespace, name)
+        if indexed is not None:
+            return indexed
+        now = time.monotonic()
         written = self._written.get((kind, namespace, name))
-        if indexed is None and written is not None and time.monotonic() - written[0] < WRITTEN_TTL_SECONDS:
+        if written is not None and now - written[0] < WRITTEN_TTL_SECONDS:
             return written[1]
-        return indexed
+        conflict = self._conflicts.get((kind, namespace, name))
+        if conflict is not None and now - conflict[0] < self.settings.conflict_recheck_seconds:
+            return conflict[1]
+        return None
 
     def forget(self, namespace: str, name: str) -> None:
         self._secret_checks.pop((namespace, name), None)
-        mine = {
-            name,
-            naming.engine_config_name(name),
-            *(naming.child_name(name, r) for r in naming.COMPONENT_ROLES),
-        }
-        for key in [k for k in self._written if k[1] == namespace and k[2] in mine]:
-            del self._written[key]
+        for memory in (self._written, self._conflicts):
+            _drop_children(memory, namespace, name)
 
     async def _secret_problem(self, pool: Pool, recheck: bool) -> Problem | None:
         key = (pool.namespace, pool.name)
@@ -247,6 +281,8 @@ class Reconciler:
         meta, current = body["metadata"], body.get("status") or {}
         generation = meta.get("generation")
         outcome = Outcome()
+        if recheck:  # a spec change or a restart: look at conflicting children afresh
+            _drop_children(self._conflicts, meta["namespace"], meta["name"])
         pool, invalid = parse(body, self.settings)
         deployments: dict[naming.ComponentRole, Object | None] = {
             role: children.get("Deployment", meta["namespace"], naming.child_name(meta["name"], role))
@@ -282,6 +318,18 @@ class Reconciler:
         outcome.events += _transition_events(current, status["conditions"])
         return outcome
 
+    async def _remove_unwanted(self, body: Object, pool: Pool, children: Children) -> list[str]:
+        """Delete our children the spec turned off (a disabled disruption budget); others' stay."""
+        deleted = []
+        for kind, name in unwanted_children(pool):
+            live = self._current(children, kind, pool.namespace, name)
+            if live is None or not _owned(live, body):
+                continue
+            await _call(self.client.delete(kind, pool.namespace, name))
+            self._written.pop((kind, pool.namespace, name), None)
+            deleted.append(f"{kind} {name}")
+        return deleted
+
     async def _apply_all(
         self,
         body: Object,
@@ -301,11 +349,16 @@ class Reconciler:
             actual = self._current(children, kind, pool.namespace, name)
             role = desired["metadata"]["labels"].get(naming.ROLE_LABEL)
             autoscaled = kind == "Deployment" and role != "router" and pool.spec.autoscaling.enabled
+            if kind == "Deployment" and role == "decode" and not autoscaled and _lowers(desired, actual):
+                await before_decode_scale_down(self.client, pool.namespace, pool.name)
             try:
                 result, live = await apply_child(self.client, desired, actual, body, autoscaled=autoscaled)
+            except ConflictError as exc:
+                self._conflicts[kind, pool.namespace, name] = (time.monotonic(), exc.live)
+                problems.append(Problem(exc.reason, f"{kind} {name}: {exc.message}"))
+                continue
             except ApiError as exc:
-                reason = "ChildConflict" if exc.reason == "ChildConflict" else "ApplyFailed"
-                problems.append(Problem(reason, f"{kind} {name}: {exc.message}"))
+                problems.append(Problem("ApplyFailed", f"{kind} {name}: {exc.message}"))
                 continue
             if result != "unchanged":
                 self._written[kind, pool.namespace, name] = (time.monotonic(), live)
@@ -320,7 +373,10 @@ class Reconciler:
                 deployments[role] = live
             elif kind == "Service" and role == "router":
                 endpoint = _endpoint(pool, live)
+        deleted = await self._remove_unwanted(body, pool, children)
         # One event per kind of change, not per child: events are writes too.
+        if deleted:
+            outcome.events.append(Event("Normal", "Deleted", "Deleted " + ", ".join(deleted)))
         if created:
             outcome.events.append(Event("Normal", "Created", "Created " + ", ".join(created)))
         if updated:

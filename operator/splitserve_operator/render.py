@@ -96,12 +96,17 @@ def _model_source(pool: Pool) -> tuple[list[Manifest], list[Manifest], list[Mani
 
 
 def _probes(port: str) -> Manifest:
-    """Startup covers model loading (/health is 503 until then); readiness gates traffic after."""
+    """Startup covers model loading (/health is 503 until then); readiness gates traffic after.
+
+    Liveness asks /health?live=1, which stays 200 while the process drains after SIGTERM (readiness
+    turns 503 at once): a drain longer than liveness's minute must not end in a restart.
+    """
     health = {"httpGet": {"path": "/health", "port": port}}
+    live = {"httpGet": {"path": "/health?live=1", "port": port}}
     return {
         "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": STARTUP_BUDGET_SECONDS // 10},
         "readinessProbe": {**health, "periodSeconds": 5, "failureThreshold": 2},
-        "livenessProbe": {**health, "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
+        "livenessProbe": {**live, "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
     }
 
 
@@ -162,9 +167,10 @@ def _ports(pool: Pool, role: naming.ComponentRole) -> list[Manifest]:
 def build_deployment(pool: Pool, role: naming.ComponentRole, config_hash: str) -> Manifest:
     """The Deployment of one role; `config_hash` rolls its pods when the engine settings change."""
     spec = pool.spec
-    scheduling: Scheduling = spec.router if role == "router" else getattr(spec, role)
+    scheduling = scheduling_of(pool, role)
     replicas = spec.router.replicas if role == "router" else getattr(spec, role).replicas.start
     args = _router_args(pool) if role == "router" else _worker_args(pool, role, getattr(spec, role))
+    args[1:1] = ["--drain-seconds", str(scheduling.drain_seconds)]  # after the subcommand
     volumes, mounts, env = _model_source(pool)
     config_volume = {"name": "engine-config", "configMap": {"name": naming.engine_config_name(pool.name)}}
     config_mount = {"name": "engine-config", "mountPath": naming.ENGINE_CONFIG_DIR, "readOnly": True}
@@ -211,7 +217,8 @@ def build_deployment(pool: Pool, role: naming.ComponentRole, config_hash: str) -
                     "enableServiceLinks": False,
                     "securityContext": pod_security.pod_security_context(spec),
                     "imagePullSecrets": pod_security.image_pull_secrets(spec),
-                    "terminationGracePeriodSeconds": 60,
+                    "terminationGracePeriodSeconds": scheduling.drain_seconds
+                    + naming.DRAIN_EXIT_MARGIN_SECONDS,
                     "nodeSelector": scheduling.node_selector or None,
                     "tolerations": scheduling.tolerations or None,
                     "affinity": scheduling.affinity or None,
@@ -257,6 +264,36 @@ def build_pod_monitor(pool: Pool) -> Manifest:
     }
 
 
+def scheduling_of(pool: Pool, role: naming.ComponentRole) -> Scheduling:
+    return pool.spec.router if role == "router" else getattr(pool.spec, role)
+
+
+def build_disruption_budget(pool: Pool, role: naming.ComponentRole) -> Manifest | None:
+    """The role's PodDisruptionBudget: evictions (node drains) take at most maxUnavailable pods at a
+    time, each of which then drains its streams within its grace period. None when disabled."""
+    budget = scheduling_of(pool, role).disruption_budget
+    if not budget.enabled:
+        return None
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(pool, naming.child_name(pool.name, role), role),
+        "spec": {
+            "maxUnavailable": budget.max_unavailable,
+            "selector": {"matchLabels": naming.selector_labels(pool.name, role)},
+        },
+    }
+
+
+def unwanted_children(pool: Pool) -> list[tuple[str, str]]:
+    """(kind, name) of children the spec no longer wants: the budgets of roles that disabled theirs."""
+    return [
+        ("PodDisruptionBudget", naming.child_name(pool.name, role))
+        for role in naming.COMPONENT_ROLES
+        if not scheduling_of(pool, role).disruption_budget.enabled
+    ]
+
+
 def build_children(pool: Pool, *, pod_monitor: bool) -> list[Manifest]:
     """Every child of the pool, in creation order, each stamped with the hash of its rendering."""
     config_map = build_engine_config_map(pool.name, pool.namespace, pool.spec)
@@ -266,6 +303,8 @@ def build_children(pool: Pool, *, pod_monitor: bool) -> list[Manifest]:
         children.append(cache_claim)
     for role in naming.COMPONENT_ROLES:
         children += [build_service(pool, role), build_deployment(pool, role, config_hash)]
+        if (budget := build_disruption_budget(pool, role)) is not None:
+            children.append(budget)
     if pod_monitor:
         children.append(build_pod_monitor(pool))
     for child in children:

@@ -23,6 +23,10 @@ class OperatorSettings:
     pod_monitor_labels: dict[str, str] = field(default_factory=dict)
     # How long the answer to "are the monitoring.coreos.com CRDs installed?" is trusted.
     discovery_ttl_seconds: float = 300.0
+    # How long a child found under another controller (ChildConflict) is taken as still there without
+    # asking again; a spec change or an operator restart asks at once. Such a child carries no pool
+    # label, so no watch event says when it goes.
+    conflict_recheck_seconds: float = 300.0
 
     @property
     def cluster_wide(self) -> bool:

@@ -20,7 +20,9 @@ from kmock._internal import enums
 from splitserve_operator.settings import OperatorSettings
 
 from .apiserver import ApiServer, eventually, running_operator
+from .autoscaling.conftest import MetricsEndpoint
 from .conftest import NAMESPACE, TINY_SPEC, Cluster, path_of
+from .test_disruption import PDBS, decode_pods_scaled_down
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "splitserve"
@@ -44,6 +46,7 @@ CONFLICT_PATH = {
     ("monitoring.coreos.com", "podmonitors", "get"),
     # A claim is patched only when its pool's cache grows (spec.model.source.hub.cache.size).
     ("", "persistentvolumeclaims", "patch"),
+    ("policy", "poddisruptionbudgets", "get"),
 }
 
 
@@ -216,6 +219,24 @@ async def exercise(cluster: Cluster) -> None:
 
     await eventually(restored, what="service and monitor restored")
     await eventually(lambda: any(e["reason"] == "Updated" for e in cluster.events("rbac")), what="events")
+    await exercise_disruption(cluster)
+
+
+async def exercise_disruption(cluster: Cluster) -> None:
+    """Budgets changed and turned off (deleted); a decode scale-down that costs the pods (list, patch)."""
+    budgets = {
+        "router": {"disruptionBudget": {"enabled": False}},
+        "decode": {"disruptionBudget": {"maxUnavailable": 2}},
+    }
+    await cluster.patch(path_of("inferencepools", "rbac"), {"spec": budgets})
+    await eventually(lambda: cluster.get(PDBS, "rbac-router") is None, what="router budget deleted")
+    await eventually(lambda: cluster.get(PDBS, "rbac-decode")["spec"]["maxUnavailable"] == 2, what="patched")
+    endpoint = MetricsEndpoint("fixed", "decode")
+    await endpoint.start()
+    try:
+        await decode_pods_scaled_down(cluster, {"only": endpoint})
+    finally:
+        await endpoint.stop()
 
 
 @pytest.mark.parametrize("namespaced", [False, True], ids=["cluster-wide", "namespaced"])
@@ -259,3 +280,22 @@ async def test_rbac_covers_every_call_the_operator_makes(
         for verb in rule["verbs"]
     }
     assert granted <= used, f"granted but never used: {sorted(granted - used)}"
+
+
+@pytest.mark.parametrize("enabled", [False, True], ids=["default", "enabled"])
+async def test_grafana_dashboard_config_map_for_the_sidecar(
+    apiserver: ApiServer, tmp_path: Path, enabled: bool
+) -> None:
+    values = {"grafanaDashboard": {"enabled": True, "folder": "LLM serving"}} if enabled else {}
+    result = await helm_install(apiserver, values, tmp_path)
+    assert result["error"] is None and not result["lint"]["Errors"]
+    dashboards = [c for c in objects(apiserver, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+    if not enabled:
+        assert dashboards == []  # off by default
+        return
+    (dashboard,) = dashboards
+    assert dashboard["metadata"]["namespace"] == RELEASE_NAMESPACE
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["metadata"]["annotations"]["grafana_folder"] == "LLM serving"
+    shipped = json.loads((CHART / "dashboards" / "splitserve.json").read_text())
+    assert json.loads(dashboard["data"]["splitserve.json"]) == shipped

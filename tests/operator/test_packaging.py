@@ -24,8 +24,9 @@ from .test_crd import SCHEMA, apply_defaults, cel_errors
 ROOT = Path(__file__).resolve().parents[2]
 
 
-# The gpu example downloads from the hub, so it has a model cache claim; tiny-cpu's model is in the image.
-@pytest.mark.parametrize(("example", "count"), [("tiny-cpu.yaml", 8), ("gpu-llama-8b.yaml", 9)])
+# ConfigMap, PodMonitor, and per role a Service, Deployment and PodDisruptionBudget; the gpu example
+# downloads from the hub, so it also has a model cache claim (tiny-cpu's model is in the image).
+@pytest.mark.parametrize(("example", "count"), [("tiny-cpu.yaml", 11), ("gpu-llama-8b.yaml", 12)])
 def test_examples_are_valid_pools(example: str, count: int) -> None:
     (pool,) = [doc for doc in yaml.safe_load_all((ROOT / "examples" / example).read_text()) if doc]
     assert (pool["apiVersion"], pool["kind"]) == ("splitserve.io/v1alpha1", "InferencePool")

@@ -17,6 +17,7 @@ from splitserve_operator.render import (
     build_deployment,
     build_pod_monitor,
     build_service,
+    unwanted_children,
 )
 
 
@@ -44,6 +45,9 @@ def test_children_names_and_labels() -> None:
         ("Deployment", "llama-decode"),
         ("Service", "llama-router"),
         ("Deployment", "llama-router"),
+        ("PodDisruptionBudget", "llama-prefill"),
+        ("PodDisruptionBudget", "llama-decode"),
+        ("PodDisruptionBudget", "llama-router"),
     }
     decode = children["Deployment", "llama-decode"]
     assert decode["spec"]["selector"]["matchLabels"] == {
@@ -95,6 +99,8 @@ def test_worker_and_router_commands() -> None:
     prefill = container(build_deployment(p, "prefill", "h"))
     assert prefill["args"] == [
         "worker",
+        "--drain-seconds",
+        "300",
         "--role",
         "prefill",
         "--config",
@@ -115,6 +121,8 @@ def test_worker_and_router_commands() -> None:
     router = container(build_deployment(p, "router", "h"))
     assert router["args"] == [
         "router",
+        "--drain-seconds",
+        "300",
         "--config",
         "/etc/splitserve/engine.json",
         "--host",
@@ -220,3 +228,33 @@ def test_rendering_is_deterministic_and_config_changes_roll_pods() -> None:
         return str(deployment["spec"]["template"]["metadata"]["annotations"][naming.CONFIG_HASH_ANNOTATION])
 
     assert template_hash({}) != template_hash({"decode": {"maxNumSeqs": 8}})
+
+
+def test_disruption_budgets_per_role_configurable_and_removed_when_off() -> None:
+    spec = {
+        "decode": {"disruptionBudget": {"maxUnavailable": 2}},
+        "router": {"disruptionBudget": {"enabled": False}},
+    }
+    rendered = pool(spec)
+    children = by_kind(build_children(rendered, pod_monitor=False))
+    assert ("PodDisruptionBudget", "llama-router") not in children
+    assert unwanted_children(rendered) == [("PodDisruptionBudget", "llama-router")]
+    assert unwanted_children(pool()) == []
+    prefill, decode = (
+        children["PodDisruptionBudget", "llama-prefill"],
+        children["PodDisruptionBudget", "llama-decode"],
+    )
+    assert prefill["apiVersion"] == "policy/v1"
+    assert (prefill["spec"]["maxUnavailable"], decode["spec"]["maxUnavailable"]) == (1, 2)
+    # Selects exactly the role's pods: the Deployment's own selector.
+    assert decode["spec"]["selector"] == children["Deployment", "llama-decode"]["spec"]["selector"]
+
+
+def test_drain_seconds_become_the_grace_period_and_the_flag() -> None:
+    rendered = by_kind(build_children(pool({"decode": {"drainSeconds": 900}}), pod_monitor=False))
+    for role, drain in (("prefill", 300), ("decode", 900), ("router", 300)):
+        deployment = rendered["Deployment", f"llama-{role}"]
+        assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == drain + 15
+        args = container(deployment)["args"]
+        assert args[0] == ("router" if role == "router" else "worker")
+        assert args[args.index("--drain-seconds") + 1] == str(drain)

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from splitserve.contract.config import EngineConfig
 from splitserve.contract.errors import one_line
+from splitserve.contract.names import DEFAULT_DRAIN_SECONDS
 
 # Flags that map 1:1 onto EngineConfig fields (flag --max-model-len -> field max_model_len).
 ENGINE_FLAGS: dict[str, type] = {
@@ -73,6 +74,12 @@ def _add_server_flags(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument("--port", type=int, default=port, help="HTTP port")
     parser.add_argument("--pool", default="default", help="InferencePool name: the `pool` metric label")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=float(DEFAULT_DRAIN_SECONDS),
+        help="on SIGTERM: stop taking work, let open streams finish for this long, then fail the rest",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,6 +57,14 @@ Permissions the operator uses in every namespace it manages: exactly the calls i
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["podmonitors"]
   verbs: ["list", "watch", "get", "create", "patch"]
+# Deleted when a pool turns its disruption budget off.
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["list", "watch", "get", "create", "patch", "delete"]
+# Decode pods get controller.kubernetes.io/pod-deletion-cost before a scale-down.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "patch"]
 # Only to check that a pool's hub token Secret exists and has its key; never listed or watched.
 - apiGroups: [""]
   resources: ["secrets"]

@@ -218,7 +218,7 @@ class PrometheusSource:
                         "PrometheusTimeout", f"Prometheus at {self.url} timed out on {name}"
                     ) from error
                 raise SignalsUnavailableError(
-                    "PrometheusUnreachable", f"cannot reach Prometheus at {self.url}: {_first_line(error)}"
+                    "PrometheusUnreachable", f"Prometheus at {self.url} unreachable: {root_cause(error)}"
                 ) from error
             except (PrometheusApiClientException, KeyError, IndexError, TypeError, ValueError) as error:
                 raise SignalsUnavailableError(
@@ -234,6 +234,26 @@ def _timed_out(error: requests.RequestException) -> bool:
     """A read timeout, however requests wraps it (with retries off it arrives as a ConnectionError)."""
     reason = getattr(error.args[0], "reason", None) if error.args else None
     return isinstance(error, requests.Timeout) or isinstance(reason, ReadTimeoutError)
+
+
+def root_cause(error: BaseException) -> str:
+    """The innermost cause of a failed request, short and the same on every try ("connection refused").
+
+    The outer exceptions' texts embed the request URL, whose PromQL query ends in `&time=<epoch>`:
+    a condition message built from them changed on every evaluation, so every evaluation wrote status.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    innermost = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        innermost = current
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror.lower()
+        reason = getattr(current, "reason", None)
+        nested = current.args[0] if current.args and isinstance(current.args[0], BaseException) else None
+        current = reason if isinstance(reason, BaseException) else current.__cause__ or nested
+    return type(innermost).__name__
 
 
 def _first_line(error: BaseException) -> str:

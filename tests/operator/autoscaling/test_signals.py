@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 import time
 from collections.abc import Awaitable, Callable
 
 import pytest
+import requests
 from aiohttp import web
 
 from splitserve_operator.autoscaling.signals import (
@@ -20,6 +22,7 @@ from splitserve_operator.autoscaling.signals import (
     histogram_quantile,
     parse_exposition,
     promql,
+    root_cause,
     signal_specs,
 )
 from tests.operator.autoscaling.conftest import MetricsEndpoint, drive, free_port
@@ -179,14 +182,26 @@ async def scrape_while_driving_partial(source: ScrapeSource, endpoints: Endpoint
 # ---- the Prometheus source's failure modes -------------------------------------------------------
 
 
-async def test_unreachable_prometheus_is_reported_quickly() -> None:
-    source = PrometheusSource(f"http://127.0.0.1:{free_port()}", timeout=2.0)
-    started = time.monotonic()
-    with pytest.raises(SignalsUnavailableError) as raised:
-        await source.read(QUERY)
-    assert raised.value.reason == "PrometheusUnreachable"
-    assert time.monotonic() - started < 2.0  # no retry backoff
+async def test_unreachable_prometheus_is_reported_quickly_in_the_same_words() -> None:
+    url = f"http://127.0.0.1:{free_port()}/behind/a/proxy"
+    source = PrometheusSource(url, timeout=2.0)
+    messages = []
+    for _ in range(2):  # the query carries `&time=<now>`; the message must not
+        started = time.monotonic()
+        with pytest.raises(SignalsUnavailableError) as raised:
+            await source.read(QUERY)
+        assert raised.value.reason == "PrometheusUnreachable"
+        assert time.monotonic() - started < 2.0  # no retry backoff
+        messages.append(raised.value.message)
+    assert messages == [f"Prometheus at {url} unreachable: connection refused"] * 2
     source.close()
+
+
+def test_root_cause_names_an_unresolvable_host() -> None:
+    wrapped = requests.ConnectionError(OSError("outer text with ?time=1"))
+    wrapped.__cause__ = socket.gaierror(-2, "Name or service not known")
+    assert root_cause(wrapped) == "name or service not known"
+    assert root_cause(requests.ConnectionError("no cause at all")) == "ConnectionError"
 
 
 async def serve(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> tuple[web.AppRunner, str]:

@@ -32,6 +32,10 @@ ROLE_LABEL: Final = f"{GROUP}/role"
 HTTP_PORT: Final = 8000
 ENGINE_CONFIG_DIR: Final = "/etc/splitserve"  # where the operator mounts the engine ConfigMap
 ENGINE_CONFIG_KEY: Final = "engine.json"
+# SIGTERM drain (`--drain-seconds`, the pools' `drainSeconds`): a long answer, 4k tokens at 50 ms, with
+# room; the pod's terminationGracePeriodSeconds adds the margin to flush errors and stop the engine.
+DEFAULT_DRAIN_SECONDS: Final = 300
+DRAIN_EXIT_MARGIN_SECONDS: Final = 15
 
 # ---- metrics (every series carries the labels `pool` and `role`) ---------------------------------
 
@@ -96,18 +100,61 @@ OUTCOME_SERVER_ERROR: Final = "server_error"  # a worker failed the request
 OUTCOME_CANCELLED: Final = "cancelled"  # the client went away
 OUTCOMES: Final = (OUTCOME_SUCCESS, OUTCOME_CLIENT_ERROR, OUTCOME_SERVER_ERROR, OUTCOME_CANCELLED)
 
-# Bucket edges resolve a 50 ms TTFT and a 5 ms ITL: histogram_quantile interpolates within a bucket, so
-# the edges sit at and around the targets (decode ITL targets live at 5-10 ms).
+# ---- vLLM-compatible series ---------------------------------------------------------------------
+# The names, types, labels and buckets of vLLM's PrometheusStatLogger (vllm/v1/metrics/loggers.py,
+# v0.11+: `vllm:inter_token_latency_seconds` replaced `vllm:time_per_output_token_seconds`), which
+# KEDA recipes, endpoint pickers (llm-d, AIBrix) and vLLM dashboards read. Every vLLM series has the
+# labels `model_name` (the served model name) and `engine` (the engine index: "0", one per process).
+VLLM_LABELS: Final = ("model_name", "engine")
+VLLM_TTFT: Final = "vllm:time_to_first_token_seconds"  # histogram
+VLLM_ITL: Final = "vllm:inter_token_latency_seconds"  # histogram, one sample per token gap
+VLLM_TPOT: Final = "vllm:request_time_per_output_token_seconds"  # histogram, one sample per request
+VLLM_E2E: Final = "vllm:e2e_request_latency_seconds"  # histogram
+VLLM_RUNNING: Final = "vllm:num_requests_running"  # gauge
+VLLM_WAITING: Final = "vllm:num_requests_waiting"  # gauge
+VLLM_KV_USAGE: Final = "vllm:kv_cache_usage_perc"  # gauge, a fraction: 1 means 100 percent
+VLLM_PROMPT_TOKENS: Final = "vllm:prompt_tokens"  # counter, exposed as vllm:prompt_tokens_total
+VLLM_GENERATION_TOKENS: Final = "vllm:generation_tokens"  # counter, ..._total
+VLLM_REQUEST_SUCCESS: Final = "vllm:request_success"  # counter, ..._total, label `finished_reason`
+VLLM_FINISHED_REASON_LABEL: Final = "finished_reason"
+VLLM_FINISHED_REASONS: Final = ("stop", "length", "abort")  # str(vllm.v1.engine.FinishReason)
+# The client-facing series come from the router (and `both`); the scheduler's from the engines.
+FRONTEND_ROLES: Final = ("router", "both")
 # fmt: off
-TTFT_BUCKETS: Final = (
+VLLM_TTFT_BUCKETS: Final = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0, 160.0, 640.0, 2560.0,
+)
+VLLM_ITL_BUCKETS: Final = (  # also vLLM's request_time_per_output_token buckets
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+    80.0,
+)
+VLLM_E2E_BUCKETS: Final = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0, 1920.0, 7680.0,
+)
+# fmt: on
+
+
+def _with(own: tuple[float, ...], vllm: tuple[float, ...]) -> tuple[float, ...]:
+    """Our edges plus vLLM's: the vLLM histogram is then ours read at vLLM's edges, exactly."""
+    return tuple(sorted(set(own) | set(vllm)))
+
+
+# Bucket edges resolve a 50 ms TTFT and a 5 ms ITL: histogram_quantile interpolates within a bucket, so
+# the edges sit at and around the targets (decode ITL targets live at 5-10 ms); vLLM's are added.
+# fmt: off
+TTFT_BUCKETS: Final = _with((
     0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0,
     20.0, 30.0, 60.0,
-)
-ITL_BUCKETS: Final = (
+), VLLM_TTFT_BUCKETS)
+ITL_BUCKETS: Final = _with((
     0.001, 0.0025, 0.005, 0.006, 0.007, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
     0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5,
+), VLLM_ITL_BUCKETS)
+E2E_BUCKETS: Final = _with(
+    (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0), VLLM_E2E_BUCKETS
 )
-E2E_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 STEP_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
     10.0,

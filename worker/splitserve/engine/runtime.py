@@ -99,6 +99,12 @@ class EngineRuntime:
         admitting = sum(1 for stream in self._streams.values() if not stream.reserved and not stream.closed)
         return Load(running=in_engine - queued, waiting=admitting + queued, kv_cache_usage=self.budget.usage)
 
+    def fail(self, request_id: str, error: GenerationError) -> None:
+        """End one open request with `error` (its consumer sees it next); used past a drain deadline."""
+        stream = self._streams.get(request_id)
+        if stream is not None and not stream.closed:
+            self._deliver(stream, error)
+
     # ---- both ---------------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk]:

@@ -21,10 +21,15 @@ from pathlib import Path
 import aiohttp
 
 from splitserve.contract.config import EngineConfig
-from splitserve.contract.names import WORKER_ROLES, WorkerRole
+from splitserve.contract.names import (
+    DEFAULT_DRAIN_SECONDS,
+    DRAIN_EXIT_MARGIN_SECONDS,
+    WORKER_ROLES,
+    WorkerRole,
+)
 
 STARTUP_TIMEOUT_S = 300.0
-STOP_GRACE_S = 20.0
+STOP_GRACE_S = float(DEFAULT_DRAIN_SECONDS + DRAIN_EXIT_MARGIN_SECONDS)
 
 Progress = Callable[[str], None]
 
@@ -118,6 +123,29 @@ class LocalProcess:
             return "(no log)"
 
 
+def emptiest(processes: list[LocalProcess], sequences: list[float | None], count: int) -> list[LocalProcess]:
+    """The `count` processes to remove: fewest sequences first (unknown counts first of all: a worker
+    that cannot answer /load serves nobody well), the newest first among equals."""
+
+    def rank(index: int) -> tuple[float, int]:
+        known = sequences[index]
+        return (-1.0 if known is None else known, -index)
+
+    return [processes[i] for i in sorted(range(len(processes)), key=rank)[:count]]
+
+
+async def _sequences(session: aiohttp.ClientSession, process: LocalProcess) -> float | None:
+    """Running plus waiting sequences from the worker's /load, or None if it does not answer."""
+    try:
+        async with session.get(process.url + "/load", timeout=aiohttp.ClientTimeout(total=2)) as reply:
+            if reply.status != 200:
+                return None
+            load = await reply.json()
+            return float(load["running"]) + float(load["waiting"])
+    except (aiohttp.ClientError, TimeoutError, KeyError, TypeError, ValueError):
+        return None
+
+
 @dataclass
 class LocalPool:
     """The processes of one pool, and the discovery file that tells the router about the workers."""
@@ -135,6 +163,7 @@ class LocalPool:
     )
     router: LocalProcess | None = None
     starting: list[LocalProcess] = field(default_factory=list)  # started, not yet ready
+    drain_seconds: float = float(DEFAULT_DRAIN_SECONDS)  # each process's --drain-seconds
     _serial: int = 0
 
     @property
@@ -175,17 +204,24 @@ class LocalPool:
             async with aiohttp.ClientSession() as session:
                 await self._add(role, replicas - self.replicas(role), session)
         elif replicas < self.replicas(role):
-            leaving = self.workers[role][replicas:]
-            del self.workers[role][replicas:]
+            async with aiohttp.ClientSession() as session:
+                loads = await asyncio.gather(*(_sequences(session, p) for p in self.workers[role]))
+            leaving = emptiest(self.workers[role], loads, self.replicas(role) - replicas)
+            self.workers[role] = [process for process in self.workers[role] if process not in leaving]
             self._write_discovery()
-            await asyncio.gather(*(asyncio.to_thread(process.stop) for process in leaving))
+            await asyncio.gather(*(asyncio.to_thread(process.stop, self.stop_grace) for process in leaving))
             for process in leaving:
-                self.progress(f"  {process.name:<10} stopped")
+                self.progress(f"  {process.name:<10} drained and stopped")
+
+    @property
+    def stop_grace(self) -> float:
+        """What Kubernetes' terminationGracePeriodSeconds is to a pod: the drain, then a margin."""
+        return self.drain_seconds + DRAIN_EXIT_MARGIN_SECONDS
 
     async def stop(self) -> None:
         """Every process, including those still loading (a Ctrl-C during start-up)."""
         everyone = [*self.starting, *self.processes()]
-        await asyncio.gather(*(asyncio.to_thread(process.stop) for process in everyone))
+        await asyncio.gather(*(asyncio.to_thread(process.stop, self.stop_grace) for process in everyone))
 
     def kill(self) -> None:
         """SIGKILL everything now (a second Ctrl-C); a `stop` under way then returns at once."""
@@ -231,6 +267,8 @@ class LocalPool:
             self.name,
             "--log-level",
             self.log_level,
+            "--drain-seconds",
+            f"{self.drain_seconds:g}",
         ]
         return LocalProcess(
             name, port, splitserve_argv(*argv), self.workdir / "logs" / f"{name}.log", self.env

@@ -111,6 +111,7 @@ def run_local(args: argparse.Namespace) -> int:
         port,
         threads={"prefill": spec.prefill.threads or 1, "decode": spec.decode.threads or 1},
         log_level=args.log_level,
+        drain_seconds=max(spec.prefill.drain_seconds, spec.decode.drain_seconds, spec.router.drain_seconds),
     )
     try:
         return asyncio.run(Up(pool, spec, args).run())

@@ -13,11 +13,13 @@ Metrics are what the client sees: TTFT when the first token is written, ITL betw
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -37,6 +39,7 @@ from splitserve.engine.params import (
     check_vocabulary,
 )
 from splitserve.serving.detokenize import Delta, OutputStream
+from splitserve.serving.drain import DRAIN_KEY, LIVENESS_QUERY, Drain
 from splitserve.serving.metrics import Metrics
 from splitserve.serving.protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
@@ -74,10 +77,14 @@ def build_openai_app(
     max_model_len: int,
     metrics: Metrics,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    drain: Drain | None = None,
 ) -> web.Application:
-    """The OpenAI routes plus /health and /metrics. Serve it with `splitserve.serving.http.start_app`."""
-    api = _OpenAIApi(backend, tokenizer, served_model_name, max_model_len, metrics)
+    """The OpenAI routes plus /health and /metrics. Serve it with `splitserve.serving.http.start_app`;
+    `drain` (under DRAIN_KEY) is what `serve_app` runs on SIGTERM."""
+    drain = drain if drain is not None else Drain()
+    api = _OpenAIApi(backend, tokenizer, served_model_name, max_model_len, metrics, drain)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_openai_errors])
+    app[DRAIN_KEY] = drain
     app.add_routes(
         [
             web.post("/v1/completions", api.completions),
@@ -156,9 +163,15 @@ class _Timing:
     arrival: float
     last_write: dict[int, float] = field(default_factory=dict)
     outcome: str = OUTCOME_CANCELLED
+    # Per choice, for vLLM's per-request series: first write, tokens written, finish reason.
+    first_write: dict[int, float] = field(default_factory=dict)
+    tokens: dict[int, int] = field(default_factory=dict)
+    finish_reasons: dict[int, str | None] = field(default_factory=dict)
 
-    def written(self, index: int, tokens: int) -> None:
+    def written(self, index: int, tokens: int, finish_reason: str | None = None) -> None:
         now = time.monotonic()
+        if finish_reason is not None:
+            self.finish_reasons[index] = finish_reason
         if tokens == 0:
             return
         previous = self.last_write.get(index)
@@ -168,10 +181,20 @@ class _Timing:
             for _ in range(tokens):  # k tokens in one write share the gap evenly
                 self.metrics.itl.observe((now - previous) / tokens)
         self.last_write[index] = now
+        self.first_write.setdefault(index, now)
+        self.tokens[index] = self.tokens.get(index, 0) + tokens
         self.metrics.generation_tokens.inc(tokens)
 
     def finished(self) -> None:
         self.metrics.e2e.observe(time.monotonic() - self.arrival)
+        for index, first in self.first_write.items():
+            self.metrics.vllm.request_timed(first, self.last_write[index], self.tokens[index])
+        self.metrics.vllm.request_succeeded([self.finish_reasons.get(i) for i in sorted(self.finish_reasons)])
+
+
+def _fail_into(queue: asyncio.Queue[_Event], error: GenerationError) -> None:
+    """End a request from outside (the drain's deadline): its reply loop reads `error` next."""
+    asyncio.get_running_loop().create_task(queue.put(_Event(0, error=error)))
 
 
 class _OpenAIApi:
@@ -182,8 +205,10 @@ class _OpenAIApi:
         model: str,
         max_model_len: int,
         metrics: Metrics,
+        drain: Drain,
     ) -> None:
         self._backend = backend
+        self._drain = drain
         self._tokenizer = tokenizer
         self._model = model
         self._max_model_len = max_model_len
@@ -207,6 +232,8 @@ class _OpenAIApi:
         return web.json_response(self._model_card())
 
     async def health(self, request: web.Request) -> web.Response:
+        if self._drain.draining and LIVENESS_QUERY not in request.query:
+            return web.json_response({"status": "draining"}, status=503)
         ready = self._backend.is_ready()
         return web.json_response({"status": "ready" if ready else "not ready"}, status=200 if ready else 503)
 
@@ -333,23 +360,28 @@ class _OpenAIApi:
 
     async def _run(self, request: web.Request, plan: _Plan, timing: _Timing) -> web.StreamResponse:
         queue: asyncio.Queue[_Event] = asyncio.Queue(maxsize=2 * len(plan.choices))
-        tasks = [
-            asyncio.create_task(self._produce(index, choice, queue, eager_tokens=plan.return_token_ids))
-            for index, choice in enumerate(plan.choices)
-        ]
-        try:
-            if plan.stream:
-                return await self._stream(request, plan, queue, timing)
-            return await self._collect(plan, queue, timing)
-        except GenerationError as error:  # nothing was sent yet: a plain error response
-            log.warning(
-                "request failed",
-                extra={"request_id": plan.reply_id, "status": error.status, "error": error.message},
-            )
-            timing.outcome = _outcome_of(error)
-            return web.json_response(_generation_error_body(error), status=error.status)
-        finally:
-            await _finish(tasks, graceful=timing.outcome == OUTCOME_SUCCESS)
+        tasks: list[asyncio.Task[None]] = []
+        with contextlib.ExitStack() as held:  # open for the drain until the reply is complete
+            try:
+                held.enter_context(self._drain.request(partial(_fail_into, queue)))  # 503 once draining
+                tasks = [
+                    asyncio.create_task(
+                        self._produce(index, choice, queue, eager_tokens=plan.return_token_ids)
+                    )
+                    for index, choice in enumerate(plan.choices)
+                ]
+                if plan.stream:
+                    return await self._stream(request, plan, queue, timing)
+                return await self._collect(plan, queue, timing)
+            except GenerationError as error:  # nothing was sent yet: a plain error response
+                log.warning(
+                    "request failed",
+                    extra={"request_id": plan.reply_id, "status": error.status, "error": error.message},
+                )
+                timing.outcome = _outcome_of(error)
+                return web.json_response(_generation_error_body(error), status=error.status)
+            finally:
+                await _finish(tasks, graceful=timing.outcome == OUTCOME_SUCCESS)
 
     def _replies(self, plan: _Plan) -> Replies:
         return Replies(
@@ -393,7 +425,7 @@ class _OpenAIApi:
             if event.error is not None:
                 raise event.error
             assert event.delta is not None
-            timing.written(event.index, event.delta.tokens)
+            timing.written(event.index, event.delta.tokens, event.delta.finish_reason)
             texts[event.index] += event.delta.text
             token_ids[event.index] += event.delta.token_ids
             finishes[event.index] = event.delta.finish_reason
@@ -438,7 +470,7 @@ class _OpenAIApi:
                 await response.write(
                     replies.chunk(event.index, event.delta.text, event.delta.finish_reason, ids, usage)
                 )
-                timing.written(event.index, event.delta.tokens)
+                timing.written(event.index, event.delta.tokens, event.delta.finish_reason)
                 remaining -= event.delta.finish_reason is not None
             assert response is not None
             if plan.include_usage:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from splitserve.serving.drain import DRAIN_KEY
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0
@@ -61,8 +63,10 @@ async def start_app(
 async def serve_app(
     app: web.Application, *, host: str, port: int, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S
 ) -> None:
-    """Serve until SIGTERM or SIGINT (Kubernetes stops pods with SIGTERM), then shut down gracefully."""
+    """Serve until SIGTERM or SIGINT (Kubernetes stops pods with SIGTERM), then drain the app's open
+    requests (its `Drain`, if it has one: serving/drain.py) and shut down."""
     running = await start_app(app, host=host, port=port, shutdown_timeout=shutdown_timeout)
+    drain = app.get(DRAIN_KEY)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
@@ -71,7 +75,9 @@ async def serve_app(
     log.info("serving", extra={"url": running.url})
     try:
         await stop.wait()
-        log.info("shutting down", extra={"url": running.url, "drain_seconds": shutdown_timeout})
+        log.info("shutting down", extra={"url": running.url})
+        if drain is not None:
+            await drain.run()
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)

@@ -23,6 +23,7 @@ from splitserve.contract.names import (
     TRANSFER_BUCKETS,
     TTFT_BUCKETS,
 )
+from splitserve.serving.vllm_metrics import VllmSeries
 
 
 @dataclass
@@ -33,6 +34,8 @@ class Metrics:
     role: str
     registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
     unexported: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
+    model_name: str = ""  # the served model name, vLLM's `model_name` label; defaults to the pool
+    vllm: VllmSeries = field(init=False)
 
     def __post_init__(self) -> None:
         labels = METRIC_LABELS
@@ -105,6 +108,7 @@ class Metrics:
         )
         for outcome in OUTCOMES:
             self._requests.labels(**values, outcome=outcome)
+        self.vllm = VllmSeries(self, self.model_name or self.pool)
 
     def request_finished(self, outcome: str) -> None:
         self._requests.labels(pool=self.pool, role=self.role, outcome=outcome).inc()

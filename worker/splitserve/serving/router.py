@@ -27,9 +27,10 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from splitserve.contract.names import WORKER_ROLES, WorkerRole
+from splitserve.contract.names import DEFAULT_DRAIN_SECONDS, WORKER_ROLES, WorkerRole
 from splitserve.engine.model_info import context_length, load_tokenizer
 from splitserve.engine.params import REQUEST_FAULT, GenerationChunk, GenerationError, GenerationRequest
+from splitserve.serving.drain import FLUSH_SECONDS, Drain
 from splitserve.serving.endpoints import (
     Discovery,
     Endpoint,
@@ -73,6 +74,9 @@ class RouterSettings(BaseModel):
     first_token_timeout_s: float = Field(120.0, gt=0, description="Decode: first token after the prefill.")
     idle_timeout_s: float = Field(120.0, gt=0, description="Decode: longest silence mid-stream.")
     max_attempts: int = Field(3, ge=1, description="Handoffs tried per request before the first token.")
+    drain_seconds: float = Field(
+        DEFAULT_DRAIN_SECONDS, ge=0, description="On SIGTERM: how long open streams may run before they fail."
+    )
 
     @model_validator(mode="after")
     def _check_workers(self) -> RouterSettings:
@@ -451,7 +455,8 @@ def build_router_app(
         tokenizer,
         served_model_name=settings.name,
         max_model_len=settings.max_model_len or context_length(settings.model, settings.revision),
-        metrics=metrics or Metrics(pool=settings.pool, role="router"),
+        metrics=metrics or Metrics(pool=settings.pool, role="router", model_name=settings.name),
+        drain=Drain(settings.drain_seconds),
     )
     app[BACKEND_KEY] = backend
 
@@ -471,4 +476,4 @@ def build_router_app(
 async def run_router(settings: RouterSettings) -> None:
     """`splitserve router`: serve until SIGTERM/SIGINT."""
     app = build_router_app(settings)
-    await serve_app(app, host=settings.host, port=settings.port)
+    await serve_app(app, host=settings.host, port=settings.port, shutdown_timeout=FLUSH_SECONDS)

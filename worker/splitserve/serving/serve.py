@@ -22,6 +22,7 @@ from splitserve.engine.forward import Engine
 from splitserve.engine.loader import load_model
 from splitserve.engine.model_info import context_length, load_tokenizer
 from splitserve.engine.runtime import EngineRuntime
+from splitserve.serving.drain import FLUSH_SECONDS, Drain
 from splitserve.serving.frontend import build_openai_app
 from splitserve.serving.http import start_app
 from splitserve.serving.metrics import Metrics
@@ -36,8 +37,6 @@ from splitserve.transfer.frames import KVLimits
 from splitserve.transfer.tcp import TcpKVReceiver, TcpKVSender
 
 log = logging.getLogger(__name__)
-
-DRAIN_SECONDS = 30.0
 
 
 def run_worker(config: EngineConfig, args: argparse.Namespace) -> int:
@@ -59,6 +58,7 @@ def run_router(config: EngineConfig, args: argparse.Namespace) -> int:
         prefill=_urls(args.prefill),
         decode=_urls(args.decode),
         discovery_file=args.discovery_file,
+        drain_seconds=args.drain_seconds,
     )
     asyncio.run(run_router(settings))
     return 0
@@ -70,7 +70,7 @@ def _urls(flag: str) -> list[str]:
 
 async def _serve_worker(config: EngineConfig, args: argparse.Namespace) -> None:
     role: str = args.role
-    state = WorkerState(Metrics(args.pool, role))
+    state = WorkerState(Metrics(args.pool, role, model_name=config.name), drain=Drain(args.drain_seconds))
     receiver: TcpKVReceiver | None = None
     app: web.Application
     if role == "prefill":
@@ -89,8 +89,9 @@ async def _serve_worker(config: EngineConfig, args: argparse.Namespace) -> None:
                 context_length, config.model, config.revision, config.max_model_len
             ),
             metrics=state.metrics,
+            drain=state.drain,
         )
-    running = await start_app(app, host=args.host, port=args.port, shutdown_timeout=DRAIN_SECONDS)
+    running = await start_app(app, host=args.host, port=args.port, shutdown_timeout=FLUSH_SECONDS)
     if receiver is not None:
         await receiver.start()
     log.info("listening, loading model", extra={"role": role, "url": running.url, "model": config.model})
@@ -106,8 +107,9 @@ async def _serve_worker(config: EngineConfig, args: argparse.Namespace) -> None:
 
     try:
         await until_signal(load())
+        await state.drain.run()  # not ready, no new work; open requests and KV transfers finish
     finally:
-        await running.close()  # drains in-flight requests, bounded by DRAIN_SECONDS
+        await running.close()  # writes what the drain left (errors past its deadline), bounded
         if receiver is not None:
             await receiver.close()
         if state.runtime is not None:

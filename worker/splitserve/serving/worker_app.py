@@ -6,11 +6,13 @@ The server starts before the model loads so /health can say 503 ("loading") to p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import TypeVar
 
 import torch
@@ -21,6 +23,7 @@ from splitserve.contract.errors import location, one_line
 from splitserve.engine.kv_cache import SequenceKV
 from splitserve.engine.params import GenerationChunk, GenerationError, GenerationRequest, check_vocabulary
 from splitserve.engine.runtime import EngineRuntime
+from splitserve.serving.drain import LIVENESS_QUERY, Drain
 from splitserve.serving.frontend import DEFAULT_MAX_BODY_BYTES, error_response
 from splitserve.serving.internal_api import KV_PORT_HEADER, NDJSON, DecodeCall, PrefillCall, PrefillReply
 from splitserve.serving.metrics import Metrics
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 class WorkerState:
     metrics: Metrics
     runtime: EngineRuntime | None = None
+    drain: Drain = field(default_factory=Drain)
 
     def ready_runtime(self) -> EngineRuntime:
         if self.runtime is None:
@@ -60,9 +64,11 @@ class LocalBackend:
 def add_common_routes(app: web.Application, state: WorkerState) -> None:
     """/health, /load, /metrics: what probes, the router and Prometheus read from every worker."""
 
-    async def health(_: web.Request) -> web.Response:
+    async def health(request: web.Request) -> web.Response:
         if state.runtime is None:
             return web.json_response({"status": "loading"}, status=503)
+        if state.drain.draining and LIVENESS_QUERY not in request.query:
+            return web.json_response({"status": "draining"}, status=503)
         return web.json_response({"status": "ok"})
 
     async def load(_: web.Request) -> web.Response:
@@ -112,19 +118,20 @@ def build_prefill_app(state: WorkerState, sender: KVSender) -> web.Application:
                 request_id=call.request_id, prompt_token_ids=call.prompt_token_ids, sampling=call.sampling
             )
             started = time.perf_counter()
-            async with runtime.prefill(generation) as result:
-                prefilled = time.perf_counter()
-                layout = result.kv.layout
-                header = KVHeader(
-                    request_id=call.request_id,
-                    first_token=result.first_token,
-                    num_tokens=result.kv.length,
-                    num_layers=layout.num_layers,
-                    dtype=layout.dtype,
-                    layer_shape=tuple(result.kv.layer(0).shape),
-                )
-                layers = [result.kv.layer(index) for index in range(layout.num_layers)]
-                stats = await sender.send(call.kv_target, header, layers)
+            with state.drain.request(partial(runtime.fail, call.request_id)):
+                async with runtime.prefill(generation) as result:
+                    prefilled = time.perf_counter()
+                    layout = result.kv.layout
+                    header = KVHeader(
+                        request_id=call.request_id,
+                        first_token=result.first_token,
+                        num_tokens=result.kv.length,
+                        num_layers=layout.num_layers,
+                        dtype=layout.dtype,
+                        layer_shape=tuple(result.kv.layer(0).shape),
+                    )
+                    layers = [result.kv.layer(index) for index in range(layout.num_layers)]
+                    stats = await sender.send(call.kv_target, header, layers)
             state.metrics.kv_transfer_seconds.observe(stats.seconds)
             state.metrics.kv_transfer_bytes.inc(stats.bytes)
             reply = PrefillReply(
@@ -154,26 +161,28 @@ def build_decode_app(state: WorkerState, kv_port: int) -> web.Application:
     """POST /internal/decode: register a request, then stream its tokens as NDJSON once KV arrives."""
 
     async def decode(request: web.Request) -> web.StreamResponse:
-        try:
-            call = await _parse(request, DecodeCall)
-            runtime = state.ready_runtime()
-            check_vocabulary((), call.sampling, runtime.engine.loaded.vocab_size)
-            runtime.register(call.request_id, call.prompt_len, call.sampling)
-        except GenerationError as error:
-            return error_response(error.status, error.message, type=error.kind, param=error.param)
-        response = web.StreamResponse(headers={KV_PORT_HEADER: str(kv_port), "Content-Type": NDJSON})
-        tokens = runtime.stream(call.request_id)
-        try:
-            await response.prepare(request)  # the router reads this as "registered"
-            async for chunk in tokens:
-                await response.write(chunk.to_json() + b"\n")
-        except GenerationError as error:
-            line = {"error": {"message": error.message, "type": error.kind, "code": error.status}}
-            await response.write(json.dumps(line).encode() + b"\n")
-        finally:
-            await tokens.aclose()  # aborts the request if the router went away
-        await response.write_eof()
-        return response
+        with contextlib.ExitStack() as held:  # open for the drain until the last line is written
+            try:
+                call = await _parse(request, DecodeCall)
+                runtime = state.ready_runtime()
+                check_vocabulary((), call.sampling, runtime.engine.loaded.vocab_size)
+                held.enter_context(state.drain.request(partial(runtime.fail, call.request_id)))
+                runtime.register(call.request_id, call.prompt_len, call.sampling)
+            except GenerationError as error:
+                return error_response(error.status, error.message, type=error.kind, param=error.param)
+            response = web.StreamResponse(headers={KV_PORT_HEADER: str(kv_port), "Content-Type": NDJSON})
+            tokens = runtime.stream(call.request_id)
+            try:
+                await response.prepare(request)  # the router reads this as "registered"
+                async for chunk in tokens:
+                    await response.write(chunk.to_json() + b"\n")
+            except GenerationError as error:
+                line = {"error": {"message": error.message, "type": error.kind, "code": error.status}}
+                await response.write(json.dumps(line).encode() + b"\n")
+            finally:
+                await tokens.aclose()  # aborts the request if the router went away
+            await response.write_eof()
+            return response
 
     app = web.Application(client_max_size=DEFAULT_MAX_BODY_BYTES)  # whatever the router admits
     add_common_routes(app, state)
