@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from splitserve_operator.deletion_cost import DELETION_COST, cost_patches, metrics_url, running_sequences
-from splitserve_operator.handlers import Runtime
+from splitserve_operator.handlers import Controller
 
 from .apiserver import eventually
 from .autoscaling.conftest import MetricsEndpoint
@@ -100,7 +100,7 @@ async def scale_decode(cluster: Cluster, initial: int) -> int:
 
 
 async def test_decode_pods_are_costed_by_their_streams_before_replicas_drop(
-    cluster: Cluster, operator: Runtime, busy_and_idle: dict[str, MetricsEndpoint]
+    cluster: Cluster, operator: Controller, busy_and_idle: dict[str, MetricsEndpoint]
 ) -> None:
     mark = await decode_pods_scaled_down(cluster, busy_and_idle)
     costs = {
@@ -120,7 +120,7 @@ async def test_decode_pods_are_costed_by_their_streams_before_replicas_drop(
 
 
 async def test_disruption_budgets_are_owned_and_removed_when_turned_off(
-    cluster: Cluster, operator: Runtime
+    cluster: Cluster, operator: Controller
 ) -> None:
     created = await cluster.create_pool("tiny")
     names = [f"tiny-{role}" for role in ("prefill", "decode", "router")]

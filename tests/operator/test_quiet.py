@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from splitserve_operator.autoscaling.signals import PoolSignals, SignalQuery, SignalSource
-from splitserve_operator.handlers import Runtime
+from splitserve_operator.handlers import Controller
 from splitserve_operator.naming import MAX_POOL_NAME
 from splitserve_operator.settings import OperatorSettings
 
@@ -78,7 +78,7 @@ async def test_no_writes_while_prometheus_is_down_or_a_child_conflicts(
         "spec": {"ports": [{"port": 80}]},
     }
     await cluster.request("POST", f"/api/v1/namespaces/{NAMESPACE}/services", taken, "application/json")
-    runtime: Runtime
+    runtime: Controller
     async with running_operator(apiserver, settings) as runtime:
         counting = CountingSource(runtime.autoscaler.source)
         runtime.autoscaler.source = counting
