@@ -266,7 +266,7 @@ async def test_malformed_kv_frames_are_rejected_and_the_decode_worker_keeps_serv
 async def registration(
     session: aiohttp.ClientSession, url: str, request_id: str, sampling: dict[str, object]
 ) -> aiohttp.ClientResponse:
-    body = {"request_id": request_id, "prompt_len": 3, "sampling": sampling}
+    body = {"request_id": request_id, "prompt_token_ids": [5, 6, 7], "sampling": sampling}
     reply = await session.post(url + "/internal/decode", json=body)
     assert reply.status == 200
     return reply

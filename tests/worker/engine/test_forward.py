@@ -22,7 +22,8 @@ def engine(tiny_model: Path) -> Engine:
 
 def greedy_generate(engine: Engine, prompts: list[list[int]], max_new: int, chunk: int) -> list[list[int]]:
     """Prefill each prompt in chunks, then decode all of them together in one batch."""
-    kvs = [engine.new_kv(len(p) + max_new) for p in prompts]
+    pool = engine.new_pool(block_size=16, budget_bytes=1 << 24)
+    kvs = [pool.sequence() for _ in prompts]
     next_tokens = []
     for kv, prompt in zip(kvs, prompts, strict=True):
         for start in range(0, len(prompt), chunk):
@@ -49,7 +50,8 @@ def test_chunked_prefill_and_batched_decode_match_generate(
 def test_mixed_step_of_prompt_chunk_and_decode_tokens(engine: Engine, reference: Reference) -> None:
     """One forward carrying a decode token of one sequence and a prompt chunk of another."""
     first, second = random_prompt(40, seed=1), random_prompt(50, seed=2)
-    kv_first, kv_second = engine.new_kv(60), engine.new_kv(60)
+    pool = engine.new_pool(block_size=16, budget_bytes=1 << 24)
+    kv_first, kv_second = pool.sequence(), pool.sequence()
     token = int(engine.prefill(kv_first, first).argmax())
     logits = engine.forward([Work(kv_first, [token]), Work(kv_second, second[:25])])
     engine.prefill(kv_second, second[25:])

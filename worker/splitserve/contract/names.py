@@ -50,6 +50,8 @@ REQUESTS_RUNNING: Final = "splitserve_requests_running"
 REQUESTS_WAITING: Final = "splitserve_requests_waiting"
 KV_CACHE_USAGE: Final = "splitserve_kv_cache_usage_ratio"
 KV_CACHE_CAPACITY_TOKENS: Final = "splitserve_kv_cache_capacity_tokens"
+KV_CACHE_BLOCKS: Final = "splitserve_kv_cache_blocks"  # label `state`: free | used
+PREEMPTIONS: Final = "splitserve_preemptions_total"
 
 
 def step_seconds(stage: WorkerRole) -> str:
