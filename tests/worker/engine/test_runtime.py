@@ -12,13 +12,12 @@ from splitserve.contract.config import EngineConfig
 from splitserve.contract.names import EngineRole
 from splitserve.engine.forward import Engine
 from splitserve.engine.loader import load_model
-from splitserve.engine.params import GenerationChunk, GenerationError, GenerationRequest, SamplingParams
+from splitserve.engine.params import GenerationError, SamplingParams
 from splitserve.engine.runtime import EngineRuntime
 from splitserve.serving.internal_api import Load
 from splitserve.serving.metrics import Metrics
 from tests.conftest import Reference, random_prompt
-
-GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
+from tests.worker.engine.runtimes import GREEDY, assert_no_leaks, collect, hand_off, request
 
 
 @pytest.fixture(scope="module")
@@ -39,37 +38,6 @@ async def both(engines: tuple[Engine, Engine]) -> AsyncIterator[EngineRuntime]:
     await runtime.start()
     yield runtime
     await runtime.close()
-
-
-def assert_no_leaks(*runtimes: EngineRuntime) -> None:
-    """Every block is back in the pool and no stream is left behind."""
-    for runtime in runtimes:
-        assert runtime.pool.allocator.num_free == runtime.pool.num_blocks
-        assert not runtime._streams
-
-
-def request(prompt: list[int], sampling: SamplingParams = GREEDY, rid: str = "r") -> GenerationRequest:
-    return GenerationRequest(request_id=rid, prompt_token_ids=tuple(prompt), sampling=sampling)
-
-
-async def hand_off(prefill: EngineRuntime, decode: EngineRuntime, req: GenerationRequest) -> None:
-    """What the KV transfer does, minus the socket: prefill, copy every layer, announce arrival."""
-    prompt_len = len(req.prompt_token_ids)
-    decode.register(req.request_id, list(req.prompt_token_ids), req.sampling)
-    async with prefill.prefill(req) as result:
-        kv = await decode.receive_kv(req.request_id, prompt_len)
-        for layer in range(result.kv.layout.num_layers):
-            kv.load_layer(layer, result.kv.layer(layer).clone())
-        decode.kv_arrived(req.request_id, kv, result.first_token)
-
-
-async def collect(chunks: AsyncIterator[GenerationChunk]) -> tuple[list[int], str | None]:
-    tokens: list[int] = []
-    finish = None
-    async for chunk in chunks:
-        tokens.extend(chunk.token_ids)
-        finish = chunk.finish_reason
-    return tokens, finish
 
 
 async def test_concurrent_requests_batch_and_match_generate(
