@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from splitserve.engine.blocks import BlockAllocator, NoFreeBlocksError, blocks_for
+from splitserve.engine.blocks import BlockAllocator, NoFreeBlocksError, blocks_for, spread_order
 
 
 @pytest.mark.parametrize(
@@ -71,3 +71,19 @@ def test_double_free_across_calls_raises() -> None:
 def test_an_empty_pool_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one block"):
         BlockAllocator(0)
+
+
+def test_new_sequences_start_spread_apart() -> None:
+    assert spread_order(8) == [0, 4, 2, 6, 1, 5, 3, 7]
+    assert sorted(spread_order(13)) == list(range(13))
+
+
+def test_a_growing_sequence_gets_the_block_after_its_last_when_free() -> None:
+    allocator = BlockAllocator(8)
+    first = allocator.allocate(2)
+    assert first == [0, 1]  # a new sequence: the next block in order, and the ones after it
+    assert allocator.allocate(1, after=1) == [2]
+    assert allocator.allocate(1) == [4]  # the next new sequence starts in the widest gap
+    assert allocator.allocate(1, after=3) == [6]  # 4 is taken: the next block in order instead
+    allocator.release([0, 1, 2, 4, 6])
+    assert allocator.num_free == 8

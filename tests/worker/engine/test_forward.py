@@ -109,3 +109,31 @@ def test_other_architectures_match_generate(tmp_path: Path, architecture: dict[s
     prompt = random_prompt(30, seed=3)
     ours = greedy_generate(Engine(loaded), [prompt], max_new=12, chunk=7)[0]
     assert ours == Reference(tmp_path).greedy(prompt, 12, ignore_eos=True)
+
+
+def test_scattered_blocks_are_read_like_contiguous_ones(engine: Engine, reference: Reference) -> None:
+    """Steal the block after each sequence's last one whenever it is full, so that no sequence grows
+    into its neighbour block: contexts are gathered block by block instead of read in place."""
+    pool = engine.new_pool(block_size=4, budget_bytes=1 << 22)
+    prompts = [random_prompt(n, seed=n) for n in (9, 30)]
+    kvs = [pool.sequence() for _ in prompts]
+
+    def steal_next_blocks() -> None:
+        for kv in kvs:
+            if kv.block_table and kv.length == kv.capacity:
+                pool.allocator.allocate(1, after=kv.block_table[-1])
+
+    outputs = []
+    for kv, prompt in zip(kvs, prompts, strict=True):
+        for start in range(0, len(prompt), 4):
+            steal_next_blocks()
+            logits = engine.prefill(kv, prompt[start : start + 4])
+        outputs.append([int(logits.argmax())])
+    for _ in range(11):
+        steal_next_blocks()
+        next_tokens = engine.decode_one_token(kvs, [out[-1] for out in outputs]).argmax(-1).tolist()
+        for output, token in zip(outputs, next_tokens, strict=True):
+            output.append(token)
+    assert not any(kv.contiguous for kv in kvs)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output == reference.greedy(prompt, 12, ignore_eos=True)

@@ -49,17 +49,17 @@ class PackedBatch:
         self.num_tokens = sum(self.lengths)
         # Where each new token is written: `[N]` slot ids in packing order.
         self.write_slots = torch.cat([s.kv.slots(s.start, s.start + s.length) for s in segments])
-        # Segments with earlier tokens read their whole context back from the pool; a chunk that
-        # starts a sequence attends to its own new keys, no gather needed.
-        cached = [s for s in segments if s.start > 0]
-        self.context_offsets: dict[int, int] = {}
-        offset = 0
+        # Segments with earlier tokens read their context back from the pool: in place when their
+        # blocks are contiguous, else gathered whole blocks at a time into one buffer per layer. A
+        # chunk that starts a sequence attends to its own new keys.
+        self.gathered_offsets: dict[int, int] = {}  # segment index -> its first token in the buffer
+        read_blocks: list[int] = []
         for index, segment in enumerate(segments):
-            if segment.start > 0:
-                self.context_offsets[index] = offset
-                offset += segment.start + segment.length
-        self.read_slots = (  # [sum of context lengths] slot ids
-            torch.cat([s.kv.slots(0, s.start + s.length) for s in cached]) if cached else None
+            if segment.start > 0 and not segment.kv.contiguous:
+                self.gathered_offsets[index] = len(read_blocks) * pool.block_size
+                read_blocks += segment.kv.block_table[: pool.blocks_for(segment.start + segment.length)]
+        self.read_blocks = (  # [blocks to gather] block ids
+            torch.tensor(read_blocks, dtype=torch.long).to(pool.device) if read_blocks else None
         )
 
     def position_ids(self, device: torch.device) -> torch.Tensor:
@@ -84,10 +84,10 @@ class PackedBatch:
         pool_keys, pool_values = self.pool.keys[layer], self.pool.values[layer]  # each [H, slots, D]
         pool_keys.index_copy_(1, self.write_slots, key)
         pool_values.index_copy_(1, self.write_slots, value)
-        context_keys = context_values = None  # each [H, sum of context lengths, D]
-        if self.read_slots is not None:
-            context_keys = pool_keys.index_select(1, self.read_slots)
-            context_values = pool_values.index_select(1, self.read_slots)
+        gathered_keys = gathered_values = None  # each [H, gathered blocks * block_size, D]
+        if self.read_blocks is not None:
+            gathered_keys = self._gather(pool_keys, self.read_blocks)
+            gathered_values = self._gather(pool_values, self.read_blocks)
         heads, _, head_dim = query.shape
         kv_heads = key.shape[0]
         out = query.new_empty(self.num_tokens, heads, head_dim)  # [N, Hq, D]
@@ -100,13 +100,17 @@ class PackedBatch:
         for index, segment in enumerate(self.segments):
             end = segment.start + segment.length
             begin = max(0, segment.start + 1 - window) if window else 0  # the first query's window
-            context = self.context_offsets.get(index)
-            if context is None or context_keys is None or context_values is None:
-                keys = key[:, offset + begin : offset + end]  # [H, T, D]: the chunk is the whole context
+            gathered = self.gathered_offsets.get(index)
+            if segment.start == 0:  # the chunk is the whole context
+                keys = key[:, offset + begin : offset + end]  # [H, T, D]
                 values = value[:, offset + begin : offset + end]
+            elif gathered is None or gathered_keys is None or gathered_values is None:
+                first = segment.kv.first_slot
+                keys = pool_keys[:, first + begin : first + end]  # [H, T, D], a view of its blocks
+                values = pool_values[:, first + begin : first + end]
             else:
-                keys = context_keys[:, context + begin : context + end]  # [H, T, D]
-                values = context_values[:, context + begin : context + end]
+                keys = gathered_keys[:, gathered + begin : gathered + end]  # [H, T, D]
+                values = gathered_values[:, gathered + begin : gathered + end]
             q = query[:, offset : offset + segment.length]  # [Hq, n, D]
             if segment.length == 1:
                 _decode_attention(grouped[offset], keys, values, grouped_out[offset])
@@ -123,6 +127,12 @@ class PackedBatch:
                 out[offset : offset + segment.length] = attended[0].transpose(0, 1)
             offset += segment.length
         return out
+
+    def _gather(self, pool_layer: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """`[H, slots, D]` pool layer -> `[H, len(blocks) * block_size, D]`, whole blocks per copy."""
+        heads, _, head_dim = pool_layer.shape
+        by_block = pool_layer.view(heads, self.pool.num_blocks, -1)  # [H, num_blocks, block_size * D]
+        return by_block.index_select(1, blocks).view(heads, -1, head_dim)
 
 
 def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:

@@ -7,9 +7,10 @@ free the scheduler preempts (scheduler.py).
 
 Layout: keys and values of every layer live in one tensor whose token axis is the concatenation of
 all blocks, `[layers, 2, kv_heads, num_blocks * block_size, head_dim]`. A token's *slot* is
-`block_id * block_size + offset`, so writing a step's new keys is one `index_copy_` per layer and
-reading a sequence's context is one `index_select` (attention.py): each head's keys stay contiguous
-in `head_dim`, which keeps the CPU decode path as fast as the per-sequence tensors it replaces.
+`block_id * block_size + offset`, so writing a step's new keys is one `index_copy_` per layer. A
+sequence whose blocks follow each other (the allocator places new sequences apart and grows them
+into the next block when it can) is read in place as one view, as cheap as the per-sequence tensors
+this replaced; the others are gathered block by block (attention.py).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class SequenceKV:
         self.block_table: list[int] = []
         self.length = 0
         self._slots: torch.Tensor | None = None  # [len(block_table) * block_size], rebuilt on growth
+        self.contiguous = True  # its blocks follow each other in the pool: readable as one view
 
     @property
     def capacity(self) -> int:
@@ -114,14 +116,24 @@ class SequenceKV:
         """Take the blocks `tokens` tokens need; NoFreeBlocksError (nothing taken) if they are not free."""
         missing = self.blocks_missing(tokens)
         if missing:
-            self.block_table += self.pool.allocator.allocate(missing, keep_free)
+            last = self.block_table[-1] if self.block_table else None
+            taken = self.pool.allocator.allocate(missing, keep_free, after=last)
+            first = taken[0] if last is None else last + 1
+            self.contiguous = self.contiguous and taken == list(range(first, first + missing))
+            self.block_table += taken
             self._slots = None
 
     def release(self) -> None:
         """Give every block back and forget the contents; safe to call more than once."""
         blocks, self.block_table, self.length, self._slots = self.block_table, [], 0, None
+        self.contiguous = True
         if blocks:
             self.pool.allocator.release(blocks)
+
+    @property
+    def first_slot(self) -> int:
+        """Slot of token 0; with `contiguous`, token t sits at `first_slot + t`."""
+        return self.block_table[0] * self.pool.block_size
 
     def slots(self, begin: int, end: int) -> torch.Tensor:
         """Slot ids of token positions `begin..end-1`, `[end - begin]` (a view, no copy)."""
@@ -131,6 +143,8 @@ class SequenceKV:
 
     def layer(self, index: int) -> torch.Tensor:
         """Written part of one layer gathered from its blocks, `[2, H, length, D]`: what travels to decode."""
+        if self.contiguous and self.block_table:
+            return self.pool.data[index, :, :, self.first_slot : self.first_slot + self.length]
         return self.pool.data[index].index_select(2, self.slots(0, self.length))
 
     def load_layer(self, index: int, kv: torch.Tensor) -> None:
