@@ -124,6 +124,27 @@ def test_disaggregated_greedy_output_matches_generate(
     assert tokens / steps > 1.5, "decode steps should carry several sequences at once"
 
 
+def test_block_boundaries_and_a_long_prompt_match_generate_and_free_every_block(
+    pool: LocalPool, reference: Reference, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Prompts one short of, exactly on and one past 16-token block boundaries, and one of 1,900
+    tokens, through router -> prefill -> KV over TCP -> decode; afterwards no worker holds a block."""
+    prompts = [random_prompt(length, seed=length) for length in (15, 16, 17, 32, 33, 1900)]
+    with ThreadPoolExecutor(len(prompts)) as threads:
+        results = list(threads.map(lambda prompt: complete(pool, prompt, True, max_tokens=20), prompts))
+    for prompt, (text, count) in zip(prompts, results, strict=True):
+        tokens = reference.greedy(prompt, 20)
+        assert (text, count) == (expected_text(tokenizer, tokens), len(tokens))
+    for worker in (*pool.workers["prefill"], *pool.workers["decode"]):
+        lines = http_get(worker.url + "/metrics").splitlines()
+        blocks = {
+            line.split('state="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in lines
+            if line.startswith("splitserve_kv_cache_blocks{")
+        }
+        assert blocks["used"] == 0 and blocks["free"] > 0
+
+
 def test_chat_completion_uses_the_chat_template(
     pool: LocalPool, reference: Reference, tokenizer: PreTrainedTokenizerBase
 ) -> None:

@@ -32,7 +32,7 @@ def engines(tiny_model: Path) -> tuple[Engine, Engine]:
 
 
 def make_runtime(
-    engine: Engine, role: EngineRole, blocks: int, metrics: Metrics | None = None
+    engine: Engine, role: EngineRole, blocks: int, metrics: Metrics | None = None, max_num_seqs: int = 64
 ) -> EngineRuntime:
     """A runtime whose pool has exactly `blocks` blocks of BLOCK tokens."""
     config = EngineConfig(
@@ -41,6 +41,7 @@ def make_runtime(
         chunked_prefill=True,
         block_size=BLOCK,
         kv_cache_bytes=blocks * BLOCK * engine.loaded.layout.bytes_per_token,
+        max_num_seqs=max_num_seqs,
     )
     runtime = EngineRuntime(engine, config, role, metrics or Metrics("test", role))
     assert runtime.pool.num_blocks == blocks
@@ -155,13 +156,14 @@ async def test_a_broken_transfer_frees_the_blocks_it_took(engines: tuple[Engine,
         await decode.close()
 
 
-async def test_arriving_caches_wait_for_blocks_instead_of_failing(
-    engines: tuple[Engine, Engine], reference: Reference
+@pytest.mark.parametrize(("blocks", "max_num_seqs"), [(6, 64), (64, 1)], ids=["blocks", "max-num-seqs"])
+async def test_arriving_caches_wait_for_room_instead_of_failing(
+    engines: tuple[Engine, Engine], reference: Reference, blocks: int, max_num_seqs: int
 ) -> None:
-    """A decode pool that holds one cache at a time: the second waits until the first is done."""
+    """A decode worker with room for one sequence at a time: the second cache waits for the first."""
     prompts = [random_prompt(60, seed=60), random_prompt(61, seed=61)]
     prefill = make_runtime(engines[0], "prefill", blocks=64)
-    decode = make_runtime(engines[1], "decode", blocks=6)
+    decode = make_runtime(engines[1], "decode", blocks=blocks, max_num_seqs=max_num_seqs)
     await prefill.start()
     await decode.start()
     try:

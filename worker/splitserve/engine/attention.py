@@ -48,7 +48,8 @@ class PackedBatch:
         self.lengths = [segment.length for segment in segments]
         self.num_tokens = sum(self.lengths)
         # Where each new token is written: `[N]` slot ids in packing order.
-        self.write_slots = torch.cat([s.kv.slots(s.start, s.start + s.length) for s in segments])
+        writes = [s.kv.slots(s.start, s.start + s.length) for s in segments]
+        self.write_slots = writes[0] if len(writes) == 1 else torch.cat(writes)
         # Segments with earlier tokens read their context back from the pool: in place when their
         # blocks are contiguous, else gathered whole blocks at a time into one buffer per layer. A
         # chunk that starts a sequence attends to its own new keys.

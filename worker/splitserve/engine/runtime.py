@@ -236,6 +236,12 @@ class EngineRuntime:
             raise
 
     def _try_take(self, kv: SequenceKV, tokens: int) -> bool:
+        """Blocks for an arriving cache, within `max_num_seqs` (those sequences bypass admission)."""
+        holding = sum(
+            1 for s in self._streams.values() if s.in_engine or (s.kv is not None and s.kv.block_table)
+        )
+        if holding >= self.config.max_num_seqs:
+            return False
         keep_free = self.engine_loop.watermark if self.pool.allocator.num_used else 0
         try:
             kv.grow(tokens, keep_free=keep_free)
@@ -308,7 +314,6 @@ class EngineRuntime:
         self._loop.call_soon_threadsafe(self._on_step, emissions)
 
     def _on_step(self, emissions: list[Emission]) -> None:
-        self._grant_waiters()  # the engine may have freed blocks
         for emission in emissions:
             stream = self._streams.get(emission.sequence.request_id)
             if stream is None:
@@ -320,6 +325,7 @@ class EngineRuntime:
             if emission.done:
                 stream.in_engine = False
                 self._settle(stream)
+        self._grant_waiters()  # the engine may have freed blocks and batch slots
 
     def _update_gauges(self) -> None:
         load = self.load()
