@@ -136,13 +136,18 @@ def test_block_boundaries_and_a_long_prompt_match_generate_and_free_every_block(
         tokens = reference.greedy(prompt, 20)
         assert (text, count) == (expected_text(tokenizer, tokens), len(tokens))
     for worker in (*pool.workers["prefill"], *pool.workers["decode"]):
-        lines = http_get(worker.url + "/metrics").splitlines()
-        blocks = {
-            line.split('state="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
-            for line in lines
-            if line.startswith("splitserve_kv_cache_blocks{")
-        }
-        assert blocks["used"] == 0 and blocks["free"] > 0
+        assert kv_blocks(http_get(worker.url + "/metrics"))["used"] == 0
+
+
+def kv_blocks(exposition: str) -> dict[str, float]:
+    """`splitserve_kv_cache_blocks` by state, from a worker's /metrics body."""
+    blocks = {
+        line.split('state="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in exposition.splitlines()
+        if line.startswith("splitserve_kv_cache_blocks{")
+    }
+    assert blocks["free"] > 0
+    return blocks
 
 
 def test_chat_completion_uses_the_chat_template(
@@ -282,6 +287,8 @@ async def test_malformed_kv_frames_are_rejected_and_the_decode_worker_keeps_serv
             reply.close()
     _, count = complete(pool, [9, 10, 11], stream=True, max_tokens=3)
     assert count == 3
+    async with aiohttp.ClientSession() as session, session.get(decode.url + "/metrics") as reply:
+        assert kv_blocks(await reply.text())["used"] == 0  # the broken transfers gave their blocks back
 
 
 async def registration(

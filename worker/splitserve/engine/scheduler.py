@@ -181,6 +181,7 @@ class EngineLoop:
 
     def _run(self) -> None:
         while True:
+            self._admit()  # before blocking: a step that preempted every stream freed their blocks
             if not self._drain_commands(block=not (self.prefilling or self.decoding)):
                 return
             self._admit()
