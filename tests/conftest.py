@@ -32,6 +32,17 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def without_packages(folder: Path, *packages: str) -> dict[str, str]:
+    """A subprocess environment in which `import PACKAGE` fails for each of `packages`, as in an image
+    that never installed them: a `sitecustomize` (run by every interpreter at start-up) blocks them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["import sys", *(f"sys.modules[{name!r}] = None" for name in packages)]
+    (folder / "sitecustomize.py").write_text("\n".join(lines) + "\n")
+    env = subprocess_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(folder), env["PYTHONPATH"]])
+    return env
+
+
 class Reference:
     """transformers' own `generate()` on the same weights: the ground truth for greedy output."""
 

@@ -119,7 +119,8 @@ def _structural(node: Schema, defs: Schema, keep_defaults: bool) -> Schema:
         options = [option for option in any_of if option.get("type") != "null"]
         if len(options) != 1:
             raise ValueError(f"unions are not structural: {any_of}")
-        node = {**_structural(options[0], defs, keep_defaults), **node}
+        # Each part once: converting the inner model's properties twice would nest int-or-string.
+        return {**_structural(options[0], defs, keep_defaults), **_structural(node, defs, keep_defaults)}
     node.pop("title", None)
     if "const" in node:
         node["enum"] = [node.pop("const")]
@@ -237,7 +238,7 @@ def reference_markdown() -> str:
                 child.get("description", "").split()
             )
             text = text.replace("|", "\\|")
-            rows.append(f"| `{field}` | {_type_name(child)} | {default} | {text} |")
+            rows.append(f"| `{field}` | {type_name(child)} | {default} | {text} |")
             if "properties" in child:
                 walk(child, field)
 
@@ -245,25 +246,31 @@ def reference_markdown() -> str:
     return "\n".join(rows) + "\n"
 
 
-def _type_name(node: Schema) -> str:
+def type_name(node: Schema) -> str:
+    """A JSON-schema node's type in a reference table: `a` \\| `b`, quantity, []T, map[string]T."""
     if "enum" in node:
         return " \\| ".join(f"`{value}`" for value in node["enum"])
     if node.get("x-kubernetes-int-or-string"):
         return "quantity"
     if node.get("type") == "array":
-        return "[]" + _type_name(node.get("items", {}))
+        return "[]" + type_name(node.get("items", {}))
     values = node.get("additionalProperties")
     if isinstance(values, dict):
-        return "map[string]" + _type_name(values)
+        return "map[string]" + type_name(values)
     return str(node.get("type", "object"))
+
+
+def between_markers(text: str, start_marker: str, end_marker: str, body: str) -> str:
+    """`text` with what lies between two marker lines replaced by `body` (generated sections)."""
+    start, end = text.find(start_marker), text.find(end_marker)
+    if start < 0 or end < start:
+        raise ValueError(f"no {start_marker!r} ... {end_marker!r} markers")
+    return text[: start + len(start_marker)] + "\n\n" + body + "\n" + text[end:]
 
 
 def with_reference(readme: str) -> str:
     """`readme` with the text between the CRD reference markers regenerated."""
-    start, end = readme.find(README_START), readme.find(README_END)
-    if start < 0 or end < start:
-        raise ValueError("the README has no CRD reference markers")
-    return readme[: start + len(README_START)] + "\n\n" + reference_markdown() + "\n" + readme[end:]
+    return between_markers(readme, README_START, README_END, reference_markdown())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,7 +35,8 @@ POOLS = (API_GROUP, API_VERSION, PLURAL)
 CHILD_LABELS = {naming.POOL_LABEL: kopf.PRESENT}
 # Kinds the operator creates, and the index each one lives in.
 CHILD_INDEXES = {
-    kind: f"children_{KINDS[kind].plural}" for kind in ("ConfigMap", "Service", "Deployment", "PodMonitor")
+    kind: f"children_{KINDS[kind].plural}"
+    for kind in ("ConfigMap", "PersistentVolumeClaim", "Service", "Deployment", "PodMonitor")
 }
 
 
@@ -51,8 +52,8 @@ class ChildView:
 
 
 @dataclass
-class Runtime:
-    """Per-process state shared by the handlers of all pools."""
+class Controller:
+    """The operator's per-process state and what its handlers do: reconcile a pool, run its autoscaler."""
 
     settings: OperatorSettings
     credentials: Credentials
@@ -199,9 +200,9 @@ def _snapshot(body: kopf.Body) -> dict[str, Any]:
     return data
 
 
-def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
-    """Register every handler of the operator on `registry`, bound to `runtime`."""
-    settings = runtime.settings
+def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
+    """Register every handler of the operator on `registry`, bound to `controller`."""
+    settings = controller.settings
 
     for kind, index_id in CHILD_INDEXES.items():
         resource = KINDS[kind]
@@ -216,32 +217,32 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         def child_changed(
             namespace: str | None, name: str, labels: kopf.Labels, kind: str = kind, **_: Any
         ) -> None:
-            runtime.reconciler.seen(kind, namespace or "", name)
-            runtime.mark_dirty(namespace or "", labels[naming.POOL_LABEL])
+            controller.reconciler.seen(kind, namespace or "", name)
+            controller.mark_dirty(namespace or "", labels[naming.POOL_LABEL])
 
     @kopf.on.resume(*POOLS, registry=registry)
     @kopf.on.create(*POOLS, registry=registry)
     @kopf.on.update(*POOLS, registry=registry)
     async def reconcile_pool(body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
-        await runtime.reconcile(body, patch, kwargs, recheck=True)
+        await controller.reconcile(body, patch, kwargs, recheck=True)
 
     poll = settings.poll_seconds
 
     @kopf.timer(*POOLS, interval=poll, initial_delay=poll, registry=registry)
     async def resync_pool(body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
-        if runtime.due(body.metadata.namespace or "", body.metadata.name or ""):
-            await runtime.reconcile(body, patch, kwargs, recheck=False)
+        if controller.due(body.metadata.namespace or "", body.metadata.name or ""):
+            await controller.reconcile(body, patch, kwargs, recheck=False)
 
     # kopf timers have a fixed interval; each pool's own intervalSeconds is checked inside.
     @kopf.timer(*POOLS, interval=1.0, initial_delay=poll, registry=registry)
     async def autoscale_pool(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **kwargs: Any) -> None:
-        await runtime.autoscale(body, patch, kwargs, memo)
+        await controller.autoscale(body, patch, kwargs, memo)
 
     @kopf.on.event(*POOLS, registry=registry)
     def pool_event(type: str, namespace: str | None, name: str, **_: Any) -> None:
         if type == "DELETED":
-            runtime.forget(namespace or "", name)
+            controller.forget(namespace or "", name)
 
     @kopf.on.cleanup(registry=registry)
     async def close_client(**_: Any) -> None:
-        await runtime.client.close()
+        await controller.client.close()

@@ -38,6 +38,7 @@ KINDS: Final = {
     "ConfigMap": Kind("v1", "configmaps"),
     "Service": Kind("v1", "services"),
     "Secret": Kind("v1", "secrets"),
+    "PersistentVolumeClaim": Kind("v1", "persistentvolumeclaims"),
     "Deployment": Kind("apps/v1", "deployments"),
     "PodMonitor": Kind("monitoring.coreos.com/v1", "podmonitors"),
 }

@@ -18,7 +18,7 @@ from typing import Any
 import kopf
 
 from splitserve_operator import naming
-from splitserve_operator.handlers import Runtime, register
+from splitserve_operator.handlers import Controller, register
 from splitserve_operator.kube import Credentials
 from splitserve_operator.settings import DEFAULT_WORKER_IMAGE, OperatorSettings
 
@@ -31,7 +31,7 @@ def default_credentials() -> kopf.ConnectionInfo | None:
     return kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
 
 
-def configure_kopf(registry: kopf.OperatorRegistry, runtime: Runtime, *, peering: bool) -> None:
+def configure_kopf(registry: kopf.OperatorRegistry, controller: Controller, *, peering: bool) -> None:
     """kopf's own settings: annotations under our group, no kopf fields in the (structural) status."""
 
     @kopf.on.startup(registry=registry)
@@ -42,32 +42,32 @@ def configure_kopf(registry: kopf.OperatorRegistry, runtime: Runtime, *, peering
         )
         settings.persistence.finalizer = f"{naming.GROUP}/finalizer"
         # Namespaced mode needs no cluster-wide permission to watch CRDs.
-        settings.scanning.disabled = not runtime.settings.cluster_wide
+        settings.scanning.disabled = not controller.settings.cluster_wide
         settings.peering.standalone = not peering
         settings.networking.request_timeout = 60
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo | None:
-        return runtime.credentials()
+        return controller.credentials()
 
     @kopf.on.probe(id="pools", registry=registry)
     def pools_probe(**_: Any) -> int:
-        return len(runtime.last_full)
+        return len(controller.last_full)
 
     @kopf.on.probe(id="reconciles", registry=registry)
     def reconciles_probe(**_: Any) -> int:
-        return sum(runtime.reconciled.values())
+        return sum(controller.reconciled.values())
 
 
 def build(
     settings: OperatorSettings, credentials: Credentials, *, peering: bool = False
-) -> tuple[kopf.OperatorRegistry, Runtime]:
-    """A registry with every handler, bound to a fresh runtime (tests build their own)."""
+) -> tuple[kopf.OperatorRegistry, Controller]:
+    """A registry with every handler, bound to a fresh controller (tests build their own)."""
     registry = kopf.OperatorRegistry()
-    runtime = Runtime(settings, credentials)
-    configure_kopf(registry, runtime, peering=peering)
-    register(registry, runtime)
-    return registry, runtime
+    controller = Controller(settings, credentials)
+    configure_kopf(registry, controller, peering=peering)
+    register(registry, controller)
+    return registry, controller
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -87,6 +87,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--prometheus-url",
         default=env("SPLITSERVE_PROMETHEUS_URL"),
         help="Prometheus the autoscaler queries for TTFT/ITL",
+    )
+    parser.add_argument(
+        "--pod-monitor-label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="pod_monitor_labels",
+        help="extra label of every PodMonitor (repeatable), e.g. release=kube-prometheus-stack",
     )
     parser.add_argument(
         "--worker-image",
@@ -123,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.poll_seconds <= 0 or args.resync_seconds <= 0:
         print("splitserve operator: --poll-seconds and --resync-seconds must be positive", file=sys.stderr)
         return 2
+    labels = dict(label.partition("=")[::2] for label in args.pod_monitor_labels)
+    if any(not key or not value for key, value in labels.items()):
+        print("splitserve operator: --pod-monitor-label takes KEY=VALUE", file=sys.stderr)
+        return 2
     level = getattr(logging, args.log_level.upper())
     kopf.configure(
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
@@ -137,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         prometheus_url=args.prometheus_url,
         poll_seconds=args.poll_seconds,
         resync_seconds=args.resync_seconds,
+        pod_monitor_labels=labels,
     )
     registry, _ = build(settings, default_credentials, peering=args.peering is not None)
     logger.info(

@@ -72,9 +72,32 @@ class SecretKeyRef(ApiModel):
     key: str = Field("token", min_length=1, description="Key within the Secret.")
 
 
-class HubSource(ApiModel):
-    """Download weights from the Hugging Face hub at start-up."""
+class ModelCache(ApiModel):
+    """The pool's Hugging Face cache on a PersistentVolumeClaim: the first pod downloads the weights,
+    every later one (scale-ups, restarts, rollouts) loads them from the claim instead of the hub."""
 
+    enabled: bool = Field(True, description="false: a per-pod emptyDir, downloaded again by every pod.")
+    claim_name: str | None = Field(
+        None,
+        min_length=1,
+        description="An existing claim to use (shared by pools, kept after them); by default the "
+        "operator creates `<pool>-model-cache`, deleted with the pool.",
+    )
+    size: Quantity = Field("100Gi", description="Size of the claim the operator creates: the weights fit.")
+    storage_class_name: str | None = Field(
+        None, description="StorageClass of the created claim; default: the cluster's default class."
+    )
+    access_mode: Literal["ReadWriteMany", "ReadWriteOnce"] = Field(
+        "ReadWriteMany",
+        description="ReadWriteMany lets pods on every node share it (NFS, CephFS, EFS, Filestore...); "
+        "ReadWriteOnce only suits pools whose pods share one node.",
+    )
+
+
+class HubSource(ApiModel):
+    """Download weights from the Hugging Face hub, once, into the pool's model cache."""
+
+    cache: ModelCache = Field(default_factory=ModelCache, description="Where downloads are kept.")
     token_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret holding a hub token (HF_TOKEN), for gated or private models."
     )
@@ -99,7 +122,8 @@ class HostPathSource(ApiModel):
 
 
 class ModelSource(ApiModel):
-    """Where weights come from: at most one of hub, pvc, hostPath (hub when none is set)."""
+    """Where weights come from: at most one of hub, pvc, hostPath (hub, with its cache, when none is
+    set). hostPath is refused by namespaces enforcing the restricted Pod Security Standard."""
 
     model_config = validations(
         cel(
@@ -333,12 +357,27 @@ class AutoscalingSpec(ApiModel):
         return self
 
 
+class LocalObjectReference(ApiModel):
+    """A Secret in the pool's namespace, by name."""
+
+    name: str = Field(min_length=1, description="Name of a Secret in the pool's namespace.")
+
+
 class InferencePoolSpec(ApiModel):
     """Desired state of an InferencePool."""
 
     model: ModelSpec
     image: str | None = Field(None, description="Worker image; defaults to the operator's setting.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        default_factory=list, description="Registry credentials (docker-registry Secrets) of every pod."
+    )
+    pod_security_context: KubeObject | None = Field(
+        None,
+        description="Core v1 PodSecurityContext fields merged over the restricted defaults "
+        "(runAsNonRoot, runAsUser/runAsGroup/fsGroup 10001, fsGroupChangePolicy OnRootMismatch, "
+        "seccompProfile RuntimeDefault).",
+    )
     prefill: PrefillPoolSpec = Field(default_factory=PrefillPoolSpec)
     decode: DecodePoolSpec = Field(default_factory=DecodePoolSpec)
     router: RouterSpec = Field(default_factory=RouterSpec)
@@ -386,6 +425,11 @@ class PoolStatus(StatusModel):
     )
     reason: str | None = Field(None, description="Why desiredReplicas is what it is.")
     last_scale_time: str | None = None
+    startup_seconds: float | None = Field(
+        None,
+        description="Start-up time the planner sizes for: the workers' own measurement (process start "
+        "to serving) until a scale-up was timed from decision to ready, then that.",
+    )
 
 
 class RouterStatus(StatusModel):

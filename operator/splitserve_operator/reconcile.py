@@ -60,7 +60,9 @@ def parse(body: Object, settings: OperatorSettings) -> tuple[Pool | None, Proble
         spec = InferencePoolSpec.model_validate(body.get("spec") or {})
     except ValidationError as exc:
         return None, Problem("InvalidSpec", one_line(exc, root="spec"))
-    return Pool(name=name, namespace=namespace, spec=spec, image=spec.image or settings.worker_image), None
+    image = spec.image or settings.worker_image
+    pool = Pool(name, namespace, spec, image, pod_monitor_labels=settings.pod_monitor_labels)
+    return pool, None
 
 
 async def check_secret(client: KubeClient, pool: Pool) -> Problem | None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from splitserve_operator import naming
+from splitserve_operator import model_cache, naming, pod_security
 from splitserve_operator.diff import strip_nones
 from splitserve_operator.engine_configmap import build_engine_config_map
 from splitserve_operator.models import InferencePoolSpec, Scheduling, WorkerPoolSpec
@@ -37,6 +38,7 @@ class Pool:
     namespace: str
     spec: InferencePoolSpec
     image: str  # spec.image, else the operator's default
+    pod_monitor_labels: Mapping[str, str] = field(default_factory=dict)  # the operator's setting
 
     @property
     def router_port(self) -> int:
@@ -78,7 +80,7 @@ def _model_source(pool: Pool) -> tuple[list[Manifest], list[Manifest], list[Mani
         volume = {"name": "hf-cache", "hostPath": {"path": cache.path, "type": "DirectoryOrCreate"}}
         env: list[Manifest] = [{"name": "HF_HOME", "value": cache.mount_path}]
         return [volume], [{"name": "hf-cache", "mountPath": cache.mount_path}], env
-    # The hub (also the default): download into a pod-local cache.
+    # The hub (also the default): download into the pool's model cache, else a pod-local one.
     env = [{"name": "HF_HOME", "value": HF_CACHE}]
     hub = source.hub
     if hub is not None and hub.token_secret_ref is not None:
@@ -86,7 +88,11 @@ def _model_source(pool: Pool) -> tuple[list[Manifest], list[Manifest], list[Mani
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     if hub is not None and hub.endpoint:
         env.append({"name": "HF_ENDPOINT", "value": hub.endpoint})
-    return [{"name": "hf-cache", "emptyDir": {}}], [{"name": "hf-cache", "mountPath": HF_CACHE}], env
+    cache_claim = model_cache.claim_name(pool)
+    storage: Manifest = (
+        {"persistentVolumeClaim": {"claimName": cache_claim}} if cache_claim else {"emptyDir": {}}
+    )
+    return [{"name": "hf-cache", **storage}], [{"name": "hf-cache", "mountPath": HF_CACHE}], env
 
 
 def _probes(port: str) -> Manifest:
@@ -176,7 +182,7 @@ def build_deployment(pool: Pool, role: naming.ComponentRole, config_hash: str) -
         ],
         "resources": _resources(scheduling),
         "volumeMounts": [config_mount, *mounts],
-        "securityContext": {"allowPrivilegeEscalation": False},
+        "securityContext": pod_security.container_security_context(),
         **_probes("http"),
     }
     template_annotations = {
@@ -203,6 +209,8 @@ def build_deployment(pool: Pool, role: naming.ComponentRole, config_hash: str) -
                     "containers": [strip_nones(container)],
                     "volumes": [config_volume, *volumes],
                     "enableServiceLinks": False,
+                    "securityContext": pod_security.pod_security_context(spec),
+                    "imagePullSecrets": pod_security.image_pull_secrets(spec),
                     "terminationGracePeriodSeconds": 60,
                     "nodeSelector": scheduling.node_selector or None,
                     "tolerations": scheduling.tolerations or None,
@@ -235,10 +243,13 @@ def build_service(pool: Pool, role: naming.ComponentRole) -> Manifest:
 def build_pod_monitor(pool: Pool) -> Manifest:
     """One PodMonitor for all roles: every splitserve container names its metrics port `http`."""
     interval = max(5, min(30, pool.spec.autoscaling.interval_seconds))
+    metadata = _meta(pool, pool.name, None)
+    # The operator's extra labels first: the pool's own (which its watches select on) always win.
+    metadata["labels"] = {**pool.pod_monitor_labels, **metadata["labels"]}
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PodMonitor",
-        "metadata": _meta(pool, pool.name, None),
+        "metadata": metadata,
         "spec": {
             "selector": {"matchLabels": {naming.POOL_LABEL: pool.name}},
             "podMetricsEndpoints": [{"port": "http", "path": "/metrics", "interval": f"{interval}s"}],
@@ -251,6 +262,8 @@ def build_children(pool: Pool, *, pod_monitor: bool) -> list[Manifest]:
     config_map = build_engine_config_map(pool.name, pool.namespace, pool.spec)
     config_hash = content_hash(config_map["data"][naming.ENGINE_CONFIG_KEY])
     children = [config_map]
+    if (cache_claim := model_cache.build_model_cache_claim(pool)) is not None:
+        children.append(cache_claim)
     for role in naming.COMPONENT_ROLES:
         children += [build_service(pool, role), build_deployment(pool, role, config_hash)]
     if pod_monitor:

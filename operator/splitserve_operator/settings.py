@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_WORKER_IMAGE = "ghcr.io/splitserve/worker:0.1.0"
 
@@ -18,6 +18,9 @@ class OperatorSettings:
     poll_seconds: float = 2.0
     # How often each pool is fully reconciled even when nothing was seen to change.
     resync_seconds: float = 60.0
+    # Extra labels of every PodMonitor, e.g. {"release": "kube-prometheus-stack"}: the Prometheus
+    # Operator selects PodMonitors by label (kube-prometheus-stack: its release label by default).
+    pod_monitor_labels: dict[str, str] = field(default_factory=dict)
     # How long the answer to "are the monitoring.coreos.com CRDs installed?" is trusted.
     discovery_ttl_seconds: float = 300.0
 

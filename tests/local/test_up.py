@@ -46,19 +46,20 @@ def manifest(tmp_path: Path, model: Path, **overrides: Any) -> Path:
 class Up:
     """`splitserve up` in the background, its stdout read line by line (every wait bounded)."""
 
-    def __init__(self, *args: str, workdir: Path) -> None:
+    def __init__(self, *args: str, workdir: Path | None, **env: str) -> None:
         self.port = free_port()
-        self.workdir = workdir
+        kept = ["--workdir", str(workdir)] if workdir else []
         self.process = subprocess.Popen(
-            splitserve_command("up", *args, "--port", str(self.port), "--workdir", str(workdir)),
+            splitserve_command("up", *args, "--port", str(self.port), *kept),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=subprocess_env(),
+            env=subprocess_env(**env),
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         assert self.process.stdout is not None
@@ -86,6 +87,12 @@ class Up:
     def interrupt(self) -> int:
         self.process.send_signal(signal.SIGINT)
         return self.process.wait(timeout=60)
+
+    def output(self) -> str:
+        """Everything printed so far (after the process ended: everything)."""
+        if self.process.poll() is not None:
+            self.reader.join(timeout=10)  # the pipe's last lines
+        return "".join(self.seen) + "".join(self.lines.queue)
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -149,9 +156,12 @@ def test_up_scales_local_workers_on_ttft(tiny_model: Path, tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (None, "No such file"),
+        (None, "pool.yaml: no such file"),
         ("kind: [unclosed", "not valid YAML"),
-        ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n", "expected one InferencePool"),
+        (
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n",
+            "expected one InferencePool, found kind ConfigMap",
+        ),
         (
             "apiVersion: splitserve.io/v1alpha1\nkind: InferencePool\nmetadata: {name: x}\n"
             "spec: {model: {name: m}, prefill: {replicas: {min: 3, max: 2}}}\n",

@@ -25,7 +25,7 @@ import kopf
 from kmock._internal import enums, rendering  # the hooks below extend kmock's internals
 from kmock._internal.dicts import patch_dict
 
-from splitserve_operator.handlers import Runtime
+from splitserve_operator.handlers import Controller
 from splitserve_operator.main import build
 from splitserve_operator.settings import OperatorSettings
 
@@ -164,7 +164,7 @@ async def eventually(check: Callable[[], Any], limit: float = 15.0, what: str = 
 @contextlib.asynccontextmanager
 async def running_operator(
     apiserver: ApiServer, settings: OperatorSettings, peering: str | None = None
-) -> AsyncIterator[Runtime]:
+) -> AsyncIterator[Controller]:
     """The real kopf operator in its own thread and event loop, talking HTTP to the emulated apiserver.
 
     A thread (as kopf.testing.KopfRunner does) keeps kopf's shutdown, which cancels its tasks,

@@ -9,7 +9,7 @@ from typing import Any
 import kmock
 import pytest
 
-from splitserve_operator.handlers import Runtime
+from splitserve_operator.handlers import Controller
 from splitserve_operator.settings import OperatorSettings
 
 from .apiserver import POOLS, ApiServer, running_operator
@@ -111,6 +111,6 @@ def settings() -> OperatorSettings:
 
 
 @pytest.fixture()
-async def operator(apiserver: ApiServer, settings: OperatorSettings) -> AsyncIterator[Runtime]:
+async def operator(apiserver: ApiServer, settings: OperatorSettings) -> AsyncIterator[Controller]:
     async with running_operator(apiserver, settings) as runtime:
         yield runtime

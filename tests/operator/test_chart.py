@@ -34,12 +34,16 @@ VERBS = {
 }
 
 
-# `get` of a child after a create answered 409 (the watch had not shown it yet): rare, but needed.
+# `get` of a child after a create answered 409 (the watch had not shown it yet): rare, but needed;
+# and patches this scenario does not provoke.
 CONFLICT_PATH = {
     ("", "configmaps", "get"),
     ("", "services", "get"),
+    ("", "persistentvolumeclaims", "get"),
     ("apps", "deployments", "get"),
     ("monitoring.coreos.com", "podmonitors", "get"),
+    # A claim is patched only when its pool's cache grows (spec.model.source.hub.cache.size).
+    ("", "persistentvolumeclaims", "patch"),
 }
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from splitserve.contract.config import EngineConfig
-from splitserve_operator.handlers import Runtime
+from splitserve_operator.handlers import Controller
 
 from .apiserver import eventually
 from .conftest import NAMESPACE, TINY_SPEC, Cluster, path_of
@@ -45,14 +45,14 @@ async def mark_ready(cluster: Cluster, pool: str, roles: tuple[str, ...] = ROLES
         await cluster.patch(path_of("deployments", f"{pool}-{role}", status=True), {"status": status})
 
 
-async def settled(runtime: Runtime, pool: str, passes: int = 3) -> None:
+async def settled(runtime: Controller, pool: str, passes: int = 3) -> None:
     """Wait until the operator has run `passes` more reconciles of `pool`."""
     key = (NAMESPACE, pool)
     target = runtime.reconciled[key] + passes
     await eventually(lambda: runtime.reconciled[key] >= target, what=f"{passes} reconciles of {pool}")
 
 
-async def test_children_owner_references_and_initial_status(cluster: Cluster, operator: Runtime) -> None:
+async def test_children_owner_references_and_initial_status(cluster: Cluster, operator: Controller) -> None:
     created = await cluster.create_pool("tiny")
     await eventually(lambda: children_exist(cluster, "tiny"), what="children")
     uid = created["metadata"]["uid"]
@@ -93,7 +93,7 @@ async def test_children_owner_references_and_initial_status(cluster: Cluster, op
     await eventually(lambda: any(e["reason"] == "Created" for e in cluster.events("tiny")), what="event")
 
 
-async def test_ready_once_every_role_serves(cluster: Cluster, operator: Runtime) -> None:
+async def test_ready_once_every_role_serves(cluster: Cluster, operator: Controller) -> None:
     await cluster.create_pool("tiny")
     await eventually(lambda: children_exist(cluster, "tiny"), what="children")
     await mark_ready(cluster, "tiny", ("prefill", "decode"))
@@ -112,7 +112,7 @@ async def test_ready_once_every_role_serves(cluster: Cluster, operator: Runtime)
     await eventually(lambda: any(e["reason"] == "Ready" for e in cluster.events("tiny")), what="Ready event")
 
 
-async def test_no_op_resync_makes_no_write(cluster: Cluster, operator: Runtime) -> None:
+async def test_no_op_resync_makes_no_write(cluster: Cluster, operator: Controller) -> None:
     await cluster.create_pool("tiny")
     await eventually(lambda: children_exist(cluster, "tiny"), what="children")
     await mark_ready(cluster, "tiny")
@@ -124,7 +124,7 @@ async def test_no_op_resync_makes_no_write(cluster: Cluster, operator: Runtime) 
 
 
 async def test_drift_is_corrected_but_autoscaled_replicas_are_kept(
-    cluster: Cluster, operator: Runtime
+    cluster: Cluster, operator: Controller
 ) -> None:
     await cluster.create_pool("tiny")
     await eventually(lambda: children_exist(cluster, "tiny"), what="children")
@@ -144,7 +144,7 @@ async def test_drift_is_corrected_but_autoscaled_replicas_are_kept(
     assert cluster.get(DEPLOYMENTS, "tiny-decode")["spec"]["replicas"] == 2
 
 
-async def test_replicas_follow_spec_without_autoscaling(cluster: Cluster, operator: Runtime) -> None:
+async def test_replicas_follow_spec_without_autoscaling(cluster: Cluster, operator: Controller) -> None:
     spec: dict[str, Any] = {
         **TINY_SPEC,
         "autoscaling": {"enabled": False},
@@ -172,7 +172,7 @@ async def test_replicas_follow_spec_without_autoscaling(cluster: Cluster, operat
     )
 
 
-async def test_spec_change_rolls_out(cluster: Cluster, operator: Runtime) -> None:
+async def test_spec_change_rolls_out(cluster: Cluster, operator: Controller) -> None:
     await cluster.create_pool("tiny")
     await eventually(lambda: children_exist(cluster, "tiny"), what="children")
     await eventually(
@@ -196,7 +196,7 @@ async def test_spec_change_rolls_out(cluster: Cluster, operator: Runtime) -> Non
 
 
 async def test_invalid_spec_is_reported_and_other_pools_are_served(
-    cluster: Cluster, operator: Runtime
+    cluster: Cluster, operator: Controller
 ) -> None:
     bad = {
         **TINY_SPEC,
@@ -227,7 +227,7 @@ async def test_invalid_spec_is_reported_and_other_pools_are_served(
     await eventually(lambda: cluster.condition("broken", "Ready")["reason"] == "NotReady", what="reason")
 
 
-async def test_child_the_apiserver_rejects_is_reported(cluster: Cluster, operator: Runtime) -> None:
+async def test_child_the_apiserver_rejects_is_reported(cluster: Cluster, operator: Controller) -> None:
     await cluster.create_pool("tiny")
     await eventually(lambda: children_exist(cluster, "tiny"), what="children")
     rejection = {"kind": "Status", "reason": "Invalid", "message": "ConfigMap is invalid: too large"}
@@ -241,7 +241,7 @@ async def test_child_the_apiserver_rejects_is_reported(cluster: Cluster, operato
 
 
 @pytest.mark.parametrize("apiserver_options", [{"pod_monitors": True}])
-async def test_pod_monitor_when_the_crd_is_installed(cluster: Cluster, operator: Runtime) -> None:
+async def test_pod_monitor_when_the_crd_is_installed(cluster: Cluster, operator: Controller) -> None:
     await cluster.create_pool("tiny")
     monitor = await eventually(
         lambda: cluster.get("monitoring.coreos.com/v1/podmonitors", "tiny"), what="PodMonitor"
@@ -250,7 +250,7 @@ async def test_pod_monitor_when_the_crd_is_installed(cluster: Cluster, operator:
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "http"
 
 
-async def test_no_pod_monitor_without_the_crd(cluster: Cluster, operator: Runtime) -> None:
+async def test_no_pod_monitor_without_the_crd(cluster: Cluster, operator: Controller) -> None:
     await cluster.create_pool("tiny")
     await eventually(lambda: children_exist(cluster, "tiny"), what="children")
     template = cluster.get(DEPLOYMENTS, "tiny-decode")["spec"]["template"]["metadata"]["annotations"]
@@ -258,7 +258,7 @@ async def test_no_pod_monitor_without_the_crd(cluster: Cluster, operator: Runtim
     assert not [r for r in cluster.server.writes() if "podmonitors" in str(r.url)]
 
 
-async def test_missing_token_secret(cluster: Cluster, operator: Runtime) -> None:
+async def test_missing_token_secret(cluster: Cluster, operator: Controller) -> None:
     spec = {
         **TINY_SPEC,
         "model": {"name": "org/gated", "source": {"hub": {"tokenSecretRef": {"name": "hf"}}}},
@@ -284,7 +284,7 @@ async def test_missing_token_secret(cluster: Cluster, operator: Runtime) -> None
     await eventually(lambda: cluster.condition("gated", "Ready")["reason"] == "NotReady", what="secret found")
 
 
-async def test_deleted_pool_takes_its_children_along(cluster: Cluster, operator: Runtime) -> None:
+async def test_deleted_pool_takes_its_children_along(cluster: Cluster, operator: Controller) -> None:
     await cluster.create_pool("tiny")
     await eventually(lambda: children_exist(cluster, "tiny"), what="children")
     await cluster.request("DELETE", path_of("inferencepools", "tiny"))

@@ -37,6 +37,7 @@ def test_children_names_and_labels() -> None:
     children = by_kind(build_children(pool(), pod_monitor=False))
     assert set(children) == {
         ("ConfigMap", "llama-engine"),
+        ("PersistentVolumeClaim", "llama-model-cache"),
         ("Service", "llama-prefill"),
         ("Deployment", "llama-prefill"),
         ("Service", "llama-decode"),
@@ -170,13 +171,18 @@ def test_replicas_scheduling_and_markers() -> None:
         ),
         (
             {"hub": {"tokenSecretRef": {"name": "hf", "key": "tok"}, "endpoint": "https://mirror"}},
-            {"name": "hf-cache", "emptyDir": {}},
+            {"name": "hf-cache", "persistentVolumeClaim": {"claimName": "llama-model-cache"}},
             {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "tok"}}},
+        ),
+        (
+            {"hub": {"cache": {"enabled": False}}},
+            {"name": "hf-cache", "emptyDir": {}},
+            {"name": "HF_HOME", "value": "/cache/huggingface"},
         ),
     ],
 )
 def test_model_sources(source: dict[str, Any], volume: dict[str, Any], env: dict[str, Any] | None) -> None:
-    p = pool({"model": {"name": "/models/llama", "source": source}})
+    p = pool({"model": {"name": "meta-llama/Llama-3.1-8B", "source": source}})
     for role in naming.COMPONENT_ROLES:  # the router tokenizes, so it needs the weights' tokenizer too
         deployment = build_deployment(p, role, "h")
         assert volume in deployment["spec"]["template"]["spec"]["volumes"]

@@ -175,8 +175,21 @@ def test_chat_completion_uses_the_chat_template(
         ({"model": MODEL, "prompt": "hi", "max_tokens": "ten"}, 400),
         ({"model": "no-such-model", "prompt": "hi", "max_tokens": 4}, 404),
         (b"{not json", 400),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 4, "temperature": 1e-45}, 400),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 4, "min_tokens": 2, "stop_token_ids": [2**70]}, 400),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 4, "stop": "y" * 200_000}, 400),
     ],
-    ids=["empty-prompt", "past-context", "max-tokens-zero", "max-tokens-type", "unknown-model", "bad-json"],
+    ids=[
+        "empty-prompt",
+        "past-context",
+        "max-tokens-zero",
+        "max-tokens-type",
+        "unknown-model",
+        "bad-json",
+        "tiny-temperature",
+        "stop-id-past-vocabulary",
+        "long-stop-string",
+    ],
 )
 def test_bad_input_gets_an_openai_error_and_disturbs_nothing(
     pool: LocalPool, body: dict[str, object] | bytes, status: int

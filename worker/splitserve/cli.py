@@ -49,6 +49,15 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig.model_validate({key: value for key, value in overrides.items() if value is not None})
 
 
+def checked_engine_config(args: argparse.Namespace) -> EngineConfig:
+    """`engine_config`, with a missing local model directory reported before anything starts."""
+    from splitserve.engine.model_info import check_model_source
+
+    config = engine_config(args)
+    check_model_source(config.model)
+    return config
+
+
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="Hugging Face model id or local directory")
     parser.add_argument(
@@ -69,6 +78,7 @@ def _add_server_flags(parser: argparse.ArgumentParser, port: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"splitserve {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     worker = commands.add_parser("worker", help="run a prefill, decode or colocated (both) worker")
@@ -157,13 +167,24 @@ def _run(args: argparse.Namespace) -> int:
 
         logs.silence_transformers()
         return run_local(args)
-    config = engine_config(args)
+    config = checked_engine_config(args)
     from splitserve.serving import serve
 
     logs.silence_transformers()
     if args.command == "worker":
         return serve.run_worker(config, args)
     return serve.run_router(config, args)
+
+
+def version() -> str:
+    """The installed distribution's version (pyproject.toml's, for an editable install)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as distribution_version
+
+    try:
+        return distribution_version("splitserve")
+    except PackageNotFoundError:  # run from a checkout that was never pip-installed
+        return "unknown (not installed)"
 
 
 def _one_line(error: BaseException) -> str:

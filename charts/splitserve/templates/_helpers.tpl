@@ -49,7 +49,7 @@ Permissions the operator uses in every namespace it manages: exactly the calls i
   resources: ["inferencepools/status"]
   verbs: ["patch"]
 - apiGroups: [""]
-  resources: ["configmaps", "services"]
+  resources: ["configmaps", "services", "persistentvolumeclaims"]
   verbs: ["list", "watch", "get", "create", "patch"]
 - apiGroups: ["apps"]
   resources: ["deployments"]

@@ -39,6 +39,7 @@ STATUS_FIELDS = (
     "predicted_load",
     "reason",
     "last_scale_time",
+    "startup_seconds",
 )
 
 
@@ -71,6 +72,8 @@ class AutoscalerState:
             role: PoolState.new(role, parse_rfc3339(getattr(status, role).last_scale_time))
             for role in WORKER_ROLES
         }
+        for role, pool in pools.items():
+            pool.startup = getattr(status, role).startup_seconds  # what was learned before the restart
         condition = next((c for c in status.conditions if c.type == METRICS_AVAILABLE), None)
         return cls(pools=pools, condition=condition)
 
@@ -110,12 +113,24 @@ def pool_status(decision: Decision) -> dict[str, Any]:
         predicted_load=_round(decision.predicted_load),
         reason=decision.reason,
         last_scale_time=rfc3339(last) if last is not None else None,
+        startup_seconds=_round(decision.startup),
     )
     return status.model_dump(mode="json", by_alias=True, include=set(STATUS_FIELDS))
 
 
 def _round(value: float | None) -> float | None:
     return None if value is None else float(f"{value:.4g}")
+
+
+def signal_query(namespace: str | None, name: str, spec: InferencePoolSpec) -> SignalQuery:
+    """What one evaluation of the pool reads: its series, over its window, at its SLO percentiles."""
+    return SignalQuery(
+        pool=name,
+        namespace=namespace,
+        window_seconds=spec.autoscaling.window_seconds,
+        ttft_percentile=spec.prefill.slo.percentile,
+        itl_percentile=spec.decode.slo.percentile,
+    )
 
 
 def observation(signals: PoolSignals, role: WorkerRole) -> Observation:
@@ -132,6 +147,7 @@ def observation(signals: PoolSignals, role: WorkerRole) -> Observation:
         busy=workers.busy,
         steps=workers.steps,
         tokens=workers.tokens,
+        startup=workers.startup,
     )
 
 
@@ -200,17 +216,10 @@ class PoolAutoscaler:
         if not spec.autoscaling.enabled:
             raise ValueError(f"{name}: autoscaling is disabled; replicas come from the spec")
         state.last_evaluation = now
-        query = SignalQuery(
-            pool=name,
-            namespace=namespace,
-            window_seconds=spec.autoscaling.window_seconds,
-            ttft_percentile=spec.prefill.slo.percentile,
-            itl_percentile=spec.decode.slo.percentile,
-        )
         signals: PoolSignals | None = None
         unavailable: SignalsUnavailableError | None = None
         try:
-            signals = await self.source.read(query)
+            signals = await self.source.read(signal_query(namespace, name, spec))
         except SignalsUnavailableError as error:
             unavailable = error
         decisions = {

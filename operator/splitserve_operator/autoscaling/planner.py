@@ -66,6 +66,7 @@ class Observation:
     busy: float | None = None  # step-seconds per second, summed (busy replicas)
     steps: float | None = None  # engine steps per second, summed
     tokens: float | None = None  # tokens the pool's steps computed per second, summed
+    startup: float | None = None  # seconds a replica's process took to serve (its own measurement)
 
 
 @dataclass(frozen=True)

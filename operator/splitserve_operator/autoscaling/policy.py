@@ -147,6 +147,7 @@ class Decision:
     reason: str
     last_scale_time: float | None
     metrics_available: bool = True
+    startup: float | None = None  # the start-up estimate the planner sized for
 
 
 def step_limit(current: int, rules: ScalingRules) -> int:
@@ -273,9 +274,12 @@ def decide(
             reason,
             state.last_scale_time,
             metrics_available=False,
+            startup=state.startup,
         )
 
     settled = state.settle(current, obs.ready, now, policy.window)
+    if state.startup is None:  # until a scale-up is timed, start from what the replicas measured
+        state.startup = obs.startup
     state.track_startup(obs.ready, now)
     state.planner.learn(obs, now, policy.sizing(state.startup), settled)
     raw, predicted, reason = recommend(policy, state, current, obs, settled)
@@ -305,6 +309,7 @@ def decide(
         predicted.load if predicted else None,
         reason,
         state.last_scale_time,
+        startup=state.startup,
     )
 
 

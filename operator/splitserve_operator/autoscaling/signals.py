@@ -56,6 +56,7 @@ class WorkerSignals:
     busy: float | None = None  # step-seconds per second (sum): busy replicas
     steps: float | None = None  # engine steps per second (sum)
     tokens: float | None = None  # tokens computed per second (sum)
+    startup: float | None = None  # seconds from process start to serving (mean of the replicas)
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ def signal_specs(query: SignalQuery) -> dict[str, SignalSpec]:
             f"{role}.busy": SignalSpec("rate", names.step_seconds(role) + "_sum", role),
             f"{role}.steps": SignalSpec("rate", names.step_seconds(role) + "_count", role),
             f"{role}.tokens": SignalSpec("rate", names.stage_tokens(role), role),
+            f"{role}.startup": SignalSpec("avg_avg", names.STARTUP_SECONDS, role),
         }
     return specs
 

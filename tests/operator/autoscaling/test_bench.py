@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import REPO
+
 CAPACITY = REPO / "bench" / "autoscale" / "results" / "capacity-tiny-cpu.json"
 
 

@@ -83,6 +83,7 @@ async def test_scale_up_is_explained_in_status_and_an_event() -> None:
         "predictedLoad": None,
         "reason": outcome.decisions["prefill"].reason,
         "lastScaleTime": rfc3339(1000.0),
+        "startupSeconds": None,
     }
     assert set(status["decode"]) <= set(PoolStatus.model_json_schema(by_alias=True)["properties"])
     assert "above target" in status["prefill"]["reason"]

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
+from splitserve.engine.params import REQUEST_FAULT
 from splitserve.serving.http import RunningApp
 from splitserve.serving.internal_api import KV_PORT_HEADER
 from tests.worker.conftest import Serve
@@ -26,8 +27,8 @@ def expected_tokens(prompt_len: int, max_tokens: int) -> list[int]:
     return [first_token(prompt_len) + i for i in range(max_tokens)]
 
 
-def _error(status: int, message: str) -> web.Response:
-    kind = "invalid_request_error" if status < 500 else "server_error"
+def _error(status: int, message: str, kind: str | None = None) -> web.Response:
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
     return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
 
 
@@ -143,7 +144,7 @@ class FakeDecode(_FakeWorker):
             self._waiting_for_kv.pop(request_id, None)
 
 
-PrefillMode = Literal["ok", "die", "hang", "reject", "fail"]
+PrefillMode = Literal["ok", "die", "hang", "reject", "fail", "fault"]
 
 
 class FakePrefill(_FakeWorker):
@@ -173,6 +174,8 @@ class FakePrefill(_FakeWorker):
             return _error(400, "prompt token ids out of range")
         if self.mode == "fail":
             return _error(500, "CUDA error: out of memory")
+        if self.mode == "fault":  # this request's sequence failed alone in its engine step
+            return _error(500, "sampling failed: probability tensor contains nan", REQUEST_FAULT)
         if self.mode in ("die", "hang"):
             if self.mode == "die" and request.transport is not None:
                 request.transport.abort()

@@ -44,6 +44,7 @@ class ScriptedBackend:
         self.requests: list[GenerationRequest] = []
         self.aborted: set[str] = set()
         self.completed: set[str] = set()
+        self.linger: asyncio.Event | None = None  # set: closing a generation waits for it
 
     def is_ready(self) -> bool:
         return self.ready
@@ -66,6 +67,9 @@ class ScriptedBackend:
         except (GeneratorExit, asyncio.CancelledError):
             self.aborted.add(request.request_id)
             raise
+        finally:
+            if self.linger is not None:
+                await self.linger.wait()
 
 
 class Server:
@@ -222,6 +226,11 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": "5"}, 400, "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2.5}, 400, "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 1e-45}, 400, "temperature"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop_token_ids": [346]}, 400, "stop_token_ids"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop_token_ids": [-5]}, 400, "stop_token_ids.0"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": ["y" * 2000]}, 400, "stop.0"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "seed": 2**64}, 400, "seed"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": [""]}, 400, "stop"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "min_tokens": 20}, 400, "min_tokens"),
@@ -418,6 +427,26 @@ async def test_client_disconnect_cancels_the_generation(server: Server, stream: 
         await asyncio.sleep(0.05)
     assert server.backend.aborted == {server.backend.requests[0].request_id}
     assert server.outcome("cancelled") == 1
+
+
+async def test_a_stream_that_ended_with_done_is_a_success_whatever_the_client_does_next(
+    server: Server,
+) -> None:
+    """The client closes the socket right after [DONE] while the backend streams are still closing."""
+    server.backend.linger = asyncio.Event()
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 3, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(server.url + "/v1/completions", json=body)
+        received = b""
+        while not received.endswith(b"data: [DONE]\n\n"):
+            received += await response.content.readany()
+        response.close()  # drops the connection
+    for _ in range(100):
+        if server.outcome("success") or server.outcome("cancelled"):
+            break
+        await asyncio.sleep(0.05)
+    server.backend.linger.set()
+    assert (server.outcome("success"), server.outcome("cancelled")) == (1, 0)
 
 
 async def test_health_follows_the_backend(server: Server) -> None:

@@ -224,6 +224,19 @@ async def test_worker_4xx_is_returned_not_retried(serve: Serve, start_router: St
     assert router.healthy("prefill") == {rejecting.url: True}
 
 
+async def test_a_request_fault_is_returned_not_retried(serve: Serve, start_router: StartRouter) -> None:
+    """A 5xx marked REQUEST_FAULT failed alone on a healthy worker: the next one would fail the same."""
+    faulty = [await FakePrefill("fault").start(serve) for _ in range(2)]
+    decode = await FakeDecode().start(serve)
+    router = await start_router([worker.url for worker in faulty], [decode.url])
+    async with router.client() as client:
+        with pytest.raises(openai.InternalServerError, match="sampling failed") as caught:
+            await client.completions.create(model=MODEL, prompt="hello", max_tokens=2)
+    assert caught.value.status_code == 500
+    assert sum(len(worker.requests) for worker in faulty) == 1
+    assert set(router.healthy("prefill").values()) == {True}
+
+
 async def test_decode_error_line_is_relayed(serve: Serve, start_router: StartRouter) -> None:
     prefill, decode = await FakePrefill().start(serve), await FakeDecode(error_after=2).start(serve)
     router = await start_router([prefill.url], [decode.url])

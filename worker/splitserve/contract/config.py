@@ -15,6 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
+def looks_like_path(model: str) -> bool:
+    """A local directory rather than a hub id (`org/name` is a hub id; `./org/name` is not)."""
+    return model.startswith(("/", ".", "~"))
+
+
 class EngineConfig(BaseModel):
     """Everything a worker needs to load a model and size its batches; each field says why it exists."""
 
@@ -23,7 +28,8 @@ class EngineConfig(BaseModel):
     model: str = Field(min_length=1, description="Hugging Face model id or local directory.")
     revision: str | None = Field(None, description="Hub revision, so rollouts pin exact weights.")
     served_model_name: str | None = Field(
-        None, description="Name clients use in requests; defaults to `model`."
+        None,
+        description="Name clients use in requests; defaults to `model`, or a local model directory's name.",
     )
     dtype: Dtype = Field("auto", description="auto = bfloat16 on CUDA, float32 on CPU (CPU bf16 is slow).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present.")
@@ -60,7 +66,11 @@ class EngineConfig(BaseModel):
 
     @property
     def name(self) -> str:
-        return self.served_model_name or self.model
+        """The served name: `/models/llama-3` serves as `llama-3` (what a client would guess), a hub
+        id as itself (as vLLM does)."""
+        if self.served_model_name:
+            return self.served_model_name
+        return Path(self.model).expanduser().name if looks_like_path(self.model) else self.model
 
     @classmethod
     def from_file(cls, path: Path, **overrides: object) -> EngineConfig:

@@ -52,6 +52,8 @@ KV_CACHE_USAGE: Final = "splitserve_kv_cache_usage_ratio"
 KV_CACHE_CAPACITY_TOKENS: Final = "splitserve_kv_cache_capacity_tokens"
 KV_CACHE_BLOCKS: Final = "splitserve_kv_cache_blocks"  # label `state`: free | used
 PREEMPTIONS: Final = "splitserve_preemptions_total"
+# Seconds from process start to serving (weights loaded): the autoscaler's first start-up estimate.
+STARTUP_SECONDS: Final = "splitserve_startup_seconds"
 
 
 def step_seconds(stage: WorkerRole) -> str:
@@ -62,6 +64,40 @@ def step_seconds(stage: WorkerRole) -> str:
 def stage_tokens(stage: WorkerRole) -> str:
     """Tokens computed by `stage`: prompt tokens for prefill, sampled tokens for decode."""
     return f"splitserve_{stage}_tokens_total"
+
+
+# Which roles export each series: a role exports only what it measures, so a query without a `role`
+# filter is not diluted by zeros (a router's KV usage, a decode worker's TTFT). Unlisted: every role.
+_CLIENT: Final = frozenset({"router", "both"})
+_ENGINE: Final = frozenset({"prefill", "decode", "both"})
+_TRANSFER: Final = frozenset({"prefill", "decode"})
+SERIES_ROLES: Final[dict[str, frozenset[str]]] = {
+    **dict.fromkeys((TTFT, ITL, E2E_LATENCY, PROMPT_TOKENS, GENERATION_TOKENS, REQUESTS), _CLIENT),
+    **dict.fromkeys((KV_TRANSFER_SECONDS, KV_TRANSFER_BYTES), _TRANSFER),
+    **dict.fromkeys(
+        (
+            REQUESTS_RUNNING,
+            REQUESTS_WAITING,
+            KV_CACHE_USAGE,
+            KV_CACHE_CAPACITY_TOKENS,
+            KV_CACHE_BLOCKS,
+            PREEMPTIONS,
+            STARTUP_SECONDS,
+        ),
+        _ENGINE,
+    ),
+    **{
+        name: frozenset({stage, "both"})
+        for stage in WORKER_ROLES
+        for name in (step_seconds(stage), stage_tokens(stage))
+    },
+}
+
+
+def exported_by(metric: str, role: str) -> bool:
+    """Whether a process of `role` (router, prefill, decode, both) exports `metric`."""
+    roles = SERIES_ROLES.get(metric)
+    return roles is None or role in roles
 
 
 OUTCOME_SUCCESS: Final = "success"

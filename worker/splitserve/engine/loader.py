@@ -33,6 +33,11 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     kv_budget_bytes: int
 
+    @property
+    def vocab_size(self) -> int:
+        """The token ids this model can read (rows of its embedding, and the logits' width)."""
+        return int(self.model.config.get_text_config().vocab_size)
+
 
 def resolve_device(config: EngineConfig) -> torch.device:
     if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):

@@ -6,10 +6,27 @@ same answers as the workers without importing the engine's forward pass or atten
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from splitserve.contract.config import looks_like_path
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+
+def check_model_source(model: str) -> str:
+    """`model` unchanged when it can be loaded as given: a hub id, or a directory with a config.json.
+    A path that is not one raises ValueError naming it, instead of the hub's repo-id complaint that
+    transformers gives for any string it cannot find on disk."""
+    if not looks_like_path(model):
+        return model
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ValueError(f"model directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a model directory (no config.json in it)")
+    return model
 
 
 def load_tokenizer(model: str, revision: str | None = None) -> PreTrainedTokenizerBase:

@@ -24,7 +24,14 @@ from splitserve.contract.names import EngineRole
 from splitserve.engine.blocks import NoFreeBlocksError
 from splitserve.engine.forward import Engine
 from splitserve.engine.kv_cache import SequenceKV
-from splitserve.engine.params import GenerationChunk, GenerationError, GenerationRequest, Load, SamplingParams
+from splitserve.engine.params import (
+    REQUEST_FAULT,
+    GenerationChunk,
+    GenerationError,
+    GenerationRequest,
+    Load,
+    SamplingParams,
+)
 from splitserve.engine.sampling import finish_reason
 from splitserve.engine.scheduler import BatchPolicy, Emission, EngineLoop, EngineMetrics, Sequence
 
@@ -262,6 +269,7 @@ class EngineRuntime:
     def _submit(self, stream: _Stream, sequence: Sequence) -> None:
         stream.in_engine = True
         self.engine_loop.add(sequence)
+        self._update_gauges()
 
     def _deliver(self, stream: _Stream, item: GenerationChunk | GenerationError) -> None:
         if not stream.failed:
@@ -321,7 +329,10 @@ class EngineRuntime:
             if emission.token is not None:
                 self._deliver(stream, GenerationChunk((emission.token,), emission.finish))
             elif emission.error != "aborted":
-                self._deliver(stream, GenerationError(emission.error or "engine error", status=500))
+                kind = REQUEST_FAULT if emission.request_fault else "server_error"
+                self._deliver(
+                    stream, GenerationError(emission.error or "engine error", status=500, kind=kind)
+                )
             if emission.done:
                 stream.in_engine = False
                 self._settle(stream)
@@ -329,5 +340,6 @@ class EngineRuntime:
 
     def _update_gauges(self) -> None:
         load = self.load()
+        self.metrics.requests_running.set(load.running)  # also when no step follows (last one left)
         self.metrics.requests_waiting.set(load.waiting)
         self.metrics.record_kv_blocks(self.pool.allocator.num_free, self.pool.allocator.num_used)

@@ -23,23 +23,38 @@ class SamplingRow:
     generated: int  # tokens this sequence already produced (0 for the first token)
 
 
-def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], stop_ids: frozenset[int]) -> list[int]:
-    """logits `[S, V]` (one row per sequence) -> one token id per sequence.
+class SamplingError(Exception):
+    """One row could not be sampled (non-finite probabilities, a mask outside the vocabulary...).
+
+    Returned in that row's place, not raised: one sequence's failure is that sequence's alone.
+    """
+
+
+def sample(
+    logits: torch.Tensor, rows: Sequence[SamplingRow], stop_ids: frozenset[int]
+) -> list[int | SamplingError]:
+    """logits `[S, V]` (one row per sequence) -> one token id per sequence, or that row's failure.
 
     `stop_ids` (the model's EOS tokens) are masked, together with a request's stop_token_ids,
-    while the request has produced fewer than `min_tokens`.
+    while the request has produced fewer than `min_tokens`. Each row is sampled on its own terms:
+    whatever goes wrong with one (the boundaries validate parameters, this is the last line of
+    defence) fails that row, and every other row gets the token it would have got anyway.
     """
     logits = logits.float()
+    vocab = logits.shape[-1]
     for index, row in enumerate(rows):
         if row.generated < row.params.min_tokens:
-            banned = list(stop_ids | set(row.params.stop_token_ids))
+            banned = [token for token in stop_ids | set(row.params.stop_token_ids) if 0 <= token < vocab]
             logits[index, banned] = float("-inf")
-    tokens = logits.argmax(dim=-1).tolist()
+    tokens: list[int | SamplingError] = [int(token) for token in logits.argmax(dim=-1).tolist()]
     generator = torch.Generator(device=logits.device)
     for index, row in enumerate(rows):
         if not row.params.greedy:
-            tokens[index] = _sample_row(logits[index], row, generator)
-    return [int(token) for token in tokens]
+            try:
+                tokens[index] = _sample_row(logits[index], row, generator)
+            except (RuntimeError, ValueError, OverflowError) as error:  # how torch refuses bad input
+                tokens[index] = SamplingError(f"sampling failed: {error}")
+    return tokens
 
 
 def _sample_row(logits: torch.Tensor, row: SamplingRow, generator: torch.Generator) -> int:
@@ -56,6 +71,8 @@ def _sample_row(logits: torch.Tensor, row: SamplingRow, generator: torch.Generat
         sorted_logits[mass_before > params.top_p] = float("-inf")  # the top token always survives
         scaled = torch.full_like(scaled, float("-inf")).scatter(0, order, sorted_logits)
     probs = torch.softmax(scaled, dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError(f"non-finite probabilities at temperature {params.temperature:g}")
     if params.seed is not None:
         generator.manual_seed(_row_seed(params.seed, row.generated))
         return int(torch.multinomial(probs, 1, generator=generator))

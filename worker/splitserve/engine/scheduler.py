@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -26,7 +26,7 @@ from splitserve.engine.blocks import NoFreeBlocksError
 from splitserve.engine.forward import Engine, Work
 from splitserve.engine.kv_cache import KVPool, SequenceKV
 from splitserve.engine.params import FinishReason, SamplingParams
-from splitserve.engine.sampling import SamplingRow, finish_reason, sample
+from splitserve.engine.sampling import SamplingError, SamplingRow, finish_reason, sample
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class Emission:
     token: int | None
     finish: FinishReason | None
     error: str | None = None
+    request_fault: bool = False  # the sequence failed alone while the step's others went on
 
     @property
     def done(self) -> bool:
@@ -115,6 +116,23 @@ class BatchPolicy:
             # The colocated baseline: whole prompts, decode waits (the stall the seeds describe).
             return cls(prefill_token_budget=max_model_len, interleave=False, max_num_seqs=max_num_seqs)
         return cls(prefill_token_budget=chunk_size, interleave=True, max_num_seqs=max_num_seqs)
+
+
+def plan_step(
+    prefilling: Iterable[Sequence], decoding: list[Sequence], policy: BatchPolicy
+) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
+    """One step's work: FIFO prompt chunks up to the token budget (the oldest prompt first, so a long
+    one is never starved), plus every decode stream the policy lets run beside them."""
+    plan: list[tuple[Sequence, int]] = []
+    budget = policy.prefill_token_budget
+    for seq in prefilling:
+        if budget <= 0:
+            break
+        take = min(budget, seq.prefill_target - seq.kv.length)
+        plan.append((seq, take))
+        budget -= take
+    decode = list(decoding) if (policy.interleave or not plan) else []
+    return plan, decode
 
 
 _ABORT, _ADD, _STOP, _WAKE = "abort", "add", "stop", "wake"
@@ -210,7 +228,7 @@ class EngineLoop:
                 else:
                     self.waiting.append(payload)
             elif kind == _ABORT:
-                aborted.extend(self._remove(str(payload), "aborted"))
+                aborted.extend(self._remove(str(payload)))
         if aborted:
             self.on_step(aborted)
         return True
@@ -236,8 +254,8 @@ class EngineLoop:
             seq.admitted = self._admissions
             self.prefilling.append(seq)
 
-    def _remove(self, request_id: str, error: str) -> list[Emission]:
-        """Take a sequence out wherever it is and free its blocks."""
+    def _remove(self, request_id: str) -> list[Emission]:
+        """Take a sequence out wherever it is and free its blocks; what an abort reports."""
         gone = [
             seq for seq in (*self.waiting, *self.prefilling, *self.decoding) if seq.request_id == request_id
         ]
@@ -246,7 +264,7 @@ class EngineLoop:
                 if seq in place:
                     place.remove(seq)
             seq.kv.release()
-        return [Emission(seq, None, None, error=error) for seq in gone]
+        return [Emission(seq, None, None, error="aborted") for seq in gone]
 
     def _step_safely(self) -> None:
         prefill_plan, decode = self._plan()
@@ -254,9 +272,7 @@ class EngineLoop:
             emissions = self._step(prefill_plan, decode) if prefill_plan or decode else []
         except Exception as error:  # a failed forward fails its sequences, never the worker
             log.exception("engine step failed")
-            emissions = []
-            for seq in {*(seq for seq, _ in prefill_plan), *decode}:
-                emissions += self._remove(seq.request_id, f"engine step failed: {error}")
+            emissions = self._isolate(prefill_plan, decode, error)
         self._queued = len(self.waiting)
         self.metrics.requests_running.set(len(self.decoding) + len(self.prefilling))
         self.metrics.record_kv_blocks(self.pool.allocator.num_free, self.pool.allocator.num_used)
@@ -264,19 +280,44 @@ class EngineLoop:
             self.on_step(emissions)
 
     def _plan(self) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
-        """Every decode stream the policy allows (with room to grow), plus FIFO prompt chunks."""
-        decode = self._make_room(
-            list(self.decoding) if (self.policy.interleave or not self.prefilling) else []
+        """`plan_step` over the decode streams that got room to grow (preempting others if needed)."""
+        runs_decode = self.policy.interleave or not self.prefilling
+        return plan_step(
+            self.prefilling, self._make_room(list(self.decoding)) if runs_decode else [], self.policy
         )
-        plan: list[tuple[Sequence, int]] = []
-        budget = self.policy.prefill_token_budget
-        for seq in self.prefilling:
-            if budget <= 0:
-                break
-            take = min(budget, seq.prefill_target - seq.kv.length)
-            plan.append((seq, take))
-            budget -= take
-        return plan, decode
+
+    def _isolate(
+        self, prefill_plan: list[tuple[Sequence, int]], decode: list[Sequence], error: Exception
+    ) -> list[Emission]:
+        """Re-run each sequence of a failed step alone, so that only those failing by themselves fail.
+
+        A failed forward leaves every KV length as it was (`Engine.forward` advances them last), so a
+        re-run rewrites the same positions. A sequence that fails while another passes is the
+        request's own fault (`request_fault`: not worth retrying elsewhere); when every one fails, or
+        it ran alone, the worker is the likelier culprit.
+        """
+        parts: list[tuple[list[tuple[Sequence, int]], list[Sequence]]] = [
+            ([item], []) for item in prefill_plan
+        ]
+        parts += [([], [seq]) for seq in decode]
+        emissions: list[Emission] = []
+        failed: list[tuple[Sequence, Exception]] = []
+        for plan, streams in parts:
+            seq = plan[0][0] if plan else streams[0]
+            if len(parts) == 1:
+                failed.append((seq, error))
+                continue
+            try:
+                emissions += self._step(plan, streams)
+            except Exception as alone:
+                failed.append((seq, alone))
+        fault = len(failed) < len(parts)
+        for seq, reason in failed:
+            self._remove(seq.request_id)
+            emissions.append(
+                Emission(seq, None, None, error=f"engine step failed: {reason}", request_fault=fault)
+            )
+        return emissions
 
     def _make_room(self, decode: list[Sequence]) -> list[Sequence]:
         """Give each decode stream the block its next token needs, preempting the latest admitted
@@ -322,9 +363,13 @@ class EngineLoop:
             self.metrics.decode_tokens.inc(len(decode))
         return [self._advance(seq, token) for seq, token in zip(sampled, tokens, strict=True)]
 
-    def _advance(self, seq: Sequence, token: int) -> Emission:
-        """Record a sampled token and move the sequence to where it belongs next; a finished sequence
-        frees its blocks here, except on a prefill worker, whose runtime frees them once shipped."""
+    def _advance(self, seq: Sequence, token: int | SamplingError) -> Emission:
+        """Record a sampled token and move the sequence to where it belongs next (out, if it failed); a
+        finished sequence frees its blocks here, except on a prefill worker, whose runtime frees them
+        once shipped."""
+        if isinstance(token, SamplingError):
+            self._remove(seq.request_id)
+            return Emission(seq, None, None, error=str(token), request_fault=True)
         seq.output.append(token)
         finish = finish_reason(seq.params, self.stop_ids, token, len(seq.output))
         if seq in self.prefilling:

@@ -35,6 +35,19 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def check_port_free(port: int) -> None:
+    """ValueError when something listens on 127.0.0.1:`port` already: found before any model loads,
+    and before the other listener's /health could pass for our router's."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT leftover is no owner
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            raise ValueError(
+                f"port {port} is already in use (another `splitserve up`?); stop it or pass --port"
+            ) from error
+
+
 def splitserve_argv(*args: str) -> list[str]:
     """This interpreter running our CLI, so a checkout works as well as an installed package."""
     return [sys.executable, "-m", "splitserve", *args]
@@ -121,6 +134,7 @@ class LocalPool:
         default_factory=lambda: {role: [] for role in WORKER_ROLES}
     )
     router: LocalProcess | None = None
+    starting: list[LocalProcess] = field(default_factory=list)  # started, not yet ready
     _serial: int = 0
 
     @property
@@ -169,7 +183,14 @@ class LocalPool:
                 self.progress(f"  {process.name:<10} stopped")
 
     async def stop(self) -> None:
-        await asyncio.gather(*(asyncio.to_thread(process.stop) for process in self.processes()))
+        """Every process, including those still loading (a Ctrl-C during start-up)."""
+        everyone = [*self.starting, *self.processes()]
+        await asyncio.gather(*(asyncio.to_thread(process.stop) for process in everyone))
+
+    def kill(self) -> None:
+        """SIGKILL everything now (a second Ctrl-C); a `stop` under way then returns at once."""
+        for process in [*self.starting, *self.processes()]:
+            process.kill()
 
     def dead(self) -> list[LocalProcess]:
         return [process for process in self.processes() if process.exit_code() is not None]
@@ -187,7 +208,9 @@ class LocalPool:
             process = self._process(f"{role}-{self._serial}", port, argv)
             process.start()
             new.append(process)
+        self.starting.extend(new)
         await asyncio.gather(*(self._ready(process, session) for process in new))
+        self.starting = [process for process in self.starting if process not in new]
         self.workers[role].extend(new)
         self._write_discovery()
 

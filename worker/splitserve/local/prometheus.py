@@ -85,6 +85,10 @@ class LocalPrometheus:
             time.sleep(0.2)
         raise RuntimeError(f"prometheus not ready after {timeout:g}s; see {self.log_path}")
 
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return

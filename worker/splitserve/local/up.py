@@ -2,16 +2,16 @@
 
 The same manifest a cluster takes: router, prefill and decode workers become local processes, and
 the operator's autoscaler scales them (reading a local Prometheus when one is installed, else the
-processes' /metrics directly). Ctrl-C stops everything.
+processes' /metrics directly). Ctrl-C stops everything gracefully; a second Ctrl-C kills it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import json
+import shutil
 import signal
 import tempfile
 import time
@@ -24,10 +24,16 @@ from pydantic import ValidationError
 
 from splitserve.contract.errors import one_line
 from splitserve.contract.names import WORKER_ROLES
-from splitserve.local.pool import LocalPool
+from splitserve.engine.model_info import check_model_source
+from splitserve.local.pool import LocalPool, check_port_free
 from splitserve.local.prometheus import LocalPrometheus, find_prometheus
-from splitserve_operator.autoscaling.evaluator import AutoscalerState, PoolAutoscaler
-from splitserve_operator.autoscaling.signals import PrometheusSource, ScrapeSource, SignalSource
+from splitserve_operator.autoscaling.evaluator import AutoscalerState, PoolAutoscaler, signal_query
+from splitserve_operator.autoscaling.signals import (
+    PrometheusSource,
+    ScrapeSource,
+    SignalSource,
+    SignalsUnavailableError,
+)
 from splitserve_operator.conditions import Event
 from splitserve_operator.engine_configmap import engine_config
 from splitserve_operator.models import API_GROUP, KIND, InferencePoolSpec
@@ -38,17 +44,22 @@ DEMO_MANIFEST = Path(__file__).with_name("demo.yaml")
 TINY_MODEL_DIR = Path("~/.cache/splitserve/tiny-model")
 DEMO_PROMPT = "In one sentence: why run prefill and decode on separate GPU pools?"
 WATCH_SECONDS = 1.0
+WARM_UP_SECONDS = 30.0
 
 
 def load_manifest(path: Path) -> tuple[str, InferencePoolSpec]:
     """(name, spec) of the one InferencePool in `path`; ValueError with a readable reason otherwise."""
     try:
         documents = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    except FileNotFoundError as error:
+        raise ValueError(f"{path}: no such file") from error
+    except IsADirectoryError as error:
+        raise ValueError(f"{path}: is a directory, not a manifest") from error
     except yaml.YAMLError as error:
         raise ValueError(f"{path}: not valid YAML: {error}") from error
     pools = [doc for doc in documents if isinstance(doc, dict) and doc.get("kind") == KIND]
     if len(pools) != 1:
-        raise ValueError(f"{path}: expected one {KIND}, found {len(pools)}")
+        raise ValueError(f"{path}: expected one {KIND}, found {_kinds(documents)}")
     pool = pools[0]
     if not str(pool.get("apiVersion", "")).startswith(f"{API_GROUP}/"):
         raise ValueError(f"{path}: apiVersion must be {API_GROUP}/v1alpha1")
@@ -61,30 +72,43 @@ def load_manifest(path: Path) -> tuple[str, InferencePoolSpec]:
         raise ValueError(f"{path}: {one_line(error, root='spec')}") from error
 
 
+def _kinds(documents: list[Any]) -> str:
+    """What a manifest holds instead of one InferencePool, e.g. `2 InferencePool` or `kind ConfigMap`."""
+    kinds = [
+        str(doc.get("kind")) if isinstance(doc, dict) and "kind" in doc else "no kind" for doc in documents
+    ]
+    if not kinds:
+        return "an empty file"
+    if kinds.count(KIND) > 1:
+        return f"{kinds.count(KIND)} of them"
+    return "kind " + ", ".join(dict.fromkeys(kinds))
+
+
 def local_model(name: str) -> str:
     """A hub id stays as it is; a local path is expanded, and the demo's tiny model written if missing."""
     if not name.startswith(("~", ".", "/")):
         return name
     path = Path(name).expanduser()
-    if not path.exists():
-        if path != TINY_MODEL_DIR.expanduser():
-            raise ValueError(f"model directory {path} does not exist")
+    if not path.exists() and path == TINY_MODEL_DIR.expanduser():
         from splitserve.engine.tiny_model import write_tiny_model
 
         print(f"writing the tiny offline model to {path} (first run only)", flush=True)
         write_tiny_model(path)
-    return str(path)
+    return check_model_source(str(path))
 
 
 def run_local(args: argparse.Namespace) -> int:
+    """Checks everything a user can get wrong (manifest, port, model path) before any process starts."""
     name, spec = load_manifest(args.manifest or DEMO_MANIFEST)
+    port = args.port or spec.router.service.port
+    check_port_free(port)
     config = engine_config(spec).model_copy(update={"model": local_model(spec.model.name)})
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix=f"splitserve-{name}-"))
     pool = LocalPool(
         name,
         config,
         workdir,
-        args.port or spec.router.service.port,
+        port,
         threads={"prefill": spec.prefill.threads or 1, "decode": spec.decode.threads or 1},
         log_level=args.log_level,
     )
@@ -93,42 +117,80 @@ def run_local(args: argparse.Namespace) -> int:
     except RuntimeError as error:  # a process failed to start: its log tail is in the message
         print(f"splitserve up: error: {error}", flush=True)
         return 1
+    finally:
+        if args.workdir is None:  # a temp dir of ours; --workdir keeps logs for later
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 class Up:
+    """The pool's lifetime: start, serve and autoscale until Ctrl-C, then stop every process."""
+
     def __init__(self, pool: LocalPool, spec: InferencePoolSpec, args: argparse.Namespace) -> None:
         self.pool, self.spec, self.args = pool, spec, args
         self.prometheus: LocalPrometheus | None = None
-        self.stop = asyncio.Event()
+        self.source: SignalSource | None = None
+        self.interrupts = 0
 
     async def run(self) -> int:
+        """`_serve` until it ends or a signal cancels it; the processes are stopped either way."""
         loop = asyncio.get_running_loop()
+        serving = asyncio.ensure_future(self._serve())
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stop.set)
-        pool = self.pool
+            loop.add_signal_handler(sig, self._interrupt, serving)
+        kept = "" if self.args.workdir else " (removed on exit; --workdir keeps them)"
         print(
-            f"splitserve up: pool {pool.name!r}, model {pool.config.model}; logs in {pool.workdir / 'logs'}",
+            f"splitserve up: pool {self.pool.name!r}, model {self.pool.config.model}; "
+            f"logs in {self.pool.workdir / 'logs'}{kept}",
             flush=True,
         )
         try:
-            await pool.start(self.spec.prefill.replicas.start, self.spec.decode.replicas.start)
-            source = await self._signal_source()
-            print(
-                f"ready: OpenAI API at {pool.url}/v1 (model {pool.config.name!r}); prefill "
-                f"{pool.replicas('prefill')}, decode {pool.replicas('decode')}; {self._scaling_note()}; "
-                "Ctrl-C stops",
-                flush=True,
-            )
-            if self.args.demo:
-                await demo(pool.url, pool.config.name)
-            await self._watch(source)
-            return 0
+            await asyncio.wait([serving])
+            if not serving.cancelled():
+                serving.result()  # a process that failed to start raises its RuntimeError here
         finally:
-            print("stopping...", flush=True)
-            await pool.stop()
+            await self._shutdown()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        return 0 if self.interrupts < 2 else 130
+
+    def _interrupt(self, serving: asyncio.Future[None]) -> None:
+        """First Ctrl-C: a graceful stop (workers drain). Second: kill every process now."""
+        self.interrupts += 1
+        if self.interrupts == 1:
+            print("stopping... (Ctrl-C again to kill at once)", flush=True)
+            serving.cancel()
+        elif self.interrupts == 2:
+            print("killing every process", flush=True)
+            self.pool.kill()
             if self.prometheus is not None:
-                self.prometheus.stop()
-            print("stopped", flush=True)
+                self.prometheus.kill()
+
+    async def _serve(self) -> None:
+        pool = self.pool
+        await pool.start(self.spec.prefill.replicas.start, self.spec.decode.replicas.start)
+        self.source = await self._signal_source()
+        await self._warm_up(self.source)
+        print(
+            f"ready: OpenAI API at {pool.url}/v1 (model {pool.config.name!r}); prefill "
+            f"{pool.replicas('prefill')}, decode {pool.replicas('decode')}; {self._scaling_note()}; "
+            "Ctrl-C stops",
+            flush=True,
+        )
+        if self.args.demo:
+            await demo(pool.url, pool.config.name)
+        await self._watch(self.source)
+
+    async def _shutdown(self) -> None:
+        if self.interrupts == 0:
+            print("stopping...", flush=True)
+        if isinstance(self.source, ScrapeSource):
+            await self.source.close()
+        elif isinstance(self.source, PrometheusSource):
+            self.source.close()
+        await self.pool.stop()
+        if self.prometheus is not None:
+            await asyncio.to_thread(self.prometheus.stop)
+        print("stopped", flush=True)
 
     async def _signal_source(self) -> SignalSource:
         binary = find_prometheus() if self.args.prometheus == "auto" else None
@@ -139,6 +201,26 @@ class Up:
         self.prometheus.start()
         await asyncio.to_thread(self.prometheus.wait_ready)
         return PrometheusSource(self.prometheus.url)
+
+    async def _warm_up(self, source: SignalSource) -> None:
+        """Until the source shows every process and a request rate at the router: Prometheus applies
+        new targets within about 5 s and a rate needs two scrapes, and an evaluation before that
+        would report metrics as unavailable that are merely not there yet. Bounded: a source that
+        never shows them is then reported by the evaluations, as it should be."""
+        if not self.spec.autoscaling.enabled:
+            return
+        query = signal_query(None, self.pool.name, self.spec)
+        deadline = time.monotonic() + WARM_UP_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                signals = await source.read(query)
+            except SignalsUnavailableError:
+                signals = None
+            if signals is not None and signals.request_rate is not None:
+                counted = {"prefill": signals.prefill.replicas, "decode": signals.decode.replicas}
+                if all(counted[role] == self.pool.replicas(role) for role in WORKER_ROLES):
+                    return
+            await asyncio.sleep(WATCH_SECONDS / 2)
 
     def _scaling_note(self) -> str:
         autoscaling = self.spec.autoscaling
@@ -155,10 +237,17 @@ class Up:
         return [process.url + "/metrics" for process in self.pool.processes()]
 
     async def _watch(self, source: SignalSource) -> None:
-        """Until Ctrl-C: replace crashed workers, and scale on the autoscaler's interval."""
-        autoscaler, state = PoolAutoscaler(source), AutoscalerState()
-        while not self.stop.is_set():
+        """Forever (until cancelled): replace crashed workers, and scale on the autoscaler's interval.
+
+        The first evaluation comes one interval after ready, as in the operator: before that no
+        window holds a sample, and evaluating would only report the metrics as missing. Direct
+        scraping samples every tick, so its rates have history by then."""
+        autoscaler = PoolAutoscaler(source)
+        state = AutoscalerState(last_evaluation=time.time())
+        while True:
             await self._replace_dead()
+            if isinstance(source, ScrapeSource):
+                await source.scrape()
             if self.spec.autoscaling.enabled and state.due(
                 time.time(), self.spec.autoscaling.interval_seconds
             ):
@@ -172,8 +261,7 @@ class Up:
                     await self.pool.scale(role, replicas)
                 if outcome.changed:
                     self._retarget(source)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), WATCH_SECONDS)
+            await asyncio.sleep(WATCH_SECONDS)
 
     async def _replace_dead(self) -> None:
         dead = self.pool.dead()

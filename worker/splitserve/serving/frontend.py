@@ -28,7 +28,14 @@ from splitserve.contract.names import (
     OUTCOME_SERVER_ERROR,
     OUTCOME_SUCCESS,
 )
-from splitserve.engine.params import FinishReason, GenerationBackend, GenerationError, GenerationRequest
+from splitserve.engine.params import (
+    FinishReason,
+    GenerationBackend,
+    GenerationError,
+    GenerationRequest,
+    SamplingParams,
+    check_vocabulary,
+)
 from splitserve.serving.detokenize import Delta, OutputStream
 from splitserve.serving.metrics import Metrics
 from splitserve.serving.protocol import (
@@ -39,7 +46,6 @@ from splitserve.serving.protocol import (
     ProtocolError,
     Replies,
     chat_messages,
-    check_token_ids,
     completion_prompts,
     error_body,
     parse_chat_request,
@@ -91,7 +97,7 @@ def error_response(
 
 
 def _generation_error_body(error: GenerationError) -> dict[str, Any]:
-    return error_body(error.message, type=error.kind, code=error.status)
+    return error_body(error.message, type=error.kind, param=error.param, code=error.status)
 
 
 @web.middleware
@@ -137,11 +143,17 @@ class _Event:
 
 @dataclass
 class _Timing:
-    """Client-side latency of one request, observed as tokens are written."""
+    """Client-side latency of one request, observed as tokens are written, and how it ended.
+
+    `outcome` is settled the moment it is known (a stream's [DONE] written, say), not when the
+    handler returns: a client that closes the socket right after [DONE] cancels the handler during
+    its cleanup, and that request still succeeded.
+    """
 
     metrics: Metrics
     arrival: float
     last_write: dict[int, float] = field(default_factory=dict)
+    outcome: str = OUTCOME_CANCELLED
 
     def written(self, index: int, tokens: int) -> None:
         now = time.monotonic()
@@ -244,7 +256,6 @@ class _OpenAIApi:
         count = len(prompts) * parsed.n
         choices: list[GenerationRequest] = []
         for token_ids in prompts:
-            check_token_ids(token_ids, self._vocab_size)
             for sample in range(parsed.n):
                 sampling = sampling_params(
                     parsed,
@@ -253,6 +264,8 @@ class _OpenAIApi:
                     max_model_len=self._max_model_len,
                     default_max_tokens=default_max_tokens,
                 )
+                if sample == 0:  # every choice of a prompt has the same token ids
+                    self._check_vocabulary(token_ids, sampling)
                 request_id = reply_id if count == 1 else f"{reply_id}-{len(choices)}"
                 choices.append(
                     GenerationRequest(request_id=request_id, prompt_token_ids=token_ids, sampling=sampling)
@@ -262,6 +275,12 @@ class _OpenAIApi:
         return _Plan(
             reply_id, chat, choices, prompt_tokens, parsed.stream, include_usage, parsed.return_token_ids
         )
+
+    def _check_vocabulary(self, token_ids: tuple[int, ...], sampling: SamplingParams) -> None:
+        try:
+            check_vocabulary(token_ids, sampling, self._vocab_size)
+        except GenerationError as error:
+            raise ProtocolError(error.message, param=error.param) from None
 
     def _tokenize(self, item: str | list[int]) -> tuple[int, ...]:
         if isinstance(item, list):
@@ -285,48 +304,41 @@ class _OpenAIApi:
     # -------------------------------------------------------------------------------- generation
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
-        arrival = time.monotonic()
-        outcome = OUTCOME_CANCELLED
+        timing = _Timing(self._metrics, time.monotonic())
         try:
             try:
                 plan = await self._plan(request, chat=chat)
             except (ProtocolError, web.HTTPException):
-                outcome = OUTCOME_CLIENT_ERROR
+                timing.outcome = OUTCOME_CLIENT_ERROR
                 raise
             self._metrics.prompt_tokens.inc(plan.prompt_tokens)
             try:
-                response, outcome = await self._run(request, plan, _Timing(self._metrics, arrival))
+                return await self._run(request, plan, timing)
             except Exception:
-                outcome = OUTCOME_SERVER_ERROR
+                timing.outcome = OUTCOME_SERVER_ERROR
                 raise
-            return response
         finally:
-            self._metrics.request_finished(outcome)
+            self._metrics.request_finished(timing.outcome)
 
-    async def _run(
-        self, request: web.Request, plan: _Plan, timing: _Timing
-    ) -> tuple[web.StreamResponse, str]:
+    async def _run(self, request: web.Request, plan: _Plan, timing: _Timing) -> web.StreamResponse:
         queue: asyncio.Queue[_Event] = asyncio.Queue(maxsize=2 * len(plan.choices))
         tasks = [
             asyncio.create_task(self._produce(index, choice, queue, eager_tokens=plan.return_token_ids))
             for index, choice in enumerate(plan.choices)
         ]
-        outcome = OUTCOME_CANCELLED
         try:
             if plan.stream:
-                response, outcome = await self._stream(request, plan, queue, timing)
-            else:
-                response, outcome = await self._collect(plan, queue, timing), OUTCOME_SUCCESS
-            return response, outcome
+                return await self._stream(request, plan, queue, timing)
+            return await self._collect(plan, queue, timing)
         except GenerationError as error:  # nothing was sent yet: a plain error response
             log.warning(
                 "request failed",
                 extra={"request_id": plan.reply_id, "status": error.status, "error": error.message},
             )
-            body = _generation_error_body(error)
-            return web.json_response(body, status=error.status), _outcome_of(error)
+            timing.outcome = _outcome_of(error)
+            return web.json_response(_generation_error_body(error), status=error.status)
         finally:
-            await _finish(tasks, graceful=outcome == OUTCOME_SUCCESS)
+            await _finish(tasks, graceful=timing.outcome == OUTCOME_SUCCESS)
 
     def _replies(self, plan: _Plan) -> Replies:
         return Replies(
@@ -375,6 +387,7 @@ class _OpenAIApi:
             token_ids[event.index] += event.delta.token_ids
             finishes[event.index] = event.delta.finish_reason
         timing.finished()
+        timing.outcome = OUTCOME_SUCCESS
         completion_tokens = sum(len(ids) for ids in token_ids)
         body = self._replies(plan).whole(
             texts, finishes, completion_tokens, token_ids if plan.return_token_ids else None
@@ -383,7 +396,7 @@ class _OpenAIApi:
 
     async def _stream(
         self, request: web.Request, plan: _Plan, queue: asyncio.Queue[_Event], timing: _Timing
-    ) -> tuple[web.StreamResponse, str]:
+    ) -> web.StreamResponse:
         """SSE, opened at the first token, so a failure before it is still a plain HTTP error."""
         response: web.StreamResponse | None = None
         replies = self._replies(plan)
@@ -398,9 +411,10 @@ class _OpenAIApi:
                     log.warning(
                         "stream failed", extra={"request_id": plan.reply_id, "error": event.error.message}
                     )
+                    timing.outcome = _outcome_of(event.error)
                     await response.write(sse(_generation_error_body(event.error)) + _DONE)
                     await response.write_eof()
-                    return response, _outcome_of(event.error)
+                    return response
                 if response is None:
                     response = await _open_sse(request, plan.reply_id)
                 assert event.delta is not None
@@ -415,11 +429,12 @@ class _OpenAIApi:
             if plan.include_usage:
                 await response.write(replies.usage_chunk(completion_tokens))
             await response.write(_DONE)
-            await response.write_eof()
             timing.finished()
-            return response, OUTCOME_SUCCESS
+            timing.outcome = OUTCOME_SUCCESS  # whatever the client does from here
+            await response.write_eof()
+            return response
         except ConnectionResetError:  # the client went away between our writes
-            return response or web.Response(status=499), OUTCOME_CANCELLED
+            return response or web.Response(status=499)
 
 
 def _outcome_of(error: GenerationError) -> str:

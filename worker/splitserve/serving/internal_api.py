@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from splitserve.engine.params import Load, SamplingParams
+from splitserve.engine.params import Load, RequestId, SamplingParams
 
 __all__ = ["KV_PORT_HEADER", "NDJSON", "DecodeCall", "Load", "PrefillCall", "PrefillReply"]
 
@@ -24,7 +24,7 @@ class _Body(BaseModel):
 
 
 class DecodeCall(_Body):
-    request_id: str = Field(min_length=1, max_length=128)
+    request_id: RequestId
     prompt_token_ids: tuple[int, ...] = Field(
         min_length=1, description="The prompt itself, so that a preempted stream can be recomputed."
     )
@@ -32,7 +32,7 @@ class DecodeCall(_Body):
 
 
 class PrefillCall(_Body):
-    request_id: str = Field(min_length=1, max_length=128)
+    request_id: RequestId
     prompt_token_ids: tuple[int, ...] = Field(min_length=1)
     sampling: SamplingParams
     kv_target: str = Field(pattern=r"^[^\s:]+:\d{1,5}$", description="host:port of the decode KV receiver")

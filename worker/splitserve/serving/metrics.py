@@ -2,6 +2,8 @@
 
 Every series carries `pool` (the InferencePool's name) and `role` (router, prefill, decode, both).
 The router (and `both`, which is its own frontend) records what clients see; workers record their stage.
+Each process exports only its role's series (`names.exported_by`); the others are still recorded, into
+a registry nobody scrapes, so code paths shared between roles need no role checks.
 """
 
 from __future__ import annotations
@@ -30,19 +32,23 @@ class Metrics:
     pool: str
     role: str
     registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
+    unexported: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
 
     def __post_init__(self) -> None:
-        reg, labels = self.registry, METRIC_LABELS
+        labels = METRIC_LABELS
         values = {"pool": self.pool, "role": self.role}
 
+        def reg(name: str) -> CollectorRegistry:
+            return self.registry if names.exported_by(name, self.role) else self.unexported
+
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, labels, buckets=buckets, registry=reg).labels(**values)
+            return Histogram(name, doc, labels, buckets=buckets, registry=reg(name)).labels(**values)
 
         def counter(name: str, doc: str) -> Counter:
-            return Counter(name, doc, labels, registry=reg).labels(**values)
+            return Counter(name, doc, labels, registry=reg(name)).labels(**values)
 
         def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, labels, registry=reg).labels(**values)
+            return Gauge(name, doc, labels, registry=reg(name)).labels(**values)
 
         # What clients see (router, both).
         self.ttft = histogram(
@@ -59,7 +65,10 @@ class Metrics:
         self.prompt_tokens = counter(names.PROMPT_TOKENS, "Prompt tokens of admitted requests.")
         self.generation_tokens = counter(names.GENERATION_TOKENS, "Tokens sent to clients.")
         self._requests = Counter(
-            names.REQUESTS, "Finished requests by outcome.", (*labels, "outcome"), registry=reg
+            names.REQUESTS,
+            "Finished requests by outcome.",
+            (*labels, "outcome"),
+            registry=reg(names.REQUESTS),
         )
         # What a worker's stage costs (prefill, decode, both).
         self.kv_transfer_seconds = histogram(
@@ -77,7 +86,10 @@ class Metrics:
             names.KV_CACHE_CAPACITY_TOKENS, "KV pool in tokens (blocks x block size)."
         )
         self._kv_cache_blocks = Gauge(
-            names.KV_CACHE_BLOCKS, "KV blocks by state (free, used).", (*labels, "state"), registry=reg
+            names.KV_CACHE_BLOCKS,
+            "KV blocks by state (free, used).",
+            (*labels, "state"),
+            registry=reg(names.KV_CACHE_BLOCKS),
         )
         self.preemptions = counter(
             names.PREEMPTIONS, "Sequences whose KV blocks were freed to let others grow (recomputed later)."
@@ -96,6 +108,9 @@ class Metrics:
         )
         self.decode_tokens = counter(
             names.stage_tokens("decode"), "Tokens produced by decode steps (batch size = rate / steps)."
+        )
+        self.startup_seconds = gauge(
+            names.STARTUP_SECONDS, "Seconds from process start to serving: imports, weights loaded, warm."
         )
         for outcome in OUTCOMES:
             self._requests.labels(**values, outcome=outcome)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -198,11 +198,6 @@ def _is_token_list(value: Any) -> bool:
         and bool(value)
         and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     )
-
-
-def check_token_ids(token_ids: Sequence[int], vocab_size: int) -> None:
-    if any(not 0 <= token < vocab_size for token in token_ids):
-        raise ProtocolError(f"prompt token ids must be in [0, {vocab_size})", param="prompt")
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:

@@ -7,9 +7,10 @@ prompt and ship the KV cache there (`POST /internal/prefill`), and relay the dec
 Failure rules. Before the first token nothing reached the client, so a whole handoff is retried
 (bounded) with fresh workers: a prefill worker that refuses or dies, a decode worker that refuses or
 dies before its first token. Each retry registers a fresh decode request, so a half-sent KV cache
-never meets a second one. 4xx answers are the request's fault and are returned, not retried. After
-the first token, a dying decode worker fails only its own streams (502). Closing the generator
-(client gone, stop string) closes both internal connections, which aborts the work on both workers.
+never meets a second one. 4xx answers, and 5xx marked REQUEST_FAULT, are the request's fault and
+are returned, not retried. After the first token, a dying decode worker fails only its own streams
+(502). Closing the generator (client gone, stop string) closes both internal connections, which
+aborts the work on both workers.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from splitserve.contract.names import WORKER_ROLES, WorkerRole
 from splitserve.engine.model_info import context_length, load_tokenizer
-from splitserve.engine.params import GenerationChunk, GenerationError, GenerationRequest
+from splitserve.engine.params import REQUEST_FAULT, GenerationChunk, GenerationError, GenerationRequest
 from splitserve.serving.endpoints import (
     Discovery,
     Endpoint,
@@ -416,12 +417,18 @@ class _Handoff:
 
 
 async def _raise_worker_error(response: aiohttp.ClientResponse, endpoint: Endpoint) -> None:
-    """A worker refused: 4xx is the request's fault (returned as is); 429, 5xx are worth a retry elsewhere."""
-    message = response.reason or "no reason given"
+    """A worker refused. 4xx is the request's fault, and so is a 5xx marked REQUEST_FAULT (it failed
+    alone on a healthy worker, and would fail the same way on the next): returned as is. Any other
+    429 or 5xx is worth a retry elsewhere."""
+    message, kind, param = response.reason or "no reason given", "server_error", None
     with contextlib.suppress(Exception):
-        message = str((await response.json())["error"]["message"])
+        error = (await response.json())["error"]
+        message, kind = str(error["message"]), str(error.get("type") or kind)
+        param = str(error["param"]) if error.get("param") else None
     if 400 <= response.status < 500 and response.status != 429:
-        raise GenerationError(message, status=response.status, kind="invalid_request_error")
+        raise GenerationError(message, status=response.status, kind="invalid_request_error", param=param)
+    if kind == REQUEST_FAULT:
+        raise GenerationError(message, status=response.status, kind=REQUEST_FAULT)
     retry = f"{endpoint.role} worker {endpoint.url} answered {response.status}: {message}"
     if endpoint.role == "prefill":
         raise _RetryError(retry, prefill=endpoint)
@@ -443,7 +450,7 @@ def build_router_app(
         backend,
         tokenizer,
         served_model_name=settings.name,
-        max_model_len=context_length(settings.model, settings.revision, settings.max_model_len),
+        max_model_len=settings.max_model_len or context_length(settings.model, settings.revision),
         metrics=metrics or Metrics(pool=settings.pool, role="router"),
     )
     app[BACKEND_KEY] = backend

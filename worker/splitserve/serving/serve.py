@@ -11,10 +11,12 @@ import argparse
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Awaitable
 
 from aiohttp import web
 
+from splitserve import STARTED_AT
 from splitserve.contract.config import EngineConfig
 from splitserve.engine.forward import Engine
 from splitserve.engine.loader import load_model
@@ -98,7 +100,9 @@ async def _serve_worker(config: EngineConfig, args: argparse.Namespace) -> None:
         runtime = EngineRuntime(engine, config, role, state.metrics)  # type: ignore[arg-type]
         await runtime.start()
         state.runtime = runtime
-        log.info("ready", extra={"role": role, "url": running.url})
+        startup = time.monotonic() - STARTED_AT
+        state.metrics.startup_seconds.set(startup)
+        log.info("ready", extra={"role": role, "url": running.url, "startup_seconds": round(startup, 1)})
 
     try:
         await until_signal(load())

@@ -17,11 +17,11 @@ import torch
 from aiohttp import web
 from pydantic import ValidationError
 
-from splitserve.contract.errors import one_line
+from splitserve.contract.errors import location, one_line
 from splitserve.engine.kv_cache import SequenceKV
-from splitserve.engine.params import GenerationChunk, GenerationError, GenerationRequest
+from splitserve.engine.params import GenerationChunk, GenerationError, GenerationRequest, check_vocabulary
 from splitserve.engine.runtime import EngineRuntime
-from splitserve.serving.frontend import error_response
+from splitserve.serving.frontend import DEFAULT_MAX_BODY_BYTES, error_response
 from splitserve.serving.internal_api import KV_PORT_HEADER, NDJSON, DecodeCall, PrefillCall, PrefillReply
 from splitserve.serving.metrics import Metrics
 from splitserve.transfer.base import KVDestination, KVRejected, KVSender, KVTransferError
@@ -69,7 +69,7 @@ def add_common_routes(app: web.Application, state: WorkerState) -> None:
         try:
             return web.json_response(state.ready_runtime().load().model_dump())
         except GenerationError as error:
-            return error_response(error.status, error.message, type=error.kind)
+            return error_response(error.status, error.message, type=error.kind, param=error.param)
 
     async def metrics(_: web.Request) -> web.Response:
         body, content_type = state.metrics.exposition()
@@ -85,12 +85,16 @@ Body = TypeVar("Body", DecodeCall, PrefillCall)
 
 
 async def _parse(request: web.Request, model: type[Body]) -> Body:
+    """The body, validated with the same limits the OpenAI frontend applied (SamplingParams)."""
     try:
         return model.model_validate(await request.json())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise GenerationError(f"malformed JSON: {error}", status=400, kind="invalid_request_error") from error
     except ValidationError as error:
-        raise GenerationError(one_line(error), status=400, kind="invalid_request_error") from error
+        param = location(error.errors()[0]) or None
+        raise GenerationError(
+            one_line(error), status=400, kind="invalid_request_error", param=param
+        ) from error
+    except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, absurd numbers or nesting
+        raise GenerationError(f"malformed JSON: {error}", status=400, kind="invalid_request_error") from error
 
 
 # ---- prefill ------------------------------------------------------------------------------------
@@ -103,6 +107,7 @@ def build_prefill_app(state: WorkerState, sender: KVSender) -> web.Application:
         try:
             call = await _parse(request, PrefillCall)
             runtime = state.ready_runtime()
+            check_vocabulary(call.prompt_token_ids, call.sampling, runtime.engine.loaded.vocab_size)
             generation = GenerationRequest(
                 request_id=call.request_id, prompt_token_ids=call.prompt_token_ids, sampling=call.sampling
             )
@@ -131,12 +136,12 @@ def build_prefill_app(state: WorkerState, sender: KVSender) -> web.Application:
             )
             return web.json_response(reply.model_dump())
         except GenerationError as error:
-            return error_response(error.status, error.message, type=error.kind)
+            return error_response(error.status, error.message, type=error.kind, param=error.param)
         except KVTransferError as error:
             message = f"KV transfer to the decode worker failed: {error}"
             return error_response(502, message, type="kv_transfer_error")
 
-    app = web.Application()
+    app = web.Application(client_max_size=DEFAULT_MAX_BODY_BYTES)  # whatever the router admits
     add_common_routes(app, state)
     app.router.add_post("/internal/prefill", prefill)
     return app
@@ -152,9 +157,10 @@ def build_decode_app(state: WorkerState, kv_port: int) -> web.Application:
         try:
             call = await _parse(request, DecodeCall)
             runtime = state.ready_runtime()
+            check_vocabulary(call.prompt_token_ids, call.sampling, runtime.engine.loaded.vocab_size)
             runtime.register(call.request_id, list(call.prompt_token_ids), call.sampling)
         except GenerationError as error:
-            return error_response(error.status, error.message, type=error.kind)
+            return error_response(error.status, error.message, type=error.kind, param=error.param)
         response = web.StreamResponse(headers={KV_PORT_HEADER: str(kv_port), "Content-Type": NDJSON})
         tokens = runtime.stream(call.request_id)
         try:
@@ -169,7 +175,7 @@ def build_decode_app(state: WorkerState, kv_port: int) -> web.Application:
         await response.write_eof()
         return response
 
-    app = web.Application()
+    app = web.Application(client_max_size=DEFAULT_MAX_BODY_BYTES)  # whatever the router admits
     add_common_routes(app, state)
     app.router.add_post("/internal/decode", decode)
     return app

@@ -1,0 +1,52 @@
+"""The PodMonitor as kube-prometheus-stack selects it: extra labels from the chart's podMonitor.labels,
+through the operator's --pod-monitor-label flags, onto every PodMonitor it renders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from splitserve_operator import naming
+from splitserve_operator.main import main
+from splitserve_operator.reconcile import parse
+from splitserve_operator.render import build_pod_monitor
+from splitserve_operator.settings import OperatorSettings
+
+from .apiserver import ApiServer
+from .test_chart import helm_install, objects
+
+BODY = {"metadata": {"name": "llama", "namespace": "ml"}, "spec": {"model": {"name": "m"}}}
+
+
+def test_extra_labels_reach_the_pod_monitor_and_never_replace_the_pools() -> None:
+    settings = OperatorSettings(
+        pod_monitor_labels={"release": "kube-prometheus-stack", naming.POOL_LABEL: "x"}
+    )
+    pool, problem = parse(BODY, settings)
+    assert problem is None and pool is not None
+    labels = build_pod_monitor(pool)["metadata"]["labels"]
+    assert labels["release"] == "kube-prometheus-stack"
+    assert labels[naming.POOL_LABEL] == "llama", "the pool's own labels win: the operator's watches use them"
+    plain, _ = parse(BODY, OperatorSettings())
+    assert plain is not None and "release" not in build_pod_monitor(plain)["metadata"]["labels"]
+
+
+@pytest.mark.parametrize("flag", ["release", "=x", "release="])
+def test_a_malformed_label_flag_is_one_line_and_exit_2(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--pod-monitor-label", flag]) == 2
+    assert capsys.readouterr().err == "splitserve operator: --pod-monitor-label takes KEY=VALUE\n"
+
+
+@pytest.fixture()
+def apiserver_options() -> dict[str, bool]:
+    return {"pod_monitors": True, "peering": True}
+
+
+async def test_the_chart_passes_pod_monitor_labels(apiserver: ApiServer, tmp_path: Path) -> None:
+    values = {"podMonitor": {"labels": {"release": "kube-prometheus-stack"}}}
+    result = await helm_install(apiserver, values, tmp_path)
+    assert result["error"] is None
+    (deployment,) = objects(apiserver, "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--pod-monitor-label=release=kube-prometheus-stack" in args
