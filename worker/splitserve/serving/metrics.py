@@ -91,6 +91,7 @@ class Metrics:
             (*labels, "state"),
             registry=reg(names.KV_CACHE_BLOCKS),
         )
+        self.record_kv_blocks(0, 0)  # both states exported from the start
         self.preemptions = counter(
             names.PREEMPTIONS, "Sequences whose KV blocks were freed to let others grow (recomputed later)."
         )
