@@ -250,6 +250,7 @@ def test_killed_decode_worker_fails_only_its_own_streams(tiny_model: Path, tmp_p
         for i in range(4):  # new requests go to the survivor
             assert complete(pool, random_prompt(8, seed=50 + i), stream=True, max_tokens=4)[1] == 4
         assert json.loads(http_get(survivor.url + "/load"))["running"] == 0
+        assert kv_blocks(http_get(survivor.url + "/metrics"))["used"] == 0
     finally:
         asyncio.run(pool.stop())
 
@@ -266,6 +267,8 @@ def test_dead_prefill_worker_is_routed_around(tiny_model: Path, tmp_path: Path) 
                 )
             )
         assert [count for _, count in results] == [5] * 6
+        for worker in (pool.workers["prefill"][1], pool.workers["decode"][0]):
+            assert kv_blocks(http_get(worker.url + "/metrics"))["used"] == 0
     finally:
         asyncio.run(pool.stop())
 
