@@ -341,10 +341,12 @@ from splitserve.engine.forward import Engine
 from splitserve.engine.loader import load_model
 engine = Engine(load_model(EngineConfig(model=sys.argv[1], threads=1)))
 print("ready", flush=True)
+pool = engine.new_pool(block_size=16)
 while True:
-    kv = engine.new_kv(4000)
+    kv = pool.sequence()
     for start in range(0, 4000, 512):
         engine.prefill(kv, [7] * min(512, 4000 - start))
+    kv.release()
 """
 
 
@@ -356,7 +358,10 @@ def engine_control(model: Path, steps: int = 800) -> dict[str, Any]:
 
     os.sched_setaffinity(0, {1})
     engine = Engine(load_model(EngineConfig(model=str(model), threads=1)))
-    kvs = [engine.new_kv(400) for _ in range(6)]
+    pool = engine.new_pool(block_size=16)
+    kvs = [pool.sequence() for _ in range(6)]
+    for kv in kvs:
+        kv.grow(301)  # every step below rewrites position 300
 
     def measure() -> dict[str, float]:
         samples = []

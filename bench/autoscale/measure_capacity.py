@@ -39,11 +39,13 @@ def time_prefill(engine: Engine, length: int, repeats: int) -> float:
     """Median seconds to prefill `length` prompt tokens (batch 1), as a prefill worker runs it."""
     tokens = [4 + (i * 7919) % 300 for i in range(length)]
     samples = []
+    pool = engine.new_pool(block_size=16)
     for i in range(repeats + 2):  # two warm-up runs
-        kv = engine.new_kv(length)
+        kv = pool.sequence()
         start = time.perf_counter()
         for offset in range(0, length, CHUNK):
             engine.prefill(kv, tokens[offset : offset + CHUNK])
+        kv.release()
         if i >= 2:
             samples.append(time.perf_counter() - start)
     return statistics.median(samples)
@@ -51,7 +53,8 @@ def time_prefill(engine: Engine, length: int, repeats: int) -> float:
 
 def time_decode_step(engine: Engine, batch: int, context: int, steps: int) -> float:
     """Median seconds of one decode step over `batch` sequences that already hold `context` tokens."""
-    kvs = [engine.new_kv(context + steps + 2) for _ in range(batch)]
+    pool = engine.new_pool(block_size=16)
+    kvs = [pool.sequence() for _ in range(batch)]
     for kv in kvs:
         engine.prefill(kv, [5] * context)
     tokens = [7] * batch

@@ -167,7 +167,7 @@ async def transfer_across_sigterm(decode: LocalProcess) -> list[dict[str, object
         else:
             raise AssertionError("still ready 30 s after SIGTERM")
         assert (await session.get(decode.url + "/health?live=1")).status == 200  # alive: no restart
-        new = {"request_id": "new", "prompt_len": 3, "sampling": sampling}
+        new = {"request_id": "new", "prompt_token_ids": [5, 6, 7], "sampling": sampling}
         refused = await session.post(decode.url + "/internal/decode", json=new)
         assert refused.status == 503 and "draining" in await refused.text()
 

@@ -124,6 +124,32 @@ def test_disaggregated_greedy_output_matches_generate(
     assert tokens / steps > 1.5, "decode steps should carry several sequences at once"
 
 
+def test_block_boundaries_and_a_long_prompt_match_generate_and_free_every_block(
+    pool: LocalPool, reference: Reference, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Prompts one short of, exactly on and one past 16-token block boundaries, and one of 1,900
+    tokens, through router -> prefill -> KV over TCP -> decode; afterwards no worker holds a block."""
+    prompts = [random_prompt(length, seed=length) for length in (15, 16, 17, 32, 33, 1900)]
+    with ThreadPoolExecutor(len(prompts)) as threads:
+        results = list(threads.map(lambda prompt: complete(pool, prompt, True, max_tokens=20), prompts))
+    for prompt, (text, count) in zip(prompts, results, strict=True):
+        tokens = reference.greedy(prompt, 20)
+        assert (text, count) == (expected_text(tokenizer, tokens), len(tokens))
+    for worker in (*pool.workers["prefill"], *pool.workers["decode"]):
+        assert kv_blocks(http_get(worker.url + "/metrics"))["used"] == 0
+
+
+def kv_blocks(exposition: str) -> dict[str, float]:
+    """`splitserve_kv_cache_blocks` by state, from a worker's /metrics body."""
+    blocks = {
+        line.split('state="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in exposition.splitlines()
+        if line.startswith("splitserve_kv_cache_blocks{")
+    }
+    assert blocks["free"] > 0
+    return blocks
+
+
 def test_chat_completion_uses_the_chat_template(
     pool: LocalPool, reference: Reference, tokenizer: PreTrainedTokenizerBase
 ) -> None:
@@ -224,6 +250,7 @@ def test_killed_decode_worker_fails_only_its_own_streams(tiny_model: Path, tmp_p
         for i in range(4):  # new requests go to the survivor
             assert complete(pool, random_prompt(8, seed=50 + i), stream=True, max_tokens=4)[1] == 4
         assert json.loads(http_get(survivor.url + "/load"))["running"] == 0
+        assert kv_blocks(http_get(survivor.url + "/metrics"))["used"] == 0
     finally:
         asyncio.run(pool.stop())
 
@@ -240,6 +267,8 @@ def test_dead_prefill_worker_is_routed_around(tiny_model: Path, tmp_path: Path) 
                 )
             )
         assert [count for _, count in results] == [5] * 6
+        for worker in (pool.workers["prefill"][1], pool.workers["decode"][0]):
+            assert kv_blocks(http_get(worker.url + "/metrics"))["used"] == 0
     finally:
         asyncio.run(pool.stop())
 
@@ -274,12 +303,14 @@ async def test_malformed_kv_frames_are_rejected_and_the_decode_worker_keeps_serv
             reply.close()
     _, count = complete(pool, [9, 10, 11], stream=True, max_tokens=3)
     assert count == 3
+    async with aiohttp.ClientSession() as session, session.get(decode.url + "/metrics") as reply:
+        assert kv_blocks(await reply.text())["used"] == 0  # the broken transfers gave their blocks back
 
 
 async def registration(
     session: aiohttp.ClientSession, url: str, request_id: str, sampling: dict[str, object]
 ) -> aiohttp.ClientResponse:
-    body = {"request_id": request_id, "prompt_len": 3, "sampling": sampling}
+    body = {"request_id": request_id, "prompt_token_ids": [5, 6, 7], "sampling": sampling}
     reply = await session.post(url + "/internal/decode", json=body)
     assert reply.status == 200
     return reply

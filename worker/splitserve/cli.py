@@ -28,6 +28,7 @@ ENGINE_FLAGS: dict[str, type] = {
     "prefill_chunk_size": int,
     "max_num_seqs": int,
     "kv_cache_bytes": int,
+    "block_size": int,
     "kv_timeout_seconds": float,
 }
 

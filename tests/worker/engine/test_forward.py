@@ -22,7 +22,8 @@ def engine(tiny_model: Path) -> Engine:
 
 def greedy_generate(engine: Engine, prompts: list[list[int]], max_new: int, chunk: int) -> list[list[int]]:
     """Prefill each prompt in chunks, then decode all of them together in one batch."""
-    kvs = [engine.new_kv(len(p) + max_new) for p in prompts]
+    pool = engine.new_pool(block_size=16, budget_bytes=1 << 24)
+    kvs = [pool.sequence() for _ in prompts]
     next_tokens = []
     for kv, prompt in zip(kvs, prompts, strict=True):
         for start in range(0, len(prompt), chunk):
@@ -49,7 +50,8 @@ def test_chunked_prefill_and_batched_decode_match_generate(
 def test_mixed_step_of_prompt_chunk_and_decode_tokens(engine: Engine, reference: Reference) -> None:
     """One forward carrying a decode token of one sequence and a prompt chunk of another."""
     first, second = random_prompt(40, seed=1), random_prompt(50, seed=2)
-    kv_first, kv_second = engine.new_kv(60), engine.new_kv(60)
+    pool = engine.new_pool(block_size=16, budget_bytes=1 << 24)
+    kv_first, kv_second = pool.sequence(), pool.sequence()
     token = int(engine.prefill(kv_first, first).argmax())
     logits = engine.forward([Work(kv_first, [token]), Work(kv_second, second[:25])])
     engine.prefill(kv_second, second[25:])
@@ -107,3 +109,31 @@ def test_other_architectures_match_generate(tmp_path: Path, architecture: dict[s
     prompt = random_prompt(30, seed=3)
     ours = greedy_generate(Engine(loaded), [prompt], max_new=12, chunk=7)[0]
     assert ours == Reference(tmp_path).greedy(prompt, 12, ignore_eos=True)
+
+
+def test_scattered_blocks_are_read_like_contiguous_ones(engine: Engine, reference: Reference) -> None:
+    """Steal the block after each sequence's last one whenever it is full, so that no sequence grows
+    into its neighbour block: contexts are gathered block by block instead of read in place."""
+    pool = engine.new_pool(block_size=4, budget_bytes=1 << 22)
+    prompts = [random_prompt(n, seed=n) for n in (9, 30)]
+    kvs = [pool.sequence() for _ in prompts]
+
+    def steal_next_blocks() -> None:
+        for kv in kvs:
+            if kv.block_table and kv.length == kv.capacity:
+                pool.allocator.allocate(1, after=kv.block_table[-1])
+
+    outputs = []
+    for kv, prompt in zip(kvs, prompts, strict=True):
+        for start in range(0, len(prompt), 4):
+            steal_next_blocks()
+            logits = engine.prefill(kv, prompt[start : start + 4])
+        outputs.append([int(logits.argmax())])
+    for _ in range(11):
+        steal_next_blocks()
+        next_tokens = engine.decode_one_token(kvs, [out[-1] for out in outputs]).argmax(-1).tolist()
+        for output, token in zip(outputs, next_tokens, strict=True):
+            output.append(token)
+    assert not any(kv.contiguous for kv in kvs)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output == reference.greedy(prompt, 12, ignore_eos=True)

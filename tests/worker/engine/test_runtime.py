@@ -12,13 +12,12 @@ from splitserve.contract.config import EngineConfig
 from splitserve.contract.names import EngineRole
 from splitserve.engine.forward import Engine
 from splitserve.engine.loader import load_model
-from splitserve.engine.params import GenerationChunk, GenerationError, GenerationRequest, SamplingParams
+from splitserve.engine.params import GenerationError, SamplingParams
 from splitserve.engine.runtime import EngineRuntime
 from splitserve.serving.internal_api import Load
 from splitserve.serving.metrics import Metrics
 from tests.conftest import Reference, random_prompt
-
-GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
+from tests.worker.engine.runtimes import GREEDY, assert_no_leaks, collect, hand_off, request
 
 
 @pytest.fixture(scope="module")
@@ -41,30 +40,6 @@ async def both(engines: tuple[Engine, Engine]) -> AsyncIterator[EngineRuntime]:
     await runtime.close()
 
 
-def request(prompt: list[int], sampling: SamplingParams = GREEDY, rid: str = "r") -> GenerationRequest:
-    return GenerationRequest(request_id=rid, prompt_token_ids=tuple(prompt), sampling=sampling)
-
-
-async def hand_off(prefill: EngineRuntime, decode: EngineRuntime, req: GenerationRequest) -> None:
-    """What the KV transfer does, minus the socket: prefill, copy every layer, announce arrival."""
-    prompt_len = len(req.prompt_token_ids)
-    decode.register(req.request_id, prompt_len, req.sampling)
-    async with prefill.prefill(req) as result:
-        kv = await decode.receive_kv(req.request_id, prompt_len)
-        for layer in range(result.kv.layout.num_layers):
-            kv.load_layer(layer, result.kv.layer(layer).clone())
-        decode.kv_arrived(req.request_id, kv, result.first_token)
-
-
-async def collect(chunks: AsyncIterator[GenerationChunk]) -> tuple[list[int], str | None]:
-    tokens: list[int] = []
-    finish = None
-    async for chunk in chunks:
-        tokens.extend(chunk.token_ids)
-        finish = chunk.finish_reason
-    return tokens, finish
-
-
 async def test_concurrent_requests_batch_and_match_generate(
     both: EngineRuntime, reference: Reference
 ) -> None:
@@ -77,53 +52,27 @@ async def test_concurrent_requests_batch_and_match_generate(
         expected = reference.greedy(prompt, 12)
         assert tokens == expected
         assert finish == ("length" if len(expected) == 12 else "stop")
-    assert both.budget.reserved_tokens == 0 and both.load().waiting == 0
+    assert both.load().waiting == 0
+    assert_no_leaks(both)
 
 
-async def test_requests_queue_when_the_kv_budget_is_full(
-    engines: tuple[Engine, Engine], reference: Reference
+async def test_a_prompt_larger_than_the_pool_is_refused_and_max_tokens_is_not_reserved(
+    engines: tuple[Engine, Engine],
 ) -> None:
-    """Budget for two sequences, six requests: all finish, never more than two admitted at once."""
-    engine = engines[0]
-    per_request = 20 + GREEDY.max_tokens
-    bytes_per_token = engine.loaded.layout.bytes_per_token
-    original = engine.loaded.kv_budget_bytes
-    engine.loaded.kv_budget_bytes = 2 * per_request * bytes_per_token
-    try:
-        runtime = make_runtime(engine, "both")
-    finally:
-        engine.loaded.kv_budget_bytes = original
+    """Only the prompt has to fit: max_tokens past the pool is admitted (capped), a prompt past it is not."""
+    bytes_per_block = 16 * engines[0].loaded.layout.bytes_per_token
+    runtime = make_runtime(engines[0], "both", kv_cache_bytes=8 * bytes_per_block)
     await runtime.start()
-    peak = 0
-
-    async def watch() -> None:
-        nonlocal peak
-        while True:
-            peak = max(peak, runtime.budget.sequences)
-            await asyncio.sleep(0.001)
-
-    watcher = asyncio.create_task(watch())
-    prompts = [random_prompt(20, seed=100 + i) for i in range(6)]
     try:
-        results = await asyncio.wait_for(
-            asyncio.gather(
-                *(collect(runtime.generate(request(p, rid=f"q{i}"))) for i, p in enumerate(prompts))
-            ),
-            timeout=120,
-        )
+        with pytest.raises(GenerationError) as error:
+            await collect(runtime.generate(request(random_prompt(8 * 16, seed=1), rid="big")))
+        assert error.value.status == 400 and "KV budget" in error.value.message
+        endless = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True)
+        tokens, finish = await collect(runtime.generate(request([5, 6, 7], endless, rid="long")))
+        assert len(tokens) == 8 * 16 - 3 and finish == "length"  # the pool is the limit, not an error
+        assert_no_leaks(runtime)
     finally:
-        watcher.cancel()
         await runtime.close()
-    assert [tokens for tokens, _ in results] == [reference.greedy(p, 12) for p in prompts]
-    assert peak == 2
-    assert runtime.budget.reserved_tokens == 0
-
-
-async def test_request_larger_than_the_budget_is_refused(both: EngineRuntime) -> None:
-    huge = SamplingParams(temperature=0.0, max_tokens=both.budget.capacity_tokens)
-    with pytest.raises(GenerationError) as error:
-        await collect(both.generate(request([5, 6, 7], huge)))
-    assert error.value.status == 400 and "KV budget" in error.value.message
 
 
 async def test_closing_a_stream_aborts_and_frees_its_kv(both: EngineRuntime) -> None:
@@ -133,10 +82,11 @@ async def test_closing_a_stream_aborts_and_frees_its_kv(both: EngineRuntime) -> 
         break
     await stream.aclose()
     for _ in range(200):  # the engine confirms the abort between steps
-        if both.budget.reserved_tokens == 0:
+        if not both._streams:
             break
         await asyncio.sleep(0.01)
-    assert both.budget.reserved_tokens == 0 and both.load() == Load(running=0, waiting=0, kv_cache_usage=0.0)
+    assert both.load() == Load(running=0, waiting=0, kv_cache_usage=0.0)
+    assert_no_leaks(both)
     tokens, _ = await collect(both.generate(request([5, 6, 7], rid="after")))
     assert tokens  # the engine keeps serving
 
@@ -155,7 +105,7 @@ async def test_prefill_to_decode_handoff_in_process(
             await hand_off(prefill, decode, request(prompt, rid=rid))
             tokens, _ = await asyncio.wait_for(collect(decode.stream(rid)), timeout=60)
             assert tokens == reference.greedy(prompt, 12)
-        assert prefill.budget.reserved_tokens == 0 and decode.budget.reserved_tokens == 0
+        assert_no_leaks(prefill, decode)
     finally:
         await prefill.close()
         await decode.close()
@@ -185,11 +135,11 @@ async def test_kv_that_never_arrives_times_out(engines: tuple[Engine, Engine]) -
     decode = make_runtime(engines[1], "decode", kv_timeout_seconds=0.2)
     await decode.start()
     try:
-        decode.register("late", 10, GREEDY)
+        decode.register("late", random_prompt(10, seed=0), GREEDY)
         with pytest.raises(GenerationError) as error:
             await asyncio.wait_for(collect(decode.stream("late")), timeout=10)
         assert error.value.status == 504
-        assert decode.budget.reserved_tokens == 0 and not decode._streams
+        assert_no_leaks(decode)
     finally:
         await decode.close()
 

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import torch
 
-from splitserve.engine.kv_cache import KVLayout, SequenceKV
+from splitserve.engine.kv_cache import KVLayout, KVPool
 from splitserve.engine.params import SamplingParams
 from splitserve.engine.scheduler import BatchPolicy, Sequence, plan_step
 
-LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=2, dtype=torch.float32)
+POOL = KVPool(
+    KVLayout(num_layers=1, num_kv_heads=1, head_dim=2, dtype=torch.float32),
+    num_blocks=4,
+    block_size=16,
+    device=torch.device("cpu"),
+)
 
 
 def sequence(name: str, prompt_len: int, prefilled: int = 0) -> Sequence:
-    kv = SequenceKV(LAYOUT, capacity=prompt_len + 8, device=torch.device("cpu"))
-    kv.length = prefilled
-    return Sequence(name, SamplingParams(), kv, list(range(prompt_len)), prompt_len)
+    kv = POOL.sequence()
+    kv.length = prefilled  # planning reads lengths only; no blocks needed
+    return Sequence(name, SamplingParams(), kv, list(range(prompt_len)))
 
 
 def test_prompt_chunks_are_fifo_within_the_token_budget() -> None:

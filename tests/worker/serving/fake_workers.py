@@ -109,8 +109,9 @@ class FakeDecode(_FakeWorker):
     async def _decode(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         request_id, max_tokens = body["request_id"], body["sampling"]["max_tokens"]
-        if body["prompt_len"] + max_tokens > self.kv_budget_tokens:
-            return _error(400, f"{body['prompt_len']} + {max_tokens} tokens exceed the KV budget")
+        prompt_len = len(body["prompt_token_ids"])
+        if prompt_len + max_tokens > self.kv_budget_tokens:
+            return _error(400, f"{prompt_len} + {max_tokens} tokens exceed the KV budget")
         self.registered.append(body)
         self._waiting_for_kv[request_id] = asyncio.get_running_loop().create_future()
         response = web.StreamResponse(

@@ -260,7 +260,7 @@ async def _internal_call(
     prompt = call.get("prompt_token_ids")
     registration = {
         "request_id": call["request_id"],
-        "prompt_len": len(prompt) if isinstance(prompt, list) else prompt,
+        "prompt_token_ids": prompt,
         "sampling": call.get("sampling", {}),
         **({"surprise": call["surprise"]} if "surprise" in call else {}),
     }

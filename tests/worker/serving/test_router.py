@@ -118,7 +118,7 @@ async def test_happy_path(
     assert chat.choices[0].message.content
     registered, sent = decode.registered[0], prefill.requests[0]
     assert registered["request_id"] == sent["request_id"] == reply.id
-    assert registered["prompt_len"] == len(tokenizer.encode("Hello there"))
+    assert registered["prompt_token_ids"] == tokenizer.encode("Hello there")
     assert registered["sampling"]["max_tokens"] == 5
     assert sent["prompt_token_ids"] == tokenizer.encode("Hello there")
     assert sent["kv_target"] == f"127.0.0.1:{decode.kv_port}"

@@ -51,6 +51,12 @@ class EngineConfig(BaseModel):
     kv_cache_bytes: int | None = Field(
         None, ge=1, description="KV budget; defaults to 90% of free GPU memory, or 2 GiB on CPU."
     )
+    block_size: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description="Tokens per KV block: sequences take memory one block at a time as they grow.",
+    )
     kv_timeout_seconds: float = Field(
         60.0, gt=0, description="Decode: how long a registered request waits for its KV cache."
     )

@@ -54,6 +54,8 @@ REQUESTS_RUNNING: Final = "splitserve_requests_running"
 REQUESTS_WAITING: Final = "splitserve_requests_waiting"
 KV_CACHE_USAGE: Final = "splitserve_kv_cache_usage_ratio"
 KV_CACHE_CAPACITY_TOKENS: Final = "splitserve_kv_cache_capacity_tokens"
+KV_CACHE_BLOCKS: Final = "splitserve_kv_cache_blocks"  # label `state`: free | used
+PREEMPTIONS: Final = "splitserve_preemptions_total"
 # Seconds from process start to serving (weights loaded): the autoscaler's first start-up estimate.
 STARTUP_SECONDS: Final = "splitserve_startup_seconds"
 
@@ -77,7 +79,15 @@ SERIES_ROLES: Final[dict[str, frozenset[str]]] = {
     **dict.fromkeys((TTFT, ITL, E2E_LATENCY, PROMPT_TOKENS, GENERATION_TOKENS, REQUESTS), _CLIENT),
     **dict.fromkeys((KV_TRANSFER_SECONDS, KV_TRANSFER_BYTES), _TRANSFER),
     **dict.fromkeys(
-        (REQUESTS_RUNNING, REQUESTS_WAITING, KV_CACHE_USAGE, KV_CACHE_CAPACITY_TOKENS, STARTUP_SECONDS),
+        (
+            REQUESTS_RUNNING,
+            REQUESTS_WAITING,
+            KV_CACHE_USAGE,
+            KV_CACHE_CAPACITY_TOKENS,
+            KV_CACHE_BLOCKS,
+            PREEMPTIONS,
+            STARTUP_SECONDS,
+        ),
         _ENGINE,
     ),
     **{

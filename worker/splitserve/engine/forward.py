@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from splitserve.engine.attention import BATCH_KWARG, PackedBatch, Segment
-from splitserve.engine.kv_cache import SequenceKV
+from splitserve.engine.kv_cache import KVPool, SequenceKV
 from splitserve.engine.loader import LoadedModel
 
 
@@ -30,8 +30,10 @@ class Engine:
         self.model = loaded.model
         self.device = loaded.device
 
-    def new_kv(self, capacity: int) -> SequenceKV:
-        return SequenceKV(self.loaded.layout, capacity, self.device)
+    def new_pool(self, block_size: int, budget_bytes: int | None = None) -> KVPool:
+        """A block pool for this model on this device; `budget_bytes` defaults to the loaded budget."""
+        budget = self.loaded.kv_budget_bytes if budget_bytes is None else budget_bytes
+        return KVPool.for_budget(self.loaded.layout, budget, block_size, self.device)
 
     def prefill(self, kv: SequenceKV, token_ids: list[int]) -> torch.Tensor:
         """Run one prompt chunk; logits `[V]` of its last token."""
@@ -43,8 +45,18 @@ class Engine:
 
     @torch.inference_mode()
     def forward(self, work: list[Work]) -> torch.Tensor:
-        """One model forward over every item of `work`; logits `[S, V]` at each item's last token."""
-        batch = PackedBatch([Segment(item.kv, item.kv.length, len(item.token_ids)) for item in work])
+        """One model forward over every item of `work`; logits `[S, V]` at each item's last token.
+
+        Every item's sequence takes the blocks its new tokens need first: NoFreeBlocksError (raised before
+        anything is computed) is the scheduler's cue to preempt.
+        """
+        for item in work:
+            item.kv.grow(item.kv.length + len(item.token_ids))
+        pools = {id(item.kv.pool): item.kv.pool for item in work}
+        if len(pools) != 1:
+            raise ValueError("every sequence of one forward must live in the same KV pool")
+        (pool,) = pools.values()
+        batch = PackedBatch(pool, [Segment(item.kv, item.kv.length, len(item.token_ids)) for item in work])
         input_ids = torch.tensor(
             [token for item in work for token in item.token_ids], device=self.device
         ).unsqueeze(0)  # [1, N]

@@ -1,18 +1,25 @@
-"""The explicit KV cache: one preallocated tensor per sequence, and the budget that bounds them.
+"""The paged KV cache: one preallocated pool of fixed-size blocks, and sequences that hold block tables.
 
-Each sequence owns `[layers, 2, kv_heads, capacity, head_dim]` sized for its whole life
-(prompt + max_tokens), so a running sequence never allocates and never runs out: admission is the
-only place memory can be refused. Size per token follows the seeds' formula
-2 × layers × kv_heads × head_dim × bytes.
+The pool is sized once from the KV budget in bytes (the seeds' formula, 2 × layers × kv_heads ×
+head_dim × bytes per token) and never grows. A sequence takes a block each time its length crosses a
+block boundary, so memory follows what was produced, not what `max_tokens` might allow; when none is
+free the scheduler preempts (scheduler.py).
+
+Layout: keys and values of every layer live in one tensor whose token axis is the concatenation of
+all blocks, `[layers, 2, kv_heads, num_blocks * block_size, head_dim]`. A token's *slot* is
+`block_id * block_size + offset`, so writing a step's new keys is one `index_copy_` per layer. A
+sequence whose blocks follow each other (the allocator places new sequences apart and grows them
+into the next block when it can) is read in place as one view, as cheap as the per-sequence tensors
+this replaced; the others are gathered block by block (attention.py).
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
 from dataclasses import dataclass
 
 import torch
+
+from splitserve.engine.blocks import BlockAllocator, blocks_for
 
 
 @dataclass(frozen=True)
@@ -31,92 +38,119 @@ class KVLayout:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
 
 
-class SequenceKV:
-    """Keys and values of one sequence; `length` tokens of it are written."""
+class KVPool:
+    """Every KV block of one worker, allocated up front."""
 
-    def __init__(self, layout: KVLayout, capacity: int, device: torch.device) -> None:
+    def __init__(self, layout: KVLayout, num_blocks: int, block_size: int, device: torch.device) -> None:
         self.layout = layout
-        self.capacity = capacity
-        self.length = 0
-        self.data = torch.empty(  # [L, 2, H, T, D]
+        self.block_size = block_size
+        self.device = device
+        self.allocator = BlockAllocator(num_blocks)
+        # Untouched pages of an `empty` CPU tensor cost no RAM until a block is first written.
+        self.data = torch.empty(  # [layers, 2, kv_heads, num_blocks * block_size, head_dim]
             layout.num_layers,
             2,
             layout.num_kv_heads,
-            capacity,
+            num_blocks * block_size,
             layout.head_dim,
             dtype=layout.dtype,
             device=device,
         )
-        # Views built once: the attention loop indexes these every step of every layer.
-        self.keys = [self.data[layer, 0] for layer in range(layout.num_layers)]  # each [H, T, D]
-        self.values = [self.data[layer, 1] for layer in range(layout.num_layers)]  # each [H, T, D]
+        self.keys = [self.data[layer, 0] for layer in range(layout.num_layers)]  # each [H, slots, D]
+        self.values = [self.data[layer, 1] for layer in range(layout.num_layers)]  # each [H, slots, D]
+        self._offsets = torch.arange(block_size, device=device)  # [block_size]
+
+    @classmethod
+    def for_budget(cls, layout: KVLayout, budget_bytes: int, block_size: int, device: torch.device) -> KVPool:
+        """As many whole blocks as `budget_bytes` holds (at least one)."""
+        num_blocks = max(1, budget_bytes // (layout.bytes_per_token * block_size))
+        return cls(layout, num_blocks, block_size, device)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_blocks
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def usage(self) -> float:
+        """Blocks in use over all blocks, 0..1."""
+        return self.allocator.num_used / self.num_blocks
+
+    def blocks_for(self, tokens: int) -> int:
+        return blocks_for(tokens, self.block_size)
+
+    def sequence(self) -> SequenceKV:
+        """An empty sequence: no blocks until it is given tokens."""
+        return SequenceKV(self)
+
+    def slots_of(self, block_table: list[int]) -> torch.Tensor:
+        """Slot ids of every token position a block table covers, `[len(table) * block_size]`."""
+        table = torch.tensor(block_table, dtype=torch.long).to(self.device)  # [blocks]
+        return (table[:, None] * self.block_size + self._offsets).flatten()
+
+
+class SequenceKV:
+    """Block table and length of one sequence; `length` tokens of it are written."""
+
+    def __init__(self, pool: KVPool) -> None:
+        self.pool = pool
+        self.layout = pool.layout
+        self.block_table: list[int] = []
+        self.length = 0
+        self._slots: torch.Tensor | None = None  # [len(block_table) * block_size], rebuilt on growth
+        self.contiguous = True  # its blocks follow each other in the pool: readable as one view
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the blocks held now can store."""
+        return len(self.block_table) * self.pool.block_size
+
+    def blocks_missing(self, tokens: int) -> int:
+        """Blocks to take before the sequence can hold `tokens` tokens."""
+        return max(0, self.pool.blocks_for(tokens) - len(self.block_table))
+
+    def grow(self, tokens: int, keep_free: int = 0) -> None:
+        """Take the blocks `tokens` tokens need; NoFreeBlocksError (nothing taken) if they are not free."""
+        missing = self.blocks_missing(tokens)
+        if missing:
+            last = self.block_table[-1] if self.block_table else None
+            taken = self.pool.allocator.allocate(missing, keep_free, after=last)
+            first = taken[0] if last is None else last + 1
+            self.contiguous = self.contiguous and taken == list(range(first, first + missing))
+            self.block_table += taken
+            self._slots = None
+
+    def release(self) -> None:
+        """Give every block back and forget the contents; safe to call more than once."""
+        blocks, self.block_table, self.length, self._slots = self.block_table, [], 0, None
+        self.contiguous = True
+        if blocks:
+            self.pool.allocator.release(blocks)
+
+    @property
+    def first_slot(self) -> int:
+        """Slot of token 0; with `contiguous`, token t sits at `first_slot + t`."""
+        return self.block_table[0] * self.pool.block_size
+
+    def slots(self, begin: int, end: int) -> torch.Tensor:
+        """Slot ids of token positions `begin..end-1`, `[end - begin]` (a view, no copy)."""
+        if self._slots is None:
+            self._slots = self.pool.slots_of(self.block_table)
+        return self._slots[begin:end]
 
     def layer(self, index: int) -> torch.Tensor:
-        """Written part of one layer, `[2, H, length, D]`: what travels to a decode worker."""
-        return self.data[index, :, :, : self.length]
+        """Written part of one layer gathered from its blocks, `[2, H, length, D]`: what travels to decode."""
+        if self.contiguous and self.block_table:
+            return self.pool.data[index, :, :, self.first_slot : self.first_slot + self.length]
+        return self.pool.data[index].index_select(2, self.slots(0, self.length))
 
     def load_layer(self, index: int, kv: torch.Tensor) -> None:
-        """Write a received `[2, H, T, D]` layer; `length` is set once every layer is in."""
-        self.data[index, :, :, : kv.shape[2]].copy_(kv)
+        """Scatter a received `[2, H, T, D]` layer into this sequence's blocks (taken beforehand)."""
+        self.pool.data[index].index_copy_(2, self.slots(0, kv.shape[2]), kv.to(self.pool.device))
 
     @property
     def nbytes(self) -> int:
         return self.length * self.layout.bytes_per_token
-
-
-class KVBudget:
-    """Token-granular admission for the KV cache, first come first served.
-
-    Lives on the asyncio loop: requests await `reserve()`; the engine thread reports finished
-    sequences back to the loop, which calls `release()`. FIFO, so a long prompt is not starved by
-    a stream of short ones.
-    """
-
-    def __init__(self, capacity_tokens: int, max_sequences: int) -> None:
-        self.capacity_tokens = capacity_tokens
-        self.max_sequences = max_sequences
-        self.reserved_tokens = 0
-        self.sequences = 0
-        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
-
-    @property
-    def usage(self) -> float:
-        return self.reserved_tokens / self.capacity_tokens if self.capacity_tokens else 1.0
-
-    def fits_ever(self, tokens: int) -> bool:
-        return tokens <= self.capacity_tokens
-
-    async def reserve(self, tokens: int) -> None:
-        """Wait until `tokens` fit; cancellation while waiting leaves the budget untouched."""
-        if not self.fits_ever(tokens):
-            raise ValueError(f"{tokens} tokens exceed the KV budget of {self.capacity_tokens}")
-        if not self._waiters and self._fits(tokens):
-            self._take(tokens)
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (tokens, future)
-        self._waiters.append(entry)
-        try:
-            await future
-        except asyncio.CancelledError:
-            if entry in self._waiters:
-                self._waiters.remove(entry)
-            elif future.done() and not future.cancelled():
-                self.release(tokens)  # granted and cancelled in the same tick: give it back
-            raise
-
-    def release(self, tokens: int) -> None:
-        self.reserved_tokens -= tokens
-        self.sequences -= 1
-        while self._waiters and self._fits(self._waiters[0][0]):
-            tokens_next, future = self._waiters.popleft()
-            if not future.done():
-                self._take(tokens_next)
-                future.set_result(None)
-
-    def _fits(self, tokens: int) -> bool:
-        return self.reserved_tokens + tokens <= self.capacity_tokens and self.sequences < self.max_sequences
-
-    def _take(self, tokens: int) -> None:
-        self.reserved_tokens += tokens
-        self.sequences += 1

@@ -5,13 +5,14 @@ Three ways in, one per role:
 - `prefill()` (prefill): run the prompt, hand back the first token and the KV cache to ship.
 - `register()` + `receive_kv()` (decode): a request announced by the router, then its KV cache
   arriving from a prefill worker; the sequence joins the running batch once it is in.
-The KV budget is only touched on this loop; a sequence's tokens are released once the engine thread
-has let go of it (or, on a prefill worker, once its KV cache has been shipped).
+KV blocks are taken by the engine thread (admission, growth) and by this loop (arriving caches);
+the engine frees what it finishes, this loop what it shipped or what failed, and wakes the engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -20,8 +21,9 @@ from typing import Literal
 
 from splitserve.contract.config import EngineConfig
 from splitserve.contract.names import EngineRole
+from splitserve.engine.blocks import NoFreeBlocksError
 from splitserve.engine.forward import Engine
-from splitserve.engine.kv_cache import KVBudget, SequenceKV
+from splitserve.engine.kv_cache import SequenceKV
 from splitserve.engine.params import (
     REQUEST_FAULT,
     GenerationChunk,
@@ -50,11 +52,10 @@ class _Stream:
     """One request as the loop sees it; `_settle` frees its KV once nothing needs it any more."""
 
     request_id: str
-    prompt_len: int
+    prompt: list[int]
     params: SamplingParams
-    tokens: int  # KV tokens to reserve: prompt + max_tokens (decode, both) or prompt (prefill)
     outbox: asyncio.Queue[GenerationChunk | GenerationError] = field(default_factory=asyncio.Queue)
-    reserved: bool = False  # holds `tokens` of the KV budget
+    kv: SequenceKV | None = None  # its blocks, once it has some (the engine grows them)
     in_engine: bool = False  # the engine thread holds the sequence
     hold_kv: bool = False  # prefill: the KV outlives the engine's interest until it is shipped
     kv_state: KVState = "none"  # decode: where the pushed KV cache is
@@ -76,14 +77,18 @@ class EngineRuntime:
         self.config = config
         self.metrics = metrics
         self.max_model_len = loaded.max_model_len
-        self.budget = KVBudget(loaded.kv_budget_bytes // loaded.layout.bytes_per_token, config.max_num_seqs)
+        self.pool = engine.new_pool(config.block_size, config.kv_cache_bytes)
         policy = BatchPolicy.for_role(
-            role, config.prefill_chunk_size, config.chunked_prefill, loaded.max_model_len
+            role, config.prefill_chunk_size, config.chunked_prefill, loaded.max_model_len, config.max_num_seqs
         )
-        self.engine_loop = EngineLoop(engine, policy, metrics, self._from_engine_thread)
+        self.engine_loop = EngineLoop(engine, self.pool, policy, metrics, self._from_engine_thread)
         self._streams: dict[str, _Stream] = {}
+        self._kv_waiters: collections.deque[tuple[SequenceKV, int, asyncio.Future[None]]] = (
+            collections.deque()
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
-        metrics.kv_cache_capacity_tokens.set(self.budget.capacity_tokens)
+        metrics.kv_cache_capacity_tokens.set(self.pool.capacity_tokens)
+        metrics.record_kv_blocks(self.pool.num_blocks, 0)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -96,8 +101,12 @@ class EngineRuntime:
         """What /load reports and the router's least-loaded choice reads."""
         queued = self.engine_loop.queued
         in_engine = sum(1 for stream in self._streams.values() if stream.in_engine)
-        admitting = sum(1 for stream in self._streams.values() if not stream.reserved and not stream.closed)
-        return Load(running=in_engine - queued, waiting=admitting + queued, kv_cache_usage=self.budget.usage)
+        admitting = sum(
+            1
+            for stream in self._streams.values()
+            if not stream.in_engine and stream.kv is None and not stream.closed
+        )
+        return Load(running=in_engine - queued, waiting=admitting + queued, kv_cache_usage=self.pool.usage)
 
     def fail(self, request_id: str, error: GenerationError) -> None:
         """End one open request with `error` (its consumer sees it next); used past a drain deadline."""
@@ -108,14 +117,11 @@ class EngineRuntime:
     # ---- both ---------------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk]:
-        prompt = list(request.prompt_token_ids)
-        stream = self._open(
-            request.request_id, len(prompt), request.sampling, len(prompt) + request.sampling.max_tokens
-        )
+        stream = self._open(request.request_id, list(request.prompt_token_ids), request.sampling)
         try:
-            await self._admit(stream)
-            kv = self.engine.new_kv(stream.tokens)
-            self._submit(stream, Sequence(stream.request_id, stream.params, kv, prompt, len(prompt)))
+            self._submit(
+                stream, Sequence(stream.request_id, stream.params, self._new_kv(stream), stream.prompt)
+            )
             async for chunk in self._drain(stream):
                 yield chunk
         finally:
@@ -125,31 +131,26 @@ class EngineRuntime:
 
     @contextlib.asynccontextmanager
     async def prefill(self, request: GenerationRequest) -> AsyncIterator[PrefillResult]:
-        """Run the prompt; its KV cache stays reserved until the block exits (after shipping it)."""
-        prompt = list(request.prompt_token_ids)
-        stream = self._open(request.request_id, len(prompt), request.sampling, len(prompt))
+        """Run the prompt; its KV blocks stay taken until the block exits (after shipping them)."""
+        stream = self._open(request.request_id, list(request.prompt_token_ids), request.sampling)
         stream.hold_kv = True
         try:
-            await self._admit(stream)
+            kv = self._new_kv(stream)
             sequence = Sequence(
-                stream.request_id,
-                stream.params,
-                self.engine.new_kv(stream.tokens),
-                prompt,
-                len(prompt),
-                decode_after_prefill=False,
+                stream.request_id, stream.params, kv, stream.prompt, decode_after_prefill=False
             )
             self._submit(stream, sequence)
             first = await self._next(stream)
-            yield PrefillResult(first.token_ids[0], sequence.kv)
+            yield PrefillResult(first.token_ids[0], kv)
         finally:
             self._close(stream)
 
     # ---- decode -------------------------------------------------------------------------------
 
-    def register(self, request_id: str, prompt_len: int, params: SamplingParams) -> None:
-        """Announce a request whose KV cache a prefill worker will push; it fails if none comes in time."""
-        stream = self._open(request_id, prompt_len, params, prompt_len + params.max_tokens)
+    def register(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        """Announce a request whose KV cache a prefill worker will push; it fails if none comes in time.
+        The prompt's tokens come along so that a preempted stream can be recomputed here."""
+        stream = self._open(request_id, prompt, params)
         stream.kv_state = "expected"
         assert self._loop is not None
         self._loop.call_later(self.config.kv_timeout_seconds, self._kv_deadline, stream)
@@ -163,17 +164,18 @@ class EngineRuntime:
             self._close(stream)
 
     async def receive_kv(self, request_id: str, num_tokens: int) -> SequenceKV:
-        """Reserve KV for an arriving cache; waits while the budget is full (back-pressure on TCP)."""
+        """Take blocks for an arriving cache; waits (FIFO) while they are not free (back-pressure on TCP)."""
         stream = self._streams.get(request_id)
         if stream is None or stream.kv_state != "expected" or stream.closed or stream.failed:
             raise GenerationError(f"no request {request_id!r} is waiting for a KV cache", status=404)
-        if num_tokens != stream.prompt_len:
+        if num_tokens != len(stream.prompt):
             raise GenerationError(
-                f"KV cache has {num_tokens} tokens, the request's prompt has {stream.prompt_len}", status=400
+                f"KV cache has {num_tokens} tokens, the request's prompt has {len(stream.prompt)}", status=400
             )
         stream.kv_state = "receiving"
+        kv = self._new_kv(stream)
         try:
-            await self._admit(stream)
+            await self._take_blocks(kv, num_tokens)
         except asyncio.CancelledError:
             stream.kv_state = "expected"  # the transfer broke off; another one may still come
             self._settle(stream)
@@ -181,18 +183,16 @@ class EngineRuntime:
         if stream.closed or stream.failed:
             self.kv_failed(request_id, "request was cancelled")
             raise GenerationError(f"request {request_id!r} was cancelled", status=499)
-        return self.engine.new_kv(stream.tokens)
+        return kv
 
     def kv_arrived(self, request_id: str, kv: SequenceKV, first_token: int) -> None:
         """Every layer is in: emit the first token (sampled by prefill) and join the decode batch."""
         stream = self._streams[request_id]
         stream.kv_state = "arrived"
-        kv.length = stream.prompt_len
+        kv.length = len(stream.prompt)
         finish = finish_reason(stream.params, self.engine.loaded.eos_token_ids, first_token, 1)
         if finish is None and not (stream.closed or stream.failed):
-            self._submit(
-                stream, Sequence(request_id, stream.params, kv, [], stream.prompt_len, [first_token])
-            )
+            self._submit(stream, Sequence(request_id, stream.params, kv, stream.prompt, [first_token]))
         self._deliver(stream, GenerationChunk(token_ids=(first_token,), finish_reason=finish))
         self._settle(stream)
 
@@ -205,26 +205,72 @@ class EngineRuntime:
 
     # ---- plumbing -----------------------------------------------------------------------------
 
-    def _open(self, request_id: str, prompt_len: int, params: SamplingParams, tokens: int) -> _Stream:
+    def _open(self, request_id: str, prompt: list[int], params: SamplingParams) -> _Stream:
+        """Refuse what can never fit; cap `max_tokens` at what the pool can hold for one sequence, so
+        "no max_tokens" (the rest of the context window) is admitted without reserving anything."""
         if request_id in self._streams:
             raise GenerationError(f"request id {request_id!r} is already in use", status=409)
-        if not self.budget.fits_ever(tokens):
+        blocks = self.pool.blocks_for(len(prompt))
+        if blocks + self.engine_loop.watermark > self.pool.num_blocks:
             raise GenerationError(
-                f"{tokens} KV tokens (prompt {prompt_len} + max_tokens) exceed this worker's KV budget "
-                f"of {self.budget.capacity_tokens} tokens",
+                f"a prompt of {len(prompt)} tokens needs {blocks} KV blocks of {self.pool.block_size} "
+                f"tokens; this worker's KV budget is {self.pool.num_blocks} blocks "
+                f"({self.engine_loop.watermark} kept free)",
                 status=400,
                 kind="invalid_request_error",
             )
-        stream = _Stream(request_id, prompt_len, params, tokens)
+        room = self.pool.capacity_tokens - len(prompt)
+        if params.max_tokens > room:
+            params = params.model_copy(
+                update={"max_tokens": room, "min_tokens": min(params.min_tokens, room)}
+            )
+        stream = _Stream(request_id, prompt, params)
         self._streams[request_id] = stream
         self._update_gauges()
         return stream
 
-    async def _admit(self, stream: _Stream) -> None:
+    def _new_kv(self, stream: _Stream) -> SequenceKV:
+        stream.kv = self.pool.sequence()
+        return stream.kv
+
+    async def _take_blocks(self, kv: SequenceKV, tokens: int) -> None:
+        """FIFO among arriving caches; the watermark is kept for the running streams, as at admission."""
+        if not self._kv_waiters and self._try_take(kv, tokens):
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (kv, tokens, future)
+        self._kv_waiters.append(entry)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if entry in self._kv_waiters:
+                self._kv_waiters.remove(entry)
+            kv.release()  # granted and cancelled in the same tick: give the blocks back
+            raise
+
+    def _try_take(self, kv: SequenceKV, tokens: int) -> bool:
+        """Blocks for an arriving cache, within `max_num_seqs` (those sequences bypass admission)."""
+        holding = sum(
+            1 for s in self._streams.values() if s.in_engine or (s.kv is not None and s.kv.block_table)
+        )
+        if holding >= self.config.max_num_seqs:
+            return False
+        keep_free = self.engine_loop.watermark if self.pool.allocator.num_used else 0
+        try:
+            kv.grow(tokens, keep_free=keep_free)
+        except NoFreeBlocksError:
+            return False
         self._update_gauges()
-        await self.budget.reserve(stream.tokens)
-        stream.reserved = True
-        self._update_gauges()
+        return True
+
+    def _grant_waiters(self) -> None:
+        while self._kv_waiters:
+            kv, tokens, future = self._kv_waiters[0]
+            if not self._try_take(kv, tokens):
+                return
+            self._kv_waiters.popleft()
+            if not future.done():
+                future.set_result(None)
 
     def _submit(self, stream: _Stream, sequence: Sequence) -> None:
         stream.in_engine = True
@@ -257,11 +303,14 @@ class EngineRuntime:
         self._settle(stream)
 
     def _settle(self, stream: _Stream) -> None:
-        """Free the KV once nobody writes or reads it; forget the stream once its consumer is gone."""
-        if not stream.busy and stream.reserved and (stream.closed or not stream.hold_kv):
-            stream.reserved = False
-            self.budget.release(stream.tokens)
-        if stream.closed and not stream.busy and not stream.reserved:
+        """Free the KV once nobody writes or reads it; forget the stream once its consumer is gone.
+        (The engine frees what it finishes itself; here go shipped, failed and cancelled caches.)"""
+        kv = stream.kv
+        if not stream.busy and kv is not None and kv.block_table and (stream.closed or not stream.hold_kv):
+            kv.release()
+            self.engine_loop.wake()
+            self._grant_waiters()
+        if stream.closed and not stream.busy:
             self._streams.pop(stream.request_id, None)
         self._update_gauges()
 
@@ -293,9 +342,10 @@ class EngineRuntime:
             if emission.done:
                 stream.in_engine = False
                 self._settle(stream)
+        self._grant_waiters()  # the engine may have freed blocks and batch slots
 
     def _update_gauges(self) -> None:
         load = self.load()
         self.metrics.requests_running.set(load.running)  # also when no step follows (last one left)
         self.metrics.requests_waiting.set(load.waiting)
-        self.metrics.kv_cache_usage.set(load.kv_cache_usage)
+        self.metrics.record_kv_blocks(self.pool.allocator.num_free, self.pool.allocator.num_used)

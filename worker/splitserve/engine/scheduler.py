@@ -4,7 +4,9 @@ Between two forward passes, sequences join (a prompt to prefill, or a decode str
 arrived from a prefill worker) and leave (finished or aborted). Each step packs the decode tokens of
 every running stream and/or a budget of prompt tokens into one forward (engine.py), samples, and
 hands the new tokens to the asyncio side in one batch. The thread owns all engine state; the only
-way in is the command queue, the only way out is `on_step`.
+way in is the command queue, the only way out is `on_step`. The one thing it shares is the KV block
+pool, whose allocator is locked: the asyncio side takes blocks for arriving caches and frees the
+caches it has shipped, then sends a wake-up so that waiting sequences are admitted.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from splitserve.engine.blocks import NoFreeBlocksError
 from splitserve.engine.forward import Engine, Work
-from splitserve.engine.kv_cache import SequenceKV
+from splitserve.engine.kv_cache import KVPool, SequenceKV
 from splitserve.engine.params import FinishReason, SamplingParams
 from splitserve.engine.sampling import SamplingError, SamplingRow, finish_reason, sample
 
@@ -33,29 +36,48 @@ class EngineMetrics(Protocol):
 
     requests_running: Gauge
     requests_waiting: Gauge
-    kv_cache_usage: Gauge
     kv_cache_capacity_tokens: Gauge
+    preemptions: Counter
     prefill_step: Histogram
     prefill_tokens: Counter
     decode_step: Histogram
     decode_tokens: Counter
 
+    def record_kv_blocks(self, free: int, used: int) -> None:
+        """Blocks free and in use, and their ratio (the KV cache usage gauge)."""
+
 
 @dataclass(eq=False)
 class Sequence:
-    """One request inside the engine. Prompt tokens `kv.length..prompt_len-1` are still to prefill."""
+    """One request inside the engine: its tokens so far, and the KV blocks that hold them.
+
+    Tokens `kv.length .. prefill_target-1` of `prompt + output` are still to be computed; the token
+    sampled after them is the next output. A preempted sequence lost its KV, so its target becomes
+    prompt + output: recomputing them yields exactly the token a decode step would have.
+    """
 
     request_id: str
     params: SamplingParams
     kv: SequenceKV
     prompt: list[int]
-    prompt_len: int
     output: list[int] = field(default_factory=list)
     decode_after_prefill: bool = True  # False on a prefill worker: the sequence leaves after token one
+    prefill_target: int = field(init=False)
+    admitted: int = 0  # admission order (0: waiting); the latest admitted is preempted first
+
+    def __post_init__(self) -> None:
+        self.prefill_target = len(self.prompt)
 
     @property
     def prefilled(self) -> bool:
-        return self.kv.length >= self.prompt_len
+        return self.kv.length >= self.prefill_target
+
+    def next_chunk(self, budget: int) -> list[int]:
+        """Up to `budget` of the tokens still to prefill."""
+        end = min(self.prefill_target, self.kv.length + budget)
+        if end <= len(self.prompt):
+            return self.prompt[self.kv.length : end]
+        return (self.prompt + self.output)[self.kv.length : end]
 
 
 @dataclass(frozen=True)
@@ -84,13 +106,16 @@ class BatchPolicy:
 
     prefill_token_budget: int  # prompt tokens per forward
     interleave: bool  # decode streams keep stepping while prompts are being prefilled
+    max_num_seqs: int = 64  # most sequences admitted at once
 
     @classmethod
-    def for_role(cls, role: str, chunk_size: int, chunked_prefill: bool, max_model_len: int) -> BatchPolicy:
+    def for_role(
+        cls, role: str, chunk_size: int, chunked_prefill: bool, max_model_len: int, max_num_seqs: int = 64
+    ) -> BatchPolicy:
         if role == "both" and not chunked_prefill:
             # The colocated baseline: whole prompts, decode waits (the stall the seeds describe).
-            return cls(prefill_token_budget=max_model_len, interleave=False)
-        return cls(prefill_token_budget=chunk_size, interleave=True)
+            return cls(prefill_token_budget=max_model_len, interleave=False, max_num_seqs=max_num_seqs)
+        return cls(prefill_token_budget=chunk_size, interleave=True, max_num_seqs=max_num_seqs)
 
 
 def plan_step(
@@ -103,33 +128,48 @@ def plan_step(
     for seq in prefilling:
         if budget <= 0:
             break
-        take = min(budget, seq.prompt_len - seq.kv.length)
+        take = min(budget, seq.prefill_target - seq.kv.length)
         plan.append((seq, take))
         budget -= take
     decode = list(decoding) if (policy.interleave or not plan) else []
     return plan, decode
 
 
-_ABORT, _ADD, _STOP = "abort", "add", "stop"
+_ABORT, _ADD, _STOP, _WAKE = "abort", "add", "stop", "wake"
+WATERMARK_FRACTION = 0.01  # of the pool kept free at admission, so running streams can grow (vLLM's 1 %)
 
 
 class EngineLoop:
+    """The engine thread: admits waiting sequences into the block pool, steps, preempts when it is full.
+
+    Admission is FIFO: a sequence is admitted when the blocks of everything it has to compute plus a
+    watermark are free (so a long prompt at the head is never overtaken by short ones). Decode
+    streams take a block only when they cross a block boundary; if none is free, the most recently
+    admitted sequence is preempted (its blocks freed, it waits at the head of the queue to be
+    recomputed), as vLLM's recompute preemption does.
+    """
+
     def __init__(
         self,
         engine: Engine,
+        pool: KVPool,
         policy: BatchPolicy,
         metrics: EngineMetrics,
         on_step: Callable[[list[Emission]], None],
     ) -> None:
         self.engine = engine
+        self.pool = pool
         self.policy = policy
         self.metrics = metrics
         self.on_step = on_step
         self.stop_ids = engine.loaded.eos_token_ids
+        self.watermark = max(1, int(pool.num_blocks * WATERMARK_FRACTION))
+        self.waiting: collections.deque[Sequence] = collections.deque()  # holding no blocks
         self.prefilling: collections.deque[Sequence] = collections.deque()
         self.decoding: list[Sequence] = []
+        self._admissions = 0
         self._commands: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
-        self._queued = 0  # prompts not yet started; written by the engine thread only
+        self._queued = 0  # sequences waiting for admission; written by the engine thread only
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     def start(self) -> None:
@@ -140,32 +180,34 @@ class EngineLoop:
         self._thread.join(timeout=30)
 
     def add(self, sequence: Sequence) -> None:
-        """Thread-safe: the sequence joins the batch before the next step."""
+        """Thread-safe: the sequence queues for admission (or, already holding its KV, joins the batch)."""
         self._commands.put((_ADD, sequence))
 
     def abort(self, request_id: str) -> None:
         """Thread-safe: the sequence leaves before the next step (an Emission with an error confirms)."""
         self._commands.put((_ABORT, request_id))
 
+    def wake(self) -> None:
+        """Thread-safe: blocks were freed elsewhere; retry admission."""
+        self._commands.put((_WAKE, None))
+
     @property
     def queued(self) -> int:
-        """Prompts not yet started. Read from other threads: the engine thread counts them after every
-        change (iterating `prefilling` from here would race with its mutations), and an int read is atomic."""
+        """Sequences waiting for admission. Read from other threads: the engine thread counts them after
+        every change (iterating `waiting` from here would race with its mutations); an int read is atomic."""
         return self._queued
 
     # ---- engine thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
-            idle = not self.prefilling and not self.decoding
-            if not self._drain_commands(block=idle):
+            self._admit()  # before blocking: a step that preempted every stream freed their blocks
+            if not self._drain_commands(block=not (self.prefilling or self.decoding)):
                 return
-            self._count_queued()
+            self._admit()
+            self._queued = len(self.waiting)
             if self.prefilling or self.decoding:
                 self._step_safely()
-
-    def _count_queued(self) -> None:
-        self._queued = sum(1 for seq in self.prefilling if seq.kv.length == 0)
 
     def _drain_commands(self, block: bool) -> bool:
         aborted: list[Emission] = []
@@ -179,33 +221,70 @@ class EngineLoop:
                 return False
             if kind == _ADD:
                 assert isinstance(payload, Sequence)
-                (self.decoding if payload.prefilled else self.prefilling).append(payload)
+                if payload.prefilled:  # its KV arrived from a prefill worker, blocks and all
+                    self._admissions += 1
+                    payload.admitted = self._admissions
+                    self.decoding.append(payload)
+                else:
+                    self.waiting.append(payload)
             elif kind == _ABORT:
                 aborted.extend(self._remove(str(payload)))
         if aborted:
             self.on_step(aborted)
         return True
 
+    def _admit(self) -> None:
+        """FIFO: take the head's blocks while they and the watermark are free."""
+        while self.waiting and len(self.prefilling) + len(self.decoding) < self.policy.max_num_seqs:
+            seq = self.waiting[0]
+            running = bool(self.prefilling or self.decoding)
+            try:
+                # The watermark protects running streams; with none running it would only stall.
+                seq.kv.grow(seq.prefill_target, keep_free=self.watermark if running else 0)
+            except NoFreeBlocksError:
+                if not running and self.pool.blocks_for(seq.prefill_target) > self.pool.num_blocks:
+                    self.waiting.popleft()
+                    seq.kv.release()
+                    error = f"{seq.prefill_target} tokens exceed the KV pool ({self.pool.capacity_tokens})"
+                    self.on_step([Emission(seq, None, None, error=error)])
+                    continue
+                return
+            self.waiting.popleft()
+            self._admissions += 1
+            seq.admitted = self._admissions
+            self.prefilling.append(seq)
+
     def _remove(self, request_id: str) -> list[Emission]:
-        gone = [seq for seq in (*self.prefilling, *self.decoding) if seq.request_id == request_id]
+        """Take a sequence out wherever it is and free its blocks; what an abort reports."""
+        gone = [
+            seq for seq in (*self.waiting, *self.prefilling, *self.decoding) if seq.request_id == request_id
+        ]
         for seq in gone:
-            if seq in self.decoding:
-                self.decoding.remove(seq)
-            else:
-                self.prefilling.remove(seq)
+            for place in (self.waiting, self.prefilling, self.decoding):
+                if seq in place:
+                    place.remove(seq)
+            seq.kv.release()
         return [Emission(seq, None, None, error="aborted") for seq in gone]
 
     def _step_safely(self) -> None:
-        prefill_plan, decode = plan_step(self.prefilling, self.decoding, self.policy)
+        prefill_plan, decode = self._plan()
         try:
-            emissions = self._step(prefill_plan, decode)
+            emissions = self._step(prefill_plan, decode) if prefill_plan or decode else []
         except Exception as error:  # a failed forward fails its sequences, never the worker
             log.exception("engine step failed")
             emissions = self._isolate(prefill_plan, decode, error)
-        self._count_queued()
-        self.metrics.requests_running.set(len(self.decoding) + len(self.prefilling) - self.queued)
+        self._queued = len(self.waiting)
+        self.metrics.requests_running.set(len(self.decoding) + len(self.prefilling))
+        self.metrics.record_kv_blocks(self.pool.allocator.num_free, self.pool.allocator.num_used)
         if emissions:
             self.on_step(emissions)
+
+    def _plan(self) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
+        """`plan_step` over the decode streams that got room to grow (preempting others if needed)."""
+        runs_decode = self.policy.interleave or not self.prefilling
+        return plan_step(
+            self.prefilling, self._make_room(list(self.decoding)) if runs_decode else [], self.policy
+        )
 
     def _isolate(
         self, prefill_plan: list[tuple[Sequence, int]], decode: list[Sequence], error: Exception
@@ -240,9 +319,31 @@ class EngineLoop:
             )
         return emissions
 
+    def _make_room(self, decode: list[Sequence]) -> list[Sequence]:
+        """Give each decode stream the block its next token needs, preempting the latest admitted
+        sequences (possibly the stream itself) while none is free. Returns the streams still running."""
+        for seq in decode:
+            while seq in self.decoding:
+                try:
+                    seq.kv.grow(seq.kv.length + 1)
+                    break
+                except NoFreeBlocksError:
+                    self._preempt(max((*self.prefilling, *self.decoding), key=lambda s: s.admitted))
+        return [seq for seq in decode if seq in self.decoding]
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks; it waits at the head to recompute prompt + output."""
+        (self.decoding if seq in self.decoding else self.prefilling).remove(seq)
+        seq.kv.release()
+        seq.prefill_target = len(seq.prompt) + len(seq.output)
+        seq.admitted = 0
+        self.waiting.appendleft(seq)
+        self.metrics.preemptions.inc()
+        log.info("preempted", extra={"request_id": seq.request_id, "tokens": seq.prefill_target})
+
     def _step(self, prefill_plan: list[tuple[Sequence, int]], decode: list[Sequence]) -> list[Emission]:
         work = [Work(seq.kv, [seq.output[-1]]) for seq in decode]
-        work += [Work(seq.kv, seq.prompt[seq.kv.length : seq.kv.length + n]) for seq, n in prefill_plan]
+        work += [Work(seq.kv, seq.next_chunk(n)) for seq, n in prefill_plan]
         started = time.perf_counter()
         logits = self.engine.forward(work)  # [S, V]
         # Rows that produce a token: every decode stream, and prompts whose last chunk just ran.
@@ -263,7 +364,9 @@ class EngineLoop:
         return [self._advance(seq, token) for seq, token in zip(sampled, tokens, strict=True)]
 
     def _advance(self, seq: Sequence, token: int | SamplingError) -> Emission:
-        """Record a sampled token and move the sequence to where it belongs next (out, if it failed)."""
+        """Record a sampled token and move the sequence to where it belongs next (out, if it failed); a
+        finished sequence frees its blocks here, except on a prefill worker, whose runtime frees them
+        once shipped."""
         if isinstance(token, SamplingError):
             self._remove(seq.request_id)
             return Emission(seq, None, None, error=str(token), request_fault=True)
@@ -275,4 +378,6 @@ class EngineLoop:
                 self.decoding.append(seq)
         elif finish is not None:
             self.decoding.remove(seq)
+        if finish is not None and seq.decode_after_prefill:
+            seq.kv.release()
         return Emission(seq, token, finish)

@@ -25,7 +25,9 @@ class _Body(BaseModel):
 
 class DecodeCall(_Body):
     request_id: RequestId
-    prompt_len: int = Field(ge=1)
+    prompt_token_ids: tuple[int, ...] = Field(
+        min_length=1, description="The prompt itself, so that a preempted stream can be recomputed."
+    )
     sampling: SamplingParams
 
 

@@ -84,9 +84,19 @@ class Metrics:
         self.requests_waiting = gauge(
             names.REQUESTS_WAITING, "Requests queued for the engine (KV budget or batch full)."
         )
-        self.kv_cache_usage = gauge(names.KV_CACHE_USAGE, "Reserved KV tokens over the KV budget, 0..1.")
+        self.kv_cache_usage = gauge(names.KV_CACHE_USAGE, "KV blocks in use over all KV blocks, 0..1.")
         self.kv_cache_capacity_tokens = gauge(
-            names.KV_CACHE_CAPACITY_TOKENS, "KV budget in tokens (bytes / bytes per token)."
+            names.KV_CACHE_CAPACITY_TOKENS, "KV pool in tokens (blocks x block size)."
+        )
+        self._kv_cache_blocks = Gauge(
+            names.KV_CACHE_BLOCKS,
+            "KV blocks by state (free, used).",
+            (*labels, "state"),
+            registry=reg(names.KV_CACHE_BLOCKS),
+        )
+        self.record_kv_blocks(0, 0)  # both states exported from the start
+        self.preemptions = counter(
+            names.PREEMPTIONS, "Sequences whose KV blocks were freed to let others grow (recomputed later)."
         )
         self.prefill_step = histogram(
             names.step_seconds("prefill"), "Duration of one prefill forward (one chunk).", STEP_BUCKETS
@@ -109,6 +119,12 @@ class Metrics:
         for outcome in OUTCOMES:
             self._requests.labels(**values, outcome=outcome)
         self.vllm = VllmSeries(self, self.model_name or self.pool)
+
+    def record_kv_blocks(self, free: int, used: int) -> None:
+        """Blocks free and in use, and their ratio (the usage gauge the autoscaler may read)."""
+        self._kv_cache_blocks.labels(pool=self.pool, role=self.role, state="free").set(free)
+        self._kv_cache_blocks.labels(pool=self.pool, role=self.role, state="used").set(used)
+        self.kv_cache_usage.set(used / (free + used) if free + used else 0.0)
 
     def request_finished(self, outcome: str) -> None:
         self._requests.labels(pool=self.pool, role=self.role, outcome=outcome).inc()

@@ -302,7 +302,7 @@ class _Handoff:
     async def _register(self, decode: Endpoint) -> int:
         body = DecodeCall(
             request_id=self._id,
-            prompt_len=len(self._request.prompt_token_ids),
+            prompt_token_ids=self._request.prompt_token_ids,
             sampling=self._request.sampling,
         ).model_dump(mode="json")
         try:

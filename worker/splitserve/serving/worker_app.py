@@ -165,9 +165,9 @@ def build_decode_app(state: WorkerState, kv_port: int) -> web.Application:
             try:
                 call = await _parse(request, DecodeCall)
                 runtime = state.ready_runtime()
-                check_vocabulary((), call.sampling, runtime.engine.loaded.vocab_size)
+                check_vocabulary(call.prompt_token_ids, call.sampling, runtime.engine.loaded.vocab_size)
                 held.enter_context(state.drain.request(partial(runtime.fail, call.request_id)))
-                runtime.register(call.request_id, call.prompt_len, call.sampling)
+                runtime.register(call.request_id, list(call.prompt_token_ids), call.sampling)
             except GenerationError as error:
                 return error_response(error.status, error.message, type=error.kind, param=error.param)
             response = web.StreamResponse(headers={KV_PORT_HEADER: str(kv_port), "Content-Type": NDJSON})

@@ -1,0 +1,41 @@
+"""Helpers of the runtime suites: requests, draining streams, the in-process KV handoff, leak checks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from splitserve.engine.params import GenerationChunk, GenerationRequest, SamplingParams
+from splitserve.engine.runtime import EngineRuntime
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
+
+
+def assert_no_leaks(*runtimes: EngineRuntime) -> None:
+    """Every block is back in the pool and no stream is left behind."""
+    for runtime in runtimes:
+        assert runtime.pool.allocator.num_free == runtime.pool.num_blocks
+        assert not runtime._streams
+
+
+def request(prompt: list[int], sampling: SamplingParams = GREEDY, rid: str = "r") -> GenerationRequest:
+    return GenerationRequest(request_id=rid, prompt_token_ids=tuple(prompt), sampling=sampling)
+
+
+async def hand_off(prefill: EngineRuntime, decode: EngineRuntime, req: GenerationRequest) -> None:
+    """What the KV transfer does, minus the socket: prefill, copy every layer, announce arrival."""
+    prompt_len = len(req.prompt_token_ids)
+    decode.register(req.request_id, list(req.prompt_token_ids), req.sampling)
+    async with prefill.prefill(req) as result:
+        kv = await decode.receive_kv(req.request_id, prompt_len)
+        for layer in range(result.kv.layout.num_layers):
+            kv.load_layer(layer, result.kv.layer(layer).clone())
+        decode.kv_arrived(req.request_id, kv, result.first_token)
+
+
+async def collect(chunks: AsyncIterator[GenerationChunk]) -> tuple[list[int], str | None]:
+    tokens: list[int] = []
+    finish = None
+    async for chunk in chunks:
+        tokens.extend(chunk.token_ids)
+        finish = chunk.finish_reason
+    return tokens, finish
