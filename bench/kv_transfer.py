@@ -29,11 +29,12 @@ from typing import Any
 import torch
 
 import splitserve.transfer.frames as kv_frames
-import splitserve.transfer.tcp as kv_transfer
-from splitserve.transfer.frames import KVHeader, KVLimits, layer_payloads
+from splitserve.engine.kv_cache import KVLayout, KVPool, SequenceKV
+from splitserve.transfer.frames import KVHeader, KVLimits, frame_runs
 from splitserve.transfer.tcp import TcpKVReceiver, TcpKVSender
 
 RESULTS = Path(__file__).resolve().parent / "results"
+BLOCK_SIZE = 16
 SENDER_CORE, RECEIVER_CORE = 0, (os.cpu_count() or 1) - 1
 
 
@@ -46,10 +47,19 @@ class Case:
     tokens: int
     dtype: torch.dtype
 
-    def layers(self) -> list[torch.Tensor]:
+    @property
+    def layout(self) -> KVLayout:
+        return KVLayout(self.num_layers, self.kv_heads, self.head_dim, self.dtype)
+
+    def sequence(self) -> SequenceKV:
+        """The cache to send: `tokens` random tokens in a pool of blocks of BLOCK_SIZE."""
+        pool = KVPool(self.layout, -(-self.tokens // BLOCK_SIZE), BLOCK_SIZE, torch.device("cpu"))
         generator = torch.Generator().manual_seed(0)
-        shape = (2, self.kv_heads, self.tokens, self.head_dim)
-        return [torch.randn(shape, generator=generator).to(self.dtype) for _ in range(self.num_layers)]
+        pool.data.copy_(torch.randn(pool.data.shape, generator=generator).to(self.dtype))
+        kv = pool.sequence()
+        kv.grow(self.tokens)
+        kv.length = self.tokens
+        return kv
 
 
 CASES = [
@@ -80,20 +90,35 @@ VARIANTS: dict[str, Callable[..., int]] = {
 }
 
 
-class _DiscardingDestination:
-    """Transport cost only: the engine's copy into its cache is measured apart (`copy_GBps`)."""
+class _Destination:
+    """Frames land in blocks of a real pool (as on a decode worker), given back at the end."""
 
-    def write_layer(self, index: int, kv: torch.Tensor) -> None: ...
+    def __init__(self, kv: SequenceKV) -> None:
+        self.kv = kv
 
-    def commit(self) -> None: ...
+    def runs(self, layer: int, begin: int, end: int) -> list[memoryview]:
+        return self.kv.runs(layer, begin, end)
+
+    def commit(self) -> None:
+        self.kv.release()
 
     def abort(self, reason: str) -> None:
+        self.kv.release()
         print(f"receiver: transfer aborted: {reason}", flush=True)
 
 
 class _Sink:
-    async def open(self, header: KVHeader) -> _DiscardingDestination:
-        return _DiscardingDestination()
+    def __init__(self) -> None:
+        self.pools: dict[KVLayout, KVPool] = {}
+
+    async def open(self, header: KVHeader) -> _Destination:
+        layout = KVLayout(header.num_layers, header.num_kv_heads, header.head_dim, header.dtype)
+        if layout not in self.pools:
+            blocks = -(-header.num_tokens // BLOCK_SIZE)
+            self.pools[layout] = KVPool(layout, blocks, BLOCK_SIZE, torch.device("cpu"))
+        kv = self.pools[layout].sequence()
+        kv.grow(header.num_tokens)
+        return _Destination(kv)
 
 
 def raw_server(listener: socket.socket) -> None:
@@ -114,7 +139,7 @@ def raw_server(listener: socket.socket) -> None:
 def _serve(ports: Any, variant: str) -> None:
     """Child process: a TcpKVReceiver with the variant's layer checksum, and a raw socket server."""
     _pin(RECEIVER_CORE)
-    kv_frames.layer_checksum = VARIANTS[variant]
+    kv_frames.block_checksum = VARIANTS[variant]
     listener = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=raw_server, args=(listener,), daemon=True).start()
 
@@ -157,18 +182,19 @@ def throughput(function: Callable[[], object], nbytes: int, reps: int = 5) -> fl
 
 
 def run_case(case: Case, reps: int, runner: asyncio.Runner, ports: dict[str, int]) -> dict[str, Any]:
-    layers = case.layers()
-    header = KVHeader.describe("bench", 1, layers)
-    payloads = layer_payloads(header, layers)
+    kv = case.sequence()
+    shape = (case.num_layers, case.kv_heads, case.head_dim, case.dtype)
+    header = KVHeader.for_blocks("bench", 1, case.tokens, shape, BLOCK_SIZE)
+    payloads = [run for index in range(header.num_frames) for run in frame_runs(header, kv, index)]
     nbytes = header.total_nbytes
     sender = TcpKVSender()
 
     accept: list[float] = []
 
     def protocol(variant: str) -> float:
-        kv_transfer.layer_checksum = VARIANTS[variant]  # type: ignore[attr-defined]
+        kv_frames.block_checksum = VARIANTS[variant]
         start = time.perf_counter()
-        stats = runner.run(sender.send(f"127.0.0.1:{ports[variant]}", header, layers))
+        stats = runner.run(sender.send(f"127.0.0.1:{ports[variant]}", header, kv))
         if variant == "protocol":
             accept.append(stats.accept_seconds)
         return time.perf_counter() - start
@@ -187,11 +213,12 @@ def run_case(case: Case, reps: int, runner: asyncio.Runner, ports: dict[str, int
             + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()),
             flush=True,
         )
-    kv_transfer.layer_checksum = VARIANTS["protocol"]  # type: ignore[attr-defined]
+    kv_frames.block_checksum = VARIANTS["protocol"]
     result: dict[str, Any] = {
         "bytes": nbytes,
         "layers": case.num_layers,
-        "layer_shape": list(header.layer_shape),
+        "frames": header.num_frames,
+        "blocks_per_frame": header.blocks_per_frame,
         "dtype": str(case.dtype).removeprefix("torch."),
         "reps": reps,
     }
@@ -203,13 +230,9 @@ def run_case(case: Case, reps: int, runner: asyncio.Runner, ports: dict[str, int
         variant: 1 - median["protocol_no_checksum"] / median[variant]
         for variant in ("protocol", "protocol_stdlib_crc32")
     }
-    cache = [torch.empty_like(layer) for layer in layers]
     result["crc32_GBps"] = throughput(lambda: [kv_frames.checksum(p) for p in payloads], nbytes)
     result["stdlib_crc32_GBps"] = throughput(lambda: [zlib.crc32(p) for p in payloads], nbytes)
     result["adler32_GBps"] = throughput(lambda: [zlib.adler32(p) for p in payloads], nbytes)
-    result["copy_into_cache_GBps"] = throughput(
-        lambda: [c.copy_(layer) for c, layer in zip(cache, layers, strict=True)], nbytes
-    )
     result["crc32_seconds"] = nbytes / result["crc32_GBps"] / 1e9
     return result
 
@@ -277,7 +300,8 @@ def main() -> None:
                 "receiver_core": RECEIVER_CORE,
             },
             "method": "wall time from connect to the receiver's OK (raw: to its one-byte ack), new "
-            "connection per transfer; receiver discards layers; interleaved repetitions",
+            "connection per transfer; receiver lands frames in a real KV pool's blocks; "
+            "interleaved repetitions",
             "cases": {},
         }
         with asyncio.Runner() as runner:

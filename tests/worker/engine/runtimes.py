@@ -22,14 +22,23 @@ def request(prompt: list[int], sampling: SamplingParams = GREEDY, rid: str = "r"
 
 
 async def hand_off(prefill: EngineRuntime, decode: EngineRuntime, req: GenerationRequest) -> None:
-    """What the KV transfer does, minus the socket: prefill, copy every layer, announce arrival."""
+    """What the KV transfer does, minus the socket: prefill, copy every layer's runs, announce arrival."""
     prompt_len = len(req.prompt_token_ids)
     decode.register(req.request_id, list(req.prompt_token_ids), req.sampling)
     async with prefill.prefill(req) as result:
         kv = await decode.receive_kv(req.request_id, prompt_len)
         for layer in range(result.kv.layout.num_layers):
-            kv.load_layer(layer, result.kv.layer(layer).clone())
+            copy_runs(result.kv.runs(layer, 0, prompt_len), kv.runs(layer, 0, prompt_len))
         decode.kv_arrived(req.request_id, kv, result.first_token)
+
+
+def copy_runs(source: list[memoryview], destination: list[memoryview]) -> None:
+    """Copy bytes between two lists of runs that hold the same bytes split differently."""
+    data, offset = b"".join(source), 0
+    for run in destination:
+        run[:] = data[offset : offset + len(run)]
+        offset += len(run)
+    assert offset == len(data)
 
 
 async def collect(chunks: AsyncIterator[GenerationChunk]) -> tuple[list[int], str | None]:

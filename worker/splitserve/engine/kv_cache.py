@@ -10,11 +10,13 @@ all blocks, `[layers, 2, kv_heads, num_blocks * block_size, head_dim]`. A token'
 `block_id * block_size + offset`, so writing a step's new keys is one `index_copy_` per layer. A
 sequence whose blocks follow each other (the allocator places new sequences apart and grows them
 into the next block when it can) is read in place as one view, as cheap as the per-sequence tensors
-this replaced; the others are gathered block by block (attention.py).
+this replaced; the others are gathered block by block (attention.py). A KV transfer reads and writes
+the pool's memory in place, one run of consecutive slots of one head at a time (`SequenceKV.runs`).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +67,14 @@ class KVPool:
         """As many whole blocks as `budget_bytes` holds (at least one)."""
         num_blocks = max(1, budget_bytes // (layout.bytes_per_token * block_size))
         return cls(layout, num_blocks, block_size, device)
+
+    @functools.cached_property
+    def byte_view(self) -> memoryview:
+        """The whole pool as bytes, no copy: where KV transfers send from and land into (CPU only; a
+        CUDA pool would need pinned staging buffers, which are not written yet)."""
+        if self.device.type != "cpu":
+            raise ValueError(f"KV transfers need the KV pool in CPU memory, it is on {self.device}")
+        return self.data.view(-1).view(torch.uint8).numpy().data
 
     @property
     def num_blocks(self) -> int:
@@ -141,15 +151,37 @@ class SequenceKV:
             self._slots = self.pool.slots_of(self.block_table)
         return self._slots[begin:end]
 
-    def layer(self, index: int) -> torch.Tensor:
-        """Written part of one layer gathered from its blocks, `[2, H, length, D]`: what travels to decode."""
-        if self.contiguous and self.block_table:
-            return self.pool.data[index, :, :, self.first_slot : self.first_slot + self.length]
-        return self.pool.data[index].index_select(2, self.slots(0, self.length))
+    def slot_spans(self, begin: int, end: int) -> list[tuple[int, int]]:
+        """Token positions `begin..end-1` (within the blocks held) as (first slot, count) runs of
+        consecutive slots: one run when the blocks are contiguous, else one per stretch of them."""
+        if self.contiguous:
+            return [(self.first_slot + begin, end - begin)]
+        size, spans = self.pool.block_size, list[tuple[int, int]]()
+        position = begin
+        while position < end:
+            slot = self.block_table[position // size] * size + position % size
+            count = min(end, (position // size + 1) * size) - position
+            if spans and spans[-1][0] + spans[-1][1] == slot:
+                spans[-1] = (spans[-1][0], spans[-1][1] + count)
+            else:
+                spans.append((slot, count))
+            position += count
+        return spans
 
-    def load_layer(self, index: int, kv: torch.Tensor) -> None:
-        """Scatter a received `[2, H, T, D]` layer into this sequence's blocks (taken beforehand)."""
-        self.pool.data[index].index_copy_(2, self.slots(0, kv.shape[2]), kv.to(self.pool.device))
+    def runs(self, layer: int, begin: int, end: int) -> list[memoryview]:
+        """Bytes of token positions `begin..end-1` of `layer`, keys then values, head by head, as views of
+        the pool (no copy): a KV transfer sends from them (prefill) or lands into them (decode). The
+        positions need blocks held, not a length: decode lands into blocks taken before `length` is set."""
+        if not 0 <= begin < end <= self.capacity:
+            raise ValueError(f"tokens {begin}..{end - 1} are not in the {self.capacity} slots held")
+        _, _, heads, slots, _ = self.pool.data.shape
+        row = self.layout.head_dim * self.pool.data.element_size()  # bytes of one slot of one head
+        view, spans = self.pool.byte_view, self.slot_spans(begin, end)
+        out = []
+        for plane in range(2 * heads):  # (key|value, head) planes of `layer`, in pool order
+            base = (layer * 2 * heads + plane) * slots
+            out += [view[(base + first) * row : (base + first + count) * row] for first, count in spans]
+        return out
 
     @property
     def nbytes(self) -> int:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
 
-import torch
 from aiohttp import web
 from pydantic import ValidationError
 
@@ -122,16 +121,14 @@ def build_prefill_app(state: WorkerState, sender: KVSender) -> web.Application:
                 async with runtime.prefill(generation) as result:
                     prefilled = time.perf_counter()
                     layout = result.kv.layout
-                    header = KVHeader(
-                        request_id=call.request_id,
-                        first_token=result.first_token,
-                        num_tokens=result.kv.length,
-                        num_layers=layout.num_layers,
-                        dtype=layout.dtype,
-                        layer_shape=tuple(result.kv.layer(0).shape),
+                    header = KVHeader.for_blocks(
+                        call.request_id,
+                        result.first_token,
+                        result.kv.length,
+                        (layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.dtype),
+                        result.kv.pool.block_size,
                     )
-                    layers = [result.kv.layer(index) for index in range(layout.num_layers)]
-                    stats = await sender.send(call.kv_target, header, layers)
+                    stats = await sender.send(call.kv_target, header, result.kv)
             state.metrics.kv_transfer_seconds.observe(stats.seconds)
             state.metrics.kv_transfer_bytes.inc(stats.bytes)
             reply = PrefillReply(
@@ -200,15 +197,12 @@ class DecodeKVSink:
         try:
             runtime = self.state.ready_runtime()
             layout = runtime.engine.loaded.layout
-            expected = (2, layout.num_kv_heads, header.num_tokens, layout.head_dim)
-            if (header.num_layers, header.dtype, tuple(header.layer_shape)) != (
-                layout.num_layers,
-                layout.dtype,
-                expected,
-            ):
+            sent = (header.num_layers, header.num_kv_heads, header.head_dim, header.dtype)
+            mine = (layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.dtype)
+            if sent != mine:
                 raise KVRejected(
-                    f"KV layout {header.num_layers}x{list(header.layer_shape)} {header.dtype} does not match "
-                    f"this worker's model ({layout.num_layers}x{list(expected)} {layout.dtype})"
+                    f"KV layout (layers, kv heads, head dim, dtype) {sent} does not match this worker's "
+                    f"model {mine}"
                 )
             kv = await runtime.receive_kv(header.request_id, header.num_tokens)
         except GenerationError as error:
@@ -217,12 +211,15 @@ class DecodeKVSink:
 
 
 class _Destination:
+    """Blocks taken for one arriving cache: frames land in them (a block size other than the sender's
+    is fine, tokens go to their own slots); the engine sees them only at `commit`."""
+
     def __init__(self, runtime: EngineRuntime, header: KVHeader, kv: SequenceKV, metrics: Metrics) -> None:
         self.runtime, self.header, self.kv, self.metrics = runtime, header, kv, metrics
         self.started = time.perf_counter()
 
-    def write_layer(self, index: int, kv: torch.Tensor) -> None:
-        self.kv.load_layer(index, kv)
+    def runs(self, layer: int, begin: int, end: int) -> list[memoryview]:
+        return self.kv.runs(layer, begin, end)
 
     def commit(self) -> None:
         self.metrics.kv_transfer_seconds.observe(time.perf_counter() - self.started)

@@ -7,13 +7,10 @@ the same KVSender / KVReceiver / KVSink trio. The worker app depends on this mod
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import torch
-
-from splitserve.transfer.frames import ErrorCode, KVHeader
+from splitserve.transfer.frames import BlockRuns, ErrorCode, KVHeader
 
 
 class KVRejected(Exception):  # noqa: N818 (the name the worker contract uses)
@@ -34,15 +31,13 @@ class KVTransferError(Exception):
         self.reason = reason
 
 
-class KVDestination(Protocol):
-    """Where one transfer lands (the decode engine's sequence cache). Exactly one of `commit` (returning
-    normally) or `abort` ends it; `abort` also follows a `write_layer` or `commit` that raised."""
-
-    def write_layer(self, index: int, kv: torch.Tensor) -> None:
-        """Layers 0..L-1, in order. `kv` is borrowed: copy from it, its memory is reused afterwards."""
+class KVDestination(BlockRuns, Protocol):
+    """Where one transfer lands: blocks taken for every token of the header, not yet visible to the
+    engine (`runs` gives the receiver their memory). Exactly one of `commit` (returning normally) or
+    `abort` ends it; `abort` also follows a `runs` or `commit` that raised."""
 
     def commit(self) -> None:
-        """Every layer arrived intact."""
+        """Every frame arrived intact: the sequence may join the engine."""
 
     def abort(self, reason: str) -> None:
         """The transfer failed: free what was reserved."""
@@ -66,8 +61,9 @@ class TransferStats:
 
 class KVSender(ABC):
     @abstractmethod
-    async def send(self, target: str, header: KVHeader, layers: Sequence[torch.Tensor]) -> TransferStats:
-        """Ship `layers` to the receiver at `target` ("host:port"); raises KVTransferError on failure."""
+    async def send(self, target: str, header: KVHeader, source: BlockRuns) -> TransferStats:
+        """Ship the cache `header` describes, straight from `source`'s blocks, to the receiver at `target`
+        ("host:port"); raises KVTransferError on failure. `source` must not change until it returns."""
 
 
 class KVReceiver(ABC):

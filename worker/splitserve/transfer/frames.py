@@ -1,39 +1,46 @@
-"""Wire format of one KV cache transfer: header and tensors <-> bytes, validated, without I/O.
+"""Wire format of one KV cache transfer (version 2): header and KV blocks <-> bytes, validated, without I/O.
 
-Raw tensor bytes behind fixed-size little-endian struct headers, so that nothing a peer sends is ever
-executed or unpickled (no pickle, no torch.load, no object arrays). Every frame is a 24-byte prefix and
-`length` payload bytes:
+Raw bytes behind fixed-size little-endian struct headers, so that nothing a peer sends is ever executed
+or unpickled (no pickle, no torch.load, no object arrays). Every frame is a 24-byte prefix and `length`
+payload bytes, with the CRC-32 of its own payload:
 
     magic b"SSKV" | version u8 | type u8 | flags u16 (0) | index u32 | crc32 u32 | length u64
 
-A transfer, sender -> receiver: BEGIN (the KVHeader), LAYER 0..L-1 (the raw bytes of one
-`[2, H_kv, T, D]` tensor each), END. The receiver answers BEGIN with ACCEPT or ERROR and END with OK or
-ERROR (ERROR may also come at any point in between). Every length is checked against the frame type,
-the header and the receiver's limits before a byte of payload is read or a buffer allocated.
+A transfer, sender -> receiver: BEGIN (the KVHeader), BLOCKS 0..F-1, END. The receiver answers BEGIN
+with ACCEPT or ERROR and END with OK or ERROR (ERROR may also come at any point in between). A BLOCKS
+frame carries `blocks_per_frame` consecutive blocks (of the sender's `block_size` tokens) of one layer,
+layer by layer: its payload is those tokens' keys then values, head by head, token by token, i.e. a
+`[2, H_kv, n, D]` tensor. Both ends address it through `BlockRuns`: the sender sends straight from its
+pool's blocks and the receiver lands straight into its own (no copy of the cache on either side), and a
+receiver whose blocks are another size places the same tokens in its own slots. Every length is checked
+against the frame type, the header and the receiver's limits before a byte of payload is read.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
-from math import prod
+from typing import Protocol
 
 import torch
 
+from splitserve.engine.blocks import blocks_for
+
 MAGIC = b"SSKV"
-VERSION = 1
+VERSION = 2  # 1 carried whole layers; both ends of a transfer run the same release
 PREFIX = struct.Struct("<4sBBHIIQ")  # magic, version, type, flags, index, crc32, length
-_HEADER = struct.Struct("<HBBIIQ")  # request id length, dtype, ndim, num_layers, first_token, num_tokens
+# request id length, dtype, (pad), num_layers, first_token, num_tokens, kv heads, head dim, block size,
+# blocks per frame
+_HEADER = struct.Struct("<HBxIIQIIII")
 _ERROR = struct.Struct("<H")  # error code; the utf-8 reason follows
 
 MAX_REQUEST_ID_BYTES = 128
-MAX_DIMS = 8
-MAX_HEADER_BYTES = _HEADER.size + MAX_REQUEST_ID_BYTES + 8 * MAX_DIMS
+MAX_HEADER_BYTES = _HEADER.size + MAX_REQUEST_ID_BYTES
 MAX_REASON_BYTES = 1024
-KV_NDIM = 4  # version 1 carries the [2, H_kv, T, D] layout only; another layout is another version
-CHUNK_BYTES = 1 << 20  # payload is read (and checksummed) in pieces this big: short event-loop steps
+CHUNK_BYTES = 1 << 20  # payload is read (and checksummed) in pieces at most this big: short loop steps
+FRAME_BYTES = 1 << 20  # what a sender aims a BLOCKS frame at: few frames, pieces the receiver can take
 
 # zlib-ng computes the very same CRC-32 as zlib, vectorised: 4-6x faster (bench/results/kv_transfer.json).
 try:
@@ -41,24 +48,24 @@ try:
 except ImportError:  # optional: peers with and without it interoperate
     from zlib import crc32 as _crc32
 checksum = _crc32
-# The checksum of layer payloads, the bulk of the bytes: its own name, so the bench can measure its cost.
-layer_checksum = checksum
+# The checksum of block payloads, the bulk of the bytes: its own name, so the bench can measure its cost.
+block_checksum = checksum
 
 
 class FrameType(IntEnum):
     BEGIN = 1
-    LAYER = 2
+    BLOCKS = 2
     END = 3
-    ACCEPT = 4  # receiver: the sink opened a destination, send the layers
-    OK = 5  # receiver: every layer arrived intact and was committed
+    ACCEPT = 4  # receiver: the sink took blocks for the cache, send them
+    OK = 5  # receiver: every frame arrived intact and the sequence was committed
     ERROR = 6  # receiver: the transfer failed; payload = code + reason
 
 
 class ErrorCode(IntEnum):
     """Why a transfer failed; on the wire in ERROR frames, and on KVTransferError for the caller."""
 
-    PROTOCOL = 1  # malformed or unexpected frame
-    CHECKSUM = 2  # a layer's bytes do not match its crc32
+    PROTOCOL = 1  # malformed or unexpected frame (a peer of another version included)
+    CHECKSUM = 2  # a frame's bytes do not match its crc32
     LIMIT = 3  # bigger than the receiver accepts
     REJECTED = 4  # the sink refused the request (unknown id, no room, ...)
     TIMEOUT = 5  # the peer went quiet
@@ -84,20 +91,32 @@ def _require(condition: bool, message: str, code: ErrorCode = ErrorCode.PROTOCOL
         raise KVProtocolError(message, code)
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _is_u32(value: object, low: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value < 2**32
+
+
+class BlockRuns(Protocol):
+    """A sequence's KV cache as the wire sees it; implemented over the paged pool (`SequenceKV.runs`)."""
+
+    def runs(self, layer: int, begin: int, end: int) -> list[memoryview]:
+        """The bytes of tokens `begin..end-1` of `layer` in wire order (keys then values, head by head,
+        token by token), as views of the cache's own memory: what is sent from, or landed into."""
+        ...
 
 
 @dataclass(frozen=True)
 class KVHeader:
-    """What one transfer carries: sent first, so the receiver can check and reserve before any data."""
+    """What one transfer carries: sent first, so the receiver can check and take blocks before any data."""
 
     request_id: str
     first_token: int  # the token prefill sampled
     num_tokens: int  # T, the prompt length
     num_layers: int
     dtype: torch.dtype
-    layer_shape: tuple[int, ...]  # [2, H_kv, T, D], the same for every layer
+    num_kv_heads: int
+    head_dim: int
+    block_size: int  # tokens per block on the wire: the sender's; the receiver's may differ
+    blocks_per_frame: int  # blocks of one layer per BLOCKS frame
 
     def __post_init__(self) -> None:
         rid = self.request_id.encode("utf-8") if isinstance(self.request_id, str) else b""
@@ -105,58 +124,74 @@ class KVHeader:
             0 < len(rid) <= MAX_REQUEST_ID_BYTES,
             f"request id must be 1..{MAX_REQUEST_ID_BYTES} bytes of utf-8",
         )
+        _require(_is_u32(self.first_token, 0), f"first token {self.first_token!r} is not a u32")
         _require(
-            _is_int(self.first_token) and 0 <= self.first_token < 2**32,
-            f"first token {self.first_token!r} is not a u32",
-        )
-        _require(
-            _is_int(self.num_layers) and 0 < self.num_layers < 2**32,
-            f"num_layers {self.num_layers!r} is not a positive u32",
-        )
-        _require(
-            _is_int(self.num_tokens) and 0 < self.num_tokens < 2**63,
+            isinstance(self.num_tokens, int) and 0 < self.num_tokens < 2**63,
             f"num_tokens {self.num_tokens!r} is not positive",
         )
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size", "blocks_per_frame"):
+            _require(_is_u32(getattr(self, name)), f"{name} {getattr(self, name)!r} is not a positive u32")
         _require(self.dtype in _DTYPE_CODES, f"dtype {self.dtype} is not one of float32, bfloat16, float16")
-        shape = self.layer_shape
-        _require(
-            isinstance(shape, tuple) and all(_is_int(d) and 0 < d < 2**63 for d in shape),
-            f"layer shape {shape!r} must be a tuple of positive ints",
-        )
-        _require(
-            len(shape) == KV_NDIM and shape[0] == 2 and shape[2] == self.num_tokens,
-            f"layer shape {list(shape)} is not [2, H_kv, T={self.num_tokens}, D]",
-        )
+        _require(self.num_frames < 2**32, f"{self.num_frames} frames do not fit a u32 frame index")
 
     @classmethod
-    def describe(cls, request_id: str, first_token: int, layers: Sequence[torch.Tensor]) -> KVHeader:
-        """The header for sending `layers` (the prefill side's shortcut)."""
-        _require(len(layers) > 0, "no layers to send")
-        shape = tuple(layers[0].shape)
-        return cls(
-            request_id,
-            first_token,
-            shape[2] if len(shape) == KV_NDIM else 0,
-            len(layers),
-            layers[0].dtype,
-            shape,
-        )
+    def for_blocks(
+        cls,
+        request_id: str,
+        first_token: int,
+        num_tokens: int,
+        shape: tuple[int, int, int, torch.dtype],
+        block_size: int,
+        frame_bytes: int = FRAME_BYTES,
+    ) -> KVHeader:
+        """The header for sending a cache of `shape` = (layers, kv heads, head dim, dtype) from blocks of
+        `block_size`, with frames of about `frame_bytes` (at least one block each)."""
+        layers, heads, head_dim, dtype = shape
+        block_bytes = 2 * heads * block_size * head_dim * dtype.itemsize
+        per_frame = max(1, min(frame_bytes // max(1, block_bytes), blocks_for(num_tokens, block_size)))
+        return cls(request_id, first_token, num_tokens, layers, dtype, heads, head_dim, block_size, per_frame)
 
     @property
-    def layer_nbytes(self) -> int:
-        return prod(self.layer_shape) * self.dtype.itemsize
+    def token_nbytes(self) -> int:
+        """Bytes of one token of one layer: keys and values of every KV head."""
+        return 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    @property
+    def frame_tokens(self) -> int:
+        return self.blocks_per_frame * self.block_size
+
+    @property
+    def frames_per_layer(self) -> int:
+        return blocks_for(self.num_tokens, self.frame_tokens)
+
+    @property
+    def num_frames(self) -> int:
+        return self.num_layers * self.frames_per_layer
+
+    @property
+    def max_frame_nbytes(self) -> int:
+        return min(self.frame_tokens, self.num_tokens) * self.token_nbytes
 
     @property
     def total_nbytes(self) -> int:
-        return self.layer_nbytes * self.num_layers
+        return self.num_tokens * self.token_nbytes * self.num_layers
+
+    def frame(self, index: int) -> tuple[int, int, int]:
+        """(layer, first token, end token) of BLOCKS frame `index`."""
+        layer, part = divmod(index, self.frames_per_layer)
+        begin = part * self.frame_tokens
+        return layer, begin, min(self.num_tokens, begin + self.frame_tokens)
+
+    def frames(self) -> Iterator[tuple[int, int, int]]:
+        return (self.frame(index) for index in range(self.num_frames))
 
 
 @dataclass(frozen=True)
 class KVLimits:
-    """What a receiver accepts; checked on the header, before any layer buffer is allocated."""
+    """What a receiver accepts; checked on the header, before it takes blocks or reads a frame."""
 
     max_transfer_bytes: int = 8 << 30  # the decode worker passes its `max_transfer_bytes`
-    max_frame_bytes: int = 4 << 30  # one layer's payload
+    max_frame_bytes: int = 256 << 20  # one BLOCKS frame's payload
     max_layers: int = 1024
 
     def check(self, header: KVHeader) -> None:
@@ -167,8 +202,8 @@ class KVLimits:
             limit,
         )
         _require(
-            header.layer_nbytes <= self.max_frame_bytes,
-            f"a layer of {header.layer_nbytes} bytes exceeds the limit of {self.max_frame_bytes}",
+            header.max_frame_nbytes <= self.max_frame_bytes,
+            f"a frame of {header.max_frame_nbytes} bytes exceeds the limit of {self.max_frame_bytes}",
             limit,
         )
         _require(
@@ -187,22 +222,34 @@ class FramePrefix:
 
 
 def encode_frame(kind: FrameType, payload: bytes = b"", index: int = 0) -> bytes:
-    """A whole small frame (everything but LAYER, whose payload is sent from the tensor in place)."""
+    """A whole small frame (everything but BLOCKS, whose payload is sent from the blocks in place)."""
     return PREFIX.pack(MAGIC, VERSION, kind, 0, index, checksum(payload), len(payload)) + payload
 
 
-def encode_layer_prefix(index: int, nbytes: int, crc: int) -> bytes:
-    return PREFIX.pack(MAGIC, VERSION, FrameType.LAYER, 0, index, crc, nbytes)
+def encode_blocks_prefix(index: int, nbytes: int, crc: int) -> bytes:
+    return PREFIX.pack(MAGIC, VERSION, FrameType.BLOCKS, 0, index, crc, nbytes)
+
+
+def runs_checksum(runs: list[memoryview]) -> int:
+    """CRC-32 of the concatenation of `runs` (a frame's payload) without concatenating them."""
+    crc = 0
+    for run in runs:
+        crc = block_checksum(run, crc)
+    return crc
 
 
 def decode_prefix(data: bytes | bytearray | memoryview) -> FramePrefix:
     _require(len(data) == PREFIX.size, f"frame prefix must be {PREFIX.size} bytes, got {len(data)}")
     magic, version, kind, flags, index, crc, length = PREFIX.unpack(data)
     _require(magic == MAGIC, f"bad magic {bytes(magic)!r}")
-    _require(version == VERSION, f"protocol version {version} (this side speaks {VERSION})")
+    _require(
+        version == VERSION,
+        f"KV frame version {version}, this side speaks {VERSION}: both ends of a transfer must run "
+        "the same splitserve release",
+    )
     _require(kind in FrameType._value2member_map_, f"unknown frame type {kind}")
     _require(flags == 0, f"unknown frame flags {flags:#x}")
-    _require(kind == FrameType.LAYER or index == 0, f"{FrameType(kind).name} frame with index {index}")
+    _require(kind == FrameType.BLOCKS or index == 0, f"{FrameType(kind).name} frame with index {index}")
     return FramePrefix(FrameType(kind), index, crc, length)
 
 
@@ -218,29 +265,32 @@ def encode_header(header: KVHeader) -> bytes:
     fixed = _HEADER.pack(
         len(rid),
         _DTYPE_CODES[header.dtype],
-        len(header.layer_shape),
         header.num_layers,
         header.first_token,
         header.num_tokens,
+        header.num_kv_heads,
+        header.head_dim,
+        header.block_size,
+        header.blocks_per_frame,
     )
-    dims = struct.pack(f"<{len(header.layer_shape)}Q", *header.layer_shape)
-    return encode_frame(FrameType.BEGIN, fixed + rid + dims)
+    return encode_frame(FrameType.BEGIN, fixed + rid)
 
 
 def decode_header(payload: bytes | bytearray | memoryview) -> KVHeader:
     """A BEGIN payload (checksum already checked) -> KVHeader; every field validated."""
     _require(_HEADER.size <= len(payload) <= MAX_HEADER_BYTES, f"header of {len(payload)} bytes")
-    rid_len, dtype_code, ndim, num_layers, first_token, num_tokens = _HEADER.unpack_from(payload)
+    rid_len, dtype_code, layers, first, tokens, heads, head_dim, block_size, per_frame = _HEADER.unpack_from(
+        payload
+    )
     _require(dtype_code in _DTYPES, f"unknown dtype code {dtype_code}")
-    _require(ndim <= MAX_DIMS, f"{ndim} dims exceed the limit of {MAX_DIMS}")
-    _require(rid_len <= MAX_REQUEST_ID_BYTES, f"request id of {rid_len} bytes")
-    _require(len(payload) == _HEADER.size + rid_len + 8 * ndim, "header length disagrees with its fields")
+    _require(len(payload) == _HEADER.size + rid_len, "header length disagrees with its request id length")
     try:
-        request_id = bytes(payload[_HEADER.size : _HEADER.size + rid_len]).decode("utf-8")
+        request_id = bytes(payload[_HEADER.size :]).decode("utf-8")
     except UnicodeDecodeError:
         raise KVProtocolError("request id is not utf-8") from None
-    shape = struct.unpack_from(f"<{ndim}Q", payload, _HEADER.size + rid_len)
-    return KVHeader(request_id, first_token, num_tokens, num_layers, _DTYPES[dtype_code], shape)
+    return KVHeader(
+        request_id, first, tokens, layers, _DTYPES[dtype_code], heads, head_dim, block_size, per_frame
+    )
 
 
 def encode_error(code: ErrorCode, reason: str) -> bytes:
@@ -271,11 +321,13 @@ def decode_error(payload: bytes | bytearray | memoryview) -> tuple[ErrorCode, st
         raise KVProtocolError("error reason is not utf-8") from None
 
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw bytes of a contiguous CPU tensor, without copying (bfloat16 included)."""
-    _require(tensor.device.type == "cpu", f"tensor on {tensor.device}, expected cpu")
-    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    return flat.numpy().data
+def frame_runs(header: KVHeader, source: BlockRuns, index: int) -> list[memoryview]:
+    """The payload of BLOCKS frame `index` as views of `source` (either side), its size checked."""
+    layer, begin, end = header.frame(index)
+    runs = source.runs(layer, begin, end)
+    got, wanted = sum(len(run) for run in runs), (end - begin) * header.token_nbytes
+    _require(got == wanted, f"frame {index} maps to {got} bytes of KV, not {wanted}", ErrorCode.INTERNAL)
+    return runs
 
 
 @dataclass(frozen=True)
@@ -284,28 +336,22 @@ class Begin:
 
 
 @dataclass(frozen=True)
-class Layer:
-    index: int
-    kv: torch.Tensor  # borrowed: the decoder reuses its memory for the next layer
-
-
-@dataclass(frozen=True)
 class End:
     pass
 
 
-Event = Begin | Layer | End
+Event = Begin | End
 
 
 class TransferDecoder:
     """The receiving side of one transfer as a state machine: the socket code stays thin and every check
     is testable without sockets.
 
-    Loop: `view = want()`, fill `view` completely (from a socket, a file...), `event = filled()`. Events come
-    in order: Begin, Layer 0..L-1, End. Payload lands straight in a buffer the decoder owns (no extra
-    copy); that one-layer buffer is allocated only after the header passed `limits` and the first LAYER
-    prefix matched it, so a forged length never makes the receiver allocate it. Any KVProtocolError ends
-    the transfer; the decoder is not usable after it.
+    Loop: `view = want()`, fill `view` completely (from a socket, a file...), `event = filled()`. Events:
+    Begin (then the caller takes blocks for the header and calls `land_into`), then End once every
+    BLOCKS frame landed intact. A frame's payload lands straight in the destination's memory, piece by
+    piece (no buffer of the decoder's own); a frame whose checksum fails raises, and the caller frees
+    the blocks, whose contents were never committed. Any KVProtocolError ends the transfer.
     """
 
     def __init__(self, limits: KVLimits, chunk_bytes: int = CHUNK_BYTES) -> None:
@@ -316,12 +362,15 @@ class TransferDecoder:
         self._prefix: FramePrefix | None = None  # of the frame whose payload is being read
         self._begin_buf = bytearray()
         self.header: KVHeader | None = None
-        self._layer_bytes = memoryview(b"")
-        self._kv: torch.Tensor | None = None
-        self._next_layer = 0
-        self._offset = 0
+        self._destination: BlockRuns | None = None
+        self._pieces: list[memoryview] = []  # the rest of the frame being landed, in order
+        self._next_frame = 0
         self._crc = 0
         self.done = False
+
+    def land_into(self, destination: BlockRuns) -> None:
+        """Where BLOCKS frames land: blocks taken for every token of the header."""
+        self._destination = destination
 
     def want(self) -> memoryview:
         """Where the next bytes of the stream go; fill it completely before calling `filled`."""
@@ -333,8 +382,8 @@ class TransferDecoder:
         prefix = self._prefix
         if prefix is None:
             return self._on_prefix(decode_prefix(self._prefix_buf))
-        if prefix.type == FrameType.LAYER:
-            return self._on_layer_chunk(prefix)
+        if prefix.type == FrameType.BLOCKS:
+            return self._on_piece(prefix)
         check_payload(prefix, self._begin_buf)
         header = decode_header(self._begin_buf)
         self._limits.check(header)
@@ -358,53 +407,39 @@ class TransferDecoder:
             self._begin_buf = bytearray(prefix.length)
             self._want = memoryview(self._begin_buf)
             return None
-        done = self._next_layer
+        done, total = self._next_frame, header.num_frames
         if prefix.type == FrameType.END:
-            _require(done == header.num_layers, f"END after {done} of {header.num_layers} layers")
+            _require(done == total, f"END after {done} of {total} frames")
             _require(prefix.length == 0, f"END frame with {prefix.length} payload bytes")
             check_payload(prefix, b"")
             self.done = True
             return End()
         _require(
-            prefix.type == FrameType.LAYER and done < header.num_layers,
-            f"{prefix.type.name} frame where {'LAYER' if done < header.num_layers else 'END'} was expected",
+            prefix.type == FrameType.BLOCKS and done < total,
+            f"{prefix.type.name} frame where {'BLOCKS' if done < total else 'END'} was expected",
         )
-        _require(prefix.index == done, f"layer {prefix.index} where layer {done} was expected")
-        _require(
-            prefix.length == header.layer_nbytes,
-            f"layer {done} of {prefix.length} bytes, the header says {header.layer_nbytes}",
-        )
-        if self._kv is None:
-            buffer = torch.empty(header.layer_nbytes, dtype=torch.uint8)
-            self._layer_bytes = buffer.numpy().data
-            self._kv = buffer.view(header.dtype).view(header.layer_shape)
+        _require(prefix.index == done, f"frame {prefix.index} where frame {done} was expected")
+        _, begin, end = header.frame(done)
+        wanted = (end - begin) * header.token_nbytes
+        _require(prefix.length == wanted, f"frame {done} of {prefix.length} bytes, the header says {wanted}")
+        if self._destination is None:
+            raise RuntimeError("BLOCKS frames before land_into(): take the blocks first")
+        self._pieces = [
+            run[offset : offset + self._chunk]
+            for run in reversed(frame_runs(header, self._destination, done))
+            for offset in reversed(range(0, len(run), self._chunk))
+        ]
         self._prefix = prefix
-        self._offset = 0
         self._crc = 0
-        self._want = self._layer_bytes[: self._chunk]
+        self._want = self._pieces.pop()
         return None
 
-    def _on_layer_chunk(self, prefix: FramePrefix) -> Event | None:
-        self._crc = layer_checksum(self._want, self._crc)
-        self._offset += len(self._want)
-        if self._offset < prefix.length:
-            self._want = self._layer_bytes[self._offset : self._offset + self._chunk]
+    def _on_piece(self, prefix: FramePrefix) -> Event | None:
+        self._crc = block_checksum(self._want, self._crc)
+        if self._pieces:
+            self._want = self._pieces.pop()
             return None
-        _require(self._crc == prefix.crc, f"layer {prefix.index} checksum mismatch", ErrorCode.CHECKSUM)
-        assert self._kv is not None
-        self._next_layer += 1
+        _require(self._crc == prefix.crc, f"frame {prefix.index} checksum mismatch", ErrorCode.CHECKSUM)
+        self._next_frame += 1
         self._expect_prefix()
-        return Layer(prefix.index, self._kv)
-
-
-def layer_payloads(header: KVHeader, layers: Sequence[torch.Tensor]) -> list[memoryview]:
-    """Check that `layers` match `header` and return their raw bytes (the sender's side of the codec)."""
-    _require(len(layers) == header.num_layers, f"{len(layers)} layers, the header says {header.num_layers}")
-    for index, layer in enumerate(layers):
-        _require(
-            isinstance(layer, torch.Tensor)
-            and layer.dtype == header.dtype
-            and tuple(layer.shape) == header.layer_shape,
-            f"layer {index} is not a {header.dtype} tensor of shape {list(header.layer_shape)}",
-        )
-    return [tensor_bytes(layer) for layer in layers]
+        return None

@@ -1,8 +1,9 @@
 """The TCP KV transport: `KVSender` and `KVReceiver` (transfer/base.py) over one socket per transfer.
 
-Prefill side: `await TcpKVSender().send("host:port", header, layers)`. Decode side: `TcpKVReceiver(host,
-port, sink)` hands each arriving transfer to `sink.open(header)` and the layers to the destination it
-returns.
+Prefill side: `await TcpKVSender().send("host:port", header, source)` sends each frame straight from the
+source's blocks (one scatter-gather `sendmsg` per frame). Decode side: `TcpKVReceiver(host, port, sink)`
+hands each arriving transfer to `sink.open(header)`, which takes blocks for it, and receives every frame
+straight into them.
 
 One TCP connection per transfer: a broken or hostile stream fails only its own transfer, and a closed
 connection is the cancellation signal in both directions. The wire format lives in `frames`.
@@ -19,8 +20,6 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-import torch
-
 from splitserve.transfer.base import (
     KVDestination,
     KVReceiver,
@@ -31,9 +30,9 @@ from splitserve.transfer.base import (
     TransferStats,
 )
 from splitserve.transfer.frames import (
-    CHUNK_BYTES,
     PREFIX,
     Begin,
+    BlockRuns,
     End,
     ErrorCode,
     Event,
@@ -46,19 +45,19 @@ from splitserve.transfer.frames import (
     check_reply_prefix,
     decode_error,
     decode_prefix,
+    encode_blocks_prefix,
     encode_error,
     encode_frame,
     encode_header,
-    encode_layer_prefix,
-    layer_checksum,
-    layer_payloads,
+    frame_runs,
+    runs_checksum,
 )
 
 logger = logging.getLogger(__name__)
 
 STAGING_BYTES = 64 << 10  # per connection: small frames land here; reading pauses when it is full
 DIRECT_BYTES = 16 << 10  # reads at least this big land straight in the caller's buffer
-INLINE_CHECKSUM_BYTES = 4 << 20  # the sender checksums layers up to this size on the event loop
+IOV_BATCH = 512  # buffers per sendmsg call (Linux takes up to 1024)
 
 
 class _PeerClosedError(Exception):
@@ -183,8 +182,8 @@ def _abort_when_opened(task: asyncio.Task[KVDestination], reason: str) -> None:
 class TcpKVReceiver(KVReceiver):
     """Serves KV transfers on host:port for the decode worker; runs on the worker's event loop.
 
-    Per chunk of payload the loop does one recv into the layer buffer and one crc32 of at most
-    CHUNK_BYTES (both release the GIL), so the decode thread and other connections keep running.
+    Per piece of payload (a run of one head's slots, at most CHUNK_BYTES) the loop does one recv straight
+    into the destination's blocks and one crc32, so the decode thread and other connections keep running.
     `idle_timeout` bounds the wait for each frame prefix and each chunk of payload.
     """
 
@@ -260,10 +259,10 @@ class TcpKVReceiver(KVReceiver):
             assert isinstance(begin, Begin)  # the decoder's first event
             request_id = begin.header.request_id
             destination = await self._open(conn, begin.header)
+            decoder.land_into(destination)
             conn.send(encode_frame(FrameType.ACCEPT))
-            while not isinstance(event := await self._next(conn, decoder), End):
-                assert not isinstance(event, Begin)
-                destination.write_layer(event.index, event.kv)
+            end = await self._next(conn, decoder)
+            assert isinstance(end, End)  # the decoder's only event after Begin
             destination.commit()
             destination = None
             conn.send(encode_frame(FrameType.OK))
@@ -336,27 +335,20 @@ class _Reply:
 
 
 class TcpKVSender(KVSender):
-    """Sends one transfer per connection, payload straight from the tensors' memory (no copy).
+    """Sends one transfer per connection, each frame straight from the source's blocks (no copy): its
+    prefix and its runs go out in one scatter-gather `sendmsg`.
 
-    The crc32 of layer i+1 is computed in a worker thread while layer i is on the wire. A reply that
-    arrives mid-stream (the receiver's ERROR) stops the stream at once. `idle_timeout` bounds every wait
-    on the receiver (each chunk sent, each reply, the admission wait included), so make it longer than
-    the decode worker's admission wait; None waits forever.
+    A reply that arrives mid-stream (the receiver's ERROR) stops the stream at once. `idle_timeout`
+    bounds every wait on the receiver (each frame sent, each reply, the admission wait included), so
+    make it longer than the decode worker's admission wait; None waits forever.
     """
 
-    def __init__(
-        self,
-        *,
-        connect_timeout: float = 10.0,
-        idle_timeout: float | None = 120.0,
-        chunk_bytes: int = 4 * CHUNK_BYTES,
-    ) -> None:
+    def __init__(self, *, connect_timeout: float = 10.0, idle_timeout: float | None = 120.0) -> None:
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
-        self._chunk_bytes = chunk_bytes
 
-    async def send(self, target: str, header: KVHeader, layers: Sequence[torch.Tensor]) -> TransferStats:
-        payloads = layer_payloads(header, layers)
+    async def send(self, target: str, header: KVHeader, source: BlockRuns) -> TransferStats:
+        payloads = [frame_runs(header, source, index) for index in range(header.num_frames)]
         host, port = parse_target(target)
         start = time.perf_counter()
         try:
@@ -411,9 +403,9 @@ class TcpKVSender(KVSender):
             raise error
 
     async def _transfer(
-        self, sock: socket.socket, header: KVHeader, payloads: list[memoryview], start: float
+        self, sock: socket.socket, header: KVHeader, payloads: list[list[memoryview]], start: float
     ) -> float:
-        """BEGIN, wait for ACCEPT, stream the layers and END, wait for OK; seconds until ACCEPT."""
+        """BEGIN, wait for ACCEPT, stream the frames and END, wait for OK; seconds until ACCEPT."""
         await self._send(sock, encode_header(header))
         async with asyncio.timeout(self._idle_timeout):
             self._expect(header, await self._reply(sock), FrameType.ACCEPT)
@@ -450,19 +442,12 @@ class TcpKVSender(KVSender):
         async with asyncio.timeout(self._idle_timeout):
             await asyncio.get_running_loop().sock_sendall(sock, data)
 
-    async def _stream(self, sock: socket.socket, payloads: list[memoryview]) -> None:
-        crc_next = _checksum_soon(payloads[0])
-        try:
-            for index, payload in enumerate(payloads):
-                crc = await crc_next
-                if index + 1 < len(payloads):
-                    crc_next = _checksum_soon(payloads[index + 1])
-                await self._send(sock, encode_layer_prefix(index, len(payload), crc))
-                for offset in range(0, len(payload), self._chunk_bytes):
-                    await self._send(sock, payload[offset : offset + self._chunk_bytes])
-            await self._send(sock, encode_frame(FrameType.END))
-        finally:
-            crc_next.cancel()
+    async def _stream(self, sock: socket.socket, payloads: list[list[memoryview]]) -> None:
+        for index, runs in enumerate(payloads):
+            prefix = encode_blocks_prefix(index, sum(len(run) for run in runs), runs_checksum(runs))
+            async with asyncio.timeout(self._idle_timeout):
+                await _sendmsg_all(sock, [memoryview(prefix), *runs])
+        await self._send(sock, encode_frame(FrameType.END))
 
     async def _reply(self, sock: socket.socket) -> _Reply:
         prefix = decode_prefix(await _recv_exactly(sock, PREFIX.size))
@@ -475,15 +460,37 @@ class TcpKVSender(KVSender):
         return _Reply(prefix.type, code, reason)
 
 
-def _checksum_soon(payload: memoryview) -> asyncio.Future[int]:
-    """A layer's checksum. Big layers: in a worker thread, overlapping the previous layer's sending and
-    keeping the event loop free; small ones inline (at most ~0.2 ms with zlib-ng, 1 ms with the stdlib),
-    cheaper than the thread hop: 0.5 ms less per 16 MB transfer."""
-    if len(payload) > INLINE_CHECKSUM_BYTES:
-        return asyncio.ensure_future(asyncio.to_thread(layer_checksum, payload))
-    done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    done.set_result(layer_checksum(payload))
-    return done
+async def _sendmsg_all(sock: socket.socket, buffers: list[memoryview]) -> None:
+    """Send every buffer, in order, with scatter-gather `sendmsg` calls on the non-blocking socket
+    (asyncio has no sendmsg of its own): a frame leaves from the blocks where it lives."""
+    loop = asyncio.get_running_loop()
+    pending = [buffer for buffer in buffers if len(buffer)]
+    first = 0
+    while first < len(pending):
+        try:
+            sent = sock.sendmsg(pending[first : first + IOV_BATCH])
+        except (BlockingIOError, InterruptedError):
+            await _writable(loop, sock)
+            continue
+        while sent and sent >= len(pending[first]):
+            sent -= len(pending[first])
+            first += 1
+        if sent:
+            pending[first] = pending[first][sent:]
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(sock.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(sock.fileno())
 
 
 async def _recv_exactly(sock: socket.socket, size: int) -> bytearray:
