@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from splitserve.engine.kv_cache import KVLayout, SequenceKV
 from splitserve.transfer.frames import (
     MAGIC,
     MAX_HEADER_BYTES,
@@ -25,7 +26,6 @@ from splitserve.transfer.frames import (
     KVHeader,
     KVLimits,
     KVProtocolError,
-    Layer,
     TransferDecoder,
     check_payload,
     check_reply_prefix,
@@ -33,35 +33,35 @@ from splitserve.transfer.frames import (
     decode_error,
     decode_header,
     decode_prefix,
+    encode_blocks_prefix,
     encode_error,
     encode_frame,
     encode_header,
-    encode_layer_prefix,
-    layer_payloads,
+    frame_runs,
+    runs_checksum,
 )
+from tests.worker.transfer.caches import filled, layout_of, sequence, wire_bytes
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def make_layers(
-    num_layers: int, shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0
-) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=generator).to(dtype) for _ in range(num_layers)]
-
-
-def encode_transfer(header: KVHeader, layers: list[torch.Tensor]) -> bytes:
+def encode_transfer(header: KVHeader, source: SequenceKV) -> bytes:
     """Everything a sender writes, as one byte string."""
     parts = [encode_header(header)]
-    for index, payload in enumerate(layer_payloads(header, layers)):
-        parts += [encode_layer_prefix(index, len(payload), checksum(payload)), bytes(payload)]
+    for index in range(header.num_frames):
+        runs = frame_runs(header, source, index)
+        parts += [encode_blocks_prefix(index, sum(map(len, runs)), runs_checksum(runs)), *map(bytes, runs)]
     parts.append(encode_frame(FrameType.END))
     return b"".join(parts)
 
 
-def feed(decoder: TransferDecoder, data: bytes) -> list[Event]:
-    """Run `data` through the decoder; stops quietly when the data runs out (a truncated stream)."""
+def feed(
+    decoder: TransferDecoder, data: bytes, block_size: int = 3, fragmented: bool = False
+) -> tuple[list[Event], SequenceKV | None]:
+    """Run `data` through the decoder, landing frames in a fresh pool's blocks taken on Begin (as the
+    decode worker does); stops quietly when the data runs out (a truncated stream)."""
     events: list[Event] = []
+    landing: SequenceKV | None = None
     position = 0
     while not decoder.done:
         view = decoder.want()
@@ -70,35 +70,42 @@ def feed(decoder: TransferDecoder, data: bytes) -> list[Event]:
         view[:] = data[position : position + len(view)]
         position += len(view)
         event = decoder.filled()
-        if isinstance(event, Layer):
-            event = Layer(event.index, event.kv.clone())  # the decoder reuses the buffer
+        if isinstance(event, Begin):
+            landing = sequence(layout_of(event.header), event.header.num_tokens, block_size, fragmented)
+            decoder.land_into(landing)
         if event is not None:
             events.append(event)
-    return events
+    return events, landing
 
 
-def bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.contiguous().view(torch.uint8)
+def shape(layers: int = 3, heads: int = 2, head_dim: int = 4, dtype: torch.dtype = torch.float32) -> Shape:
+    return (layers, heads, head_dim, dtype)
 
 
-def tiny_transfer(dtype: torch.dtype = torch.float32) -> tuple[KVHeader, list[torch.Tensor], bytes]:
-    layers = make_layers(3, (2, 2, 5, 4), dtype)
-    header = KVHeader.describe("req-1", 42, layers)
-    return header, layers, encode_transfer(header, layers)
+Shape = tuple[int, int, int, torch.dtype]
+
+
+def tiny_transfer(dtype: torch.dtype = torch.float32) -> tuple[KVHeader, SequenceKV, bytes]:
+    """3 layers, 10 tokens in blocks of 4, two blocks per frame: 6 frames of 8 + 2 tokens."""
+    header = KVHeader("req-1", 42, 10, 3, dtype, 2, 4, 4, 2)
+    source = filled(layout_of(header), 10, 4)
+    return header, source, encode_transfer(header, source)
 
 
 def header_payload(
     rid: bytes = b"r",
     dtype: int = 1,
-    dims: tuple[int, ...] = (2, 1, 3, 4),
     num_layers: int = 2,
     num_tokens: int = 3,
-    ndim: int | None = None,
+    heads: int = 1,
+    head_dim: int = 4,
+    block_size: int = 2,
+    per_frame: int = 1,
 ) -> bytes:
     fixed = struct.pack(
-        "<HBBIIQ", len(rid), dtype, len(dims) if ndim is None else ndim, num_layers, 0, num_tokens
+        "<HBxIIQIIII", len(rid), dtype, num_layers, 0, num_tokens, heads, head_dim, block_size, per_frame
     )
-    return fixed + rid + struct.pack(f"<{len(dims)}Q", *dims)
+    return fixed + rid
 
 
 def prefix(
@@ -114,35 +121,60 @@ def prefix(
     return PREFIX.pack(magic, version, kind, flags, index, crc, length)
 
 
-SHAPES = [(1, (2, 1, 1, 1)), (4, (2, 4, 17, 32)), (2, (2, 3, 70, 5))]
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("num_layers", "shape"), SHAPES)
+@pytest.mark.parametrize(
+    ("tokens", "sender_block", "receiver_block", "fragmented"),
+    [
+        (1, 16, 16, False),
+        (32, 16, 16, False),  # on a block boundary
+        (33, 16, 16, True),  # one past it, the receiver's blocks apart
+        (70, 16, 5, True),  # the receiver's blocks are smaller and scattered
+        (70, 4, 32, False),  # ... or bigger
+        (17, 1, 3, True),
+    ],
+)
 @pytest.mark.parametrize("chunk_bytes", [7, 1 << 20])
 def test_round_trip_is_bit_exact(
-    dtype: torch.dtype, num_layers: int, shape: tuple[int, ...], chunk_bytes: int
+    dtype: torch.dtype,
+    tokens: int,
+    sender_block: int,
+    receiver_block: int,
+    fragmented: bool,
+    chunk_bytes: int,
 ) -> None:
-    layers = make_layers(num_layers, shape, dtype)
-    header = KVHeader.describe("req-é", 7, layers)
-    events = feed(TransferDecoder(KVLimits(), chunk_bytes), encode_transfer(header, layers))
-    assert events[0] == Begin(header)
-    assert isinstance(events[-1], End)
-    received = [event for event in events if isinstance(event, Layer)]
-    assert [layer.index for layer in received] == list(range(num_layers))
-    for sent, got in zip(layers, received, strict=True):
-        assert got.kv.dtype == dtype and tuple(got.kv.shape) == shape
-        assert torch.equal(bits(sent), bits(got.kv))
+    source = filled(KVLayout(3, 2, 8, dtype), tokens, sender_block, fragmented=not fragmented)
+    header = KVHeader.for_blocks("req-é", 7, tokens, shape(3, 2, 8, dtype), sender_block, frame_bytes=600)
+    assert header.num_frames >= 3
+    decoder = TransferDecoder(KVLimits(), chunk_bytes)
+    events, landed = feed(decoder, encode_transfer(header, source), receiver_block, fragmented)
+    assert events == [Begin(header), End()]
+    assert landed is not None
+    assert wire_bytes(landed, tokens) == wire_bytes(source, tokens)
+
+
+def test_for_blocks_sizes_frames() -> None:
+    header = KVHeader.for_blocks("r", 0, 4000, shape(32, 8, 128, torch.bfloat16), 16)
+    assert header.blocks_per_frame == 16  # 64 KiB blocks, 1 MiB frames
+    assert header.frames_per_layer == 16 and header.num_frames == 512
+    assert header.frame(17) == (1, 256, 512)
+    assert header.frame(511) == (31, 3840, 4000)
+    assert header.max_frame_nbytes == 1 << 20
+    assert header.total_nbytes == 4000 * 32 * 2 * 8 * 128 * 2
+    small = KVHeader.for_blocks("r", 0, 5, shape(1, 1, 1, torch.float32), 16)
+    assert small.blocks_per_frame == 1 and small.num_frames == 1 and small.max_frame_nbytes == 40
+    huge_blocks = KVHeader.for_blocks("r", 0, 100, shape(1, 64, 256, torch.float32), 4096)
+    assert huge_blocks.blocks_per_frame == 1
 
 
 def test_header_round_trip_and_sizes() -> None:
-    header = KVHeader("x" * 128, 2**32 - 1, 4000, 80, torch.bfloat16, (2, 8, 4000, 128))
+    header = KVHeader("x" * 128, 2**32 - 1, 4000, 80, torch.bfloat16, 8, 128, 16, 3)
     frame = encode_header(header)
     parsed = decode_prefix(frame[: PREFIX.size])
     check_payload(parsed, frame[PREFIX.size :])
     assert decode_header(frame[PREFIX.size :]) == header
-    assert header.layer_nbytes == 2 * 8 * 4000 * 128 * 2
-    assert header.total_nbytes == 80 * header.layer_nbytes
+    assert header.token_nbytes == 2 * 8 * 128 * 2
+    assert header.total_nbytes == 80 * 4000 * header.token_nbytes
+    assert header.num_frames == 80 * 84  # ceil(4000 / 48) frames per layer
     assert len(frame) - PREFIX.size <= MAX_HEADER_BYTES
 
 
@@ -152,12 +184,14 @@ def test_header_round_trip_and_sizes() -> None:
         ({"request_id": ""}, "request id"),
         ({"request_id": "é" * 65}, "request id"),
         ({"first_token": -1}, "first token"),
+        ({"num_tokens": 0}, "num_tokens"),
         ({"num_layers": 0}, "num_layers"),
+        ({"num_kv_heads": 2**32}, "num_kv_heads"),
+        ({"head_dim": True}, "head_dim"),
+        ({"block_size": 0}, "block_size"),
+        ({"blocks_per_frame": 1.5}, "blocks_per_frame"),
         ({"dtype": torch.int8}, "dtype"),
-        ({"layer_shape": (2, 4, 10, 32, 1)}, "layer shape"),
-        ({"layer_shape": (3, 4, 10, 32)}, "layer shape"),
-        ({"layer_shape": (2, 4, 11, 32)}, "layer shape"),
-        ({"layer_shape": [2, 4, 10, 32]}, "layer shape"),
+        ({"num_tokens": 2**40, "block_size": 1, "num_layers": 2**20}, "frames do not fit"),
     ],
 )
 def test_header_validation(fields: dict[str, object], message: str) -> None:
@@ -167,20 +201,23 @@ def test_header_validation(fields: dict[str, object], message: str) -> None:
         "num_tokens": 10,
         "num_layers": 2,
         "dtype": torch.float16,
-        "layer_shape": (2, 4, 10, 32),
+        "num_kv_heads": 4,
+        "head_dim": 32,
+        "block_size": 16,
+        "blocks_per_frame": 1,
     }
     with pytest.raises(KVProtocolError, match=message):
         KVHeader(**(valid | fields))  # type: ignore[arg-type]
 
 
 def test_limits() -> None:
-    header = KVHeader("r", 0, 1000, 10, torch.float32, (2, 8, 1000, 128))  # 8 MB per layer
+    header = KVHeader("r", 0, 1000, 10, torch.float32, 8, 128, 16, 64)  # 8 MB per frame
     KVLimits(
-        max_transfer_bytes=header.total_nbytes, max_frame_bytes=header.layer_nbytes, max_layers=10
+        max_transfer_bytes=header.total_nbytes, max_frame_bytes=header.max_frame_nbytes, max_layers=10
     ).check(header)
     for limits in (
         KVLimits(max_transfer_bytes=header.total_nbytes - 1),
-        KVLimits(max_frame_bytes=header.layer_nbytes - 1),
+        KVLimits(max_frame_bytes=header.max_frame_nbytes - 1),
         KVLimits(max_layers=9),
     ):
         with pytest.raises(KVProtocolError) as caught:
@@ -192,10 +229,11 @@ def test_limits() -> None:
     ("frame", "message"),
     [
         (prefix(magic=b"HTTP"), "bad magic"),
-        (prefix(version=2), "version 2"),
+        (prefix(version=1), "KV frame version 1, this side speaks 2: both ends .* same splitserve release"),
+        (prefix(version=3), "version 3"),
         (prefix(kind=99), "unknown frame type"),
         (prefix(flags=1), "flags"),
-        (prefix(FrameType.LAYER, 8), "LAYER frame before BEGIN"),
+        (prefix(FrameType.BLOCKS, 8), "BLOCKS frame before BEGIN"),
         (prefix(FrameType.BEGIN, 1 << 62), "BEGIN frame of"),
         (prefix(FrameType.BEGIN, 3), "BEGIN frame of"),
     ],
@@ -211,13 +249,13 @@ def test_bad_prefix_is_rejected_before_any_payload(frame: bytes, message: str) -
     ("payload", "message", "code"),
     [
         (header_payload(dtype=9), "unknown dtype", ErrorCode.PROTOCOL),
-        (header_payload(dims=(2, 1, 3, 4, 1, 1, 1, 1, 1)), "9 dims exceed", ErrorCode.PROTOCOL),
-        (header_payload(dims=(2, 1, 3, 4, 1)), "layer shape", ErrorCode.PROTOCOL),
-        (header_payload(num_tokens=4), "layer shape", ErrorCode.PROTOCOL),
-        (header_payload(dims=(2, 1, 3, 0)), "positive", ErrorCode.PROTOCOL),
+        (header_payload(heads=0), "num_kv_heads", ErrorCode.PROTOCOL),
+        (header_payload(block_size=0), "block_size", ErrorCode.PROTOCOL),
+        (header_payload(per_frame=0), "blocks_per_frame", ErrorCode.PROTOCOL),
+        (header_payload(num_tokens=0), "num_tokens", ErrorCode.PROTOCOL),
         (header_payload(rid=b"\xff\xfe"), "utf-8", ErrorCode.PROTOCOL),
-        (header_payload(ndim=3), "disagrees", ErrorCode.PROTOCOL),
-        (header_payload(dims=(2, 1024, 3, 1 << 40)), "exceed", ErrorCode.LIMIT),
+        (header_payload()[:-1] + b"ab", "disagrees", ErrorCode.PROTOCOL),
+        (header_payload(heads=1024, head_dim=1 << 30), "exceed", ErrorCode.LIMIT),
         (header_payload(num_layers=100_000), "layers exceed", ErrorCode.LIMIT),
     ],
 )
@@ -231,21 +269,21 @@ def test_bad_header_is_rejected(payload: bytes, message: str, code: ErrorCode) -
 
 
 def begun_decoder() -> TransferDecoder:
-    """A decoder that has read the BEGIN of a 3-layer transfer."""
+    """A decoder that has read the BEGIN of tiny_transfer and has blocks to land in."""
     header, _, _ = tiny_transfer()
     decoder = TransferDecoder(KVLimits())
-    assert feed(decoder, encode_header(header)) == [Begin(header)]
+    assert feed(decoder, encode_header(header))[0] == [Begin(header)]
     return decoder
 
 
 @pytest.mark.parametrize(
     ("frames", "message"),
     [
-        (prefix(FrameType.LAYER, 1 << 60), "layer 0 of 1152921504606846976 bytes"),
-        (prefix(FrameType.LAYER, 160, index=1), "layer 1 where layer 0"),
-        (prefix(FrameType.END), "END after 0 of 3 layers"),
-        (prefix(FrameType.BEGIN, 40), "BEGIN frame where LAYER"),
-        (prefix(FrameType.OK), "OK frame where LAYER"),
+        (prefix(FrameType.BLOCKS, 1 << 60), "frame 0 of 1152921504606846976 bytes, the header says 512"),
+        (prefix(FrameType.BLOCKS, 512, index=1), "frame 1 where frame 0"),
+        (prefix(FrameType.END), "END after 0 of 6 frames"),
+        (prefix(FrameType.BEGIN, 40), "BEGIN frame where BLOCKS"),
+        (prefix(FrameType.OK), "OK frame where BLOCKS"),
     ],
 )
 def test_unexpected_frame_after_begin(frames: bytes, message: str) -> None:
@@ -254,45 +292,61 @@ def test_unexpected_frame_after_begin(frames: bytes, message: str) -> None:
         feed(decoder, frames)
 
 
-def test_checksum_mismatch_in_a_layer() -> None:
+def test_frames_before_blocks_were_taken_are_a_usage_error() -> None:
+    header, _, data = tiny_transfer()
+    decoder = TransferDecoder(KVLimits())
+    decoder.want()[:] = data[: PREFIX.size]
+    decoder.filled()
+    decoder.want()[:] = data[PREFIX.size : len(encode_header(header))]
+    assert decoder.filled() == Begin(header)
+    decoder.want()[:] = data[len(encode_header(header)) :][: PREFIX.size]
+    with pytest.raises(RuntimeError, match="land_into"):
+        decoder.filled()
+
+
+def test_checksum_mismatch_in_a_frame() -> None:
     _, _, data = tiny_transfer()
     corrupt = bytearray(data)
-    corrupt[-PREFIX.size - 5] ^= 0x01  # a byte of the last layer's payload
-    with pytest.raises(KVProtocolError, match="layer 2 checksum mismatch") as caught:
+    corrupt[-PREFIX.size - 5] ^= 0x01  # a byte of the last frame's payload
+    with pytest.raises(KVProtocolError, match="frame 5 checksum mismatch") as caught:
         feed(TransferDecoder(KVLimits()), bytes(corrupt))
     assert caught.value.code == ErrorCode.CHECKSUM
 
 
-def test_data_after_end_and_extra_layers_are_rejected() -> None:
-    _, _, data = tiny_transfer()
+def test_data_after_end_and_extra_frames_are_rejected() -> None:
+    header, _, data = tiny_transfer()
     decoder = TransferDecoder(KVLimits())
     feed(decoder, data)
     assert decoder.done
     with pytest.raises(KVProtocolError, match="after END"):
         decoder.want()
-    header, _, _ = tiny_transfer()
-    extra = encode_layer_prefix(3, header.layer_nbytes, 0)
+    extra = encode_blocks_prefix(6, 2 * header.token_nbytes, 0)
     without_end = data[: -PREFIX.size]
-    with pytest.raises(KVProtocolError, match="LAYER frame where END"):
+    with pytest.raises(KVProtocolError, match="BLOCKS frame where END"):
         feed(TransferDecoder(KVLimits()), without_end + extra)
 
 
-def test_sender_side_checks() -> None:
-    header, layers, _ = tiny_transfer(torch.float16)
-    with pytest.raises(KVProtocolError, match="2 layers, the header says 3"):
-        layer_payloads(header, layers[:2])
-    with pytest.raises(KVProtocolError, match="layer 1 is not"):
-        layer_payloads(header, [layers[0], layers[1].float(), layers[2]])
-    strided = torch.randn(2, 2, 4, 5).to(torch.float16).transpose(2, 3)  # [2, 2, 5, 4], not contiguous
-    header = KVHeader.describe("s", 0, [strided])
-    assert bytes(layer_payloads(header, [strided])[0]) == bytes(bits(strided).numpy())
+def test_a_source_that_does_not_match_the_header_is_refused() -> None:
+    header, source, _ = tiny_transfer()
+    short = filled(layout_of(header), 7, 4)
+    with pytest.raises(ValueError, match="not in the 8 slots held"):
+        frame_runs(header, short, 5)
+
+    class Truncating:
+        def runs(self, layer: int, begin: int, end: int) -> list[memoryview]:
+            return source.runs(layer, begin, end)[:-1]
+
+    with pytest.raises(KVProtocolError, match="frame 0 maps to 384 bytes of KV, not 512") as caught:
+        frame_runs(header, Truncating(), 0)
+    assert caught.value.code == ErrorCode.INTERNAL
 
 
-def test_payload_views_share_memory() -> None:
-    layers = make_layers(2, (2, 2, 4, 4), torch.bfloat16)
-    views = layer_payloads(KVHeader.describe("x", 0, layers), layers)
-    layers[0][0, 0, 0, 0] = 5.0
-    assert bytes(views[0]) == bytes(bits(layers[0]).numpy())
+def test_runs_are_views_of_the_pool() -> None:
+    header, source, _ = tiny_transfer(torch.bfloat16)
+    runs = frame_runs(header, source, 0)
+    assert len(runs) == 2 * 2  # keys and values of 2 heads, the sequence's blocks contiguous
+    source.pool.data[0, 0, 0, source.first_slot, 0] = 5.0
+    assert bytes(runs[0][:2]) == bytes(source.pool.data[0, 0, 0, source.first_slot, :1].view(torch.uint8))
 
 
 def test_error_frames() -> None:
@@ -303,7 +357,7 @@ def test_error_frames() -> None:
     code, reason = decode_error(frame[PREFIX.size :])
     assert code == ErrorCode.REJECTED and reason.startswith("no room é")
     assert len(reason.encode()) <= MAX_REASON_BYTES
-    for reply in (prefix(FrameType.ERROR, 1 << 40), prefix(FrameType.OK, 1), prefix(FrameType.LAYER)):
+    for reply in (prefix(FrameType.ERROR, 1 << 40), prefix(FrameType.OK, 1), prefix(FrameType.BLOCKS)):
         with pytest.raises(KVProtocolError):
             check_reply_prefix(decode_prefix(reply))
     with pytest.raises(KVProtocolError, match="unknown error code"):
@@ -318,7 +372,15 @@ SMALL_LIMITS = KVLimits(max_transfer_bytes=1 << 20, max_frame_bytes=1 << 18, max
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=400))
 def test_random_bytes_only_raise_protocol_errors(data: bytes) -> None:
-    for attempt in (data, MAGIC + bytes([VERSION]) + data):  # the second gets past the magic
+    header, _, stream = tiny_transfer()
+    begin = encode_header(header)
+    attempts = (
+        data,
+        MAGIC + bytes([VERSION]) + data,
+        begin + data,
+        stream[: len(begin) + PREFIX.size] + data,
+    )
+    for attempt in attempts:  # past the magic, past BEGIN, inside a frame
         with contextlib.suppress(KVProtocolError):
             feed(TransferDecoder(SMALL_LIMITS), attempt)
     for parser in (decode_prefix, decode_header, decode_error):
@@ -335,7 +397,7 @@ def test_any_single_byte_corruption_is_detected(data: st.DataObject) -> None:
     corrupt = bytearray(stream)
     corrupt[position] ^= flip
     with pytest.raises(KVProtocolError):
-        feed(TransferDecoder(SMALL_LIMITS), bytes(corrupt))
+        feed(TransferDecoder(SMALL_LIMITS), bytes(corrupt), fragmented=data.draw(st.booleans()))
 
 
 @settings(max_examples=200, deadline=None)
@@ -344,7 +406,7 @@ def test_truncated_stream_never_completes(data: st.DataObject) -> None:
     _, _, stream = tiny_transfer()
     cut = data.draw(st.integers(0, len(stream) - 1))
     decoder = TransferDecoder(SMALL_LIMITS)
-    events = feed(decoder, stream[:cut])
+    events, _ = feed(decoder, stream[:cut])
     assert not decoder.done and not any(isinstance(event, End) for event in events)
 
 
