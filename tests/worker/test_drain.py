@@ -28,9 +28,9 @@ from splitserve.transfer.frames import (
     FrameType,
     KVHeader,
     checksum,
+    encode_blocks_prefix,
     encode_frame,
     encode_header,
-    encode_layer_prefix,
 )
 from tests.conftest import Reference, random_prompt
 from tests.worker.test_e2e import MODEL, client, http_get, registration, start_pool
@@ -147,15 +147,18 @@ async def transfer_across_sigterm(decode: LocalProcess) -> list[dict[str, object
         num_tokens=3,
         num_layers=4,
         dtype=torch.float32,
-        layer_shape=(2, 4, 3, 32),
-    )
-    layer = bytes(header.layer_nbytes)
+        num_kv_heads=4,
+        head_dim=32,
+        block_size=16,
+        blocks_per_frame=1,
+    )  # the tiny model's layout: one frame per layer
+    layer = bytes(header.num_tokens * header.token_nbytes)
     async with aiohttp.ClientSession() as session:
         reply = await registration(session, decode.url, "mid-transfer", sampling)
         _, writer = await asyncio.open_connection("127.0.0.1", int(reply.headers[KV_PORT_HEADER]))
         writer.write(encode_header(header))
         for index in range(2):
-            writer.write(encode_layer_prefix(index, len(layer), checksum(layer)) + layer)
+            writer.write(encode_blocks_prefix(index, len(layer), checksum(layer)) + layer)
         await writer.drain()
 
         assert decode.process is not None
@@ -172,7 +175,7 @@ async def transfer_across_sigterm(decode: LocalProcess) -> list[dict[str, object
         assert refused.status == 503 and "draining" in await refused.text()
 
         for index in range(2, 4):
-            writer.write(encode_layer_prefix(index, len(layer), checksum(layer)) + layer)
+            writer.write(encode_blocks_prefix(index, len(layer), checksum(layer)) + layer)
         writer.write(encode_frame(FrameType.END))
         await writer.drain()
         lines = [json.loads(line) async for line in reply.content if line.strip()]

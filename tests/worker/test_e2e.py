@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from splitserve.contract.config import EngineConfig
 from splitserve.local.pool import LocalPool, free_port
 from splitserve.serving.internal_api import KV_PORT_HEADER
-from splitserve.transfer.frames import KVHeader, encode_header, encode_layer_prefix
+from splitserve.transfer.frames import KVHeader, encode_blocks_prefix, encode_header
 from tests.conftest import Reference, random_prompt, subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -280,7 +280,10 @@ async def test_malformed_kv_frames_are_rejected_and_the_decode_worker_keeps_serv
         kv_port = int((await registration(session, decode.url, "probe", sampling)).headers[KV_PORT_HEADER])
         # 1. Garbage instead of a frame: an error reply, connection closed.
         assert b"SSKV" in await exchange(kv_port, b"GET / HTTP/1.1\r\n\r\n" * 4)
-        # 2. A registered request whose layer fails its checksum: that request fails, nothing else.
+        # ... and a peer of the previous release (frame version 1) is told so.
+        assert b"KV frame version 1, this side speaks 2" in await exchange(kv_port, b"SSKV\x01" + bytes(19))
+        # 2. A registered request whose frame fails its checksum, or stops mid-frame: that request fails
+        # and gives back the blocks it took, nothing else.
         for case in ("bad-checksum", "truncated"):
             reply = await registration(session, decode.url, case, {**sampling})
             header = KVHeader(
@@ -289,14 +292,17 @@ async def test_malformed_kv_frames_are_rejected_and_the_decode_worker_keeps_serv
                 num_tokens=3,
                 num_layers=4,
                 dtype=torch.float32,
-                layer_shape=(2, 4, 3, 32),
-            )
-            layer = bytes(header.layer_nbytes)
+                num_kv_heads=4,
+                head_dim=32,
+                block_size=16,
+                blocks_per_frame=1,
+            )  # the tiny model's layout: one frame per layer
+            layer = bytes(header.num_tokens * header.token_nbytes)
             frames = encode_header(header)  # a whole BEGIN frame
             if case == "bad-checksum":
-                frames += encode_layer_prefix(0, len(layer), crc=12345) + layer
+                frames += encode_blocks_prefix(0, len(layer), crc=12345) + layer
             else:
-                frames += encode_layer_prefix(0, len(layer), crc=0) + layer[: len(layer) // 2]
+                frames += encode_blocks_prefix(0, len(layer), crc=0) + layer[: len(layer) // 2]
             await exchange(kv_port, frames)
             line = json.loads(await asyncio.wait_for(reply.content.readline(), 30))
             assert "KV transfer failed" in line["error"]["message"]

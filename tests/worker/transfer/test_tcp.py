@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 
 import splitserve.transfer.tcp as kv_transfer
+from splitserve.engine.kv_cache import KVLayout, SequenceKV
 from splitserve.transfer.base import KVDestination, KVRejected, KVTransferError, TransferStats
 from splitserve.transfer.frames import (
     PREFIX,
@@ -21,47 +22,56 @@ from splitserve.transfer.frames import (
     checksum,
     decode_error,
     decode_prefix,
+    encode_blocks_prefix,
     encode_frame,
     encode_header,
-    encode_layer_prefix,
+    runs_checksum,
 )
 from splitserve.transfer.tcp import TcpKVReceiver, TcpKVSender
+from tests.worker.transfer.caches import filled, header_for, layout_of, sequence, wire_bytes
 
 pytestmark = pytest.mark.timeout(60)
 
 LIMITS = KVLimits(max_transfer_bytes=256 << 20, max_frame_bytes=64 << 20, max_layers=64)
+RECEIVER_BLOCK = 5  # the decode side's blocks, another size than the senders' 16
 
 
-def make_layers(
-    num_layers: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, seed: int = 0
-) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=generator).to(dtype) for _ in range(num_layers)]
-
-
-def bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.contiguous().view(torch.uint8)
+def cache(
+    layers: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> SequenceKV:
+    """A prefill worker's cache, in blocks of 16."""
+    return filled(KVLayout(layers, heads, head_dim, dtype), tokens, 16, seed)
 
 
 @dataclass
 class Destination:
+    """Blocks of the receiver's own pool (scattered, of RECEIVER_BLOCK tokens), as the decode worker
+    takes them before ACCEPT; what landed is read back at commit, and the blocks are given back either way."""
+
     header: KVHeader
-    on_layer: Callable[[int], None] | None = None
-    layers: list[torch.Tensor] = field(default_factory=list)
+    kv: SequenceKV
+    on_runs: Callable[[int], None] | None = None
+    received: list[bytes] = field(default_factory=list)
     committed: bool = False
     aborted: str | None = None
 
-    def write_layer(self, index: int, kv: torch.Tensor) -> None:
-        assert index == len(self.layers)
-        if self.on_layer is not None:
-            self.on_layer(index)
-        self.layers.append(kv.clone())  # borrowed: copy
+    def runs(self, layer: int, begin: int, end: int) -> list[memoryview]:
+        if self.on_runs is not None:
+            self.on_runs(layer)
+        return self.kv.runs(layer, begin, end)
 
     def commit(self) -> None:
+        self.received = wire_bytes(self.kv, self.header.num_tokens)
         self.committed = True
+        self.kv.release()
 
     def abort(self, reason: str) -> None:
         self.aborted = reason
+        self.kv.release()
+
+    @property
+    def leaked_blocks(self) -> int:
+        return self.kv.pool.allocator.num_used
 
 
 class Sink:
@@ -73,7 +83,7 @@ class Sink:
         self.gate: asyncio.Event | None = None
         self.open_cancelled = asyncio.Event()
         self.reject: str | None = None
-        self.on_layer: Callable[[int], None] | None = None
+        self.on_runs: Callable[[int], None] | None = None
 
     async def open(self, header: KVHeader) -> KVDestination:
         self.opens += 1
@@ -85,7 +95,8 @@ class Sink:
             except asyncio.CancelledError:
                 self.open_cancelled.set()
                 raise
-        destination = Destination(header, self.on_layer)
+        kv = sequence(layout_of(header), header.num_tokens, RECEIVER_BLOCK, fragmented=True)
+        destination = Destination(header, kv, self.on_runs)
         self.destinations[header.request_id] = destination
         return destination
 
@@ -107,8 +118,13 @@ class Sink:
 
 
 @pytest.fixture
-def sink() -> Sink:
-    return Sink()
+def sink() -> Iterator[Sink]:
+    sink = Sink()
+    yield sink
+    # Every transfer ended (the receivers are closed by now), and none kept a block it took.
+    assert {rid: d.leaked_blocks for rid, d in sink.destinations.items()} == dict.fromkeys(
+        sink.destinations, 0
+    )
 
 
 @pytest.fixture
@@ -124,60 +140,66 @@ def target(receiver: TcpKVReceiver) -> str:
 
 
 async def send(
-    receiver: TcpKVReceiver, request_id: str, layers: list[torch.Tensor], sender: TcpKVSender | None = None
+    receiver: TcpKVReceiver, request_id: str, kv: SequenceKV, sender: TcpKVSender | None = None
 ) -> TransferStats:
-    header = KVHeader.describe(request_id, 11, layers)
-    return await (sender or TcpKVSender()).send(target(receiver), header, layers)
+    return await (sender or TcpKVSender()).send(target(receiver), header_for(request_id, kv), kv)
 
 
 async def assert_still_serves(receiver: TcpKVReceiver, sink: Sink) -> None:
-    layers = make_layers(2, (2, 2, 9, 8), seed=99)
+    kv = cache(2, 2, 9, 8, seed=99)
     request_id = f"after-{len(sink.destinations)}"
-    await send(receiver, request_id, layers)
+    await send(receiver, request_id, kv)
     destination = sink.destinations[request_id]
     assert destination.committed and destination.aborted is None
-    assert all(torch.equal(a, b) for a, b in zip(layers, destination.layers, strict=True))
+    assert destination.received == wire_bytes(kv, 9)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    ("num_layers", "shape"), [(4, (2, 4, 4000, 32)), (1, (2, 1, 1, 1)), (3, (2, 3, 77, 5))]
+    ("layers", "heads", "tokens", "head_dim"),
+    [(4, 4, 4000, 32), (1, 1, 1, 1), (3, 3, 77, 5), (2, 2, 32, 8), (2, 2, 33, 8)],
 )
 async def test_round_trip_is_bit_exact(
-    receiver: TcpKVReceiver, sink: Sink, dtype: torch.dtype, num_layers: int, shape: tuple[int, ...]
+    receiver: TcpKVReceiver,
+    sink: Sink,
+    dtype: torch.dtype,
+    layers: int,
+    heads: int,
+    tokens: int,
+    head_dim: int,
 ) -> None:
-    layers = make_layers(num_layers, shape, dtype)
-    stats = await send(receiver, "req-1", layers)
+    kv = cache(layers, heads, tokens, head_dim, dtype)
+    stats = await send(receiver, "req-1", kv)
     destination = await sink.wait_ended("req-1")
     assert destination.committed and destination.aborted is None
-    assert destination.header == KVHeader("req-1", 11, shape[2], num_layers, dtype, shape)
-    for sent, got in zip(layers, destination.layers, strict=True):
-        assert torch.equal(bits(sent), bits(got))
-    assert stats.bytes == num_layers * layers[0].numel() * layers[0].element_size()
+    shape = (layers, heads, head_dim, dtype)
+    assert destination.header == KVHeader.for_blocks("req-1", 11, tokens, shape, 16)
+    assert destination.received == wire_bytes(kv, tokens)
+    assert stats.bytes == layers * 2 * heads * tokens * head_dim * dtype.itemsize
     assert stats.seconds >= stats.accept_seconds > 0
 
 
 async def test_many_concurrent_transfers(receiver: TcpKVReceiver, sink: Sink) -> None:
-    transfers = {f"req-{i}": make_layers(4, (2, 4, 50 + 37 * i, 32), seed=i) for i in range(16)}
+    transfers = {f"req-{i}": cache(4, 4, 50 + 37 * i, 32, seed=i) for i in range(16)}
     sender = TcpKVSender()
-    await asyncio.gather(*(send(receiver, rid, layers, sender) for rid, layers in transfers.items()))
-    for rid, layers in transfers.items():
+    await asyncio.gather(*(send(receiver, rid, kv, sender) for rid, kv in transfers.items()))
+    for rid, kv in transfers.items():
         destination = sink.destinations[rid]
         assert destination.committed
-        assert all(torch.equal(a, b) for a, b in zip(layers, destination.layers, strict=True))
+        assert destination.received == wire_bytes(kv, kv.length)
 
 
 async def test_checksum_corruption_aborts_and_tells_the_sender(
     receiver: TcpKVReceiver, sink: Sink, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(kv_transfer, "layer_checksum", lambda data, value=0: checksum(data, value) ^ 1)
+    monkeypatch.setattr(kv_transfer, "runs_checksum", lambda runs: runs_checksum(runs) ^ 1)
     with (
         caplog.at_level(logging.WARNING, logger="splitserve.transfer.tcp"),
-        pytest.raises(KVTransferError, match="layer 0 checksum mismatch") as caught,
+        pytest.raises(KVTransferError, match="frame 0 checksum mismatch") as caught,
     ):
-        await send(receiver, "corrupt", make_layers(4, (2, 4, 500, 32)))
+        await send(receiver, "corrupt", cache(4, 4, 500, 32))
     assert caught.value.code == ErrorCode.CHECKSUM
-    assert (await sink.wait_ended("corrupt")).aborted == "layer 0 checksum mismatch"
+    assert (await sink.wait_ended("corrupt")).aborted == "frame 0 checksum mismatch"
     receive_logs = [r for r in caplog.records if "kv receive failed" in r.getMessage()]
     assert len(receive_logs) == 1 and "request_id=corrupt" in receive_logs[0].getMessage()
     monkeypatch.undo()
@@ -187,16 +209,15 @@ async def test_checksum_corruption_aborts_and_tells_the_sender(
 async def test_rejection_reaches_the_sender(receiver: TcpKVReceiver, sink: Sink) -> None:
     sink.reject = "unknown request id"
     with pytest.raises(KVTransferError, match="unknown request id") as caught:
-        await send(receiver, "nobody", make_layers(2, (2, 1, 3, 4)))
+        await send(receiver, "nobody", cache(2, 1, 3, 4))
     assert caught.value.code == ErrorCode.REJECTED and caught.value.reason == "unknown request id"
     sink.reject = None
     await assert_still_serves(receiver, sink)
 
 
 async def test_over_the_limit_is_refused_before_the_sink(receiver: TcpKVReceiver, sink: Sink) -> None:
-    layers = [torch.zeros(2, 8, 64, 1024)] * 65  # 65 layers > max_layers
     with pytest.raises(KVTransferError, match="65 layers exceed the limit of 64") as caught:
-        await send(receiver, "too-big", layers)
+        await send(receiver, "too-big", cache(65, 1, 4, 2))
     assert caught.value.code == ErrorCode.LIMIT and sink.opens == 0
     await assert_still_serves(receiver, sink)
 
@@ -238,19 +259,20 @@ async def raw_session(receiver: TcpKVReceiver, *parts: bytes, close_early: bool 
         writer.close()
 
 
-HEADER = KVHeader("raw", 5, 10, 2, torch.float16, (2, 2, 10, 8))  # 640-byte layers
+HEADER = KVHeader("raw", 5, 10, 2, torch.float16, 2, 8, 16, 1)  # a frame per layer, 640 bytes each
 
 
-def layer_frame(index: int, payload: bytes, crc: int | None = None) -> bytes:
-    return encode_layer_prefix(index, len(payload), checksum(payload) if crc is None else crc) + payload
+def blocks_frame(index: int, payload: bytes, crc: int | None = None) -> bytes:
+    return encode_blocks_prefix(index, len(payload), checksum(payload) if crc is None else crc) + payload
 
 
-def begin_payload_with(**fields: int) -> bytes:
-    """HEADER's BEGIN frame with some of its raw fields overwritten (offsets of the fixed struct)."""
-    offsets = {"dtype": 2, "ndim": 3}
+def begin_payload_with(dtype: int | None = None, head_dim: int | None = None) -> bytes:
+    """HEADER's BEGIN frame with one of its raw fields overwritten (offsets of the fixed struct)."""
     payload = bytearray(encode_header(HEADER)[PREFIX.size :])
-    for name, value in fields.items():
-        payload[offsets[name]] = value
+    if dtype is not None:
+        payload[2] = dtype
+    if head_dim is not None:
+        payload[24:28] = head_dim.to_bytes(4, "little")
     return encode_frame(FrameType.BEGIN, bytes(payload))
 
 
@@ -258,24 +280,23 @@ def begin_payload_with(**fields: int) -> bytes:
     ("stream", "reason"),
     [
         pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "bad magic", id="bad-magic"),
-        pytest.param(b"SSKV\x02" + bytes(19), "protocol version 2", id="wrong-version"),
         pytest.param(
-            PREFIX.pack(b"SSKV", 1, FrameType.BEGIN, 0, 0, 0, 1 << 62),
+            b"SSKV\x01" + bytes(19),
+            "KV frame version 1, this side speaks 2: both ends of a transfer must run the same",
+            id="v1-peer",
+        ),
+        pytest.param(
+            PREFIX.pack(b"SSKV", 2, FrameType.BEGIN, 0, 0, 0, 1 << 62),
             "BEGIN frame of 4611686018427387904 bytes",
             id="oversized-header",
         ),
         pytest.param(begin_payload_with(dtype=200), "unknown dtype code 200", id="unknown-dtype"),
-        pytest.param(begin_payload_with(ndim=200), "200 dims exceed the limit of 8", id="too-many-dims"),
-        pytest.param(encode_header(HEADER)[:-8] + b"\x00" * 8, "checksum mismatch", id="header-checksum"),
+        pytest.param(begin_payload_with(head_dim=0), "head_dim 0 is not a positive u32", id="zero-head-dim"),
+        pytest.param(encode_header(HEADER)[:-2] + b"\x00" * 2, "checksum mismatch", id="header-checksum"),
         pytest.param(
-            encode_frame(
-                FrameType.BEGIN,
-                encode_header(HEADER)[PREFIX.size : -16]
-                + (11).to_bytes(8, "little")
-                + (8).to_bytes(8, "little"),
-            ),
-            "is not [2, H_kv, T=10, D]",
-            id="shape-vs-num-tokens",
+            begin_payload_with(head_dim=1 << 30),
+            "a frame of 85899345920 bytes exceeds the limit of 67108864",
+            id="frame-over-the-limit",
         ),
     ],
 )
@@ -289,24 +310,14 @@ async def test_bad_begin_is_rejected_before_the_sink(
     await assert_still_serves(receiver, sink)
 
 
-async def test_oversized_layer_length_is_rejected_without_allocating(
-    receiver: TcpKVReceiver, sink: Sink, monkeypatch: pytest.MonkeyPatch
+async def test_oversized_frame_length_is_rejected_before_reading_it(
+    receiver: TcpKVReceiver, sink: Sink
 ) -> None:
-    allocations: list[int] = []
-    empty = torch.empty
-
-    def recording_empty(*size: int, **kwargs: object) -> torch.Tensor:
-        allocations.append(size[0])
-        return empty(*size, **kwargs)  # type: ignore[call-overload, no-any-return]
-
-    monkeypatch.setattr(torch, "empty", recording_empty)
-    forged = PREFIX.pack(b"SSKV", 1, FrameType.LAYER, 0, 0, 0, 1 << 50)
+    forged = PREFIX.pack(b"SSKV", 2, FrameType.BLOCKS, 0, 0, 0, 1 << 50)
     replies = await raw_session(receiver, encode_header(HEADER), forged)
     assert [r.type for r in replies] == [FrameType.ACCEPT, FrameType.ERROR]
-    assert "layer 0 of 1125899906842624 bytes, the header says 640" in replies[1].reason
-    assert allocations == []
+    assert "frame 0 of 1125899906842624 bytes, the header says 640" in replies[1].reason
     assert (await sink.wait_ended("raw")).aborted is not None
-    monkeypatch.undo()
     await assert_still_serves(receiver, sink)
 
 
@@ -314,29 +325,29 @@ async def test_oversized_layer_length_is_rejected_without_allocating(
     ("frames", "reason", "code"),
     [
         pytest.param(
-            [layer_frame(0, bytes(640), crc=1)],
-            "layer 0 checksum mismatch",
+            [blocks_frame(0, bytes(640), crc=1)],
+            "frame 0 checksum mismatch",
             ErrorCode.CHECKSUM,
             id="checksum",
         ),
         pytest.param(
-            [layer_frame(1, bytes(640))],
-            "layer 1 where layer 0 was expected",
+            [blocks_frame(1, bytes(640))],
+            "frame 1 where frame 0 was expected",
             ErrorCode.PROTOCOL,
             id="out-of-order",
         ),
         pytest.param(
-            [layer_frame(0, bytes(640)), encode_frame(FrameType.END)],
-            "END after 1 of 2 layers",
+            [blocks_frame(0, bytes(640)), encode_frame(FrameType.END)],
+            "END after 1 of 2 frames",
             ErrorCode.PROTOCOL,
             id="early-end",
         ),
         pytest.param(
-            [layer_frame(0, bytes(64))], "layer 0 of 64 bytes", ErrorCode.PROTOCOL, id="short-layer"
+            [blocks_frame(0, bytes(64))], "frame 0 of 64 bytes", ErrorCode.PROTOCOL, id="short-frame"
         ),
     ],
 )
-async def test_bad_layer_frames_abort_the_destination(
+async def test_bad_blocks_frames_abort_the_destination(
     receiver: TcpKVReceiver, sink: Sink, frames: list[bytes], reason: str, code: ErrorCode
 ) -> None:
     replies = await raw_session(receiver, encode_header(HEADER), *frames)
@@ -348,10 +359,11 @@ async def test_bad_layer_frames_abort_the_destination(
 
 
 async def test_truncated_stream_aborts(receiver: TcpKVReceiver, sink: Sink) -> None:
-    half_layer = layer_frame(0, bytes(640))[: PREFIX.size + 300]
-    await raw_session(receiver, encode_header(HEADER), half_layer, close_early=True)
+    half_frame = blocks_frame(0, bytes(640))[: PREFIX.size + 300]
+    await raw_session(receiver, encode_header(HEADER), half_frame, close_early=True)
     destination = await sink.wait_ended("raw")
     assert destination.aborted == "the sender closed the connection mid-transfer"
+    assert destination.leaked_blocks == 0
     await assert_still_serves(receiver, sink)
 
 
@@ -359,7 +371,7 @@ async def test_idle_sender_times_out(sink: Sink) -> None:
     receiver = TcpKVReceiver("127.0.0.1", 0, sink, LIMITS, idle_timeout=0.3)
     await receiver.start()
     try:
-        replies = await raw_session(receiver, encode_header(HEADER), layer_frame(0, bytes(640)))
+        replies = await raw_session(receiver, encode_header(HEADER), blocks_frame(0, bytes(640)))
         assert [r.type for r in replies] == [FrameType.ACCEPT, FrameType.ERROR]
         assert replies[1].code == ErrorCode.TIMEOUT
         assert (await sink.wait_ended("raw")).aborted == "no data from the sender for 0.3 s"
@@ -370,7 +382,7 @@ async def test_idle_sender_times_out(sink: Sink) -> None:
 
 async def test_a_stuck_transfer_does_not_block_others(receiver: TcpKVReceiver, sink: Sink) -> None:
     _reader, writer = await asyncio.open_connection("127.0.0.1", receiver.port)
-    writer.write(encode_header(HEADER) + layer_frame(0, bytes(640))[:100])
+    writer.write(encode_header(HEADER) + blocks_frame(0, bytes(640))[:100])
     await writer.drain()
     await assert_still_serves(receiver, sink)
     writer.close()
@@ -382,12 +394,12 @@ async def test_failing_destination_is_contained(receiver: TcpKVReceiver, sink: S
         if index == 1:
             raise RuntimeError("cache slot vanished")
 
-    sink.on_layer = explode
+    sink.on_runs = explode
     with pytest.raises(KVTransferError, match="RuntimeError: cache slot vanished") as caught:
-        await send(receiver, "boom", make_layers(3, (2, 2, 30, 8)))
+        await send(receiver, "boom", cache(3, 2, 30, 8))
     assert caught.value.code == ErrorCode.INTERNAL
     assert (await sink.wait_ended("boom")).aborted == "RuntimeError: cache slot vanished"
-    sink.on_layer = None
+    sink.on_runs = None
     await assert_still_serves(receiver, sink)
 
 
@@ -395,17 +407,17 @@ async def test_failing_destination_is_contained(receiver: TcpKVReceiver, sink: S
 
 
 async def test_sender_cancelled_mid_stream_aborts(receiver: TcpKVReceiver, sink: Sink) -> None:
-    first_layer = asyncio.Event()
-    sink.on_layer = lambda index: first_layer.set()
-    task = asyncio.create_task(send(receiver, "gone", make_layers(32, (2, 8, 4000, 32))))  # 128 MB
-    await first_layer.wait()
+    first_frame = asyncio.Event()
+    sink.on_runs = lambda layer: first_frame.set()
+    task = asyncio.create_task(send(receiver, "gone", cache(8, 8, 4000, 32)))  # 66 MB
+    await first_frame.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     destination = await sink.wait_ended("gone")
     assert not destination.committed
     assert destination.aborted == "the sender closed the connection mid-transfer"
-    sink.on_layer = None
+    sink.on_runs = None
     await assert_still_serves(receiver, sink)
 
 
@@ -413,7 +425,7 @@ async def test_back_pressure_waits_and_cancelling_it_cancels_the_open(
     receiver: TcpKVReceiver, sink: Sink
 ) -> None:
     sink.gate = asyncio.Event()
-    waiting = asyncio.create_task(send(receiver, "waits", make_layers(2, (2, 2, 10, 8))))
+    waiting = asyncio.create_task(send(receiver, "waits", cache(2, 2, 10, 8)))
     await asyncio.sleep(0.2)
     assert not waiting.done() and sink.opens == 1
     sink.gate.set()
@@ -421,7 +433,7 @@ async def test_back_pressure_waits_and_cancelling_it_cancels_the_open(
     assert stats.accept_seconds >= 0.2 and sink.destinations["waits"].committed
 
     sink.gate = asyncio.Event()
-    cancelled = asyncio.create_task(send(receiver, "gives-up", make_layers(2, (2, 2, 10, 8))))
+    cancelled = asyncio.create_task(send(receiver, "gives-up", cache(2, 2, 10, 8)))
     await asyncio.sleep(0.2)
     cancelled.cancel()
     await asyncio.wait_for(sink.open_cancelled.wait(), 5)
@@ -450,22 +462,22 @@ async def test_sender_errors_without_a_receiver() -> None:
     silent: list[asyncio.StreamWriter] = []
     server = await asyncio.start_server(lambda r, w: silent.append(w), "127.0.0.1", 0)  # never answers
     port = server.sockets[0].getsockname()[1]
-    layers = make_layers(1, (2, 1, 2, 2))
-    header = KVHeader.describe("lonely", 0, layers)
+    kv = cache(1, 1, 2, 2)
+    header = header_for("lonely", kv)
     with pytest.raises(KVTransferError) as caught:
-        await TcpKVSender(idle_timeout=0.3).send(f"127.0.0.1:{port}", header, layers)
+        await TcpKVSender(idle_timeout=0.3).send(f"127.0.0.1:{port}", header, kv)
     assert caught.value.code == ErrorCode.TIMEOUT
     for writer in silent:
         writer.close()
     server.close()
     await server.wait_closed()
     with pytest.raises(KVTransferError) as caught:
-        await TcpKVSender().send(f"127.0.0.1:{port}", header, layers)
+        await TcpKVSender().send(f"127.0.0.1:{port}", header, kv)
     assert caught.value.code == ErrorCode.UNAVAILABLE
     with pytest.raises(ValueError, match="not host:port"):
-        await TcpKVSender().send("nowhere", header, layers)
-    with pytest.raises(ValueError, match="the header says"):
-        await TcpKVSender().send(f"127.0.0.1:{port}", header, layers * 2)
+        await TcpKVSender().send("nowhere", header, kv)
+    with pytest.raises(ValueError, match=r"tokens 0\.\.16 are not in the 16 slots held"):
+        await TcpKVSender().send(f"127.0.0.1:{port}", header_for("more", cache(1, 1, 17, 2)), kv)
 
 
 async def test_a_receiver_that_says_ok_too_early_is_not_believed() -> None:
@@ -473,18 +485,19 @@ async def test_a_receiver_that_says_ok_too_early_is_not_believed() -> None:
 
     async def premature(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readexactly(PREFIX.size)
-        writer.write(encode_frame(FrameType.ACCEPT) + encode_frame(FrameType.OK))  # and reads no layer
+        writer.write(encode_frame(FrameType.ACCEPT) + encode_frame(FrameType.OK))  # and reads no frame
         await writer.drain()
         await done.wait()
         writer.close()
         handled.set()
 
     server = await asyncio.start_server(premature, "127.0.0.1", 0)
-    layers = [torch.zeros(2, 64, 4000, 32)] * 2  # 64 MB: more than the socket buffers hold
-    header = KVHeader.describe("raw", 5, layers)
+    kv = sequence(KVLayout(2, 32, 32, torch.float32), 4000, 16)  # 66 MB: more than the socket buffers hold
+    kv.length = 4000
+    header = header_for("raw", kv)
     try:
         with pytest.raises(KVTransferError, match="OK reply where ERROR was expected") as caught:
-            await TcpKVSender().send(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", header, layers)
+            await TcpKVSender().send(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", header, kv)
         assert caught.value.code == ErrorCode.PROTOCOL
     finally:
         done.set()

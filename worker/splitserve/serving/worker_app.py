@@ -21,12 +21,12 @@ from pydantic import ValidationError
 from splitserve.contract.errors import location, one_line
 from splitserve.engine.kv_cache import SequenceKV
 from splitserve.engine.params import GenerationChunk, GenerationError, GenerationRequest, check_vocabulary
-from splitserve.engine.runtime import EngineRuntime
+from splitserve.engine.runtime import EngineRuntime, PrefillResult
 from splitserve.serving.drain import LIVENESS_QUERY, Drain
 from splitserve.serving.frontend import DEFAULT_MAX_BODY_BYTES, error_response
 from splitserve.serving.internal_api import KV_PORT_HEADER, NDJSON, DecodeCall, PrefillCall, PrefillReply
 from splitserve.serving.metrics import Metrics
-from splitserve.transfer.base import KVDestination, KVRejected, KVSender, KVTransferError
+from splitserve.transfer.base import KVDestination, KVRejected, KVSender, KVTransferError, TransferStats
 from splitserve.transfer.frames import KVHeader
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,20 @@ async def _parse(request: web.Request, model: type[Body]) -> Body:
 # ---- prefill ------------------------------------------------------------------------------------
 
 
+async def ship_kv(sender: KVSender, target: str, request_id: str, result: PrefillResult) -> TransferStats:
+    """Send a prefilled prompt's cache and first token to the decode worker at `target`, straight from
+    its blocks (in frames of whole blocks of this worker's block size)."""
+    layout = result.kv.layout
+    header = KVHeader.for_blocks(
+        request_id,
+        result.first_token,
+        result.kv.length,
+        (layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.dtype),
+        result.kv.pool.block_size,
+    )
+    return await sender.send(target, header, result.kv)
+
+
 def build_prefill_app(state: WorkerState, sender: KVSender) -> web.Application:
     """POST /internal/prefill: run the prompt, push its KV cache to the chosen decode worker."""
 
@@ -120,15 +134,7 @@ def build_prefill_app(state: WorkerState, sender: KVSender) -> web.Application:
             with state.drain.request(partial(runtime.fail, call.request_id)):
                 async with runtime.prefill(generation) as result:
                     prefilled = time.perf_counter()
-                    layout = result.kv.layout
-                    header = KVHeader.for_blocks(
-                        call.request_id,
-                        result.first_token,
-                        result.kv.length,
-                        (layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.dtype),
-                        result.kv.pool.block_size,
-                    )
-                    stats = await sender.send(call.kv_target, header, result.kv)
+                    stats = await ship_kv(sender, call.kv_target, call.request_id, result)
             state.metrics.kv_transfer_seconds.observe(stats.seconds)
             state.metrics.kv_transfer_bytes.inc(stats.bytes)
             reply = PrefillReply(
