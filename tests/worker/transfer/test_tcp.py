@@ -179,6 +179,21 @@ async def test_round_trip_is_bit_exact(
     assert stats.seconds >= stats.accept_seconds > 0
 
 
+async def test_a_paced_receiver_lands_the_same_bytes(sink: Sink) -> None:
+    """With landing held to a twentieth of the loop thread, frames still land whole and in order."""
+    receiver = TcpKVReceiver("127.0.0.1", 0, sink, LIMITS, landing_share=0.05)
+    await receiver.start()
+    try:
+        kv = cache(4, 4, 4000, 32)
+        await send(receiver, "paced", kv)
+        assert sink.destinations["paced"].received == wire_bytes(kv, 4000)
+    finally:
+        await receiver.close()
+    for share in (0.0, 1.5):
+        with pytest.raises(ValueError, match="landing_share must be in"):
+            TcpKVReceiver("127.0.0.1", 0, sink, LIMITS, landing_share=share)
+
+
 async def test_many_concurrent_transfers(receiver: TcpKVReceiver, sink: Sink) -> None:
     transfers = {f"req-{i}": cache(4, 4, 50 + 37 * i, 32, seed=i) for i in range(16)}
     sender = TcpKVSender()

@@ -37,6 +37,10 @@ from splitserve.transfer.frames import KVLimits
 from splitserve.transfer.tcp import TcpKVReceiver, TcpKVSender
 
 log = logging.getLogger(__name__)
+# Share of the decode worker's event-loop thread an arriving KV cache may take while it lands (the engine
+# shares its core): a 4,000-token cache stretches the decode steps it overlaps by about this much at
+# most, and lands in about 1 / LANDING_SHARE times its CPU time (bench/results/kv_landing.json).
+LANDING_SHARE = 0.2
 
 
 def run_worker(config: EngineConfig, args: argparse.Namespace) -> int:
@@ -78,7 +82,9 @@ async def _serve_worker(config: EngineConfig, args: argparse.Namespace) -> None:
     elif role == "decode":
         app = build_decode_app(state, args.kv_port)
         limits = KVLimits(max_transfer_bytes=config.max_transfer_bytes)
-        receiver = TcpKVReceiver(args.host, args.kv_port, DecodeKVSink(state), limits)
+        receiver = TcpKVReceiver(
+            args.host, args.kv_port, DecodeKVSink(state), limits, landing_share=LANDING_SHARE
+        )
     else:
         tokenizer = await asyncio.to_thread(load_tokenizer, config.model, config.revision)
         app = build_openai_app(

@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 STAGING_BYTES = 64 << 10  # per connection: small frames land here; reading pauses when it is full
 DIRECT_BYTES = 16 << 10  # reads at least this big land straight in the caller's buffer
+PAUSE_QUANTUM = 1e-3  # the event loop's timers are as fine as epoll's, a millisecond
 IOV_BATCH = 512  # buffers per sendmsg call (Linux takes up to 1024)
 
 
@@ -78,6 +79,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._target_got = 0
         self._waiter: asyncio.Future[None] | None = None
         self._paused = self._discarding = False
+        self._read_started = 0.0
+        self.reading_seconds = 0.0  # this thread's CPU time in recv calls: what landing costs, and paces
         self.peer = "?"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -88,6 +91,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.task = loop.create_task(self._serve(self))
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        self._read_started = time.thread_time()  # the loop calls recv_into on what this returns
         if self._target is not None:
             return self._target[self._target_got :]
         if self._head == self._tail:
@@ -98,6 +102,7 @@ class _Connection(asyncio.BufferedProtocol):
         return self._staged[self._tail :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.reading_seconds += time.thread_time() - self._read_started
         if self._target is not None:
             self._target_got += nbytes
             if self._target_got == len(self._target):
@@ -184,6 +189,12 @@ class TcpKVReceiver(KVReceiver):
 
     Per piece of payload (a run of one head's slots, at most CHUNK_BYTES) the loop does one recv straight
     into the destination's blocks and one crc32, so the decode thread and other connections keep running.
+    `landing_share` bounds the share of this thread's CPU time that landing may take while it runs: after
+    each piece the transfer pauses for what receiving and checksumming it cost (this thread's CPU time
+    in those calls) times (1 / share - 1). The decode worker
+    runs its engine on the same core, so a 16 MB cache landing flat out would stretch the few decode
+    steps it overlaps (bench/kv_landing.py); paced, it costs each step a bounded slice and the new
+    request's first token waits a few milliseconds longer.
     `idle_timeout` bounds the wait for each frame prefix and each chunk of payload.
     """
 
@@ -196,12 +207,16 @@ class TcpKVReceiver(KVReceiver):
         *,
         idle_timeout: float = 30.0,
         linger_seconds: float = 5.0,
+        landing_share: float = 1.0,
     ) -> None:
+        if not 0 < landing_share <= 1:
+            raise ValueError(f"landing_share must be in (0, 1], got {landing_share}")
         self._host, self._port = host, port
         self._sink = sink
         self._limits = limits or KVLimits()
         self._idle_timeout = idle_timeout
         self._linger_seconds = linger_seconds
+        self._pause_per_busy_second = 1 / landing_share - 1
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -226,13 +241,22 @@ class TcpKVReceiver(KVReceiver):
             self._server = None
 
     async def _next(self, conn: _Connection, decoder: TransferDecoder) -> Event:
+        debt = 0.0  # seconds of pause owed for the landing work done so far (paid once over 1 ms)
         while True:
             view = decoder.want()
+            reading = conn.reading_seconds
             async with asyncio.timeout(self._idle_timeout):
                 await conn.readinto(view)
+            checking = time.thread_time()
             event = decoder.filled()
             if event is not None:
                 return event
+            busy = conn.reading_seconds - reading + time.thread_time() - checking  # recv + crc32
+            debt += busy * self._pause_per_busy_second
+            if debt >= PAUSE_QUANTUM:
+                paused = time.perf_counter()
+                await asyncio.sleep(debt)
+                debt -= time.perf_counter() - paused
 
     async def _open(self, conn: _Connection, header: KVHeader) -> KVDestination:
         """sink.open(), given up when the sender goes away while it waits."""
