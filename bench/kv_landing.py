@@ -163,6 +163,9 @@ async def run(args: argparse.Namespace, model: Path, workdir: Path) -> dict[str,
                     f"round {index + 1} {name}: p99 ITL {before * 1000:.1f} ms before, {landing * 1000:.1f} "
                     f"ms while landing (x{result['p99_ratio']:.2f}; transfer {transfer:.1f} ms)"
                 )
+    for results in rounds.values():  # the plot draws the last round; earlier timelines would be megabytes
+        for earlier in results[:-1]:
+            del earlier["timeline"]
     return {
         name: {
             "p99_ratio_per_round": [r["p99_ratio"] for r in results],
