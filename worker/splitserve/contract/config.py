@@ -57,6 +57,11 @@ class EngineConfig(BaseModel):
         le=4096,
         description="Tokens per KV block: sequences take memory one block at a time as they grow.",
     )
+    enable_prefix_caching: bool = Field(
+        True,
+        description="Keep full KV blocks after their request ends, addressed by content, and reuse them "
+        "for prompts that start with the same tokens (the last prompt token is always computed).",
+    )
     kv_timeout_seconds: float = Field(
         60.0, gt=0, description="Decode: how long a registered request waits for its KV cache."
     )

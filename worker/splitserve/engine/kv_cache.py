@@ -15,10 +15,12 @@ this replaced; the others are gathered block by block (attention.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from splitserve.engine.block_hash import block_hash
 from splitserve.engine.blocks import BlockAllocator, blocks_for
 
 
@@ -41,10 +43,18 @@ class KVLayout:
 class KVPool:
     """Every KV block of one worker, allocated up front."""
 
-    def __init__(self, layout: KVLayout, num_blocks: int, block_size: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        layout: KVLayout,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        salt: bytes | None = None,
+    ) -> None:
         self.layout = layout
         self.block_size = block_size
         self.device = device
+        self.salt = salt  # the prefix cache's (cache_salt); None: prefix caching off
         self.allocator = BlockAllocator(num_blocks)
         # Untouched pages of an `empty` CPU tensor cost no RAM until a block is first written.
         self.data = torch.empty(  # [layers, 2, kv_heads, num_blocks * block_size, head_dim]
@@ -61,10 +71,17 @@ class KVPool:
         self._offsets = torch.arange(block_size, device=device)  # [block_size]
 
     @classmethod
-    def for_budget(cls, layout: KVLayout, budget_bytes: int, block_size: int, device: torch.device) -> KVPool:
+    def for_budget(
+        cls,
+        layout: KVLayout,
+        budget_bytes: int,
+        block_size: int,
+        device: torch.device,
+        salt: bytes | None = None,
+    ) -> KVPool:
         """As many whole blocks as `budget_bytes` holds (at least one)."""
         num_blocks = max(1, budget_bytes // (layout.bytes_per_token * block_size))
-        return cls(layout, num_blocks, block_size, device)
+        return cls(layout, num_blocks, block_size, device, salt)
 
     @property
     def num_blocks(self) -> int:
@@ -93,13 +110,19 @@ class KVPool:
 
 
 class SequenceKV:
-    """Block table and length of one sequence; `length` tokens of it are written."""
+    """Block table and length of one sequence; `length` tokens of it are written.
+
+    With prefix caching on, it also keeps the written token ids and the hashes of its full blocks, and
+    registers each block with the pool as it fills, so that later sequences can share it.
+    """
 
     def __init__(self, pool: KVPool) -> None:
         self.pool = pool
         self.layout = pool.layout
         self.block_table: list[int] = []
         self.length = 0
+        self.tokens: list[int] = []  # written token ids (prefix caching only)
+        self.hashes: list[int] = []  # hashes of its full blocks, in order (prefix caching only)
         self._slots: torch.Tensor | None = None  # [len(block_table) * block_size], rebuilt on growth
         self.contiguous = True  # its blocks follow each other in the pool: readable as one view
 
@@ -123,9 +146,56 @@ class SequenceKV:
             self.block_table += taken
             self._slots = None
 
+    def admit(self, tokens: list[int], keep_free: int = 0) -> int:
+        """Take the blocks of a sequence about to compute `tokens` (it holds none yet), sharing the
+        cached blocks of its longest cached prefix of full blocks; the last token is never taken from
+        the cache (its logits are needed). Returns the tokens found cached, now `length`.
+        NoFreeBlocksError (nothing taken) if the rest does not fit."""
+        if self.block_table:
+            raise ValueError("admit() is for a sequence that holds no blocks")
+        salt = self.pool.salt
+        if salt is None:
+            self.grow(len(tokens), keep_free)
+            return 0
+        size = self.pool.block_size
+        found: list[int] = []
+
+        def chain() -> Iterator[int]:
+            parent: int | None = None
+            for start in range(0, len(tokens) - size, size):  # full blocks before the last token
+                parent = block_hash(parent, tokens[start : start + size], salt)
+                found.append(parent)
+                yield parent
+
+        table, shared = self.pool.allocator.allocate_prefixed(
+            chain(), self.pool.blocks_for(len(tokens)), keep_free
+        )
+        self.block_table, self._slots = table, None
+        self.contiguous = table == list(range(table[0], table[0] + len(table)))
+        self.hashes = found[:shared]
+        self.length = shared * size
+        self.tokens = tokens[: self.length]
+        return self.length
+
+    def advance(self, token_ids: list[int]) -> None:
+        """`token_ids` were written after the first `length` tokens; full blocks join the prefix cache."""
+        self.length += len(token_ids)
+        salt = self.pool.salt
+        if salt is None:
+            return
+        self.tokens += token_ids
+        size = self.pool.block_size
+        while len(self.hashes) < self.length // size:
+            index = len(self.hashes)
+            parent = self.hashes[-1] if self.hashes else None
+            self.hashes.append(block_hash(parent, self.tokens[index * size : (index + 1) * size], salt))
+            self.pool.allocator.register(self.block_table[index], self.hashes[-1])
+
     def release(self) -> None:
-        """Give every block back and forget the contents; safe to call more than once."""
+        """Give every block back and forget the contents; safe to call more than once. Its hashed blocks
+        stay in the prefix cache until their room is needed."""
         blocks, self.block_table, self.length, self._slots = self.block_table, [], 0, None
+        self.tokens, self.hashes = [], []
         self.contiguous = True
         if blocks:
             self.pool.allocator.release(blocks)

@@ -22,6 +22,7 @@ from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from splitserve.contract.names import PrefixCacheTier
 from splitserve.engine.blocks import NoFreeBlocksError
 from splitserve.engine.forward import Engine, Work
 from splitserve.engine.kv_cache import KVPool, SequenceKV
@@ -45,6 +46,9 @@ class EngineMetrics(Protocol):
 
     def record_kv_blocks(self, free: int, used: int) -> None:
         """Blocks free and in use, and their ratio (the KV cache usage gauge)."""
+
+    def record_prefix_cache(self, queried: int, hits: int, tier: PrefixCacheTier = "device") -> None:
+        """One admission's prefix-cache lookup, in tokens."""
 
 
 @dataclass(eq=False)
@@ -71,6 +75,11 @@ class Sequence:
     @property
     def prefilled(self) -> bool:
         return self.kv.length >= self.prefill_target
+
+    def target_tokens(self) -> list[int]:
+        """Every token the sequence computes before its next sample: the prompt, then (after a
+        preemption) its output so far."""
+        return (self.prompt + self.output)[: self.prefill_target]
 
     def next_chunk(self, budget: int) -> list[int]:
         """Up to `budget` of the tokens still to prefill."""
@@ -234,13 +243,14 @@ class EngineLoop:
         return True
 
     def _admit(self) -> None:
-        """FIFO: take the head's blocks while they and the watermark are free."""
+        """FIFO: take the head's blocks while they and the watermark are free; its longest cached
+        prefix is shared instead of taken (and not computed again)."""
         while self.waiting and len(self.prefilling) + len(self.decoding) < self.policy.max_num_seqs:
             seq = self.waiting[0]
             running = bool(self.prefilling or self.decoding)
             try:
                 # The watermark protects running streams; with none running it would only stall.
-                seq.kv.grow(seq.prefill_target, keep_free=self.watermark if running else 0)
+                cached = seq.kv.admit(seq.target_tokens(), keep_free=self.watermark if running else 0)
             except NoFreeBlocksError:
                 if not running and self.pool.blocks_for(seq.prefill_target) > self.pool.num_blocks:
                     self.waiting.popleft()
@@ -249,6 +259,8 @@ class EngineLoop:
                     self.on_step([Emission(seq, None, None, error=error)])
                     continue
                 return
+            if self.pool.salt is not None:
+                self.metrics.record_prefix_cache(seq.prefill_target, cached)
             self.waiting.popleft()
             self._admissions += 1
             seq.admitted = self._admissions

@@ -22,6 +22,7 @@ from splitserve.contract.names import (
     STEP_BUCKETS,
     TRANSFER_BUCKETS,
     TTFT_BUCKETS,
+    PrefixCacheTier,
 )
 from splitserve.serving.vllm_metrics import VllmSeries
 
@@ -98,6 +99,17 @@ class Metrics:
         self.preemptions = counter(
             names.PREEMPTIONS, "Sequences whose KV blocks were freed to let others grow (recomputed later)."
         )
+        self.prefix_cache_queries = counter(
+            names.PREFIX_CACHE_QUERIES, "Tokens looked up in the prefix cache when a sequence is admitted."
+        )
+        self._prefix_cache_hits = Counter(
+            names.PREFIX_CACHE_HITS,
+            "Tokens found in the prefix cache at admission (not computed), by tier.",
+            (*labels, names.PREFIX_CACHE_TIER_LABEL),
+            registry=reg(names.PREFIX_CACHE_HITS),
+        )
+        for tier in names.PREFIX_CACHE_TIERS:
+            self._prefix_cache_hits.labels(**values, tier=tier)
         self.prefill_step = histogram(
             names.step_seconds("prefill"), "Duration of one prefill forward (one chunk).", STEP_BUCKETS
         )
@@ -125,6 +137,15 @@ class Metrics:
         self._kv_cache_blocks.labels(pool=self.pool, role=self.role, state="free").set(free)
         self._kv_cache_blocks.labels(pool=self.pool, role=self.role, state="used").set(used)
         self.kv_cache_usage.set(used / (free + used) if free + used else 0.0)
+
+    def record_prefix_cache(self, queried: int, hits: int, tier: PrefixCacheTier = "device") -> None:
+        """One admission's lookup: `queried` tokens, of which `hits` came from `tier`."""
+        self.prefix_cache_queries.inc(queried)
+        self._prefix_cache_hits.labels(pool=self.pool, role=self.role, tier=tier).inc(hits)
+
+    def prefix_cache_hits(self, tier: PrefixCacheTier) -> Counter:
+        """The hit counter of one tier (vLLM's `prefix_cache_hits` is the device one)."""
+        return self._prefix_cache_hits.labels(pool=self.pool, role=self.role, tier=tier)
 
     def request_finished(self, outcome: str) -> None:
         self._requests.labels(pool=self.pool, role=self.role, outcome=outcome).inc()
