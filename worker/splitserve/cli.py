@@ -30,6 +30,11 @@ ENGINE_FLAGS: dict[str, type] = {
     "kv_cache_bytes": int,
     "block_size": int,
     "kv_timeout_seconds": float,
+    "kv_host_bytes": int,
+    "kv_host_ttl_seconds": float,
+    "kv_disk_path": str,
+    "kv_disk_bytes": int,
+    "kv_disk_ttl_seconds": float,
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import openai
 import pytest
@@ -30,8 +31,9 @@ def make_runtime(
     metrics: Metrics | None = None,
     max_num_seqs: int = 64,
     prefix_caching: bool = True,
+    **settings: Any,
 ) -> EngineRuntime:
-    """A runtime whose pool has exactly `blocks` blocks of BLOCK tokens."""
+    """A runtime whose pool has exactly `blocks` blocks of BLOCK tokens (`settings`: more EngineConfig)."""
     config = EngineConfig(
         model="tiny",
         prefill_chunk_size=32,
@@ -40,6 +42,7 @@ def make_runtime(
         kv_cache_bytes=blocks * BLOCK * engine.loaded.layout.bytes_per_token,
         max_num_seqs=max_num_seqs,
         enable_prefix_caching=prefix_caching,
+        **settings,
     )
     runtime = EngineRuntime(engine, config, role, metrics or Metrics("test", role))
     assert runtime.pool.num_blocks == blocks

@@ -125,8 +125,8 @@ def test_engines_export_vllms_scheduler_gauges(role: str) -> None:
     metrics.requests_running.set(3)
     metrics.requests_waiting.set(2)
     metrics.kv_cache_usage.set(0.25)  # a fraction, as vLLM's "_perc" is: 1 means 100 percent
-    metrics.record_prefix_cache(queried=100, hits=48)
-    metrics.record_prefix_cache(queried=50, hits=16, tier="host")  # vLLM's hits are the device's
+    metrics.record_prefix_cache(100, {"device": 48})
+    metrics.record_prefix_cache(50, {"host": 16})  # vLLM's hits are the device cache's
     exported = families(metrics.exposition()[0].decode())
     check(exported, ENGINE)
     assert not set(FRONTEND) & set(exported)  # the router counts requests, once

@@ -63,6 +63,9 @@ PREFIX_CACHE_HITS: Final = "splitserve_prefix_cache_hits_total"
 PREFIX_CACHE_TIER_LABEL: Final = "tier"
 PrefixCacheTier = Literal["device", "host", "disk"]
 PREFIX_CACHE_TIERS: Final[tuple[PrefixCacheTier, ...]] = ("device", "host", "disk")
+KV_TIER_USAGE_BYTES: Final = "splitserve_kv_tier_usage_bytes"  # label `tier`: host | disk
+KV_DISK_ERRORS: Final = "splitserve_kv_disk_errors_total"  # label `reason`, one of KV_DISK_ERROR_REASONS
+KV_DISK_ERROR_REASONS: Final = ("truncated", "corrupt", "foreign", "io_error", "write_error")
 # Seconds from process start to serving (weights loaded): the autoscaler's first start-up estimate.
 STARTUP_SECONDS: Final = "splitserve_startup_seconds"
 
@@ -95,6 +98,8 @@ SERIES_ROLES: Final[dict[str, frozenset[str]]] = {
             PREEMPTIONS,
             PREFIX_CACHE_QUERIES,
             PREFIX_CACHE_HITS,
+            KV_TIER_USAGE_BYTES,
+            KV_DISK_ERRORS,
             STARTUP_SECONDS,
         ),
         _ENGINE,

@@ -15,13 +15,16 @@ this replaced; the others are gathered block by block (attention.py).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from splitserve.contract.names import PrefixCacheTier
 from splitserve.engine.block_hash import block_hash
 from splitserve.engine.blocks import BlockAllocator, blocks_for
+from splitserve.engine.offload import KVTiers
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class KVPool:
         self.block_size = block_size
         self.device = device
         self.salt = salt  # the prefix cache's (cache_salt); None: prefix caching off
+        self.tiers: KVTiers | None = None  # where evicted cached blocks go (`keep_evicted_in`)
         self.allocator = BlockAllocator(num_blocks)
         # Untouched pages of an `empty` CPU tensor cost no RAM until a block is first written.
         self.data = torch.empty(  # [layers, 2, kv_heads, num_blocks * block_size, head_dim]
@@ -103,6 +107,15 @@ class KVPool:
         """An empty sequence: no blocks until it is given tokens."""
         return SequenceKV(self)
 
+    def keep_evicted_in(self, tiers: KVTiers) -> None:
+        """Copy every cached block the allocator evicts to `tiers`; admission loads them back."""
+        self.tiers = tiers
+        self.allocator.on_evict = lambda block, content: tiers.offload(content, self.block_data(block))
+
+    def block_data(self, block: int) -> torch.Tensor:
+        """One block's keys and values, `[layers, 2, kv_heads, block_size, head_dim]` (a view)."""
+        return self.data[:, :, :, block * self.block_size : (block + 1) * self.block_size]
+
     def slots_of(self, block_table: list[int]) -> torch.Tensor:
         """Slot ids of every token position a block table covers, `[len(table) * block_size]`."""
         table = torch.tensor(block_table, dtype=torch.long).to(self.device)  # [blocks]
@@ -146,17 +159,19 @@ class SequenceKV:
             self.block_table += taken
             self._slots = None
 
-    def admit(self, tokens: list[int], keep_free: int = 0) -> int:
-        """Take the blocks of a sequence about to compute `tokens` (it holds none yet), sharing the
-        cached blocks of its longest cached prefix of full blocks; the last token is never taken from
-        the cache (its logits are needed). Returns the tokens found cached, now `length`.
-        NoFreeBlocksError (nothing taken) if the rest does not fit."""
+    def admit(self, tokens: list[int], keep_free: int = 0) -> dict[PrefixCacheTier, int]:
+        """Take the blocks of a sequence about to compute `tokens` (it holds none yet). Its longest
+        prefix of full blocks found in the prefix cache is not computed again: blocks still on the
+        device are shared, and after them blocks kept in the host or disk tier are copied back into
+        fresh ones. The last token never comes from the cache (its logits are needed). Returns the
+        tokens found in each tier; `length` is their sum. NoFreeBlocksError (nothing taken) if the
+        blocks do not fit."""
         if self.block_table:
             raise ValueError("admit() is for a sequence that holds no blocks")
         salt = self.pool.salt
         if salt is None:
             self.grow(len(tokens), keep_free)
-            return 0
+            return {}
         size = self.pool.block_size
         found: list[int] = []
 
@@ -167,15 +182,28 @@ class SequenceKV:
                 found.append(parent)
                 yield parent
 
-        table, shared = self.pool.allocator.allocate_prefixed(
-            chain(), self.pool.blocks_for(len(tokens)), keep_free
-        )
+        hashes = chain()
+        allocator = self.pool.allocator
+        table, shared = allocator.allocate_prefixed(hashes, self.pool.blocks_for(len(tokens)), keep_free)
         self.block_table, self._slots = table, None
         self.contiguous = table == list(range(table[0], table[0] + len(table)))
-        self.hashes = found[:shared]
-        self.length = shared * size
+        hits: dict[PrefixCacheTier, int] = {"device": shared * size}
+        cached = shared
+        if self.pool.tiers is not None:
+            for content in itertools.chain(found[shared:], hashes):
+                taken = self.pool.tiers.take(content)
+                target = self.pool.block_data(table[cached])
+                if taken is None or taken[0].shape != target.shape or taken[0].dtype != target.dtype:
+                    break  # (a file of another layout is recomputed, never cast)
+                block, tier = taken
+                target.copy_(block, non_blocking=block.is_pinned())
+                allocator.register(table[cached], content)
+                hits[tier] = hits.get(tier, 0) + size
+                cached += 1
+        self.hashes = found[:cached]
+        self.length = cached * size
         self.tokens = tokens[: self.length]
-        return self.length
+        return hits
 
     def advance(self, token_ids: list[int]) -> None:
         """`token_ids` were written after the first `length` tokens; full blocks join the prefix cache."""

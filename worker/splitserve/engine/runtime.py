@@ -25,6 +25,7 @@ from splitserve.engine.block_hash import cache_salt
 from splitserve.engine.blocks import NoFreeBlocksError
 from splitserve.engine.forward import Engine
 from splitserve.engine.kv_cache import SequenceKV
+from splitserve.engine.offload import KVTiers
 from splitserve.engine.params import (
     REQUEST_FAULT,
     GenerationChunk,
@@ -82,6 +83,9 @@ class EngineRuntime:
         self.pool = engine.new_pool(
             config.block_size, config.kv_cache_bytes, salt if config.enable_prefix_caching else None
         )
+        tiers = KVTiers.for_config(config, salt, self.pool.device, metrics.record_kv_disk_error)
+        if tiers is not None:
+            self.pool.keep_evicted_in(tiers)
         policy = BatchPolicy.for_role(
             role, config.prefill_chunk_size, config.chunked_prefill, loaded.max_model_len, config.max_num_seqs
         )

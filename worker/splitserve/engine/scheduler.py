@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -47,8 +47,14 @@ class EngineMetrics(Protocol):
     def record_kv_blocks(self, free: int, used: int) -> None:
         """Blocks free and in use, and their ratio (the KV cache usage gauge)."""
 
-    def record_prefix_cache(self, queried: int, hits: int, tier: PrefixCacheTier = "device") -> None:
-        """One admission's prefix-cache lookup, in tokens."""
+    def record_prefix_cache(self, queried: int, hits: Mapping[PrefixCacheTier, int]) -> None:
+        """One admission's prefix-cache lookup: tokens looked up, tokens found per tier."""
+
+    def record_kv_tier_usage(self, used: Mapping[PrefixCacheTier, int]) -> None:
+        """Bytes held by each retention tier below the device."""
+
+    def record_kv_disk_error(self, reason: str) -> None:
+        """A disk-tier block file that could not be read back or written."""
 
 
 @dataclass(eq=False)
@@ -250,7 +256,7 @@ class EngineLoop:
             running = bool(self.prefilling or self.decoding)
             try:
                 # The watermark protects running streams; with none running it would only stall.
-                cached = seq.kv.admit(seq.target_tokens(), keep_free=self.watermark if running else 0)
+                hits = seq.kv.admit(seq.target_tokens(), keep_free=self.watermark if running else 0)
             except NoFreeBlocksError:
                 if not running and self.pool.blocks_for(seq.prefill_target) > self.pool.num_blocks:
                     self.waiting.popleft()
@@ -260,7 +266,7 @@ class EngineLoop:
                     continue
                 return
             if self.pool.salt is not None:
-                self.metrics.record_prefix_cache(seq.prefill_target, cached)
+                self.metrics.record_prefix_cache(seq.prefill_target, hits)
             self.waiting.popleft()
             self._admissions += 1
             seq.admitted = self._admissions
@@ -288,6 +294,8 @@ class EngineLoop:
         self._queued = len(self.waiting)
         self.metrics.requests_running.set(len(self.decoding) + len(self.prefilling))
         self.metrics.record_kv_blocks(self.pool.allocator.num_free, self.pool.allocator.num_used)
+        if self.pool.tiers is not None:
+            self.metrics.record_kv_tier_usage(self.pool.tiers.usage_bytes())
         if emissions:
             self.on_step(emissions)
 

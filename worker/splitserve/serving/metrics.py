@@ -8,6 +8,7 @@ a registry nobody scrapes, so code paths shared between roles need no role check
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -110,6 +111,20 @@ class Metrics:
         )
         for tier in names.PREFIX_CACHE_TIERS:
             self._prefix_cache_hits.labels(**values, tier=tier)
+        self._kv_tier_usage = Gauge(
+            names.KV_TIER_USAGE_BYTES,
+            "Bytes of evicted prefix-cache blocks held by each retention tier.",
+            (*labels, names.PREFIX_CACHE_TIER_LABEL),
+            registry=reg(names.KV_TIER_USAGE_BYTES),
+        )
+        self._kv_disk_errors = Counter(
+            names.KV_DISK_ERRORS,
+            "Disk-tier block files that could not be read back (a miss, recomputed) or written.",
+            (*labels, "reason"),
+            registry=reg(names.KV_DISK_ERRORS),
+        )
+        for reason in names.KV_DISK_ERROR_REASONS:
+            self._kv_disk_errors.labels(**values, reason=reason)
         self.prefill_step = histogram(
             names.step_seconds("prefill"), "Duration of one prefill forward (one chunk).", STEP_BUCKETS
         )
@@ -138,10 +153,18 @@ class Metrics:
         self._kv_cache_blocks.labels(pool=self.pool, role=self.role, state="used").set(used)
         self.kv_cache_usage.set(used / (free + used) if free + used else 0.0)
 
-    def record_prefix_cache(self, queried: int, hits: int, tier: PrefixCacheTier = "device") -> None:
-        """One admission's lookup: `queried` tokens, of which `hits` came from `tier`."""
+    def record_prefix_cache(self, queried: int, hits: Mapping[PrefixCacheTier, int]) -> None:
+        """One admission's lookup: `queried` tokens, and those found in each tier."""
         self.prefix_cache_queries.inc(queried)
-        self._prefix_cache_hits.labels(pool=self.pool, role=self.role, tier=tier).inc(hits)
+        for tier, tokens in hits.items():
+            self.prefix_cache_hits(tier).inc(tokens)
+
+    def record_kv_tier_usage(self, used: Mapping[PrefixCacheTier, int]) -> None:
+        for tier, nbytes in used.items():
+            self._kv_tier_usage.labels(pool=self.pool, role=self.role, tier=tier).set(nbytes)
+
+    def record_kv_disk_error(self, reason: str) -> None:
+        self._kv_disk_errors.labels(pool=self.pool, role=self.role, reason=reason).inc()
 
     def prefix_cache_hits(self, tier: PrefixCacheTier) -> Counter:
         """The hit counter of one tier (vLLM's `prefix_cache_hits` is the device one)."""

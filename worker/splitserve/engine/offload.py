@@ -1,0 +1,95 @@
+"""Where device blocks go when the prefix cache evicts them: host memory, then an optional disk tier.
+
+The allocator reports each cached block it is about to reuse (`BlockAllocator.on_evict`, under its
+lock, before the block is overwritten); its keys and values are copied to host memory (pinned on
+CUDA, so loading back is a DMA) into an LRU bounded by bytes and TTL (tiers.py). What the host tier
+lets go of is written to the disk tier when there is one (disk_tier.py), else dropped. Admission
+asks here for the blocks the device no longer holds (`take`) and copies them back into fresh device
+blocks instead of recomputing them. One lock: evictions happen on the engine thread and on the
+asyncio side (arriving caches take blocks too).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from splitserve.contract.config import EngineConfig
+from splitserve.contract.names import PrefixCacheTier
+from splitserve.engine.disk_tier import DiskTier
+from splitserve.engine.tiers import Clock, LRUTier, Released
+
+
+class KVTiers:
+    """The host tier (possibly of 0 bytes: evictions then go straight to disk) and the disk tier."""
+
+    def __init__(
+        self,
+        host_bytes: int,
+        host_ttl_seconds: float | None,
+        disk: DiskTier | None,
+        pin_memory: bool,
+        clock: Clock,
+    ) -> None:
+        self.host: LRUTier[torch.Tensor] = LRUTier(host_bytes, host_ttl_seconds, clock)
+        self.disk = disk
+        self.pin_memory = pin_memory
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_config(
+        cls,
+        config: EngineConfig,
+        salt: bytes,
+        device: torch.device,
+        on_disk_error: Callable[[str], None],
+        clock: Clock = time.monotonic,
+    ) -> KVTiers | None:
+        """The tiers `config` asks for; None when it asks for neither."""
+        if not config.kv_host_bytes and config.kv_disk_path is None:
+            return None
+        disk = None
+        if config.kv_disk_path is not None:
+            path = Path(config.kv_disk_path)
+            disk = DiskTier(
+                path, salt, config.kv_disk_bytes, config.kv_disk_ttl_seconds, clock, on_disk_error
+            )
+        pin = device.type == "cuda"
+        return cls(config.kv_host_bytes, config.kv_host_ttl_seconds, disk, pin, clock)
+
+    def usage_bytes(self) -> dict[PrefixCacheTier, int]:
+        with self._lock:
+            used: dict[PrefixCacheTier, int] = {"host": self.host.used_bytes}
+            if self.disk is not None:
+                used["disk"] = self.disk.index.used_bytes
+            return used
+
+    def offload(self, content: int, block: torch.Tensor) -> None:
+        """Keep a copy of an evicted device block `[layers, 2, kv_heads, block_size, head_dim]`."""
+        copy = torch.empty(block.shape, dtype=block.dtype, pin_memory=self.pin_memory)
+        copy.copy_(block)
+        with self._lock:
+            self._spill(self.host.put(content, copy, copy.numel() * copy.element_size()))
+
+    def take(self, content: int) -> tuple[torch.Tensor, PrefixCacheTier] | None:
+        """The block hashed `content` from the highest tier that has it, or None. A host hit leaves
+        the host tier (the block is on the device again); a disk file stays for other workers."""
+        with self._lock:
+            self._spill(self.host.expire())
+            block = self.host.pop(content) if content in self.host else None
+            if block is not None:
+                return block, "host"
+            if self.disk is None:
+                return None
+            loaded = self.disk.load(content)
+            return (loaded, "disk") if isinstance(loaded, torch.Tensor) else None
+
+    def _spill(self, released: list[Released[torch.Tensor]]) -> None:
+        if self.disk is not None:
+            for item in released:
+                if item.key not in self.disk:
+                    self.disk.store(item.key, item.value)
