@@ -130,6 +130,11 @@ CASES: list[dict[str, Any]] = [
     {"model": {"name": "m", "source": {"hub": {}, "pvc": {"claimName": "w"}}}},
     {"model": {"name": "m", "source": {"hostPath": {"path": "/cache"}}}},
     {"model": {"name": "m", "source": {"pvc": {"claimName": "w"}, "hostPath": {"path": "/c"}, "hub": {}}}},
+    {"kvCache": {"prefixCaching": False}},
+    {"kvCache": {"prefixCaching": False, "host": {"size": "1Gi"}}},
+    {"kvCache": {"host": {"size": "8Gi", "ttlSeconds": 600}, "disk": {"volume": {"emptyDir": {}}}}},
+    {"kvCache": {"disk": {"volume": {"emptyDir": {}, "hostPath": {"path": "/nvme"}}}}},
+    {"kvCache": {"disk": {"volume": {}}}},
 ]
 
 
