@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
+from splitserve.cli import build_parser, engine_config
 from splitserve.engine.block_hash import block_hashes
 from splitserve.engine.disk_tier import decode, encode
 from splitserve.engine.forward import Engine
@@ -129,3 +131,12 @@ async def test_a_disk_that_refuses_writes_is_counted_and_the_output_stays_exact(
     assert tokens == reference.greedy(FIRST, GREEDY.max_tokens)
     assert hits(metrics, "disk") == 0
     assert disk_errors(metrics, "write_error") >= 4
+
+
+def test_the_tier_flags_reach_the_engine_config() -> None:
+    flags = ["worker", "--role", "both", "--model", "m", "--kv-host-bytes", "1024", "--kv-disk-path", "/kv"]
+    config = engine_config(build_parser().parse_args([*flags, "--kv-host-ttl-seconds", "60"]))
+    assert (config.kv_host_bytes, config.kv_host_ttl_seconds, config.kv_disk_path) == (1024, 60, "/kv")
+    assert config.enable_prefix_caching
+    with pytest.raises(ValidationError, match="need enable_prefix_caching"):
+        engine_config(build_parser().parse_args([*flags, "--no-prefix-caching"]))

@@ -216,3 +216,29 @@ async def test_prefix_caching_off_keeps_nothing(engines: tuple[Engine, Engine], 
     assert hits(metrics) == 0 and queries(metrics) == 0
     assert runtime.pool.allocator.num_cached == 0
     assert_no_leaks(runtime)
+
+
+async def test_a_decode_worker_recomputes_preempted_streams_from_its_prefix_cache(
+    engines: tuple[Engine, Engine], reference: Reference
+) -> None:
+    """Arrived caches join the decode worker's prefix cache, so a preempted stream's recompute finds
+    its prompt (and output) blocks there while they are not evicted; output stays exact."""
+    prompts = [random_prompt(17 + 5 * i, seed=300 + i) for i in range(8)]
+    metrics = Metrics("test", "decode")
+    prefill = make_runtime(engines[0], "prefill", blocks=64)
+    decode = make_runtime(engines[1], "decode", blocks=16, metrics=metrics)
+    await prefill.start()
+    await decode.start()
+    try:
+        requests = [request(p, ENDLESS, rid=f"d{i}") for i, p in enumerate(prompts)]
+        await asyncio.wait_for(asyncio.gather(*(hand_off(prefill, decode, r) for r in requests)), 60)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(collect(decode.stream(r.request_id)) for r in requests)), timeout=180
+        )
+    finally:
+        await prefill.close()
+        await decode.close()
+    for prompt, (tokens, _) in zip(prompts, results, strict=True):
+        assert tokens == reference.greedy(prompt, LONG, ignore_eos=True)
+    assert preemptions(metrics) > 0 and hits(metrics) > 0
+    assert_no_leaks(prefill, decode)
