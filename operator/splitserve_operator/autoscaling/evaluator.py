@@ -132,6 +132,8 @@ def observation(signals: PoolSignals, role: WorkerRole) -> Observation:
         busy=workers.busy,
         steps=workers.steps,
         tokens=workers.tokens,
+        # Prompts queued at prefill reach decode as prefill catches up: decode drains them too.
+        upstream=signals.prefill.waiting if role == "decode" else None,
     )
 
 

@@ -22,9 +22,10 @@ Per evaluation and pool (prefill tracks TTFT, decode tracks ITL):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from splitserve.contract.names import WorkerRole
+from splitserve_operator.autoscaling.backlog import Startups
 from splitserve_operator.autoscaling.planner import (
     DecodePlanner,
     Observation,
@@ -33,6 +34,7 @@ from splitserve_operator.autoscaling.planner import (
     PrefillPlanner,
     Sizing,
     ewma,
+    has_queue,
 )
 from splitserve_operator.models import InferencePoolSpec, ScalingRules
 
@@ -76,18 +78,19 @@ class PoolPolicy:
             max_num_seqs=spec.decode.max_num_seqs,
         )
 
-    def sizing(self, startup: float | None) -> Sizing:
+    def sizing(self, startups: Startups) -> Sizing:
         """Size for the target itself (the tolerance band is the feedback's, not a margin), as far ahead
-        as a replica asked for now takes to serve: the learned start-up time (a window until one was
-        seen) plus two intervals, since the decision already lags the data by up to one, plus half a
-        window, since a rate over the window measures the load at the window's middle. Absorb a queue
-        within a window."""
+        as a replica asked for now takes to serve: the learned start-up time plus two intervals, since
+        the decision already lags the data by up to one, plus half a window, since a rate over the
+        window measures the load at the window's middle. Drain a queue within a window of the new
+        replicas serving."""
         return Sizing(
             target=self.target,
             percentile=self.percentile,
-            horizon=2 * self.interval + self.window / 2 + (startup if startup is not None else self.window),
-            drain=self.window,
+            horizon=2 * self.interval + self.window / 2 + startups.startup,
+            drain=self.window / 2,
             max_num_seqs=self.max_num_seqs,
+            startups=startups,
         )
 
     def bound(self, replicas: int) -> int:
@@ -114,6 +117,15 @@ class PoolState:
         if self.scaling_up is not None and ready is not None and ready >= self.scaling_up[1]:
             self.startup = ewma(self.startup, now - self.scaling_up[0], 0.5)
             self.scaling_up = None
+
+    def startups(self, current: int, ready: int | None, now: float, window: float) -> Startups:
+        """Replicas ready and starting, with the start-up time learned on this pool (a window until one
+        scale-up was seen): the pending ones serve a start-up after they were asked for."""
+        startup = self.startup if self.startup is not None else window
+        serving = min(ready, current) if ready is not None else current
+        asked = self.scaling_up[0] if self.scaling_up is not None else now
+        pending_in = max(0.0, startup - (now - asked))
+        return Startups(ready=serving, pending=current - serving, pending_in=pending_in, startup=startup)
 
     def settle(self, current: int, ready: int | None, now: float, window: float) -> bool:
         """Whether the latency window shows the current replicas: all of them have served for a whole
@@ -220,31 +232,37 @@ def is_idle(obs: Observation) -> bool:
 
 
 def recommend(
-    policy: PoolPolicy, state: PoolState, current: int, obs: Observation, settled: bool
-) -> tuple[int, Plan | None, str]:
-    """The raw (unstabilized) recommendation, the planner's answer and the words for both."""
+    policy: PoolPolicy, state: PoolState, current: int, obs: Observation, settled: bool, sizing: Sizing
+) -> tuple[int, int, Plan | None, str]:
+    """The raw (unstabilized) recommendation, a floor that bypasses stabilization (the replicas that
+    drain a queue: held only while it lasts), the planner's answer and the words for all."""
     if is_idle(obs):
-        return policy.min_replicas, None, f"idle: no requests over {policy.window:g}s"
+        return policy.min_replicas, 0, None, f"idle: no requests over {policy.window:g}s"
     if obs.latency is None:  # no arrivals and no samples, yet work in flight over the window: let it drain
-        return current, None, f"draining: no new requests over {policy.window:g}s, work still in flight"
+        return current, 0, None, f"draining: no new requests over {policy.window:g}s, work still in flight"
     fb, below, words = feedback(policy, current, obs, obs.latency, settled)
-    predicted = state.planner.plan(obs, policy.sizing(state.startup)) if policy.predictive else None
+    predicted = state.planner.plan(obs, sizing) if policy.predictive else None
     pred = predicted.replicas if predicted else None
-    if not below:  # above or within the band: the larger answer, so load outruns latency no more
+    steady = predicted.steady if predicted and predicted.steady is not None else pred
+    floor = 0
+    if pred is not None and steady is not None and (pred > steady or has_queue(obs)):
+        # A queue: latency measures its age, not what the pool lacks; the planner sizes for draining it.
+        rec, floor = steady, pred
+    elif not below:  # above or within the band: the larger answer, so load outruns latency no more
         rec = max(fb, pred or 0)
     elif pred is None:  # below it without a planner: HPA's ratio
         rec = fb
     else:  # below it: the planner's size; the scale-down window keeps noise from shrinking the pool
         rec = pred
     parts = [words]
-    if fb != current:
+    if fb != current and not floor:
         parts.append(f"feedback {fb}")
     if predicted is not None:
         parts.append(f"predictive {pred} ({predicted.note})" if pred is not None else predicted.note)
-    return rec, predicted, "; ".join(parts)
+    return rec, floor, predicted, "; ".join(parts)
 
 
-def decide(
+def propose(
     policy: PoolPolicy,
     state: PoolState,
     current: int,
@@ -252,7 +270,7 @@ def decide(
     now: float,
     unavailable: str | None = None,
 ) -> Decision:
-    """Evaluate one pool. `unavailable` (why the signals could not be read) forces a hold."""
+    """One pool's decision before it is committed (`commit`): a shared budget may still cap it."""
     if state.started is None:
         state.started = now
     why_not = unavailable or missing(obs, policy.role)
@@ -261,7 +279,6 @@ def decide(
         reason = f"holding {current}: {why_not}"
         if desired != current:
             reason += f"; moved into bounds {policy.min_replicas}..{policy.max_replicas}"
-            state.last_scale_time = now
         return Decision(
             policy.role,
             current,
@@ -277,24 +294,19 @@ def decide(
 
     settled = state.settle(current, obs.ready, now, policy.window)
     state.track_startup(obs.ready, now)
-    state.planner.learn(obs, now, policy.sizing(state.startup), settled)
-    raw, predicted, reason = recommend(policy, state, current, obs, settled)
+    sizing = policy.sizing(state.startups(current, obs.ready, now, policy.window))
+    state.planner.learn(obs, now, sizing, settled)
+    raw, floor, predicted, reason = recommend(policy, state, current, obs, settled, sizing)
     rec = policy.bound(raw)
     state.history.append((now, rec))
     keep = max(policy.scale_up.stabilization_window_seconds, policy.scale_down.stabilization_window_seconds)
     state.history = [(time, r) for time, r in state.history if time >= now - keep]
 
-    stable = stabilize(state.history, current, now, policy, state.started)
+    held = stabilize(state.history, current, now, policy, state.started)
+    stable = max(held, policy.bound(floor))
     limited = limit_step(current, stable, policy)
     desired = policy.bound(limited)
-    reason += f" -> {_explain(policy, current, rec, stable, limited, desired)}"
-    if desired != current:
-        state.last_scale_time = now
-    if desired > current:
-        state.settled_since = None  # new replicas: latency will show them only later
-        state.scaling_up = (now, desired)
-    elif desired < current:
-        state.scaling_up = None
+    reason += f" -> {_explain(policy, current, rec, held, stable, limited, desired)}"
     return Decision(
         policy.role,
         current,
@@ -308,11 +320,40 @@ def decide(
     )
 
 
-def _explain(policy: PoolPolicy, current: int, rec: int, stable: int, limited: int, desired: int) -> str:
+def commit(state: PoolState, decision: Decision, now: float) -> Decision:
+    """Remember a decision as made: when the pool last scaled, and the scale-up now in flight."""
+    current, desired = decision.current, decision.desired
+    if desired != current:
+        state.last_scale_time = now
+    if desired > current:
+        state.settled_since = None  # new replicas: latency will show them only later
+        state.scaling_up = (now, desired)
+    elif desired < current:
+        state.scaling_up = None
+    return replace(decision, last_scale_time=state.last_scale_time)
+
+
+def decide(
+    policy: PoolPolicy,
+    state: PoolState,
+    current: int,
+    obs: Observation | None,
+    now: float,
+    unavailable: str | None = None,
+) -> Decision:
+    """Evaluate one pool on its own. `unavailable` (why the signals could not be read) forces a hold."""
+    return commit(state, propose(policy, state, current, obs, now, unavailable), now)
+
+
+def _explain(
+    policy: PoolPolicy, current: int, rec: int, held: int, stable: int, limited: int, desired: int
+) -> str:
     words = f"{desired}" if desired == current else f"{current} to {desired}"
-    if rec > stable:
+    if stable > held:
+        words += " (draining a queue)"
+    elif rec > held:
         words += f" (scale-up stabilized over {policy.scale_up.stabilization_window_seconds}s)"
-    elif rec < stable:
+    elif rec < held:
         words += f" (scale-down stabilized over {policy.scale_down.stabilization_window_seconds}s)"
     if limited != stable:
         rules = policy.scale_up if stable > current else policy.scale_down
