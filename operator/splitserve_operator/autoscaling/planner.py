@@ -80,7 +80,7 @@ class Sizing:
     horizon: float  # seconds ahead to forecast the load
     drain: float  # seconds after a replica asked for now serves, by which a queue should be drained
     max_num_seqs: int  # decode batch limit
-    startups: Startups = Startups()  # replicas ready and starting, learned start-up time
+    startups: Startups = field(default_factory=Startups)  # replicas ready and starting, start-up time
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,11 @@ class PrefillPlanner:
             self.correction = clamp(ewma(self.correction, obs.latency / modelled), *CORRECTION_RANGE)
 
     def plan(self, obs: Observation, sizing: Sizing) -> Plan:
-        capacity, service, prompt_tokens = self.tokens_per_busy_second, self.service_time(), self.prompt_tokens
+        capacity, service, prompt_tokens = (
+            self.tokens_per_busy_second,
+            self.service_time(),
+            self.prompt_tokens,
+        )
         if capacity is None or service is None or prompt_tokens is None or not obs.demand:
             return Plan(None, None, "prefill capacity not learned yet")
         # Arrivals: what a standing queue shows now (a step, a window before the rates do), else the
@@ -251,14 +255,17 @@ class PrefillPlanner:
         steady = replicas_for_ttft(arrivals * (1 + PREFILL_HEADROOM), service, budget, sizing.percentile)
         if steady is None:
             return Plan(None, None, f"one prompt takes {service:.3g}s, over the TTFT budget {budget:.3g}s")
-        drain, backlog = drain_replicas(obs.waiting or 0.0, arrivals, 1 / service, sizing.startups, sizing.drain)
+        drain, backlog = drain_replicas(
+            obs.waiting or 0.0, arrivals, 1 / service, sizing.startups, sizing.drain
+        )
         load = arrivals * prompt_tokens
         note = (
             f"{load:.4g} prompt tokens/s forecast (+{PREFILL_HEADROOM:.0%}), {capacity:.4g} tokens/s per "
             f"busy replica, modelled TTFT within {budget:.3g}s"
         )
         if drain > steady:
-            note += f"; {drain} drain {backlog:.4g} prompts queued when new replicas serve within {sizing.drain:g}s"
+            note += f"; {drain} drain {backlog:.4g} prompts queued when new replicas serve"
+            note += f" within {sizing.drain:g}s"
         return Plan(max(steady, drain), load, note, steady=steady)
 
 
@@ -372,5 +379,6 @@ class DecodePlanner:
             queued, token_rate / output_tokens, per_replica, sizing.startups, sizing.drain
         )
         if drain > steady:
-            note += f"; {drain} drain {backlog:.4g} requests queued when new replicas serve within {sizing.drain:g}s"
+            note += f"; {drain} drain {backlog:.4g} requests queued when new replicas serve"
+            note += f" within {sizing.drain:g}s"
         return Plan(max(steady, drain), streams, note, steady=steady)

@@ -1,0 +1,129 @@
+"""One budget for both pools: split it by what each pool's SLO needs, never exceed it.
+
+A platform team owns N accelerators for a model, not N per pool. Each pool's policy first decides on its
+own (its SLO, its bounds, its behavior rules); when the two answers together do not fit the budget,
+`split` decides who yields. The rule, pure and deterministic:
+
+1. Every pool keeps its `replicas.min` (the CRD rejects a budget smaller than the minimums).
+2. The rest goes one replica at a time to the pool **furthest from its target**: the one missing the
+   largest share of the replicas its policy asked for, (asked - granted) / asked; a tie goes to the pool
+   whose latency is further above its target (observed / target), then to prefill, whose queue is also
+   decode's (a starved prefill starves decode too).
+3. A replica that does not fit what is left (a pool of 2-GPU replicas with one GPU left) is skipped; the
+   other pool may still take it.
+
+So a budget that binds cuts both pools to about the same share of their need, and the pool that is
+worse off gets the next replica first. A pool never gets more than it asked for, and when the budget
+does not bind, the split is exactly what the policies asked for. Replicas count `accelerator` from their
+container's limits (else requests), and `maxReplicasTotal` counts replicas: CPU pools, which hold no
+accelerator, are budgeted by replicas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from splitserve.contract.names import WORKER_ROLES, WorkerRole
+from splitserve_operator.models import InferencePoolSpec, accelerators_per_replica
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The budget of one InferencePool, with what one replica of each pool costs."""
+
+    max_accelerators: int | None
+    max_replicas: int | None
+    accelerator: str
+    per_replica: Mapping[WorkerRole, int]  # accelerators one replica holds
+
+    @classmethod
+    def from_spec(cls, spec: InferencePoolSpec) -> Budget | None:
+        budget = spec.autoscaling.budget
+        if budget is None:
+            return None
+        pools = {"prefill": spec.prefill, "decode": spec.decode}
+        per_replica = {
+            role: accelerators_per_replica(pools[role], budget.accelerator) for role in WORKER_ROLES
+        }
+        return cls(budget.max_accelerators_total, budget.max_replicas_total, budget.accelerator, per_replica)
+
+    def accelerators(self, replicas: Mapping[WorkerRole, int]) -> int:
+        return sum(self.per_replica[role] * count for role, count in replicas.items())
+
+    def fits(self, replicas: Mapping[WorkerRole, int]) -> bool:
+        within_accelerators = (
+            self.max_accelerators is None or self.accelerators(replicas) <= self.max_accelerators
+        )
+        within_replicas = self.max_replicas is None or sum(replicas.values()) <= self.max_replicas
+        return within_accelerators and within_replicas
+
+    def describe(self) -> str:
+        limits = []
+        if self.max_accelerators is not None:
+            limits.append(f"{self.max_accelerators} {self.accelerator}")
+        if self.max_replicas is not None:
+            limits.append(f"{self.max_replicas} replicas")
+        return " and ".join(limits)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What one pool's policy asked for, and how far its latency is from its target."""
+
+    asked: int
+    minimum: int
+    pressure: float = 0.0  # observed / target latency; 0 when unknown
+
+
+@dataclass(frozen=True)
+class Split:
+    """Replicas granted per pool, and for each pool the budget capped, why."""
+
+    granted: dict[WorkerRole, int]
+    capped: dict[WorkerRole, str]
+
+    @property
+    def binding(self) -> bool:
+        return bool(self.capped)
+
+
+def split(budget: Budget, claims: Mapping[WorkerRole, Claim]) -> Split:
+    """Grant each pool its minimum, then one replica at a time to the pool furthest from what it asked
+    for (ties: higher latency pressure, then prefill) while it fits; never more than asked."""
+    granted = {role: claims[role].minimum for role in WORKER_ROLES}
+    while True:
+        open_ = [
+            role
+            for role in WORKER_ROLES
+            if granted[role] < claims[role].asked and budget.fits({**granted, role: granted[role] + 1})
+        ]
+        if not open_:
+            break
+        role = max(
+            open_, key=lambda r: (_shortfall(claims[r], granted[r]), claims[r].pressure, r == "prefill")
+        )
+        granted[role] += 1
+    capped = {
+        role: _why(role, budget, claims, granted)
+        for role in WORKER_ROLES
+        if granted[role] < max(claims[role].asked, claims[role].minimum)
+    }
+    return Split(granted, capped)
+
+
+def _shortfall(claim: Claim, granted: int) -> float:
+    """The share of what the pool asked for that it still lacks: its distance from its target."""
+    return (claim.asked - granted) / claim.asked if claim.asked > 0 else 0.0
+
+
+def _why(
+    role: WorkerRole, budget: Budget, claims: Mapping[WorkerRole, Claim], granted: Mapping[WorkerRole, int]
+) -> str:
+    other: WorkerRole = "decode" if role == "prefill" else "prefill"
+    used = budget.accelerators(granted)
+    return (
+        f"asked for {claims[role].asked}, granted {granted[role]}: the budget of {budget.describe()} "
+        f"holds {granted[role]} {role} + {granted[other]} {other} ({used} {budget.accelerator}, "
+        f"{sum(granted.values())} replicas); {other} asked for {claims[other].asked}"
+    )
