@@ -246,9 +246,9 @@ class PoolAutoscaler:
         decisions = {role: commit(state.pools[role], d, now) for role, d in proposals.items()}
         condition = _condition(decisions, unavailable)
         events = _events(decisions, state.condition, condition)
-        if shared is not None:
-            events += _budget_events(shared, state.budget_capped)
-        state.budget_capped = tuple(shared.capped) if shared is not None else ()
+        if budget is not None and shared is not None:
+            budget_events, state.budget_capped = _budget_events(budget, shared, state.budget_capped)
+            events += budget_events
         before = [state.condition.model_dump(by_alias=True, exclude_none=True)] if state.condition else []
         stamped = set_condition(
             before, condition.type, condition.status, condition.reason, condition.message, now=rfc3339(now)
@@ -307,14 +307,25 @@ def _budget_status(budget: Budget, shared: Split) -> dict[str, Any]:
     return status.model_dump(mode="json", by_alias=True)
 
 
-def _budget_events(shared: Split, before: tuple[WorkerRole, ...]) -> tuple[Event, ...]:
-    """A Warning when the budget starts to bind or caps another pool, a Normal one when it stops."""
-    if shared.capped and tuple(shared.capped) != before:
+def _budget_events(
+    budget: Budget, shared: Split, before: tuple[WorkerRole, ...]
+) -> tuple[tuple[Event, ...], tuple[WorkerRole, ...]]:
+    """(events, pools to remember as capped): a Warning when the budget starts to bind or caps another
+    pool; a Normal one when it has room again. A full budget that caps no one this time (a pool waits
+    for its last scale-up to show) is no release: it would only flap."""
+    if shared.capped:
+        capped = tuple(shared.capped)
+        if capped == before:
+            return (), capped
         message = "; ".join(f"{role} {why}" for role, why in shared.capped.items())
-        return (Event("Warning", "BudgetBinding", message),)
-    if not shared.capped and before:
-        return (Event("Normal", "BudgetReleased", "both pools get what they asked for within the budget"),)
-    return ()
+        return (Event("Warning", "BudgetBinding", message),), capped
+    room = any(budget.fits({**shared.granted, role: shared.granted[role] + 1}) for role in WORKER_ROLES)
+    if not room:
+        return (), before
+    if before:
+        message = f"both pools get what they asked for within the budget of {budget.describe()}"
+        return (Event("Normal", "BudgetReleased", message),), ()
+    return (), ()
 
 
 def _condition(
