@@ -299,6 +299,14 @@ class ScaleDownRules(ScalingRules):
         description="Most replicas removed per evaluation as a percentage of current; "
         "the larger of this and maxStep applies.",
     )
+    burst_memory_seconds: int = Field(
+        900,
+        ge=0,
+        le=7200,
+        description="After a pool had to drain a queue (a burst it could not absorb in time), how long "
+        "it keeps at least the size the burst's arrivals needed, so the next burst finds it; 0: no memory "
+        "beyond stabilizationWindowSeconds.",
+    )
 
 
 class AutoscalingBudget(ApiModel):

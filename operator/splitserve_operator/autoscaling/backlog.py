@@ -61,19 +61,20 @@ def drain_replicas(
 @dataclass
 class QueueWatch:
     """Arrivals as a pool's queue shows them, between windowed rates: while a queue stands, the pool
-    serves at full speed, so what arrives is its throughput plus the queue's growth."""
+    serves at full speed, so what arrives is its throughput plus the queue's growth (negative while it
+    drains)."""
 
     queued: float | None = None
     time: float | None = None
     arrivals: float | None = None  # the last estimate; None without a standing queue
 
     def update(self, now: float, queued: float, throughput: float | None, ready: int) -> None:
-        """Take this evaluation's queue. A queue of one request per ready replica or less is Poisson
-        noise, not a standing queue, and gives no estimate."""
+        """Take this evaluation's queue and full-speed throughput. A queue of one request per ready
+        replica or less is Poisson noise, not a standing queue, and gives no estimate."""
         previous, then = self.queued, self.time
         self.queued, self.time = queued, now
-        standing = queued > max(ready, 1) and throughput is not None
+        standing = queued > max(ready, 1)
         if not standing or previous is None or then is None or now <= then or throughput is None:
             self.arrivals = None
             return
-        self.arrivals = throughput + max(0.0, queued - previous) / (now - then)
+        self.arrivals = max(0.0, throughput + (queued - previous) / (now - then))

@@ -6,9 +6,12 @@ own (its SLO, its bounds, its behavior rules); when the two answers together do 
 
 1. Every pool keeps its `replicas.min` (the CRD rejects a budget smaller than the minimums).
 2. The rest goes one replica at a time to the pool **furthest from its target**: the one missing the
-   largest share of the replicas its policy asked for, (asked - granted) / asked; a tie goes to the pool
-   whose latency is further above its target (observed / target), then to prefill, whose queue is also
-   decode's (a starved prefill starves decode too).
+   largest share of its goal, (goal - granted) / goal; a tie goes to the pool whose latency is further
+   above its target (observed / target), then to prefill, whose queue is also decode's (a starved
+   prefill starves decode too). In a first round the goal is what the pool's arrivals need (the
+   planner's size without draining a queue), in a second what its policy asked for (with the drain):
+   a queue is drained from what the load itself leaves over, so the pools keep the ratio the workload
+   needs (decode asking to drain prefill's queue cannot starve the prefill that must feed it).
 3. A replica that does not fit what is left (a pool of 2-GPU replicas with one GPU left) is skipped; the
    other pool may still take it.
 
@@ -74,6 +77,12 @@ class Claim:
     asked: int
     minimum: int
     pressure: float = 0.0  # observed / target latency; 0 when unknown
+    needed: int | None = None  # replicas the arrivals alone need (without draining a queue), if known
+
+    @property
+    def first(self) -> int:
+        """What the pool claims in the first round: its need for the arrivals, at most what it asked."""
+        return self.asked if self.needed is None else min(self.needed, self.asked)
 
 
 @dataclass(frozen=True)
@@ -92,18 +101,20 @@ def split(budget: Budget, claims: Mapping[WorkerRole, Claim]) -> Split:
     """Grant each pool its minimum, then one replica at a time to the pool furthest from what it asked
     for (ties: higher latency pressure, then prefill) while it fits; never more than asked."""
     granted = {role: claims[role].minimum for role in WORKER_ROLES}
-    while True:
-        open_ = [
-            role
-            for role in WORKER_ROLES
-            if granted[role] < claims[role].asked and budget.fits({**granted, role: granted[role] + 1})
-        ]
-        if not open_:
-            break
-        role = max(
-            open_, key=lambda r: (_shortfall(claims[r], granted[r]), claims[r].pressure, r == "prefill")
-        )
-        granted[role] += 1
+    for first_round in (True, False):
+        goal = {r: claims[r].first if first_round else claims[r].asked for r in WORKER_ROLES}
+        while True:
+            open_ = [
+                role
+                for role in WORKER_ROLES
+                if granted[role] < goal[role] and budget.fits({**granted, role: granted[role] + 1})
+            ]
+            if not open_:
+                break
+            role = max(
+                open_, key=lambda r: (_shortfall(goal[r], granted[r]), claims[r].pressure, r == "prefill")
+            )
+            granted[role] += 1
     capped = {
         role: _why(role, budget, claims, granted)
         for role in WORKER_ROLES
@@ -112,9 +123,9 @@ def split(budget: Budget, claims: Mapping[WorkerRole, Claim]) -> Split:
     return Split(granted, capped)
 
 
-def _shortfall(claim: Claim, granted: int) -> float:
-    """The share of what the pool asked for that it still lacks: its distance from its target."""
-    return (claim.asked - granted) / claim.asked if claim.asked > 0 else 0.0
+def _shortfall(goal: int, granted: int) -> float:
+    """The share of its goal the pool still lacks: its distance from its target."""
+    return (goal - granted) / goal if goal > 0 else 0.0
 
 
 def _why(

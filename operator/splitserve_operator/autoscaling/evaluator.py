@@ -275,6 +275,7 @@ def _claims(
             asked=d.desired,
             minimum=policies[role].min_replicas,
             pressure=d.observed_latency / d.target if d.observed_latency is not None else 0.0,
+            needed=d.needed,
         )
         for role, d in proposals.items()
     }

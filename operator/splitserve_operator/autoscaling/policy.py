@@ -57,6 +57,7 @@ class PoolPolicy:
     scale_up: ScalingRules
     scale_down: ScalingRules
     max_num_seqs: int
+    burst_memory: float = 0.0  # seconds a burst's size is kept after draining its queue
 
     @classmethod
     def from_spec(cls, spec: InferencePoolSpec, role: WorkerRole) -> PoolPolicy:
@@ -76,6 +77,7 @@ class PoolPolicy:
             scale_up=auto.scale_up,
             scale_down=auto.scale_down,
             max_num_seqs=spec.decode.max_num_seqs,
+            burst_memory=auto.scale_down.burst_memory_seconds,
         )
 
     def sizing(self, startups: Startups) -> Sizing:
@@ -88,7 +90,7 @@ class PoolPolicy:
             target=self.target,
             percentile=self.percentile,
             horizon=2 * self.interval + self.window / 2 + startups.startup,
-            drain=self.window / 2,
+            drain=self.interval,
             max_num_seqs=self.max_num_seqs,
             startups=startups,
         )
@@ -111,6 +113,8 @@ class PoolState:
     settled_since: float | None = None  # since when every replica asked for has been serving
     startup: float | None = None  # learned seconds from a scale-up decision to its replicas serving
     scaling_up: tuple[float, int] | None = None  # (when, to how many) of the scale-up in flight
+    queued_at: float | None = None  # when a standing queue (here or upstream) was last seen
+    bursts: list[tuple[float, int]] = field(default_factory=list)  # sizes asked for while draining a queue
 
     def track_startup(self, ready: int | None, now: float) -> None:
         """Learn the start-up delay from the last scale-up that completed undisturbed."""
@@ -159,6 +163,7 @@ class Decision:
     reason: str
     last_scale_time: float | None
     metrics_available: bool = True
+    needed: int | None = None  # replicas the arrivals alone need (no queue to drain), when known
 
 
 def step_limit(current: int, rules: ScalingRules) -> int:
@@ -232,10 +237,17 @@ def is_idle(obs: Observation) -> bool:
 
 
 def recommend(
-    policy: PoolPolicy, state: PoolState, current: int, obs: Observation, settled: bool, sizing: Sizing
+    policy: PoolPolicy,
+    state: PoolState,
+    current: int,
+    obs: Observation,
+    settled: bool,
+    sizing: Sizing,
+    queue_in_window: bool = False,
 ) -> tuple[int, int, Plan | None, str]:
     """The raw (unstabilized) recommendation, a floor that bypasses stabilization (the replicas that
-    drain a queue: held only while it lasts), the planner's answer and the words for all."""
+    drain a queue: held only while it lasts), the planner's answer and the words for all.
+    `queue_in_window`: the latency window saw a queue, so latency measures its age."""
     if is_idle(obs):
         return policy.min_replicas, 0, None, f"idle: no requests over {policy.window:g}s"
     if obs.latency is None:  # no arrivals and no samples, yet work in flight over the window: let it drain
@@ -245,9 +257,10 @@ def recommend(
     pred = predicted.replicas if predicted else None
     steady = predicted.steady if predicted and predicted.steady is not None else pred
     floor = 0
-    if pred is not None and steady is not None and (pred > steady or has_queue(obs)):
-        # A queue: latency measures its age, not what the pool lacks; the planner sizes for draining it.
-        rec, floor = steady, pred
+    if pred is not None and steady is not None and (pred > steady or queue_in_window or queue_ahead(obs)):
+        # A queue: latency measures its age, not what the pool lacks; the planner sizes for draining it,
+        # and the replicas it counted on stay until it is gone.
+        rec, floor = steady, max(pred, current) if queue_ahead(obs) else pred
     elif not below:  # above or within the band: the larger answer, so load outruns latency no more
         rec = max(fb, pred or 0)
     elif pred is None:  # below it without a planner: HPA's ratio
@@ -260,6 +273,11 @@ def recommend(
     if predicted is not None:
         parts.append(f"predictive {pred} ({predicted.note})" if pred is not None else predicted.note)
     return rec, floor, predicted, "; ".join(parts)
+
+
+def queue_ahead(obs: Observation) -> bool:
+    """A standing queue at the pool, or upstream of it (prefill's, which decode receives next)."""
+    return has_queue(obs) or (obs.upstream or 0.0) > max(obs.ready or 0, 1)
 
 
 def propose(
@@ -292,21 +310,32 @@ def propose(
             metrics_available=False,
         )
 
-    settled = state.settle(current, obs.ready, now, policy.window)
+    if queue_ahead(obs):
+        state.queued_at = now
+    # Latency over a window that saw a queue measures the queue's age: no feedback or calibration on it
+    # (the queue seen last may have lasted up to an interval longer).
+    queue_in_window = state.queued_at is not None and now - state.queued_at < policy.window + policy.interval
+    settled = state.settle(current, obs.ready, now, policy.window) and not queue_in_window
     state.track_startup(obs.ready, now)
     sizing = policy.sizing(state.startups(current, obs.ready, now, policy.window))
     state.planner.learn(obs, now, sizing, settled)
-    raw, floor, predicted, reason = recommend(policy, state, current, obs, settled, sizing)
+    raw, floor, predicted, reason = recommend(policy, state, current, obs, settled, sizing, queue_in_window)
     rec = policy.bound(raw)
     state.history.append((now, rec))
     keep = max(policy.scale_up.stabilization_window_seconds, policy.scale_down.stabilization_window_seconds)
     state.history = [(time, r) for time, r in state.history if time >= now - keep]
 
+    if queue_ahead(obs):  # a burst the pool could not absorb: remember the size its arrivals needed
+        state.bursts.append((now, rec))
+    state.bursts = [(time, r) for time, r in state.bursts if time >= now - policy.burst_memory]
     held = stabilize(state.history, current, now, policy, state.started)
-    stable = max(held, policy.bound(floor))
+    # The burst memory only holds replicas the pool has (never scales up by itself).
+    remembered = min(current, max((r for _, r in state.bursts), default=0))
+    stable = max(held, policy.bound(floor), remembered)
     limited = limit_step(current, stable, policy)
     desired = policy.bound(limited)
-    reason += f" -> {_explain(policy, current, rec, held, stable, limited, desired)}"
+    words = _explain(policy, current, (rec, held, stable, limited, desired), (floor, remembered))
+    reason += f" -> {words}"
     return Decision(
         policy.role,
         current,
@@ -317,6 +346,10 @@ def propose(
         predicted.load if predicted else None,
         reason,
         state.last_scale_time,
+        # What the arrivals need, or the last burst's size while it is remembered (budget.py's first round).
+        needed=max(policy.bound(predicted.steady), remembered)
+        if predicted and predicted.steady is not None
+        else None,
     )
 
 
@@ -346,11 +379,15 @@ def decide(
 
 
 def _explain(
-    policy: PoolPolicy, current: int, rec: int, held: int, stable: int, limited: int, desired: int
+    policy: PoolPolicy, current: int, steps: tuple[int, int, int, int, int], floors: tuple[int, int]
 ) -> str:
+    """Words for how the recommendation became the desired replicas: steps are (recommended,
+    stabilized, floored, step-limited, bounded), floors (the queue's drain, the burst memory)."""
+    rec, held, stable, limited, desired = steps
+    floor, remembered = floors
     words = f"{desired}" if desired == current else f"{current} to {desired}"
     if stable > held:
-        words += " (draining a queue)"
+        words += " (burst memory)" if stable == remembered and stable > floor else " (draining a queue)"
     elif rec > held:
         words += f" (scale-up stabilized over {policy.scale_up.stabilization_window_seconds}s)"
     elif rec < held:
