@@ -78,6 +78,7 @@ class Claim:
     minimum: int
     pressure: float = 0.0  # observed / target latency; 0 when unknown
     needed: int | None = None  # replicas the arrivals alone need (without draining a queue), if known
+    burst: int | None = None  # the size a recent burst needed (burst memory), if any
 
     @property
     def first(self) -> int:
@@ -101,8 +102,15 @@ def split(budget: Budget, claims: Mapping[WorkerRole, Claim]) -> Split:
     """Grant each pool its minimum, then one replica at a time to the pool furthest from what it asked
     for (ties: higher latency pressure, then prefill) while it fits; never more than asked."""
     granted = {role: claims[role].minimum for role in WORKER_ROLES}
-    for first_round in (True, False):
-        goal = {r: claims[r].first if first_round else claims[r].asked for r in WORKER_ROLES}
+    rounds = (
+        # The arrivals' needs first, by share of the need still missing.
+        ({r: claims[r].first for r in WORKER_ROLES}, False),
+        # Then the drains, to the pool whose latency is further above its target first.
+        ({r: claims[r].asked for r in WORKER_ROLES}, True),
+        # Then, while a burst is remembered, budget left unused keeps the burst's size.
+        ({r: max(claims[r].asked, claims[r].burst or 0) for r in WORKER_ROLES}, False),
+    )
+    for goal, by_pressure in rounds:
         while True:
             open_ = [
                 role
@@ -112,7 +120,7 @@ def split(budget: Budget, claims: Mapping[WorkerRole, Claim]) -> Split:
             if not open_:
                 break
             role = max(
-                open_, key=lambda r: (_shortfall(goal[r], granted[r]), claims[r].pressure, r == "prefill")
+                open_, key=lambda r: _priority(goal[r], granted[r], claims[r].pressure, r, by_pressure)
             )
             granted[role] += 1
     capped = {
@@ -121,6 +129,16 @@ def split(budget: Budget, claims: Mapping[WorkerRole, Claim]) -> Split:
         if granted[role] < max(claims[role].asked, claims[role].minimum)
     }
     return Split(granted, capped)
+
+
+def _priority(
+    goal: int, granted: int, pressure: float, role: WorkerRole, by_pressure: bool
+) -> tuple[float, ...]:
+    """Who gets the next replica: the larger shortfall, then the higher pressure, then prefill (or
+    pressure first, for the drains)."""
+    shortfall = _shortfall(goal, granted)
+    keys = (pressure, shortfall) if by_pressure else (shortfall, pressure)
+    return (*keys, 1.0 if role == "prefill" else 0.0)
 
 
 def _shortfall(goal: int, granted: int) -> float:

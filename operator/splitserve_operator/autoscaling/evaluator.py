@@ -276,19 +276,24 @@ def _claims(
             minimum=policies[role].min_replicas,
             pressure=d.observed_latency / d.target if d.observed_latency is not None else 0.0,
             needed=d.needed,
+            burst=d.burst,
         )
         for role, d in proposals.items()
     }
 
 
 def _capped(decision: Decision, shared: Split) -> Decision:
-    why = shared.capped.get(decision.role)
-    if why is None:
-        return decision
+    """The decision as the budget split it: capped, or (a budget that binds during bursts) kept at
+    the last burst's size from budget the other pool leaves unused."""
     desired = shared.granted[decision.role]
-    return replace(
-        decision, desired=desired, reason=f"{decision.reason}; capped by the budget to {desired}: {why}"
-    )
+    why = shared.capped.get(decision.role)
+    if why is not None:
+        reason = f"{decision.reason}; capped by the budget to {desired}: {why}"
+    elif desired > decision.desired:
+        reason = f"{decision.reason}; {desired} kept from the unused budget for the next burst"
+    else:
+        return decision
+    return replace(decision, desired=desired, reason=reason)
 
 
 def _budget_status(budget: Budget, shared: Split) -> dict[str, Any]:

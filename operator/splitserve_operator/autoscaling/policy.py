@@ -164,6 +164,7 @@ class Decision:
     last_scale_time: float | None
     metrics_available: bool = True
     needed: int | None = None  # replicas the arrivals alone need (no queue to drain), when known
+    burst: int | None = None  # the size the last burst needed, while remembered
 
 
 def step_limit(current: int, rules: ScalingRules) -> int:
@@ -330,7 +331,8 @@ def propose(
     state.bursts = [(time, r) for time, r in state.bursts if time >= now - policy.burst_memory]
     held = stabilize(state.history, current, now, policy, state.started)
     # The burst memory only holds replicas the pool has (never scales up by itself).
-    remembered = min(current, max((r for _, r in state.bursts), default=0))
+    burst = max((r for _, r in state.bursts), default=0)
+    remembered = min(current, burst)
     stable = max(held, policy.bound(floor), remembered)
     limited = limit_step(current, stable, policy)
     desired = policy.bound(limited)
@@ -346,10 +348,8 @@ def propose(
         predicted.load if predicted else None,
         reason,
         state.last_scale_time,
-        # What the arrivals need, or the last burst's size while it is remembered (budget.py's first round).
-        needed=max(policy.bound(predicted.steady), remembered)
-        if predicted and predicted.steady is not None
-        else None,
+        needed=policy.bound(predicted.steady) if predicted and predicted.steady is not None else None,
+        burst=policy.bound(burst) if burst else None,
     )
 
 
