@@ -152,3 +152,21 @@ async def test_without_a_budget_status_clears_it() -> None:
         "ns", "chat", spec, {"prefill": 2, "decode": 2}, AutoscalerState(), 1000.0
     )
     assert outcome.status_patch()["budget"] is None and outcome.replicas["prefill"] == 6
+
+
+def test_arrivals_needs_come_before_drains_and_unused_budget_keeps_a_burst() -> None:
+    # Decode asks for 20 to drain prefill's queue, though its arrivals need 6; prefill needs 8 of its 10.
+    drains: dict[WorkerRole, Claim] = {
+        "prefill": Claim(asked=10, minimum=1, pressure=600.0, needed=8),
+        "decode": Claim(asked=20, minimum=1, pressure=1.2, needed=6),
+    }
+    # Round one: 8 + 6 of 16; round two, the drains: prefill's latency is further above target.
+    assert split(budget(16), drains).granted == {"prefill": 10, "decode": 6}
+    # After a burst, unused budget keeps each pool at the size the burst needed.
+    calm: dict[WorkerRole, Claim] = {
+        "prefill": Claim(asked=4, minimum=1, needed=4, burst=7),
+        "decode": Claim(asked=6, minimum=1, needed=6, burst=11),
+    }
+    kept = split(budget(16), calm)
+    assert kept.granted == {"prefill": 6, "decode": 10} and not kept.binding
+    assert split(budget(30), calm).granted == {"prefill": 7, "decode": 11}
