@@ -79,6 +79,7 @@ class Claim:
     pressure: float = 0.0  # observed / target latency; 0 when unknown
     needed: int | None = None  # replicas the arrivals alone need (without draining a queue), if known
     burst: int | None = None  # the size a recent burst needed (burst memory), if any
+    held: int = 0  # replicas the pool has now (a replica moved to the other pool costs a start-up)
 
     @property
     def first(self) -> int:
@@ -99,9 +100,16 @@ class Split:
 
 
 def split(budget: Budget, claims: Mapping[WorkerRole, Claim]) -> Split:
-    """Grant each pool its minimum, then one replica at a time to the pool furthest from what it asked
-    for (ties: higher latency pressure, then prefill) while it fits; never more than asked."""
-    granted = {role: claims[role].minimum for role in WORKER_ROLES}
+    """Grant each pool what it holds (up to what it asked for; its minimum when that does not fit),
+    move held replicas only where that brings the worse-off pool closer to its need, then give one
+    replica at a time to the pool furthest from its goal, round by round, while it fits."""
+    granted = {
+        role: min(max(claims[role].held, claims[role].minimum), claims[role].asked) for role in WORKER_ROLES
+    }
+    granted = {r: max(granted[r], claims[r].minimum) for r in WORKER_ROLES}
+    if not budget.fits(granted):
+        granted = {role: claims[role].minimum for role in WORKER_ROLES}
+    _rebalance(budget, claims, granted)
     rounds = (
         # The arrivals' needs first, by share of the need still missing.
         ({r: claims[r].first for r in WORKER_ROLES}, False),
@@ -129,6 +137,23 @@ def split(budget: Budget, claims: Mapping[WorkerRole, Claim]) -> Split:
         if granted[role] < max(claims[role].asked, claims[role].minimum)
     }
     return Split(granted, capped)
+
+
+def _rebalance(budget: Budget, claims: Mapping[WorkerRole, Claim], granted: dict[WorkerRole, int]) -> None:
+    """Move held replicas to the pool missing the larger share of its need while it stays the worse-off
+    one after the move: a move costs a start-up, so shares that differ by less than one replica stay
+    put and the split does not flap between near-equal answers as the needs wander."""
+    goal = {r: claims[r].first for r in WORKER_ROLES}
+    for _ in range(sum(granted.values())):
+        worst = max(WORKER_ROLES, key=lambda r: _shortfall(goal[r], granted[r]))
+        other: WorkerRole = "decode" if worst == "prefill" else "prefill"
+        moved = {worst: granted[worst] + 1, other: granted[other] - 1}
+        # Only while the taker stays the worse-off after the move: needs that differ by less than one
+        # replica keep the replicas where they are.
+        still_worse = _shortfall(goal[worst], moved[worst]) >= _shortfall(goal[other], moved[other])
+        if moved[other] < claims[other].minimum or not budget.fits(moved) or not still_worse:
+            return
+        granted.update(moved)
 
 
 def _priority(

@@ -277,6 +277,7 @@ def _claims(
             pressure=d.observed_latency / d.target if d.observed_latency is not None else 0.0,
             needed=d.needed,
             burst=d.burst,
+            held=d.current,
         )
         for role, d in proposals.items()
     }

@@ -170,3 +170,19 @@ def test_arrivals_needs_come_before_drains_and_unused_budget_keeps_a_burst() -> 
     kept = split(budget(16), calm)
     assert kept.granted == {"prefill": 6, "decode": 10} and not kept.binding
     assert split(budget(30), calm).granted == {"prefill": 7, "decode": 11}
+
+
+def test_held_replicas_move_only_when_the_needs_differ_by_more_than_one_replica() -> None:
+    def held(prefill: int, decode: int, need: tuple[int, int]) -> dict[WorkerRole, Claim]:
+        return {
+            "prefill": Claim(asked=20, minimum=1, needed=need[0], held=prefill),
+            "decode": Claim(asked=20, minimum=1, needed=need[1], held=decode),
+        }
+
+    # 7 + 11 held against needs of 10 and 14: 8 + 10 would be fairer by a hair; a move costs a start-up.
+    assert split(budget(18), held(7, 11, (10, 14))).granted == {"prefill": 7, "decode": 11}
+    assert split(budget(18), held(7, 11, (10, 15))).granted == {"prefill": 7, "decode": 11}
+    # 4 + 14 against the same needs: replicas move until the shares are within one replica.
+    assert split(budget(18), held(4, 14, (10, 14))).granted == {"prefill": 7, "decode": 11}
+    # A budget lowered below what the pools hold: the split starts again from the minimums.
+    assert split(budget(12), held(7, 11, (10, 15))).granted == {"prefill": 5, "decode": 7}
