@@ -4,22 +4,28 @@ A platform team owns N accelerators for a model, not N per pool. Each pool's pol
 own (its SLO, its bounds, its behavior rules); when the two answers together do not fit the budget,
 `split` decides who yields. The rule, pure and deterministic:
 
-1. Every pool keeps its `replicas.min` (the CRD rejects a budget smaller than the minimums).
-2. The rest goes one replica at a time to the pool **furthest from its target**: the one missing the
-   largest share of its goal, (goal - granted) / goal; a tie goes to the pool whose latency is further
-   above its target (observed / target), then to prefill, whose queue is also decode's (a starved
-   prefill starves decode too). In a first round the goal is what the pool's arrivals need (the
-   planner's size without draining a queue), in a second what its policy asked for (with the drain):
-   a queue is drained from what the load itself leaves over, so the pools keep the ratio the workload
-   needs (decode asking to drain prefill's queue cannot starve the prefill that must feed it).
+1. Every pool keeps what it holds, up to what it asked for (if that no longer fits, as when the budget
+   was lowered: its `replicas.min`, which the CRD guarantees fits). Held replicas move to the other pool
+   only while it stays the worse-off after the move (by the share of its arrivals' need still missing),
+   and never from a pool draining a queue of its own: a move costs a start-up, so needs within a
+   replica of each other do not make the split flap.
+2. The rest goes one replica at a time to the pool **furthest from its target**, in rounds:
+   - first to what its arrivals need (the planner's size without a queue to drain), to the pool missing
+     the largest share of that need, (need - granted) / need;
+   - then to the drains (what its policy asked for), to the pool whose latency is further above its
+     target (observed / target) first: a queue is drained from what the load itself leaves over, and
+     decode asking to drain prefill's queue cannot starve the prefill that must feed it;
+   - then, while a burst is remembered (burst memory), budget left unused keeps each pool at the size
+     the burst needed, so the next burst finds it (a budget is capacity the team owns).
+   Ties go to the higher latency pressure, then to prefill, whose queue is also decode's.
 3. A replica that does not fit what is left (a pool of 2-GPU replicas with one GPU left) is skipped; the
    other pool may still take it.
 
 So a budget that binds cuts both pools to about the same share of their need, and the pool that is
-worse off gets the next replica first. A pool never gets more than it asked for, and when the budget
-does not bind, the split is exactly what the policies asked for. Replicas count `accelerator` from their
-container's limits (else requests), and `maxReplicasTotal` counts replicas: CPU pools, which hold no
-accelerator, are budgeted by replicas.
+worse off gets the next replica first. When the budget does not bind, each pool gets what it asked for
+(or a remembered burst's size). Replicas count `accelerator` from their container's limits (else
+requests), and `maxReplicasTotal` counts replicas: CPU pools, which hold no accelerator, are budgeted by
+replicas.
 """
 
 from __future__ import annotations
@@ -80,6 +86,7 @@ class Claim:
     needed: int | None = None  # replicas the arrivals alone need (without draining a queue), if known
     burst: int | None = None  # the size a recent burst needed (burst memory), if any
     held: int = 0  # replicas the pool has now (a replica moved to the other pool costs a start-up)
+    draining: bool = False  # a standing queue of its own: its replicas are busy draining it
 
     @property
     def first(self) -> int:
@@ -103,10 +110,7 @@ def split(budget: Budget, claims: Mapping[WorkerRole, Claim]) -> Split:
     """Grant each pool what it holds (up to what it asked for; its minimum when that does not fit),
     move held replicas only where that brings the worse-off pool closer to its need, then give one
     replica at a time to the pool furthest from its goal, round by round, while it fits."""
-    granted = {
-        role: min(max(claims[role].held, claims[role].minimum), claims[role].asked) for role in WORKER_ROLES
-    }
-    granted = {r: max(granted[r], claims[r].minimum) for r in WORKER_ROLES}
+    granted = {r: max(min(claims[r].held, claims[r].asked), claims[r].minimum) for r in WORKER_ROLES}
     if not budget.fits(granted):
         granted = {role: claims[role].minimum for role in WORKER_ROLES}
     _rebalance(budget, claims, granted)
@@ -151,7 +155,8 @@ def _rebalance(budget: Budget, claims: Mapping[WorkerRole, Claim], granted: dict
         # Only while the taker stays the worse-off after the move: needs that differ by less than one
         # replica keep the replicas where they are.
         still_worse = _shortfall(goal[worst], moved[worst]) >= _shortfall(goal[other], moved[other])
-        if moved[other] < claims[other].minimum or not budget.fits(moved) or not still_worse:
+        donor = claims[other]
+        if moved[other] < donor.minimum or donor.draining or not budget.fits(moved) or not still_worse:
             return
         granted.update(moved)
 

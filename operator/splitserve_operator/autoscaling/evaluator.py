@@ -278,6 +278,7 @@ def _claims(
             needed=d.needed,
             burst=d.burst,
             held=d.current,
+            draining=d.draining,
         )
         for role, d in proposals.items()
     }

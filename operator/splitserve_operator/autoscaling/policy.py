@@ -165,6 +165,7 @@ class Decision:
     metrics_available: bool = True
     needed: int | None = None  # replicas the arrivals alone need (no queue to drain), when known
     burst: int | None = None  # the size the last burst needed, while remembered
+    draining: bool = False  # the pool has a standing queue of its own
 
 
 def step_limit(current: int, rules: ScalingRules) -> int:
@@ -350,6 +351,7 @@ def propose(
         state.last_scale_time,
         needed=policy.bound(predicted.steady) if predicted and predicted.steady is not None else None,
         burst=policy.bound(burst) if burst else None,
+        draining=has_queue(obs),
     )
 
 

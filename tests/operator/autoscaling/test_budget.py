@@ -186,3 +186,9 @@ def test_held_replicas_move_only_when_the_needs_differ_by_more_than_one_replica(
     assert split(budget(18), held(4, 14, (10, 14))).granted == {"prefill": 7, "decode": 11}
     # A budget lowered below what the pools hold: the split starts again from the minimums.
     assert split(budget(12), held(7, 11, (10, 15))).granted == {"prefill": 5, "decode": 7}
+    # Never from a pool that drains a queue of its own: its replicas are busy with it.
+    draining = {
+        "prefill": Claim(asked=20, minimum=1, needed=4, held=7, draining=True),
+        "decode": Claim(asked=20, minimum=1, needed=15, held=11),
+    }
+    assert split(budget(18), draining).granted == {"prefill": 7, "decode": 11}
