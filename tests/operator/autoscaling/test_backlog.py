@@ -86,3 +86,15 @@ def test_drain_replicas_bypass_stabilization_and_latency_feedback_and_go_with_th
     # never below them (the burst memory holds the burst's size).
     after = decide(policy, state, 14, obs(0, 0.05, ready=14), now=330.0)
     assert 10 <= after.desired < 14
+
+
+def test_start_ups_in_flight_use_the_start_up_time_learned_on_the_pool() -> None:
+    state = PoolState.new("prefill")
+    assert state.startups(current=4, ready=4, now=0.0, window=60.0).startup == 60.0  # a window until seen
+    state.scaling_up = (0.0, 8)
+    state.track_startup(ready=8, now=75.0)  # the 8 asked for at 0 all serve at 75
+    assert state.startup == 75.0
+    state.scaling_up = (100.0, 12)
+    assert state.startups(current=12, ready=8, now=130.0, window=60.0) == Startups(
+        ready=8, pending=4, pending_in=45.0, startup=75.0
+    )
