@@ -6,8 +6,9 @@ own (its SLO, its bounds, its behavior rules); when the two answers together do 
 
 1. Every pool keeps what it holds, up to what it asked for (if that no longer fits, as when the budget
    was lowered: its `replicas.min`, which the CRD guarantees fits). Held replicas move to the other pool
-   only while it stays the worse-off after the move (by the share of its arrivals' need still missing),
-   and never from a pool draining a queue of its own: a move costs a start-up, so needs within a
+   only while it stays the worse-off after the move (by the share of its need still missing: its
+   arrivals' need, or a remembered burst's size if larger), and never from a pool draining a queue of
+   its own: a move costs a start-up, so needs within a
    replica of each other do not make the split flap.
 2. The rest goes one replica at a time to the pool **furthest from its target**, in rounds:
    - first to what its arrivals need (the planner's size without a queue to drain), to the pool missing
@@ -147,7 +148,9 @@ def _rebalance(budget: Budget, claims: Mapping[WorkerRole, Claim], granted: dict
     """Move held replicas to the pool missing the larger share of its need while it stays the worse-off
     one after the move: a move costs a start-up, so shares that differ by less than one replica stay
     put and the split does not flap between near-equal answers as the needs wander."""
-    goal = {r: claims[r].first for r in WORKER_ROLES}
+    # A remembered burst is part of the need: replicas moved away after it would be moved back for the
+    # next one, a start-up each way.
+    goal = {r: max(claims[r].first, claims[r].burst or 0) for r in WORKER_ROLES}
     for _ in range(sum(granted.values())):
         worst = max(WORKER_ROLES, key=lambda r: _shortfall(goal[r], granted[r]))
         other: WorkerRole = "decode" if worst == "prefill" else "prefill"

@@ -192,3 +192,15 @@ def test_held_replicas_move_only_when_the_needs_differ_by_more_than_one_replica(
         "decode": Claim(asked=20, minimum=1, needed=15, held=11),
     }
     assert split(budget(18), draining).granted == {"prefill": 7, "decode": 11}
+    # After a burst prefill's arrivals need 4, decode's 15: without the burst's memory replicas would
+    # go to decode, with it (10 and 15 remembered) they stay for the next burst.
+    after_burst = {
+        "prefill": Claim(asked=20, minimum=1, needed=4, held=7),
+        "decode": Claim(asked=20, minimum=1, needed=15, held=11),
+    }
+    assert split(budget(18), after_burst).granted["decode"] > 11
+    remembered = {
+        "prefill": Claim(asked=20, minimum=1, needed=4, held=7, burst=10),
+        "decode": Claim(asked=20, minimum=1, needed=15, held=11, burst=15),
+    }
+    assert split(budget(18), remembered).granted == {"prefill": 7, "decode": 11}
