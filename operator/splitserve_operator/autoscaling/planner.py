@@ -103,6 +103,11 @@ def has_queue(obs: Observation) -> bool:
     return (obs.waiting or 0.0) > max(obs.ready or 0, 1)
 
 
+def queue_ahead(obs: Observation) -> bool:
+    """A standing queue at the pool, or upstream of it (prefill's, which decode receives next)."""
+    return has_queue(obs) or (obs.upstream or 0.0) > max(obs.ready or 0, 1)
+
+
 def near_target(latency: float, sizing: Sizing) -> bool:
     """Whether a latency is close enough to the target to calibrate the model where it is used. Far
     below it, histogram buckets and fixed costs dominate the ratio; learning there would feed back

@@ -13,10 +13,15 @@ Per evaluation and pool (prefill tracks TTFT, decode tracks ITL):
    the larger of feedback and planner wins, so load growing faster than latency reacts is met before
    the breach; below the band the planner decides how far to shrink, since latency near saturation
    says little about how many replicas can go.
+   With a standing queue (here, or at prefill for decode) the planner's queue-aware size decides
+   (backlog.py): latency then measures the queue's age. The replicas that drain it are a floor outside
+   the stabilization history, held while the queue stands; afterwards a burst memory keeps at least the
+   size the burst's arrivals needed for scaleDown.burstMemorySeconds.
 4. The recommendation goes through the HPA `behavior` machinery: scale-up acts on the lowest
    recommendation of its stabilization window, scale-down on the highest of its own (300 s by
    default, which is what stops flapping), each limited to max(maxStep, ceil(current*maxStepPercent%))
    per evaluation, and the result is clamped to min..max.
+5. `propose` decides, `commit` remembers: between them a shared budget (budget.py) may cap the answer.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from splitserve_operator.autoscaling.planner import (
     Sizing,
     ewma,
     has_queue,
+    queue_ahead,
 )
 from splitserve_operator.models import InferencePoolSpec, ScalingRules
 
@@ -84,8 +90,8 @@ class PoolPolicy:
         """Size for the target itself (the tolerance band is the feedback's, not a margin), as far ahead
         as a replica asked for now takes to serve: the learned start-up time plus two intervals, since
         the decision already lags the data by up to one, plus half a window, since a rate over the
-        window measures the load at the window's middle. Drain a queue within a window of the new
-        replicas serving."""
+        window measures the load at the window's middle. Drain a queue within an interval of the new
+        replicas serving (backlog.py; a window and half of one were tried: fewer intervals met)."""
         return Sizing(
             target=self.target,
             percentile=self.percentile,
@@ -245,7 +251,7 @@ def recommend(
     obs: Observation,
     settled: bool,
     sizing: Sizing,
-    queue_in_window: bool = False,
+    queue_in_window: bool,
 ) -> tuple[int, int, Plan | None, str]:
     """The raw (unstabilized) recommendation, a floor that bypasses stabilization (the replicas that
     drain a queue: held only while it lasts), the planner's answer and the words for all.
@@ -275,11 +281,6 @@ def recommend(
     if predicted is not None:
         parts.append(f"predictive {pred} ({predicted.note})" if pred is not None else predicted.note)
     return rec, floor, predicted, "; ".join(parts)
-
-
-def queue_ahead(obs: Observation) -> bool:
-    """A standing queue at the pool, or upstream of it (prefill's, which decode receives next)."""
-    return has_queue(obs) or (obs.upstream or 0.0) > max(obs.ready or 0, 1)
 
 
 def propose(
