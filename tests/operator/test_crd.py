@@ -130,6 +130,23 @@ CASES: list[dict[str, Any]] = [
     {"model": {"name": "m", "source": {"hub": {}, "pvc": {"claimName": "w"}}}},
     {"model": {"name": "m", "source": {"hostPath": {"path": "/cache"}}}},
     {"model": {"name": "m", "source": {"pvc": {"claimName": "w"}, "hostPath": {"path": "/c"}, "hub": {}}}},
+    {"autoscaling": {"budget": {}}},
+    {"autoscaling": {"budget": {"maxReplicasTotal": 3}}, "decode": {"replicas": {"min": 3, "max": 4}}},
+    {"autoscaling": {"budget": {"maxReplicasTotal": 4}}, "decode": {"replicas": {"min": 3, "max": 4}}},
+    {
+        "autoscaling": {"budget": {"maxAcceleratorsTotal": 5}},
+        "prefill": {"replicas": {"min": 2, "max": 4}, "resources": {"limits": {"nvidia.com/gpu": 2}}},
+        "decode": {"resources": {"requests": {"nvidia.com/gpu": "2"}}},
+    },
+    {
+        "autoscaling": {"budget": {"maxAcceleratorsTotal": 6}},
+        "prefill": {"replicas": {"min": 2, "max": 4}, "resources": {"limits": {"nvidia.com/gpu": 2}}},
+        "decode": {"resources": {"requests": {"nvidia.com/gpu": "2"}}},
+    },
+    {
+        "autoscaling": {"budget": {"maxAcceleratorsTotal": 1, "accelerator": "amd.com/gpu"}},
+        "prefill": {"replicas": {"min": 2, "max": 4}, "resources": {"limits": {"nvidia.com/gpu": 2}}},
+    },
 ]
 
 
