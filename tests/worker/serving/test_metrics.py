@@ -36,13 +36,14 @@ DECODE = {names.step_seconds("decode"), names.stage_tokens("decode")}
 
 
 def exported(role: str) -> set[str]:
-    """Metric names in the role's /metrics body, as Prometheus' own parser reads them."""
+    """splitserve_* names in the role's /metrics body, as Prometheus' own parser reads them (the vllm:
+    views of them follow the same roles: test_vllm_metrics.py)."""
     body, _ = Metrics("pool", role).exposition()
     families = text_string_to_metric_families(body.decode())
     found = set()
     for family in families:  # samples keep the full name (`_total`), unlike the parsed family
         for sample in family.samples:
-            if not sample.name.endswith("_created"):
+            if sample.name.startswith("splitserve_") and not sample.name.endswith("_created"):
                 found.add(sample.name.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum"))
     return found
 

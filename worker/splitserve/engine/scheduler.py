@@ -152,6 +152,7 @@ def plan_step(
 
 _ABORT, _ADD, _STOP, _WAKE = "abort", "add", "stop", "wake"
 WATERMARK_FRACTION = 0.01  # of the pool kept free at admission, so running streams can grow (vLLM's 1 %)
+PROBE_TOKEN = 0  # any id in the vocabulary: the probe only asks whether the engine still runs
 
 
 class EngineLoop:
@@ -313,8 +314,9 @@ class EngineLoop:
 
         A failed forward leaves every KV length as it was (`Engine.forward` advances them last), so a
         re-run rewrites the same positions. A sequence that fails while another passes is the
-        request's own fault (`request_fault`: not worth retrying elsewhere); when every one fails, or
-        it ran alone, the worker is the likelier culprit.
+        request's own fault (`request_fault`: not worth retrying elsewhere). When none passes (or one
+        ran alone), a probe forward tells the two apart: if the engine still runs a scratch token, the
+        requests failed by themselves; if not, the worker is at fault and the router retries elsewhere.
         """
         parts: list[tuple[list[tuple[Sequence, int]], list[Sequence]]] = [
             ([item], []) for item in prefill_plan
@@ -331,13 +333,25 @@ class EngineLoop:
                 emissions += self._step(plan, streams)
             except Exception as alone:
                 failed.append((seq, alone))
-        fault = len(failed) < len(parts)
+        fault = len(failed) < len(parts) or self._engine_works()
         for seq, reason in failed:
             self._remove(seq.request_id)
             emissions.append(
                 Emission(seq, None, None, error=f"engine step failed: {reason}", request_fault=fault)
             )
         return emissions
+
+    def _engine_works(self) -> bool:
+        """Whether a one-token forward of a scratch sequence (one block, freed after) still passes."""
+        probe = SequenceKV(self.pool)
+        try:
+            probe.grow(1)
+            self.engine.forward([Work(probe, [PROBE_TOKEN])])
+        except Exception:  # no free block, or a broken engine: cannot clear the requests
+            return False
+        finally:
+            probe.release()
+        return True
 
     def _make_room(self, decode: list[Sequence]) -> list[Sequence]:
         """Give each decode stream the block its next token needs, preempting the latest admitted
