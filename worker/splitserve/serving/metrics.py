@@ -117,6 +117,7 @@ class Metrics:
             (*labels, names.PREFIX_CACHE_TIER_LABEL),
             registry=reg(names.KV_TIER_USAGE_BYTES),
         )
+        self.record_kv_tier_usage({"host": 0, "disk": 0})  # exported from the start, tiers or not
         self._kv_disk_errors = Counter(
             names.KV_DISK_ERRORS,
             "Disk-tier block files that could not be read back (a miss, recomputed) or written.",
