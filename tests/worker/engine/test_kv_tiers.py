@@ -44,6 +44,11 @@ async def run_again_after_eviction(
     return tokens
 
 
+def moved(metrics: Metrics, tier: str, direction: str) -> float:
+    labels = {"pool": "test", "role": metrics.role, "tier": tier, "direction": direction}
+    return metrics.registry.get_sample_value("splitserve_kv_offload_bytes_total", labels) or 0.0
+
+
 def disk_errors(metrics: Metrics, reason: str) -> float:
     labels = {"pool": "test", "role": metrics.role, "reason": reason}
     return metrics.registry.get_sample_value("splitserve_kv_disk_errors_total", labels) or 0.0
@@ -61,6 +66,9 @@ async def test_a_prefix_evicted_to_host_memory_is_loaded_back_exactly(
         "splitserve_kv_tier_usage_bytes", {"pool": "test", "role": "both", "tier": "host"}
     )
     assert usage is not None and usage > 0
+    block_bytes = BLOCK * engines[0].loaded.layout.bytes_per_token
+    assert moved(metrics, "host", "load") == 3 * block_bytes
+    assert moved(metrics, "host", "store") >= 4 * block_bytes and moved(metrics, "disk", "store") == 0
 
 
 async def test_the_host_tier_budget_passes_blocks_on_to_disk(
@@ -72,6 +80,9 @@ async def test_the_host_tier_budget_passes_blocks_on_to_disk(
     tokens = await run_again_after_eviction(runtime)
     assert tokens == reference.greedy(FIRST, GREEDY.max_tokens)
     assert hits(metrics, "disk") == 48 and hits(metrics, "host") == 0
+    block_bytes = BLOCK * engines[0].loaded.layout.bytes_per_token
+    assert moved(metrics, "disk", "load") == 3 * block_bytes and moved(metrics, "host", "store") == 0
+    assert moved(metrics, "disk", "store") >= 4 * block_bytes
     assert block_files(tmp_path) >= 4  # FIRST's four full blocks at least
 
 

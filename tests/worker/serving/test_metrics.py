@@ -27,6 +27,7 @@ ENGINE = {
     names.PREFIX_CACHE_QUERIES,
     names.PREFIX_CACHE_HITS,
     names.KV_TIER_USAGE_BYTES,
+    names.KV_OFFLOAD_BYTES,
     names.KV_DISK_ERRORS,
     names.STARTUP_SECONDS,
 }

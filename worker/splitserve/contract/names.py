@@ -64,6 +64,10 @@ PREFIX_CACHE_TIER_LABEL: Final = "tier"
 PrefixCacheTier = Literal["device", "host", "disk"]
 PREFIX_CACHE_TIERS: Final[tuple[PrefixCacheTier, ...]] = ("device", "host", "disk")
 KV_TIER_USAGE_BYTES: Final = "splitserve_kv_tier_usage_bytes"  # label `tier`: host | disk
+# KV bytes moved between the device and the tiers below it: label `tier` (host | disk) and `direction`.
+KV_OFFLOAD_BYTES: Final = "splitserve_kv_offload_bytes_total"
+OffloadDirection = Literal["store", "load"]  # store: into the tier; load: from it back to the device
+OFFLOAD_DIRECTIONS: Final[tuple[OffloadDirection, ...]] = ("store", "load")
 KV_DISK_ERRORS: Final = "splitserve_kv_disk_errors_total"  # label `reason`, one of KV_DISK_ERROR_REASONS
 KV_DISK_ERROR_REASONS: Final = ("truncated", "corrupt", "foreign", "io_error", "write_error")
 # Seconds from process start to serving (weights loaded): the autoscaler's first start-up estimate.
@@ -99,6 +103,7 @@ SERIES_ROLES: Final[dict[str, frozenset[str]]] = {
             PREFIX_CACHE_QUERIES,
             PREFIX_CACHE_HITS,
             KV_TIER_USAGE_BYTES,
+            KV_OFFLOAD_BYTES,
             KV_DISK_ERRORS,
             STARTUP_SECONDS,
         ),

@@ -13,15 +13,23 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from splitserve.contract.config import EngineConfig
-from splitserve.contract.names import PrefixCacheTier
+from splitserve.contract.names import OffloadDirection, PrefixCacheTier
 from splitserve.engine.disk_tier import DiskTier
 from splitserve.engine.tiers import Clock, LRUTier, Released
+
+
+class TierMetrics(Protocol):
+    """What the tiers record (the engine's metrics provide it under contract names)."""
+
+    def record_kv_disk_error(self, reason: str) -> None: ...
+
+    def record_kv_offload(self, tier: PrefixCacheTier, direction: OffloadDirection, nbytes: int) -> None: ...
 
 
 class KVTiers:
@@ -34,10 +42,12 @@ class KVTiers:
         disk: DiskTier | None,
         pin_memory: bool,
         clock: Clock,
+        metrics: TierMetrics,
     ) -> None:
         self.host: LRUTier[torch.Tensor] = LRUTier(host_bytes, host_ttl_seconds, clock)
         self.disk = disk
         self.pin_memory = pin_memory
+        self.metrics = metrics
         self._lock = threading.Lock()
 
     @classmethod
@@ -46,7 +56,7 @@ class KVTiers:
         config: EngineConfig,
         salt: bytes,
         device: torch.device,
-        on_disk_error: Callable[[str], None],
+        metrics: TierMetrics,
         clock: Clock = time.monotonic,
     ) -> KVTiers | None:
         """The tiers `config` asks for; None when it asks for neither."""
@@ -56,10 +66,15 @@ class KVTiers:
         if config.kv_disk_path is not None:
             path = Path(config.kv_disk_path)
             disk = DiskTier(
-                path, salt, config.kv_disk_bytes, config.kv_disk_ttl_seconds, clock, on_disk_error
+                path,
+                salt,
+                config.kv_disk_bytes,
+                config.kv_disk_ttl_seconds,
+                clock,
+                metrics.record_kv_disk_error,
             )
         pin = device.type == "cuda"
-        return cls(config.kv_host_bytes, config.kv_host_ttl_seconds, disk, pin, clock)
+        return cls(config.kv_host_bytes, config.kv_host_ttl_seconds, disk, pin, clock, metrics)
 
     def usage_bytes(self) -> dict[PrefixCacheTier, int]:
         with self._lock:
@@ -72,8 +87,12 @@ class KVTiers:
         """Keep a copy of an evicted device block `[layers, 2, kv_heads, block_size, head_dim]`."""
         copy = torch.empty(block.shape, dtype=block.dtype, pin_memory=self.pin_memory)
         copy.copy_(block)
+        nbytes = copy.numel() * copy.element_size()
         with self._lock:
-            self._spill(self.host.put(content, copy, copy.numel() * copy.element_size()))
+            released = self.host.put(content, copy, nbytes)
+            if not (released and released[-1].key == content and released[-1].why == "too_big"):
+                self.metrics.record_kv_offload("host", "store", nbytes)
+            self._spill(released)
 
     def take(self, content: int) -> tuple[torch.Tensor, PrefixCacheTier] | None:
         """The block hashed `content` from the highest tier that has it, or None. A host hit leaves
@@ -82,14 +101,18 @@ class KVTiers:
             self._spill(self.host.expire())
             block = self.host.pop(content) if content in self.host else None
             if block is not None:
+                self.metrics.record_kv_offload("host", "load", block.numel() * block.element_size())
                 return block, "host"
             if self.disk is None:
                 return None
             loaded = self.disk.load(content)
-            return (loaded, "disk") if isinstance(loaded, torch.Tensor) else None
+            if not isinstance(loaded, torch.Tensor):
+                return None
+            self.metrics.record_kv_offload("disk", "load", loaded.numel() * loaded.element_size())
+            return loaded, "disk"
 
     def _spill(self, released: list[Released[torch.Tensor]]) -> None:
         if self.disk is not None:
             for item in released:
-                if item.key not in self.disk:
-                    self.disk.store(item.key, item.value)
+                if item.key not in self.disk and self.disk.store(item.key, item.value):
+                    self.metrics.record_kv_offload("disk", "store", item.nbytes)

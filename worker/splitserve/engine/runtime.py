@@ -83,7 +83,7 @@ class EngineRuntime:
         self.pool = engine.new_pool(
             config.block_size, config.kv_cache_bytes, salt if config.enable_prefix_caching else None
         )
-        tiers = KVTiers.for_config(config, salt, self.pool.device, metrics.record_kv_disk_error)
+        tiers = KVTiers.for_config(config, salt, self.pool.device, metrics)
         if tiers is not None:
             self.pool.keep_evicted_in(tiers)
         policy = BatchPolicy.for_role(

@@ -22,7 +22,7 @@ from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from splitserve.contract.names import PrefixCacheTier
+from splitserve.contract.names import OffloadDirection, PrefixCacheTier
 from splitserve.engine.blocks import NoFreeBlocksError
 from splitserve.engine.forward import Engine, Work
 from splitserve.engine.kv_cache import KVPool, SequenceKV
@@ -55,6 +55,9 @@ class EngineMetrics(Protocol):
 
     def record_kv_disk_error(self, reason: str) -> None:
         """A disk-tier block file that could not be read back or written."""
+
+    def record_kv_offload(self, tier: PrefixCacheTier, direction: OffloadDirection, nbytes: int) -> None:
+        """KV bytes stored into a retention tier or loaded back from it."""
 
 
 @dataclass(eq=False)

@@ -23,6 +23,7 @@ from splitserve.contract.names import (
     STEP_BUCKETS,
     TRANSFER_BUCKETS,
     TTFT_BUCKETS,
+    OffloadDirection,
     PrefixCacheTier,
 )
 from splitserve.serving.vllm_metrics import VllmSeries
@@ -118,6 +119,15 @@ class Metrics:
             registry=reg(names.KV_TIER_USAGE_BYTES),
         )
         self.record_kv_tier_usage({"host": 0, "disk": 0})  # exported from the start, tiers or not
+        self._kv_offload_bytes = Counter(
+            names.KV_OFFLOAD_BYTES,
+            "KV bytes stored into a retention tier (device evictions, host to disk) or loaded back.",
+            (*labels, names.PREFIX_CACHE_TIER_LABEL, "direction"),
+            registry=reg(names.KV_OFFLOAD_BYTES),
+        )
+        for tier in ("host", "disk"):
+            for direction in names.OFFLOAD_DIRECTIONS:
+                self._kv_offload_bytes.labels(**values, tier=tier, direction=direction)
         self._kv_disk_errors = Counter(
             names.KV_DISK_ERRORS,
             "Disk-tier block files that could not be read back (a miss, recomputed) or written.",
@@ -163,6 +173,10 @@ class Metrics:
     def record_kv_tier_usage(self, used: Mapping[PrefixCacheTier, int]) -> None:
         for tier, nbytes in used.items():
             self._kv_tier_usage.labels(pool=self.pool, role=self.role, tier=tier).set(nbytes)
+
+    def record_kv_offload(self, tier: PrefixCacheTier, direction: OffloadDirection, nbytes: int) -> None:
+        labels = {"pool": self.pool, "role": self.role, "tier": tier, "direction": direction}
+        self._kv_offload_bytes.labels(**labels).inc(nbytes)
 
     def record_kv_disk_error(self, reason: str) -> None:
         self._kv_disk_errors.labels(pool=self.pool, role=self.role, reason=reason).inc()
