@@ -186,7 +186,7 @@ class SequenceKV:
         allocator = self.pool.allocator
         table, shared = allocator.allocate_prefixed(hashes, self.pool.blocks_for(len(tokens)), keep_free)
         self.block_table, self._slots = table, None
-        self.contiguous = table == list(range(table[0], table[0] + len(table)))
+        self.contiguous = not table or table == list(range(table[0], table[0] + len(table)))
         hits: dict[PrefixCacheTier, int] = {"device": shared * size}
         cached = shared
         if self.pool.tiers is not None:
