@@ -18,6 +18,7 @@ from splitserve_operator.quantity import quantity_bytes
 def engine_config(spec: InferencePoolSpec) -> EngineConfig:
     """Settings every role of the pool shares; per-role ones (threads) travel as flags."""
     decode = spec.decode
+    kv = spec.kv_cache
     return EngineConfig(
         model=spec.model.name,
         revision=spec.model.revision,
@@ -29,7 +30,26 @@ def engine_config(spec: InferencePoolSpec) -> EngineConfig:
         kv_cache_bytes=quantity_bytes(decode.kv_cache_bytes) if decode.kv_cache_bytes is not None else None,
         kv_timeout_seconds=spec.kv_transfer.timeout_seconds,
         max_transfer_bytes=quantity_bytes(spec.kv_transfer.max_transfer_bytes),
+        block_size=kv.block_size,
+        enable_prefix_caching=kv.prefix_caching,
+        **_tiers(spec),
     )
+
+
+def _tiers(spec: InferencePoolSpec) -> dict[str, Any]:
+    """The prefix cache's retention tiers: only those the spec sizes (the rest keep EngineConfig's
+    defaults, i.e. off)."""
+    host, disk = spec.kv_cache.host, spec.kv_cache.disk
+    tiers: dict[str, Any] = {}
+    if host is not None:
+        tiers.update(kv_host_bytes=quantity_bytes(host.size), kv_host_ttl_seconds=host.ttl_seconds)
+    if disk is not None:
+        tiers.update(
+            kv_disk_path=disk.mount_path,
+            kv_disk_bytes=quantity_bytes(disk.size),
+            kv_disk_ttl_seconds=disk.ttl_seconds,
+        )
+    return tiers
 
 
 def engine_json(spec: InferencePoolSpec) -> str:

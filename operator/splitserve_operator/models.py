@@ -309,6 +309,68 @@ class KvTransferSpec(ApiModel):
     max_transfer_bytes: Quantity = Field("8Gi", description="Largest KV cache accepted for one request.")
 
 
+class KvHostTier(ApiModel):
+    """Evicted prefix-cache blocks kept in each worker's host memory (pinned on GPUs)."""
+
+    size: Quantity = Field(description="Host memory per worker for evicted KV blocks, e.g. `16Gi`.")
+    ttl_seconds: float | None = Field(
+        None, gt=0, description="How long a block is kept after its last use; unset: until room is needed."
+    )
+
+
+class KvDiskTier(ApiModel):
+    """Blocks the host tier lets go of, as checked files on a volume: node-local NVMe (hostPath or a
+    local PV), an emptyDir, or a ReadWriteMany claim the pool's workers share."""
+
+    model_config = validations(cel("size(self.volume) == 1", "kvCache.disk.volume takes exactly one source"))
+
+    volume: KubeObject = Field(
+        description="A core v1 volume source, e.g. `{emptyDir: {}}` or `{persistentVolumeClaim: {claimName: "
+        "kv}}`; mounted in every prefill and decode pod."
+    )
+    mount_path: str = Field("/var/cache/splitserve/kv", pattern=r"^/", description="Where it is mounted.")
+    size: Quantity = Field("10Gi", description="Budget of block files per worker.")
+    ttl_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="How long a block file is kept after its last use; unset: until room is needed.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> KvDiskTier:
+        if len(self.volume) != 1:
+            raise ValueError(f"kvCache.disk.volume takes exactly one source, got {sorted(self.volume)}")
+        return self
+
+
+class KvCacheSpec(ApiModel):
+    """The workers' KV cache: block size, prefix caching, and its retention tiers below the device."""
+
+    model_config = validations(
+        cel(
+            "self.prefixCaching || (!has(self.host) && !has(self.disk))",
+            "kvCache.host and kvCache.disk keep prefix-cache blocks: they need prefixCaching",
+        )
+    )
+
+    block_size: int = Field(16, ge=1, le=4096, description="Tokens per KV block (the unit of reuse).")
+    prefix_caching: bool = Field(
+        True, description="Keep full KV blocks after their request and reuse them for equal prompt prefixes."
+    )
+    host: KvHostTier | None = Field(None, description="Host-memory tier; off unless sized.")
+    disk: KvDiskTier | None = Field(
+        None, description="Disk tier behind the host tier; off unless a volume is given."
+    )
+
+    @model_validator(mode="after")
+    def _tiers_need_prefix_caching(self) -> KvCacheSpec:
+        if not self.prefix_caching and (self.host is not None or self.disk is not None):
+            raise ValueError(
+                "kvCache.host and kvCache.disk keep prefix-cache blocks: they need prefixCaching"
+            )
+        return self
+
+
 class ScalingRules(ApiModel):
     """One direction of scaling, after the HPA `behavior` API."""
 
@@ -342,6 +404,72 @@ class ScaleDownRules(ScalingRules):
         description="Most replicas removed per evaluation as a percentage of current; "
         "the larger of this and maxStep applies.",
     )
+    burst_memory_seconds: int = Field(
+        900,
+        ge=0,
+        le=7200,
+        description="After a pool had to drain a queue (a burst it could not absorb in time), how long "
+        "it keeps at least the size the burst's arrivals needed, so the next burst finds it; 0: no memory "
+        "beyond stabilizationWindowSeconds.",
+    )
+
+
+class AutoscalingBudget(ApiModel):
+    """One budget for both pools together: the autoscaler splits it by what each pool's SLO needs (see
+    docs/autoscaling.md, "Budget"), never exceeds it, and says in status which pool it capped."""
+
+    model_config = validations(
+        cel(
+            "has(self.maxAcceleratorsTotal) || has(self.maxReplicasTotal)",
+            "autoscaling.budget needs maxAcceleratorsTotal or maxReplicasTotal",
+        )
+    )
+
+    max_accelerators_total: int | None = Field(
+        None,
+        ge=1,
+        description="Most accelerators both pools may hold together; each replica counts its "
+        "container's `accelerator` limit (else request). Pools without one count nothing here.",
+    )
+    max_replicas_total: int | None = Field(
+        None, ge=2, description="Most replicas both pools may hold together (e.g. for CPU pools)."
+    )
+    accelerator: str = Field(
+        "nvidia.com/gpu", min_length=1, description="The extended resource maxAcceleratorsTotal counts."
+    )
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> AutoscalingBudget:
+        if self.max_accelerators_total is None and self.max_replicas_total is None:
+            raise ValueError("autoscaling.budget needs maxAcceleratorsTotal or maxReplicasTotal")
+        return self
+
+
+def accelerators_per_replica(pool: Scheduling, resource: str) -> int:
+    """Accelerators one replica of the pool holds: its limit of `resource`, else its request (the
+    apiserver defaults an extended resource's request to its limit), else none."""
+    value = pool.resources.limits.get(resource, pool.resources.requests.get(resource))
+    if value is None:
+        return 0
+    try:
+        count = float(value)
+    except ValueError as error:
+        raise ValueError(f"{resource} must be a whole number of accelerators, got {value!r}") from error
+    if count < 0 or not count.is_integer():
+        raise ValueError(f"{resource} must be a whole number of accelerators, got {value!r}")
+    return int(count)
+
+
+def _accelerators_cel(pool: str) -> str:
+    """CEL for accelerators_per_replica of `self.<pool>` (quantities are int-or-string: int() takes both)."""
+    res, key = f"self.{pool}.resources", "self.autoscaling.budget.accelerator"
+    return (
+        f"(has({res}.limits) && {key} in {res}.limits ? int({res}.limits[{key}]) : "
+        f"(has({res}.requests) && {key} in {res}.requests ? int({res}.requests[{key}]) : 0))"
+    )
+
+
+BUDGET_CEL = "!has(self.autoscaling.budget) || "
 
 
 class AutoscalingSpec(ApiModel):
@@ -365,6 +493,9 @@ class AutoscalingSpec(ApiModel):
     )
     scale_up: ScaleUpRules = Field(default_factory=ScaleUpRules)
     scale_down: ScaleDownRules = Field(default_factory=ScaleDownRules)
+    budget: AutoscalingBudget | None = Field(
+        None, description="One budget for both pools together, split by what each SLO needs."
+    )
 
     @model_validator(mode="after")
     def _window_covers_interval(self) -> AutoscalingSpec:
@@ -385,6 +516,22 @@ class LocalObjectReference(ApiModel):
 class InferencePoolSpec(ApiModel):
     """Desired state of an InferencePool."""
 
+    model_config = validations(
+        cel(
+            BUDGET_CEL + "!has(self.autoscaling.budget.maxAcceleratorsTotal) || "
+            "self.autoscaling.budget.maxAcceleratorsTotal >= "
+            f"self.prefill.replicas.min * {_accelerators_cel('prefill')} + "
+            f"self.decode.replicas.min * {_accelerators_cel('decode')}",
+            "autoscaling.budget.maxAcceleratorsTotal must cover both pools' replicas.min",
+        ),
+        cel(
+            BUDGET_CEL + "!has(self.autoscaling.budget.maxReplicasTotal) || "
+            "self.autoscaling.budget.maxReplicasTotal >= "
+            "self.prefill.replicas.min + self.decode.replicas.min",
+            "autoscaling.budget.maxReplicasTotal must cover both pools' replicas.min",
+        ),
+    )
+
     model: ModelSpec
     image: str | None = Field(None, description="Worker image; defaults to the operator's setting.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
@@ -401,7 +548,30 @@ class InferencePoolSpec(ApiModel):
     decode: DecodePoolSpec = Field(default_factory=DecodePoolSpec)
     router: RouterSpec = Field(default_factory=RouterSpec)
     kv_transfer: KvTransferSpec = Field(default_factory=KvTransferSpec)
+    kv_cache: KvCacheSpec = Field(default_factory=KvCacheSpec)
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+
+    @model_validator(mode="after")
+    def _budget_covers_minimums(self) -> InferencePoolSpec:
+        budget = self.autoscaling.budget
+        if budget is None:
+            return self
+        pools = (self.prefill, self.decode)
+        if budget.max_accelerators_total is not None:
+            need = sum(p.replicas.min * accelerators_per_replica(p, budget.accelerator) for p in pools)
+            if budget.max_accelerators_total < need:
+                raise ValueError(
+                    f"autoscaling.budget.maxAcceleratorsTotal ({budget.max_accelerators_total}) must cover "
+                    f"both pools' replicas.min ({need} {budget.accelerator})"
+                )
+        if budget.max_replicas_total is not None and budget.max_replicas_total < sum(
+            p.replicas.min for p in pools
+        ):
+            raise ValueError(
+                f"autoscaling.budget.maxReplicasTotal ({budget.max_replicas_total}) must cover both pools' "
+                f"replicas.min ({sum(p.replicas.min for p in pools)})"
+            )
+        return self
 
 
 # ---- status -----------------------------------------------------------------------------------
@@ -451,6 +621,18 @@ class PoolStatus(StatusModel):
     )
 
 
+class BudgetStatus(StatusModel):
+    """The shared budget as the autoscaler last applied it (absent without spec.autoscaling.budget)."""
+
+    max_accelerators_total: int | None = None
+    max_replicas_total: int | None = None
+    accelerators: int = Field(0, description="Accelerators both pools' desired replicas hold.")
+    replicas: int = Field(0, description="Desired replicas of both pools together.")
+    binding: bool = Field(False, description="Whether the budget capped a pool below what it asked for.")
+    capped: list[str] = Field(default_factory=list, description="Pools the budget capped.")
+    reason: str | None = Field(None, description="How the budget was split, and why.")
+
+
 class RouterStatus(StatusModel):
     """Observed state of the router."""
 
@@ -469,4 +651,5 @@ class InferencePoolStatus(StatusModel):
     prefill: PoolStatus = Field(default_factory=PoolStatus)
     decode: PoolStatus = Field(default_factory=PoolStatus)
     router: RouterStatus = Field(default_factory=RouterStatus)
+    budget: BudgetStatus | None = None
     endpoint: str | None = Field(None, description="URL of the router's OpenAI-compatible API.")

@@ -172,6 +172,10 @@ def build_deployment(pool: Pool, role: naming.ComponentRole, config_hash: str) -
     args = _router_args(pool) if role == "router" else _worker_args(pool, role, getattr(spec, role))
     args[1:1] = ["--drain-seconds", str(scheduling.drain_seconds)]  # after the subcommand
     volumes, mounts, env = _model_source(pool)
+    disk = spec.kv_cache.disk
+    if disk is not None and role != "router":  # the KV cache's disk tier
+        volumes.append({"name": "kv-cache", **disk.volume})
+        mounts.append({"name": "kv-cache", "mountPath": disk.mount_path})
     config_volume = {"name": "engine-config", "configMap": {"name": naming.engine_config_name(pool.name)}}
     config_mount = {"name": "engine-config", "mountPath": naming.ENGINE_CONFIG_DIR, "readOnly": True}
     http_port = pool.router_port if role == "router" else naming.HTTP_PORT

@@ -130,6 +130,28 @@ CASES: list[dict[str, Any]] = [
     {"model": {"name": "m", "source": {"hub": {}, "pvc": {"claimName": "w"}}}},
     {"model": {"name": "m", "source": {"hostPath": {"path": "/cache"}}}},
     {"model": {"name": "m", "source": {"pvc": {"claimName": "w"}, "hostPath": {"path": "/c"}, "hub": {}}}},
+    {"kvCache": {"prefixCaching": False}},
+    {"kvCache": {"prefixCaching": False, "host": {"size": "1Gi"}}},
+    {"kvCache": {"host": {"size": "8Gi", "ttlSeconds": 600}, "disk": {"volume": {"emptyDir": {}}}}},
+    {"kvCache": {"disk": {"volume": {"emptyDir": {}, "hostPath": {"path": "/nvme"}}}}},
+    {"kvCache": {"disk": {"volume": {}}}},
+    {"autoscaling": {"budget": {}}},
+    {"autoscaling": {"budget": {"maxReplicasTotal": 3}}, "decode": {"replicas": {"min": 3, "max": 4}}},
+    {"autoscaling": {"budget": {"maxReplicasTotal": 4}}, "decode": {"replicas": {"min": 3, "max": 4}}},
+    {
+        "autoscaling": {"budget": {"maxAcceleratorsTotal": 5}},
+        "prefill": {"replicas": {"min": 2, "max": 4}, "resources": {"limits": {"nvidia.com/gpu": 2}}},
+        "decode": {"resources": {"requests": {"nvidia.com/gpu": "2"}}},
+    },
+    {
+        "autoscaling": {"budget": {"maxAcceleratorsTotal": 6}},
+        "prefill": {"replicas": {"min": 2, "max": 4}, "resources": {"limits": {"nvidia.com/gpu": 2}}},
+        "decode": {"resources": {"requests": {"nvidia.com/gpu": "2"}}},
+    },
+    {
+        "autoscaling": {"budget": {"maxAcceleratorsTotal": 1, "accelerator": "amd.com/gpu"}},
+        "prefill": {"replicas": {"min": 2, "max": 4}, "resources": {"limits": {"nvidia.com/gpu": 2}}},
+    },
 ]
 
 

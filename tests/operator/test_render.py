@@ -87,6 +87,40 @@ def test_engine_config_map_validates_as_the_workers_config() -> None:
     )
 
 
+def test_kv_cache_tiers_reach_the_engine_config_and_the_disk_volume_is_mounted_in_workers() -> None:
+    spec = {
+        "kvCache": {
+            "blockSize": 32,
+            "host": {"size": "16Gi", "ttlSeconds": 600},
+            "disk": {"volume": {"persistentVolumeClaim": {"claimName": "kv"}}, "size": "100Gi"},
+        }
+    }
+    p = pool(spec)
+    config_map = by_kind(build_children(p, pod_monitor=False))["ConfigMap", "llama-engine"]
+    engine = EngineConfig.model_validate(json.loads(config_map["data"]["engine.json"]))
+    assert (engine.block_size, engine.enable_prefix_caching) == (32, True)
+    assert (engine.kv_host_bytes, engine.kv_host_ttl_seconds) == (16 << 30, 600)
+    assert (engine.kv_disk_path, engine.kv_disk_bytes, engine.kv_disk_ttl_seconds) == (
+        "/var/cache/splitserve/kv",
+        100 << 30,
+        None,
+    )
+    volume = {"name": "kv-cache", "persistentVolumeClaim": {"claimName": "kv"}}
+    mount = {"name": "kv-cache", "mountPath": "/var/cache/splitserve/kv"}
+    for role in naming.WORKER_ROLES:
+        deployment = build_deployment(p, role, "h")
+        assert volume in deployment["spec"]["template"]["spec"]["volumes"]
+        assert mount in container(deployment)["volumeMounts"]
+    router = build_deployment(p, "router", "h")
+    assert volume not in router["spec"]["template"]["spec"]["volumes"]
+
+
+def test_kv_cache_defaults_prefix_caching_on_and_no_tiers() -> None:
+    config_map = by_kind(build_children(pool(), pod_monitor=False))["ConfigMap", "llama-engine"]
+    engine = EngineConfig.model_validate(json.loads(config_map["data"]["engine.json"]))
+    assert engine.enable_prefix_caching and engine.kv_host_bytes == 0 and engine.kv_disk_path is None
+
+
 def test_worker_and_router_commands() -> None:
     p = pool(
         {

@@ -30,6 +30,11 @@ ENGINE_FLAGS: dict[str, type] = {
     "kv_cache_bytes": int,
     "block_size": int,
     "kv_timeout_seconds": float,
+    "kv_host_bytes": int,
+    "kv_host_ttl_seconds": float,
+    "kv_disk_path": str,
+    "kv_disk_bytes": int,
+    "kv_disk_ttl_seconds": float,
 }
 
 
@@ -43,6 +48,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     overrides["model"] = args.model
     if getattr(args, "chunked_prefill", False):
         overrides["chunked_prefill"] = True
+    if getattr(args, "no_prefix_caching", False):
+        overrides["enable_prefix_caching"] = False
     if args.config:
         return EngineConfig.from_file(Path(args.config), **overrides)
     if not args.model:
@@ -95,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunked-prefill",
         action="store_true",
         help="both: interleave prompt chunks with decode steps (Sarathi-Serve)",
+    )
+    worker.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="forget every KV block when its request ends (no reuse of shared prompt prefixes)",
     )
     worker.add_argument("--kv-port", type=int, default=8001, help="decode: port the KV receiver listens on")
     _add_server_flags(worker, port=8000)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 from splitserve.contract.names import WORKER_ROLES, WorkerRole
+from splitserve_operator.autoscaling.budget import Budget, Claim, Split, split
 from splitserve_operator.autoscaling.planner import Observation
-from splitserve_operator.autoscaling.policy import Decision, PoolPolicy, PoolState, decide
+from splitserve_operator.autoscaling.policy import Decision, PoolPolicy, PoolState, commit, propose
 from splitserve_operator.autoscaling.signals import (
     PoolSignals,
     SignalQuery,
@@ -25,7 +26,13 @@ from splitserve_operator.autoscaling.signals import (
     SignalsUnavailableError,
 )
 from splitserve_operator.conditions import Event, rfc3339, set_condition
-from splitserve_operator.models import Condition, InferencePoolSpec, InferencePoolStatus, PoolStatus
+from splitserve_operator.models import (
+    BudgetStatus,
+    Condition,
+    InferencePoolSpec,
+    InferencePoolStatus,
+    PoolStatus,
+)
 from splitserve_operator.naming import METRICS_AVAILABLE
 
 log = logging.getLogger(__name__)
@@ -61,6 +68,7 @@ class AutoscalerState:
     )
     condition: Condition | None = None
     last_evaluation: float | None = None
+    budget_capped: tuple[WorkerRole, ...] = ()  # pools the budget capped at the last evaluation
 
     @classmethod
     def resume(cls, status: InferencePoolStatus | None) -> AutoscalerState:
@@ -75,7 +83,8 @@ class AutoscalerState:
         for role, pool in pools.items():
             pool.startup = getattr(status, role).startup_seconds  # what was learned before the restart
         condition = next((c for c in status.conditions if c.type == METRICS_AVAILABLE), None)
-        return cls(pools=pools, condition=condition)
+        capped = tuple(r for r in WORKER_ROLES if status.budget is not None and r in status.budget.capped)
+        return cls(pools=pools, condition=condition, budget_capped=capped)
 
     def due(self, now: float, interval: float) -> bool:
         return self.last_evaluation is None or now - self.last_evaluation >= interval
@@ -88,6 +97,7 @@ class Outcome:
     decisions: dict[WorkerRole, Decision]
     condition: Condition
     events: tuple[Event, ...]
+    budget: dict[str, Any] | None = None  # BudgetStatus, camelCase; None without a budget
 
     @property
     def replicas(self) -> dict[WorkerRole, int]:
@@ -99,8 +109,10 @@ class Outcome:
         return {role: d.desired for role, d in self.decisions.items() if d.desired != d.current}
 
     def status_patch(self) -> dict[str, Any]:
-        """{"prefill": {...}, "decode": {...}} with the autoscaler's PoolStatus fields, camelCase."""
-        return {role: pool_status(decision) for role, decision in self.decisions.items()}
+        """{"prefill": {...}, "decode": {...}, "budget": {...} or None}: the autoscaler's status fields,
+        camelCase (budget None clears a budget that was removed from the spec)."""
+        patch: dict[str, Any] = {role: pool_status(decision) for role, decision in self.decisions.items()}
+        return patch | {"budget": self.budget}
 
 
 def pool_status(decision: Decision) -> dict[str, Any]:
@@ -148,6 +160,8 @@ def observation(signals: PoolSignals, role: WorkerRole) -> Observation:
         steps=workers.steps,
         tokens=workers.tokens,
         startup=workers.startup,
+        # Prompts queued at prefill reach decode as prefill catches up: decode drains them too.
+        upstream=signals.prefill.waiting if role == "decode" else None,
     )
 
 
@@ -192,9 +206,9 @@ class PoolAutoscaler:
         for role, desired in outcome.changed.items():
             await scale(role, desired)
         status_patch = {
-            pool_role: fields
-            for pool_role, fields in outcome.status_patch().items()
-            if {key: (status.get(pool_role) or {}).get(key) for key in fields} != fields
+            part: fields
+            for part, fields in outcome.status_patch().items()
+            if _changed(status.get(part), fields)
         }
         condition = outcome.condition.model_dump(include={"status", "reason", "message"})
         return Applied(status_patch=status_patch, condition=condition, events=outcome.events)
@@ -222,9 +236,10 @@ class PoolAutoscaler:
             signals = await self.source.read(signal_query(namespace, name, spec))
         except SignalsUnavailableError as error:
             unavailable = error
-        decisions = {
-            role: decide(
-                PoolPolicy.from_spec(spec, role),
+        policies = {role: PoolPolicy.from_spec(spec, role) for role in WORKER_ROLES}
+        proposals = {
+            role: propose(
+                policies[role],
                 state.pools[role],
                 current[role],
                 observation(signals, role) if signals is not None else None,
@@ -233,8 +248,16 @@ class PoolAutoscaler:
             )
             for role in WORKER_ROLES
         }
+        budget = Budget.from_spec(spec)
+        shared = split(budget, _claims(proposals, policies)) if budget is not None else None
+        if shared is not None:
+            proposals = {role: _capped(d, shared) for role, d in proposals.items()}
+        decisions = {role: commit(state.pools[role], d, now) for role, d in proposals.items()}
         condition = _condition(decisions, unavailable)
         events = _events(decisions, state.condition, condition)
+        if budget is not None and shared is not None:
+            budget_events, state.budget_capped = _budget_events(budget, shared, state.budget_capped)
+            events += budget_events
         before = [state.condition.model_dump(by_alias=True, exclude_none=True)] if state.condition else []
         stamped = set_condition(
             before, condition.type, condition.status, condition.reason, condition.message, now=rfc3339(now)
@@ -242,7 +265,84 @@ class PoolAutoscaler:
         state.condition = Condition.model_validate(stamped[0])
         for event in events:
             log.info("%s/%s %s: %s", namespace or "-", name, event.reason, event.message)
-        return Outcome(decisions=decisions, condition=state.condition, events=events)
+        status = _budget_status(budget, shared) if budget is not None and shared is not None else None
+        return Outcome(decisions=decisions, condition=state.condition, events=events, budget=status)
+
+
+def _changed(recorded: Any, fields: dict[str, Any] | None) -> bool:
+    """Whether status must be patched: some field differs from what status records."""
+    if fields is None:
+        return recorded is not None
+    return {key: (recorded or {}).get(key) for key in fields} != fields
+
+
+def _claims(
+    proposals: Mapping[WorkerRole, Decision], policies: Mapping[WorkerRole, PoolPolicy]
+) -> dict[WorkerRole, Claim]:
+    return {
+        role: Claim(
+            asked=d.desired,
+            minimum=policies[role].min_replicas,
+            pressure=d.observed_latency / d.target if d.observed_latency is not None else 0.0,
+            needed=d.needed,
+            burst=d.burst,
+            held=d.current,
+            draining=d.draining,
+        )
+        for role, d in proposals.items()
+    }
+
+
+def _capped(decision: Decision, shared: Split) -> Decision:
+    """The decision as the budget split it: capped, or (a budget that binds during bursts) kept at
+    the last burst's size from budget the other pool leaves unused."""
+    desired = shared.granted[decision.role]
+    why = shared.capped.get(decision.role)
+    if why is not None:
+        reason = f"{decision.reason}; capped by the budget to {desired}: {why}"
+    elif desired > decision.desired:
+        reason = f"{decision.reason}; {desired} kept from the unused budget for the next burst"
+    else:
+        return decision
+    return replace(decision, desired=desired, reason=reason)
+
+
+def _budget_status(budget: Budget, shared: Split) -> dict[str, Any]:
+    capped = list(shared.capped)
+    reason = "; ".join(f"{role} {why}" for role, why in shared.capped.items()) or (
+        f"within the budget of {budget.describe()}: both pools get what they asked for"
+    )
+    status = BudgetStatus(
+        max_accelerators_total=budget.max_accelerators,
+        max_replicas_total=budget.max_replicas,
+        accelerators=budget.accelerators(shared.granted),
+        replicas=sum(shared.granted.values()),
+        binding=shared.binding,
+        capped=capped,
+        reason=reason,
+    )
+    return status.model_dump(mode="json", by_alias=True)
+
+
+def _budget_events(
+    budget: Budget, shared: Split, before: tuple[WorkerRole, ...]
+) -> tuple[tuple[Event, ...], tuple[WorkerRole, ...]]:
+    """(events, pools to remember as capped): a Warning when the budget starts to bind or caps another
+    pool; a Normal one when it has room again. A full budget that caps no one this time (a pool waits
+    for its last scale-up to show) is no release: it would only flap."""
+    if shared.capped:
+        capped = tuple(shared.capped)
+        if capped == before:
+            return (), capped
+        message = "; ".join(f"{role} {why}" for role, why in shared.capped.items())
+        return (Event("Warning", "BudgetBinding", message),), capped
+    room = any(budget.fits({**shared.granted, role: shared.granted[role] + 1}) for role in WORKER_ROLES)
+    if not room:
+        return (), before
+    if before:
+        message = f"both pools get what they asked for within the budget of {budget.describe()}"
+        return (Event("Normal", "BudgetReleased", message),), ()
+    return (), ()
 
 
 def _condition(

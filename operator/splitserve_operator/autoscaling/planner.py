@@ -26,6 +26,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from splitserve_operator.autoscaling.backlog import QueueWatch, Startups, drain_replicas
+
 # How fast learned values follow new samples (per evaluation); windowed rates are already smooth.
 LEARN_RATE = 0.3
 # A correction factor outside this range means the signals are garbage, not that the model is off.
@@ -67,6 +69,7 @@ class Observation:
     steps: float | None = None  # engine steps per second, summed
     tokens: float | None = None  # tokens the pool's steps computed per second, summed
     startup: float | None = None  # seconds a replica's process took to serve (its own measurement)
+    upstream: float | None = None  # requests queued upstream (at prefill, for decode) bound for this pool
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,9 @@ class Sizing:
     target: float  # latency target, seconds
     percentile: float  # of the target
     horizon: float  # seconds ahead to forecast the load
-    drain: float  # seconds in which queued requests should be absorbed
+    drain: float  # seconds after a replica asked for now serves, by which a queue should be drained
     max_num_seqs: int  # decode batch limit
+    startups: Startups = field(default_factory=Startups)  # replicas ready and starting, start-up time
 
 
 @dataclass(frozen=True)
@@ -87,10 +91,22 @@ class Plan:
     replicas: int | None
     load: float | None
     note: str
+    steady: int | None = None  # replicas for the arrivals alone, without draining a queue
 
 
 def ewma(previous: float | None, sample: float, rate: float = LEARN_RATE) -> float:
     return sample if previous is None else previous + rate * (sample - previous)
+
+
+def has_queue(obs: Observation) -> bool:
+    """More requests waiting at the pool's engines than one per ready replica: a standing queue, not
+    the Poisson noise of a busy pool."""
+    return (obs.waiting or 0.0) > max(obs.ready or 0, 1)
+
+
+def queue_ahead(obs: Observation) -> bool:
+    """A standing queue at the pool, or upstream of it (prefill's, which decode receives next)."""
+    return has_queue(obs) or (obs.upstream or 0.0) > max(obs.ready or 0, 1)
 
 
 def near_target(latency: float, sizing: Sizing) -> bool:
@@ -192,8 +208,16 @@ class Planner(Protocol):
 @dataclass
 class PrefillPlanner:
     tokens_per_busy_second: float | None = None
+    prompt_tokens: float | None = None  # per request, learned while no queue stands
     correction: float = 1.0
     demand: Forecaster = field(default_factory=Forecaster)
+    queue: QueueWatch = field(default_factory=QueueWatch)
+
+    def service_time(self) -> float | None:
+        """Seconds one average prompt keeps a prefill replica busy."""
+        if self.prompt_tokens is None or self.tokens_per_busy_second is None:
+            return None
+        return self.prompt_tokens / self.tokens_per_busy_second
 
     def learn(self, obs: Observation, now: float, sizing: Sizing, settled: bool) -> None:
         """Capacity from every sample; the correction only from a settled pool without a backlog, where
@@ -202,14 +226,20 @@ class PrefillPlanner:
             self.demand.update(now, obs.demand)
         if obs.busy is not None and obs.tokens is not None and obs.busy >= MIN_BUSY and obs.tokens > 0:
             self.tokens_per_busy_second = ewma(self.tokens_per_busy_second, obs.tokens / obs.busy)
-        service = _service_time(obs, self.tokens_per_busy_second)
+        # Prompt tokens per request from the router's counters; not while a queue stands, since then
+        # requests finishing lag the prompts arriving and the ratio overstates a prompt.
+        if obs.demand and obs.request_rate and not has_queue(obs):
+            self.prompt_tokens = ewma(self.prompt_tokens, obs.demand / obs.request_rate)
+        service = self.service_time()
+        throughput = obs.ready / service if service and obs.ready else None
+        self.queue.update(now, obs.waiting or 0.0, throughput, obs.ready or 0)
         if (
             not settled
             or service is None
             or obs.latency is None
             or not obs.request_rate
             or not obs.ready
-            or (obs.waiting or 0.0) > obs.ready
+            or has_queue(obs)
         ):
             return
         if obs.request_rate * service <= 0.95 * obs.ready and near_target(obs.latency, sizing):
@@ -217,29 +247,32 @@ class PrefillPlanner:
             self.correction = clamp(ewma(self.correction, obs.latency / modelled), *CORRECTION_RANGE)
 
     def plan(self, obs: Observation, sizing: Sizing) -> Plan:
-        capacity, service = self.tokens_per_busy_second, _service_time(obs, self.tokens_per_busy_second)
-        if capacity is None or service is None or not obs.demand or not obs.request_rate:
+        capacity, service, prompt_tokens = (
+            self.tokens_per_busy_second,
+            self.service_time(),
+            self.prompt_tokens,
+        )
+        if capacity is None or service is None or prompt_tokens is None or not obs.demand:
             return Plan(None, None, "prefill capacity not learned yet")
-        prompt_tokens = obs.demand / obs.request_rate
-        # Queued prompts come on top of the forecast, absorbed over the drain time.
-        load = self.demand.forecast(sizing.horizon) + (obs.waiting or 0.0) * prompt_tokens / sizing.drain
+        # Arrivals: what a standing queue shows now (a step, a window before the rates do), else the
+        # forecast (extrapolating the windowed rate's climb after a step would overshoot it).
+        arrivals = self.queue.arrivals or self.demand.forecast(sizing.horizon) / prompt_tokens
         budget = sizing.target / self.correction
-        arrivals = load / prompt_tokens * (1 + PREFILL_HEADROOM)
-        replicas = replicas_for_ttft(arrivals, service, budget, sizing.percentile)
-        if replicas is None:
+        steady = replicas_for_ttft(arrivals * (1 + PREFILL_HEADROOM), service, budget, sizing.percentile)
+        if steady is None:
             return Plan(None, None, f"one prompt takes {service:.3g}s, over the TTFT budget {budget:.3g}s")
+        drain, backlog = drain_replicas(
+            obs.waiting or 0.0, arrivals, 1 / service, sizing.startups, sizing.drain
+        )
+        load = arrivals * prompt_tokens
         note = (
             f"{load:.4g} prompt tokens/s forecast (+{PREFILL_HEADROOM:.0%}), {capacity:.4g} tokens/s per "
             f"busy replica, modelled TTFT within {budget:.3g}s"
         )
-        return Plan(replicas, load, note)
-
-
-def _service_time(obs: Observation, capacity: float | None) -> float | None:
-    """Seconds one average prompt keeps a prefill replica busy."""
-    if capacity is None or not obs.request_rate or obs.demand is None or obs.demand <= 0:
-        return None
-    return obs.demand / obs.request_rate / capacity
+        if drain > steady:
+            note += f"; {drain} drain {backlog:.4g} prompts queued when new replicas serve"
+            note += f" within {sizing.drain:g}s"
+        return Plan(max(steady, drain), load, note, steady=steady)
 
 
 # ---- decode -------------------------------------------------------------------------------------
@@ -286,12 +319,16 @@ class DecodePlanner:
     steps: StepModel = field(default_factory=StepModel)
     correction: float = 1.0
     demand: Forecaster = field(default_factory=Forecaster)
+    queue: QueueWatch = field(default_factory=QueueWatch)
 
     def learn(self, obs: Observation, now: float, sizing: Sizing, settled: bool) -> None:
         """Step times from every sample; the correction (ITL percentile over modelled step) only from a
         settled pool where no stream waits for a slot (a wait is one long gap, not a slow step)."""
         if obs.demand is not None:
             self.demand.update(now, obs.demand)
+        # The queue ahead of decode: streams waiting for a slot and prompts still queued at prefill.
+        queued = (obs.waiting or 0.0) + (obs.upstream or 0.0)
+        self.queue.update(now, queued, obs.request_rate, obs.ready or 0)
         if not obs.steps or obs.busy is None or obs.tokens is None or obs.tokens <= 0:
             return
         batch, step = obs.tokens / obs.steps, obs.busy / obs.steps
@@ -329,11 +366,25 @@ class DecodePlanner:
         bound, batch = min(limits.items(), key=lambda item: item[1])
         if batch < 1:
             return Plan(None, None, f"{bound} allows less than one stream per replica")
-        # Streams in flight = token rate x seconds per token (Little's law); queued streams add their
-        # tokens to the rate, absorbed over the drain time.
+        # Streams in flight = token rate x seconds per token (Little's law), at the arrivals a standing
+        # queue shows, else at the forecast; the queue drains at the same per-stream pace.
         output_tokens = (obs.demand or 0.0) / obs.request_rate if obs.request_rate else 0.0
-        backlog = (obs.waiting or 0.0) * output_tokens / sizing.drain
-        streams = (self.demand.forecast(sizing.horizon) + backlog) * (intercept + slope * batch)
+        step = intercept + slope * batch
+        token_rate = self.demand.forecast(sizing.horizon)
+        if self.queue.arrivals is not None and output_tokens > 0:
+            token_rate = self.queue.arrivals * output_tokens
+        streams = token_rate * step
         spread = DECODE_SIGMAS * math.sqrt(streams)
+        steady = replicas_for(streams + spread, batch)
         note = f"{streams:.4g} streams forecast (+{spread:.3g}), {batch:.3g} per replica ({bound})"
-        return Plan(replicas_for(streams + spread, batch), streams, note)
+        if output_tokens <= 0:
+            return Plan(steady, streams, note, steady=steady)
+        queued = (obs.waiting or 0.0) + (obs.upstream or 0.0)
+        per_replica = batch / (output_tokens * step)  # requests/s one replica completes at that batch
+        drain, backlog = drain_replicas(
+            queued, token_rate / output_tokens, per_replica, sizing.startups, sizing.drain
+        )
+        if drain > steady:
+            note += f"; {drain} drain {backlog:.4g} requests queued when new replicas serve"
+            note += f" within {sizing.drain:g}s"
+        return Plan(max(steady, drain), streams, note, steady=steady)

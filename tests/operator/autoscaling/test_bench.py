@@ -91,3 +91,22 @@ def test_seeds_replays_one_day_per_seed_and_counts_those_meeting_both_targets(tm
     attainment = summary["attainment"]
     assert attainment["min"] <= attainment["mean"] <= attainment["max"]
     assert (tmp_path / "seeds-step.png").stat().st_size > 10_000
+
+
+def test_budget_scenario_never_exceeds_the_budget_and_finds_the_best_fixed_split(tmp_path: Path) -> None:
+    done = run_bench(
+        "--capacity",
+        str(CAPACITY),
+        "--out",
+        str(tmp_path),
+        "--traces",
+        "burst",
+        module="bench.autoscale.budget",
+    )
+    assert done.returncode == 0, done.stderr
+    burst = json.loads((tmp_path / "budget.json").read_text())["results"]["burst"]
+    assert burst["budget"] == round(0.7 * burst["peak_need"])
+    assert burst["budget_exceeded_seconds"] == 0 and burst["max_accelerators_in_use"] <= burst["budget"]
+    assert sum(burst["best_fixed_split"].values()) == burst["budget"]
+    assert burst["budget_binding_share"] > 0  # the scenario does bind
+    assert (tmp_path / "budget-burst.png").stat().st_size > 10_000

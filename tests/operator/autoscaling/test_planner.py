@@ -108,9 +108,11 @@ def test_prefill_planner_learns_capacity_and_sizes_for_the_load() -> None:
         planner.learn(prefill_obs(40, 4), 15.0 * k, SIZING, settled=False)
     at_40 = planner.plan(prefill_obs(40, 4), SIZING)
     assert at_40.replicas is not None and at_40.replicas > at_20.replicas
-    queued = planner.plan(prefill_obs(40, 4, waiting=600), SIZING)  # 600 x 100 tokens over 60 s
-    assert queued.load is not None and at_40.load is not None
-    assert queued.load == pytest.approx(at_40.load + 1000)
+    # 6000 prompts queued, drained within the 60 s drain time on top of the forecast arrivals (~40/s),
+    # at 10 prompts/s per replica: (40 + 6000 / 60) / 10.
+    queued = planner.plan(prefill_obs(40, 4, waiting=6000), SIZING)
+    assert queued.load == at_40.load and queued.steady == at_40.replicas
+    assert queued.replicas == math.ceil((at_40.load / 100 + 100) / 10) and "drain 6000 prompts" in queued.note
     assert "prompt tokens/s forecast" in at_40.note
 
 

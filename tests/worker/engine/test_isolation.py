@@ -108,3 +108,15 @@ async def test_running_gauge_drops_when_the_last_stream_is_cancelled(engines: tu
         assert running() == 0
     finally:
         await runtime.close()
+
+
+async def test_a_lone_sequence_that_breaks_the_forward_is_its_own_fault(both: EngineRuntime) -> None:
+    """Alone in its step, nothing to compare with: a probe forward shows the engine still works, so
+    the failure is the request's (not retried elsewhere), and the worker serves the next request."""
+    vocab = both.engine.loaded.vocab_size
+    with pytest.raises(GenerationError) as failure:
+        await collect(both.generate(request([5, 6, vocab + 10], GREEDY, rid="lone")))
+    assert failure.value.kind == REQUEST_FAULT
+    assert_no_leaks(both)  # the probe's block is back too
+    tokens, _ = await collect(both.generate(request([7, 8, 9], GREEDY, rid="after")))
+    assert len(tokens) == MAX_TOKENS

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -12,7 +12,6 @@ from transformers import PreTrainedTokenizerBase
 from splitserve.contract.config import EngineConfig
 from splitserve.contract.names import EngineRole
 from splitserve.engine.forward import Engine
-from splitserve.engine.loader import load_model
 from splitserve.engine.params import GenerationError, SamplingParams
 from splitserve.engine.runtime import EngineRuntime
 from splitserve.serving.frontend import build_openai_app
@@ -25,16 +24,16 @@ from tests.worker.engine.runtimes import GREEDY, assert_no_leaks, collect, hand_
 BLOCK = 16
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_model: Path) -> tuple[Engine, Engine]:
-    config = EngineConfig(model=str(tiny_model), threads=1)
-    return Engine(load_model(config)), Engine(load_model(config))
-
-
 def make_runtime(
-    engine: Engine, role: EngineRole, blocks: int, metrics: Metrics | None = None, max_num_seqs: int = 64
+    engine: Engine,
+    role: EngineRole,
+    blocks: int,
+    metrics: Metrics | None = None,
+    max_num_seqs: int = 64,
+    prefix_caching: bool = True,
+    **settings: Any,
 ) -> EngineRuntime:
-    """A runtime whose pool has exactly `blocks` blocks of BLOCK tokens."""
+    """A runtime whose pool has exactly `blocks` blocks of BLOCK tokens (`settings`: more EngineConfig)."""
     config = EngineConfig(
         model="tiny",
         prefill_chunk_size=32,
@@ -42,6 +41,8 @@ def make_runtime(
         block_size=BLOCK,
         kv_cache_bytes=blocks * BLOCK * engine.loaded.layout.bytes_per_token,
         max_num_seqs=max_num_seqs,
+        enable_prefix_caching=prefix_caching,
+        **settings,
     )
     runtime = EngineRuntime(engine, config, role, metrics or Metrics("test", role))
     assert runtime.pool.num_blocks == blocks

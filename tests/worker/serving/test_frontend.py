@@ -292,6 +292,7 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     ("/v1/completions", {"prompt": "hi", "use_beam_search": True}, 400, "use_beam_search"),
     ("/v1/completions", {"prompt": "hi", "min_p": 0.1}, 400, "min_p"),
     ("/v1/completions", {"prompt": "hi", "kv_transfer_params": {"remote": "x"}}, 400, "kv_transfer_params"),
+    ("/v1/completions", {"prompt": "hi", "cache_salt": "tenant-a"}, 400, "cache_salt"),
     ("/v1/completions", {"prompt": "hi", "add_special_tokens": False}, 400, "add_special_tokens"),
     (
         "/v1/chat/completions",
@@ -610,7 +611,7 @@ NEUTRAL_VLLM_FIELDS: dict[str, Any] = {
     "min_p": 0.0,
     "use_beam_search": False,
     "length_penalty": 1.0,
-    "cache_salt": "a salt changes nothing without a prefix cache",
+    "cache_salt": None,
     "priority": 0,
     "guided_json": None,
     "bad_words": [],

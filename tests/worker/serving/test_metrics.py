@@ -24,6 +24,11 @@ ENGINE = {
     names.KV_CACHE_CAPACITY_TOKENS,
     names.KV_CACHE_BLOCKS,
     names.PREEMPTIONS,
+    names.PREFIX_CACHE_QUERIES,
+    names.PREFIX_CACHE_HITS,
+    names.KV_TIER_USAGE_BYTES,
+    names.KV_OFFLOAD_BYTES,
+    names.KV_DISK_ERRORS,
     names.STARTUP_SECONDS,
 }
 TRANSFER = {names.KV_TRANSFER_SECONDS, names.KV_TRANSFER_BYTES}
@@ -32,13 +37,14 @@ DECODE = {names.step_seconds("decode"), names.stage_tokens("decode")}
 
 
 def exported(role: str) -> set[str]:
-    """Metric names in the role's /metrics body, as Prometheus' own parser reads them."""
+    """splitserve_* names in the role's /metrics body, as Prometheus' own parser reads them (the vllm:
+    views of them follow the same roles: test_vllm_metrics.py)."""
     body, _ = Metrics("pool", role).exposition()
     families = text_string_to_metric_families(body.decode())
     found = set()
     for family in families:  # samples keep the full name (`_total`), unlike the parsed family
         for sample in family.samples:
-            if not sample.name.endswith("_created"):
+            if sample.name.startswith("splitserve_") and not sample.name.endswith("_created"):
                 found.add(sample.name.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum"))
     return found
 

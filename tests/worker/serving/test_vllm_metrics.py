@@ -36,6 +36,8 @@ ENGINE = {
     "vllm:num_requests_running": ("gauge", None),
     "vllm:num_requests_waiting": ("gauge", None),
     "vllm:kv_cache_usage_perc": ("gauge", None),
+    "vllm:prefix_cache_queries": ("counter", None),
+    "vllm:prefix_cache_hits": ("counter", None),
 }
 BUCKETS = {
     "vllm:time_to_first_token_seconds": [
@@ -123,11 +125,15 @@ def test_engines_export_vllms_scheduler_gauges(role: str) -> None:
     metrics.requests_running.set(3)
     metrics.requests_waiting.set(2)
     metrics.kv_cache_usage.set(0.25)  # a fraction, as vLLM's "_perc" is: 1 means 100 percent
+    metrics.record_prefix_cache(100, {"device": 48})
+    metrics.record_prefix_cache(50, {"host": 16})  # vLLM's hits are the device cache's
     exported = families(metrics.exposition()[0].decode())
     check(exported, ENGINE)
     assert not set(FRONTEND) & set(exported)  # the router counts requests, once
-    got = [value(exported, name) for name in ENGINE]
-    assert got == [3.0, 2.0, 0.25]
+    got = [
+        value(exported, name + ("_total" if kind == "counter" else "")) for name, (kind, _) in ENGINE.items()
+    ]
+    assert got == [3.0, 2.0, 0.25, 150.0, 48.0]
 
 
 def test_vllm_buckets_are_a_subset_of_ours() -> None:

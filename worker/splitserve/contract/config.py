@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -57,12 +57,43 @@ class EngineConfig(BaseModel):
         le=4096,
         description="Tokens per KV block: sequences take memory one block at a time as they grow.",
     )
+    enable_prefix_caching: bool = Field(
+        True,
+        description="Keep full KV blocks after their request ends, addressed by content, and reuse them "
+        "for prompts that start with the same tokens (the last prompt token is always computed).",
+    )
+    kv_host_bytes: int = Field(
+        0,
+        ge=0,
+        description="Host-memory tier of the prefix cache: bytes of evicted device blocks kept in RAM "
+        "(pinned on CUDA) and loaded back on a hit instead of recomputed; 0 = off.",
+    )
+    kv_host_ttl_seconds: float | None = Field(
+        None, gt=0, description="How long a block stays in the host tier after its last use; none = no limit."
+    )
+    kv_disk_path: str | None = Field(
+        None,
+        description="Disk tier: a directory (node-local NVMe, emptyDir or a PVC the pool shares) that "
+        "receives what the host tier lets go of; unset = off.",
+    )
+    kv_disk_bytes: int = Field(10 << 30, ge=1, description="Disk tier budget in bytes of block files.")
+    kv_disk_ttl_seconds: float | None = Field(
+        None, gt=0, description="How long a block file stays after its last use; none = no limit."
+    )
     kv_timeout_seconds: float = Field(
         60.0, gt=0, description="Decode: how long a registered request waits for its KV cache."
     )
     max_transfer_bytes: int = Field(
         8 << 30, ge=1, description="Decode: largest KV cache accepted for one request."
     )
+
+    @model_validator(mode="after")
+    def _tiers_need_the_prefix_cache(self) -> EngineConfig:
+        if not self.enable_prefix_caching and (self.kv_host_bytes or self.kv_disk_path):
+            raise ValueError(
+                "kv_host_bytes and kv_disk_path keep prefix-cache blocks: they need enable_prefix_caching"
+            )
+        return self
 
     @property
     def name(self) -> str:

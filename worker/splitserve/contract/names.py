@@ -56,6 +56,20 @@ KV_CACHE_USAGE: Final = "splitserve_kv_cache_usage_ratio"
 KV_CACHE_CAPACITY_TOKENS: Final = "splitserve_kv_cache_capacity_tokens"
 KV_CACHE_BLOCKS: Final = "splitserve_kv_cache_blocks"  # label `state`: free | used
 PREEMPTIONS: Final = "splitserve_preemptions_total"
+# Prefix cache, in tokens as vLLM counts them: tokens looked up at admission, and those found cached,
+# by the tier they came from (label `tier`); hits / queries is the hit ratio.
+PREFIX_CACHE_QUERIES: Final = "splitserve_prefix_cache_queries_total"
+PREFIX_CACHE_HITS: Final = "splitserve_prefix_cache_hits_total"
+PREFIX_CACHE_TIER_LABEL: Final = "tier"
+PrefixCacheTier = Literal["device", "host", "disk"]
+PREFIX_CACHE_TIERS: Final[tuple[PrefixCacheTier, ...]] = ("device", "host", "disk")
+KV_TIER_USAGE_BYTES: Final = "splitserve_kv_tier_usage_bytes"  # label `tier`: host | disk
+# KV bytes moved between the device and the tiers below it: label `tier` (host | disk) and `direction`.
+KV_OFFLOAD_BYTES: Final = "splitserve_kv_offload_bytes_total"
+OffloadDirection = Literal["store", "load"]  # store: into the tier; load: from it back to the device
+OFFLOAD_DIRECTIONS: Final[tuple[OffloadDirection, ...]] = ("store", "load")
+KV_DISK_ERRORS: Final = "splitserve_kv_disk_errors_total"  # label `reason`, one of KV_DISK_ERROR_REASONS
+KV_DISK_ERROR_REASONS: Final = ("truncated", "corrupt", "foreign", "io_error", "write_error")
 # Seconds from process start to serving (weights loaded): the autoscaler's first start-up estimate.
 STARTUP_SECONDS: Final = "splitserve_startup_seconds"
 
@@ -86,6 +100,11 @@ SERIES_ROLES: Final[dict[str, frozenset[str]]] = {
             KV_CACHE_CAPACITY_TOKENS,
             KV_CACHE_BLOCKS,
             PREEMPTIONS,
+            PREFIX_CACHE_QUERIES,
+            PREFIX_CACHE_HITS,
+            KV_TIER_USAGE_BYTES,
+            KV_OFFLOAD_BYTES,
+            KV_DISK_ERRORS,
             STARTUP_SECONDS,
         ),
         _ENGINE,
@@ -125,6 +144,8 @@ VLLM_WAITING: Final = "vllm:num_requests_waiting"  # gauge
 VLLM_KV_USAGE: Final = "vllm:kv_cache_usage_perc"  # gauge, a fraction: 1 means 100 percent
 VLLM_PROMPT_TOKENS: Final = "vllm:prompt_tokens"  # counter, exposed as vllm:prompt_tokens_total
 VLLM_GENERATION_TOKENS: Final = "vllm:generation_tokens"  # counter, ..._total
+VLLM_PREFIX_CACHE_QUERIES: Final = "vllm:prefix_cache_queries"  # counter, ..._total, in tokens
+VLLM_PREFIX_CACHE_HITS: Final = "vllm:prefix_cache_hits"  # counter, ..._total: the device cache's hits
 VLLM_REQUEST_SUCCESS: Final = "vllm:request_success"  # counter, ..._total, label `finished_reason`
 VLLM_FINISHED_REASON_LABEL: Final = "finished_reason"
 VLLM_FINISHED_REASONS: Final = ("stop", "length", "abort")  # str(vllm.v1.engine.FinishReason)

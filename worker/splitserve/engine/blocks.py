@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 class NoFreeBlocksError(Exception):
@@ -40,60 +40,143 @@ class BlockAllocator:
 
     Blocks of one sequence that are contiguous in the pool can be read in place (attention.py);
     the initial order spreads new sequences apart so that this stays the common case.
+
+    The prefix cache lives here too, because it is the same bookkeeping: a full block may carry a
+    content hash (block_hash.py); blocks in use are reference-counted, so sequences with a common
+    prefix share its blocks; a hashed block whose last user lets go stays cached and *free* (it counts
+    for admission) until it is needed, and then the least recently used one is evicted, after every
+    blank free block has been handed out.
     """
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, on_evict: Callable[[int, int], None] | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"a KV pool needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free: set[int] = set(range(num_blocks))
+        self.on_evict = on_evict  # (block, hash) of a cached block about to be reused; runs under the lock
+        self._free: set[int] = set(range(num_blocks))  # free and holding nothing worth keeping
         # Hand-out order; may hold ids taken out of turn (skipped on the way), compacted when long.
         self._order: collections.deque[int] = collections.deque(spread_order(num_blocks))
+        self._refs: dict[int, int] = {}  # block in use -> how many sequences hold it
+        self._cached_free: collections.OrderedDict[int, None] = collections.OrderedDict()  # LRU first
+        self._hash_of: dict[int, int] = {}
+        self._block_of: dict[int, int] = {}  # hash -> the one block holding it
         self._lock = threading.Lock()
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks a sequence can take: blank ones and cached ones nobody uses."""
+        return len(self._free) + len(self._cached_free)
+
+    @property
+    def num_cached_free(self) -> int:
+        return len(self._cached_free)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks holding a hashed prefix block, in use or not."""
+        return len(self._hash_of)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
 
     def can_allocate(self, count: int, keep_free: int = 0) -> bool:
         """Whether `count` blocks can be taken while leaving `keep_free` (the admission watermark)."""
-        return count + keep_free <= len(self._free)
+        return count + keep_free <= self.num_free
 
     def allocate(self, count: int, keep_free: int = 0, after: int | None = None) -> list[int]:
         """Take `count` blocks, all or none; NoFreeBlocksError if that would leave fewer than `keep_free`.
 
         `after` (a sequence's last block) asks for the blocks that follow it; otherwise the next free
-        block in order and, where free, the ones after it.
+        block in order and, where free, the ones after it. Cached free blocks are taken last, least
+        recently used first (their hashes are forgotten).
         """
         with self._lock:
-            if count + keep_free > len(self._free):
-                free = len(self._free)
-                raise NoFreeBlocksError(f"{count} blocks wanted, {free} free, {keep_free} kept back")
-            taken: list[int] = []
-            start = after + 1 if after is not None else None
-            while len(taken) < count:
-                if start is None or start in taken or start not in self._free:
-                    start = self._next_in_order(taken)
-                taken.append(start)
-                start += 1
-            self._free.difference_update(taken)
-            return taken
+            return self._allocate(count, keep_free, after)
+
+    def allocate_prefixed(
+        self, hashes: Iterable[int], count: int, keep_free: int = 0
+    ) -> tuple[list[int], int]:
+        """`count` blocks for a new sequence, the first ones shared: the cached blocks of the longest
+        leading run of `hashes` (read lazily, stopping at the first miss). All or none, like `allocate`;
+        a cached free block it revives counts against the free blocks. Returns (blocks, shared)."""
+        with self._lock:
+            shared: list[int] = []
+            for content in hashes:
+                block = self._block_of.get(content)
+                if block is None or len(shared) == count:
+                    break
+                shared.append(block)
+            wanted = count - len(shared) + sum(1 for block in shared if block in self._cached_free)
+            if wanted + keep_free > self.num_free:
+                raise NoFreeBlocksError(
+                    f"{wanted} blocks wanted, {self.num_free} free, {keep_free} kept back"
+                )
+            for block in shared:
+                self._cached_free.pop(block, None)
+                self._refs[block] = self._refs.get(block, 0) + 1
+            fresh = self._allocate(count - len(shared), 0, after=shared[-1] if shared else None)
+            return shared + fresh, len(shared)
+
+    def register(self, block: int, content: int) -> None:
+        """`block` (in use, now full) holds the block hashed `content`; kept once the sequence lets go.
+        If another block already holds that content (two sequences computed it at once), this one stays
+        unhashed: one copy is enough."""
+        with self._lock:
+            if block in self._refs and content not in self._block_of and block not in self._hash_of:
+                self._hash_of[block] = content
+                self._block_of[content] = block
 
     def release(self, blocks: Iterable[int]) -> None:
-        """Give blocks back; a block that is not in use is a bug in the caller, so it raises."""
+        """Give blocks back; a block that is not in use is a bug in the caller, so it raises.
+
+        Blocks are given in sequence order; the cached ones are queued for eviction last block first, so
+        a prefix is cut from its end and what stays cached is still a reachable prefix.
+        """
         with self._lock:
             returned = list(blocks)
-            stray = [b for b in returned if b in self._free or not 0 <= b < self.num_blocks]
+            stray = [b for b in returned if b not in self._refs]
             if stray or len(set(returned)) != len(returned):
                 raise ValueError(f"blocks {stray or returned} are not in use (double free?)")
-            self._free.update(returned)
-            self._order.extend(returned)
+            for block in returned:
+                self._refs[block] -= 1
+            gone = [block for block in returned if not self._refs[block]]
+            for block in gone:
+                del self._refs[block]
+            for block in reversed(gone):
+                if block in self._hash_of:
+                    self._cached_free[block] = None
+            blank = [block for block in gone if block not in self._hash_of]
+            self._free.update(blank)
+            self._order.extend(blank)
             if len(self._order) > 2 * self.num_blocks:
                 self._order = collections.deque(block for block in self._order if block in self._free)
+
+    def _allocate(self, count: int, keep_free: int, after: int | None) -> list[int]:
+        if count + keep_free > self.num_free:
+            raise NoFreeBlocksError(f"{count} blocks wanted, {self.num_free} free, {keep_free} kept back")
+        taken: list[int] = []
+        start = after + 1 if after is not None else None
+        while len(taken) < min(count, len(self._free)):
+            if start is None or start in taken or start not in self._free:
+                start = self._next_in_order(taken)
+            taken.append(start)
+            start += 1
+        self._free.difference_update(taken)
+        while len(taken) < count:
+            taken.append(self._evict())
+        for block in taken:
+            self._refs[block] = 1
+        return taken
+
+    def _evict(self) -> int:
+        """The least recently used cached free block, its hash forgotten (and reported)."""
+        block, _ = self._cached_free.popitem(last=False)
+        content = self._hash_of.pop(block)
+        del self._block_of[content]
+        if self.on_evict is not None:
+            self.on_evict(block, content)
+        return block
 
     def _next_in_order(self, taken: list[int]) -> int:
         while True:

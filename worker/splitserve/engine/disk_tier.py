@@ -12,6 +12,7 @@ payload bytes u64, payload CRC-32 u32, shape (ndim x u32), header CRC-32 u32.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import zlib
@@ -134,7 +135,7 @@ class DiskTier:
             temporary.write_bytes(data)
             temporary.replace(target)
         except OSError:
-            temporary.unlink(missing_ok=True)
+            _remove(temporary)
             self.on_error("write_error")
             return False
         self._drop(self.index.put(key, None, len(data)))
@@ -156,11 +157,17 @@ class DiskTier:
             result = decode(data, key, self.salt)
         if isinstance(result, Miss):
             self.index.pop(key)
-            self.path(key).unlink(missing_ok=True)
+            _remove(self.path(key))
             if result.reason != "missing":
                 self.on_error(result.reason)
         return result
 
     def _drop(self, released: list[Released[None]]) -> None:
         for item in released:
-            self.path(item.key).unlink(missing_ok=True)
+            _remove(self.path(item.key))
+
+
+def _remove(path: Path) -> None:
+    """Delete a block file if it can be; a volume that refuses has already been counted, or will be."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)

@@ -30,10 +30,11 @@ class Engine:
         self.model = loaded.model
         self.device = loaded.device
 
-    def new_pool(self, block_size: int, budget_bytes: int | None = None) -> KVPool:
-        """A block pool for this model on this device; `budget_bytes` defaults to the loaded budget."""
+    def new_pool(self, block_size: int, budget_bytes: int | None = None, salt: bytes | None = None) -> KVPool:
+        """A block pool for this model on this device; `budget_bytes` defaults to the loaded budget,
+        `salt` (block_hash.cache_salt) turns the prefix cache on."""
         budget = self.loaded.kv_budget_bytes if budget_bytes is None else budget_bytes
-        return KVPool.for_budget(self.loaded.layout, budget, block_size, self.device)
+        return KVPool.for_budget(self.loaded.layout, budget, block_size, self.device, salt)
 
     def prefill(self, kv: SequenceKV, token_ids: list[int]) -> torch.Tensor:
         """Run one prompt chunk; logits `[V]` of its last token."""
@@ -68,6 +69,6 @@ class Engine:
             **{BATCH_KWARG: batch},
         )
         for item in work:
-            item.kv.length += len(item.token_ids)
+            item.kv.advance(item.token_ids)
         logits: torch.Tensor = output.logits[0]  # [S, V]
         return logits

@@ -17,11 +17,16 @@ the pool's memory in place, one run of consecutive slots of one head at a time (
 from __future__ import annotations
 
 import functools
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from splitserve.contract.names import PrefixCacheTier
+from splitserve.engine.block_hash import block_hash
 from splitserve.engine.blocks import BlockAllocator, blocks_for
+from splitserve.engine.offload import KVTiers
 
 
 @dataclass(frozen=True)
@@ -43,10 +48,19 @@ class KVLayout:
 class KVPool:
     """Every KV block of one worker, allocated up front."""
 
-    def __init__(self, layout: KVLayout, num_blocks: int, block_size: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        layout: KVLayout,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        salt: bytes | None = None,
+    ) -> None:
         self.layout = layout
         self.block_size = block_size
         self.device = device
+        self.salt = salt  # the prefix cache's (cache_salt); None: prefix caching off
+        self.tiers: KVTiers | None = None  # where evicted cached blocks go (`keep_evicted_in`)
         self.allocator = BlockAllocator(num_blocks)
         # Untouched pages of an `empty` CPU tensor cost no RAM until a block is first written.
         self.data = torch.empty(  # [layers, 2, kv_heads, num_blocks * block_size, head_dim]
@@ -63,10 +77,17 @@ class KVPool:
         self._offsets = torch.arange(block_size, device=device)  # [block_size]
 
     @classmethod
-    def for_budget(cls, layout: KVLayout, budget_bytes: int, block_size: int, device: torch.device) -> KVPool:
+    def for_budget(
+        cls,
+        layout: KVLayout,
+        budget_bytes: int,
+        block_size: int,
+        device: torch.device,
+        salt: bytes | None = None,
+    ) -> KVPool:
         """As many whole blocks as `budget_bytes` holds (at least one)."""
         num_blocks = max(1, budget_bytes // (layout.bytes_per_token * block_size))
-        return cls(layout, num_blocks, block_size, device)
+        return cls(layout, num_blocks, block_size, device, salt)
 
     @functools.cached_property
     def byte_view(self) -> memoryview:
@@ -96,6 +117,15 @@ class KVPool:
         """An empty sequence: no blocks until it is given tokens."""
         return SequenceKV(self)
 
+    def keep_evicted_in(self, tiers: KVTiers) -> None:
+        """Copy every cached block the allocator evicts to `tiers`; admission loads them back."""
+        self.tiers = tiers
+        self.allocator.on_evict = lambda block, content: tiers.offload(content, self.block_data(block))
+
+    def block_data(self, block: int) -> torch.Tensor:
+        """One block's keys and values, `[layers, 2, kv_heads, block_size, head_dim]` (a view)."""
+        return self.data[:, :, :, block * self.block_size : (block + 1) * self.block_size]
+
     def slots_of(self, block_table: list[int]) -> torch.Tensor:
         """Slot ids of every token position a block table covers, `[len(table) * block_size]`."""
         table = torch.tensor(block_table, dtype=torch.long).to(self.device)  # [blocks]
@@ -103,13 +133,19 @@ class KVPool:
 
 
 class SequenceKV:
-    """Block table and length of one sequence; `length` tokens of it are written."""
+    """Block table and length of one sequence; `length` tokens of it are written.
+
+    With prefix caching on, it also keeps the written token ids and the hashes of its full blocks, and
+    registers each block with the pool as it fills, so that later sequences can share it.
+    """
 
     def __init__(self, pool: KVPool) -> None:
         self.pool = pool
         self.layout = pool.layout
         self.block_table: list[int] = []
         self.length = 0
+        self.tokens: list[int] = []  # written token ids (prefix caching only)
+        self.hashes: list[int] = []  # hashes of its full blocks, in order (prefix caching only)
         self._slots: torch.Tensor | None = None  # [len(block_table) * block_size], rebuilt on growth
         self.contiguous = True  # its blocks follow each other in the pool: readable as one view
 
@@ -133,9 +169,71 @@ class SequenceKV:
             self.block_table += taken
             self._slots = None
 
+    def admit(self, tokens: list[int], keep_free: int = 0) -> dict[PrefixCacheTier, int]:
+        """Take the blocks of a sequence about to compute `tokens` (it holds none yet). Its longest
+        prefix of full blocks found in the prefix cache is not computed again: blocks still on the
+        device are shared, and after them blocks kept in the host or disk tier are copied back into
+        fresh ones. The last token never comes from the cache (its logits are needed). Returns the
+        tokens found in each tier; `length` is their sum. NoFreeBlocksError (nothing taken) if the
+        blocks do not fit."""
+        if self.block_table:
+            raise ValueError("admit() is for a sequence that holds no blocks")
+        salt = self.pool.salt
+        if salt is None:
+            self.grow(len(tokens), keep_free)
+            return {}
+        size = self.pool.block_size
+        found: list[int] = []
+
+        def chain() -> Iterator[int]:
+            parent: int | None = None
+            for start in range(0, len(tokens) - size, size):  # full blocks before the last token
+                parent = block_hash(parent, tokens[start : start + size], salt)
+                found.append(parent)
+                yield parent
+
+        hashes = chain()
+        allocator = self.pool.allocator
+        table, shared = allocator.allocate_prefixed(hashes, self.pool.blocks_for(len(tokens)), keep_free)
+        self.block_table, self._slots = table, None
+        self.contiguous = not table or table == list(range(table[0], table[0] + len(table)))
+        hits: dict[PrefixCacheTier, int] = {"device": shared * size}
+        cached = shared
+        if self.pool.tiers is not None:
+            for content in itertools.chain(found[shared:], hashes):
+                taken = self.pool.tiers.take(content)
+                target = self.pool.block_data(table[cached])
+                if taken is None or taken[0].shape != target.shape or taken[0].dtype != target.dtype:
+                    break  # (a file of another layout is recomputed, never cast)
+                block, tier = taken
+                target.copy_(block, non_blocking=block.is_pinned())
+                allocator.register(table[cached], content)
+                hits[tier] = hits.get(tier, 0) + size
+                cached += 1
+        self.hashes = found[:cached]
+        self.length = cached * size
+        self.tokens = tokens[: self.length]
+        return hits
+
+    def advance(self, token_ids: list[int]) -> None:
+        """`token_ids` were written after the first `length` tokens; full blocks join the prefix cache."""
+        self.length += len(token_ids)
+        salt = self.pool.salt
+        if salt is None:
+            return
+        self.tokens += token_ids
+        size = self.pool.block_size
+        while len(self.hashes) < self.length // size:
+            index = len(self.hashes)
+            parent = self.hashes[-1] if self.hashes else None
+            self.hashes.append(block_hash(parent, self.tokens[index * size : (index + 1) * size], salt))
+            self.pool.allocator.register(self.block_table[index], self.hashes[-1])
+
     def release(self) -> None:
-        """Give every block back and forget the contents; safe to call more than once."""
+        """Give every block back and forget the contents; safe to call more than once. Its hashed blocks
+        stay in the prefix cache until their room is needed."""
         blocks, self.block_table, self.length, self._slots = self.block_table, [], 0, None
+        self.tokens, self.hashes = [], []
         self.contiguous = True
         if blocks:
             self.pool.allocator.release(blocks)

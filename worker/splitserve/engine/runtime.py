@@ -21,9 +21,11 @@ from typing import Literal
 
 from splitserve.contract.config import EngineConfig
 from splitserve.contract.names import EngineRole
+from splitserve.engine.block_hash import cache_salt
 from splitserve.engine.blocks import NoFreeBlocksError
 from splitserve.engine.forward import Engine
 from splitserve.engine.kv_cache import SequenceKV
+from splitserve.engine.offload import KVTiers
 from splitserve.engine.params import (
     REQUEST_FAULT,
     GenerationChunk,
@@ -77,7 +79,13 @@ class EngineRuntime:
         self.config = config
         self.metrics = metrics
         self.max_model_len = loaded.max_model_len
-        self.pool = engine.new_pool(config.block_size, config.kv_cache_bytes)
+        salt = cache_salt(config.model, config.revision, str(loaded.layout.dtype))
+        self.pool = engine.new_pool(
+            config.block_size, config.kv_cache_bytes, salt if config.enable_prefix_caching else None
+        )
+        tiers = KVTiers.for_config(config, salt, self.pool.device, metrics)
+        if tiers is not None:
+            self.pool.keep_evicted_in(tiers)
         policy = BatchPolicy.for_role(
             role, config.prefill_chunk_size, config.chunked_prefill, loaded.max_model_len, config.max_num_seqs
         )
@@ -189,7 +197,7 @@ class EngineRuntime:
         """Every layer is in: emit the first token (sampled by prefill) and join the decode batch."""
         stream = self._streams[request_id]
         stream.kv_state = "arrived"
-        kv.length = len(stream.prompt)
+        kv.advance(stream.prompt)  # its full blocks join this worker's prefix cache
         finish = finish_reason(stream.params, self.engine.loaded.eos_token_ids, first_token, 1)
         if finish is None and not (stream.closed or stream.failed):
             self._submit(stream, Sequence(request_id, stream.params, kv, stream.prompt, [first_token]))

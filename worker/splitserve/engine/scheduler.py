@@ -16,12 +16,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from splitserve.contract.names import OffloadDirection, PrefixCacheTier
 from splitserve.engine.blocks import NoFreeBlocksError
 from splitserve.engine.forward import Engine, Work
 from splitserve.engine.kv_cache import KVPool, SequenceKV
@@ -45,6 +46,18 @@ class EngineMetrics(Protocol):
 
     def record_kv_blocks(self, free: int, used: int) -> None:
         """Blocks free and in use, and their ratio (the KV cache usage gauge)."""
+
+    def record_prefix_cache(self, queried: int, hits: Mapping[PrefixCacheTier, int]) -> None:
+        """One admission's prefix-cache lookup: tokens looked up, tokens found per tier."""
+
+    def record_kv_tier_usage(self, used: Mapping[PrefixCacheTier, int]) -> None:
+        """Bytes held by each retention tier below the device."""
+
+    def record_kv_disk_error(self, reason: str) -> None:
+        """A disk-tier block file that could not be read back or written."""
+
+    def record_kv_offload(self, tier: PrefixCacheTier, direction: OffloadDirection, nbytes: int) -> None:
+        """KV bytes stored into a retention tier or loaded back from it."""
 
 
 @dataclass(eq=False)
@@ -71,6 +84,11 @@ class Sequence:
     @property
     def prefilled(self) -> bool:
         return self.kv.length >= self.prefill_target
+
+    def target_tokens(self) -> list[int]:
+        """Every token the sequence computes before its next sample: the prompt, then (after a
+        preemption) its output so far."""
+        return (self.prompt + self.output)[: self.prefill_target]
 
     def next_chunk(self, budget: int) -> list[int]:
         """Up to `budget` of the tokens still to prefill."""
@@ -137,6 +155,7 @@ def plan_step(
 
 _ABORT, _ADD, _STOP, _WAKE = "abort", "add", "stop", "wake"
 WATERMARK_FRACTION = 0.01  # of the pool kept free at admission, so running streams can grow (vLLM's 1 %)
+PROBE_TOKEN = 0  # any id in the vocabulary: the probe only asks whether the engine still runs
 
 
 class EngineLoop:
@@ -234,13 +253,14 @@ class EngineLoop:
         return True
 
     def _admit(self) -> None:
-        """FIFO: take the head's blocks while they and the watermark are free."""
+        """FIFO: take the head's blocks while they and the watermark are free; its longest cached
+        prefix is shared instead of taken (and not computed again)."""
         while self.waiting and len(self.prefilling) + len(self.decoding) < self.policy.max_num_seqs:
             seq = self.waiting[0]
             running = bool(self.prefilling or self.decoding)
             try:
                 # The watermark protects running streams; with none running it would only stall.
-                seq.kv.grow(seq.prefill_target, keep_free=self.watermark if running else 0)
+                hits = seq.kv.admit(seq.target_tokens(), keep_free=self.watermark if running else 0)
             except NoFreeBlocksError:
                 if not running and self.pool.blocks_for(seq.prefill_target) > self.pool.num_blocks:
                     self.waiting.popleft()
@@ -249,6 +269,8 @@ class EngineLoop:
                     self.on_step([Emission(seq, None, None, error=error)])
                     continue
                 return
+            if self.pool.salt is not None:
+                self.metrics.record_prefix_cache(seq.prefill_target, hits)
             self.waiting.popleft()
             self._admissions += 1
             seq.admitted = self._admissions
@@ -276,6 +298,8 @@ class EngineLoop:
         self._queued = len(self.waiting)
         self.metrics.requests_running.set(len(self.decoding) + len(self.prefilling))
         self.metrics.record_kv_blocks(self.pool.allocator.num_free, self.pool.allocator.num_used)
+        if self.pool.tiers is not None:
+            self.metrics.record_kv_tier_usage(self.pool.tiers.usage_bytes())
         if emissions:
             self.on_step(emissions)
 
@@ -293,8 +317,9 @@ class EngineLoop:
 
         A failed forward leaves every KV length as it was (`Engine.forward` advances them last), so a
         re-run rewrites the same positions. A sequence that fails while another passes is the
-        request's own fault (`request_fault`: not worth retrying elsewhere); when every one fails, or
-        it ran alone, the worker is the likelier culprit.
+        request's own fault (`request_fault`: not worth retrying elsewhere). When none passes (or one
+        ran alone), a probe forward tells the two apart: if the engine still runs a scratch token, the
+        requests failed by themselves; if not, the worker is at fault and the router retries elsewhere.
         """
         parts: list[tuple[list[tuple[Sequence, int]], list[Sequence]]] = [
             ([item], []) for item in prefill_plan
@@ -311,13 +336,25 @@ class EngineLoop:
                 emissions += self._step(plan, streams)
             except Exception as alone:
                 failed.append((seq, alone))
-        fault = len(failed) < len(parts)
+        fault = len(failed) < len(parts) or self._engine_works()
         for seq, reason in failed:
             self._remove(seq.request_id)
             emissions.append(
                 Emission(seq, None, None, error=f"engine step failed: {reason}", request_fault=fault)
             )
         return emissions
+
+    def _engine_works(self) -> bool:
+        """Whether a one-token forward of a scratch sequence (one block, freed after) still passes."""
+        probe = SequenceKV(self.pool)
+        try:
+            probe.grow(1)
+            self.engine.forward([Work(probe, [PROBE_TOKEN])])
+        except Exception:  # no free block, or a broken engine: cannot clear the requests
+            return False
+        finally:
+            probe.release()
+        return True
 
     def _make_room(self, decode: list[Sequence]) -> list[Sequence]:
         """Give each decode stream the block its next token needs, preempting the latest admitted

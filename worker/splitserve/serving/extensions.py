@@ -6,8 +6,8 @@ and falls into one of three groups, taken from vLLM's `vllm/entrypoints/openai/p
 
 - implemented (declared with the rest of the request in `protocol`): `top_k`, `min_tokens`,
   `ignore_eos`, `stop_token_ids`, `return_token_ids`, `stream_options.continuous_usage_stats`;
-- accepted whatever their value, because they cannot change the output here: `cache_salt` (there is
-  no prefix cache to salt), `priority` 0 (one queue, as vLLM without priority scheduling);
+- accepted whatever their value, because they cannot change the output here: `priority` 0 (one
+  queue, as vLLM without priority scheduling);
 - accepted only at the value that changes nothing (`_NEUTRAL`), refused otherwise with a 400 naming
   the field: each needs machinery we do not have (beam search, constrained decoding, prompt logprobs,
   custom chat templates, logits processors, client-steered KV transfer).
@@ -100,6 +100,8 @@ NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "logits_processors": _unset,
     "return_tokens_as_token_ids": _is(False),  # only read with logprobs, which we refuse
     "kv_transfer_params": _unset,  # the router decides where KV goes, never the client
+    # A tenant's salt asks for a prefix cache of its own; ignoring it would silently share blocks.
+    "cache_salt": _unset,
     "vllm_xargs": _unset,
     "prompt_embeds": _unset,
     "add_generation_prompt": _is(True),

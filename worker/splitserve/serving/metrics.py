@@ -8,6 +8,7 @@ a registry nobody scrapes, so code paths shared between roles need no role check
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -22,6 +23,8 @@ from splitserve.contract.names import (
     STEP_BUCKETS,
     TRANSFER_BUCKETS,
     TTFT_BUCKETS,
+    OffloadDirection,
+    PrefixCacheTier,
 )
 from splitserve.serving.vllm_metrics import VllmSeries
 
@@ -98,6 +101,41 @@ class Metrics:
         self.preemptions = counter(
             names.PREEMPTIONS, "Sequences whose KV blocks were freed to let others grow (recomputed later)."
         )
+        self.prefix_cache_queries = counter(
+            names.PREFIX_CACHE_QUERIES, "Tokens looked up in the prefix cache when a sequence is admitted."
+        )
+        self._prefix_cache_hits = Counter(
+            names.PREFIX_CACHE_HITS,
+            "Tokens found in the prefix cache at admission (not computed), by tier.",
+            (*labels, names.PREFIX_CACHE_TIER_LABEL),
+            registry=reg(names.PREFIX_CACHE_HITS),
+        )
+        for tier in names.PREFIX_CACHE_TIERS:
+            self._prefix_cache_hits.labels(**values, tier=tier)
+        self._kv_tier_usage = Gauge(
+            names.KV_TIER_USAGE_BYTES,
+            "Bytes of evicted prefix-cache blocks held by each retention tier.",
+            (*labels, names.PREFIX_CACHE_TIER_LABEL),
+            registry=reg(names.KV_TIER_USAGE_BYTES),
+        )
+        self.record_kv_tier_usage({"host": 0, "disk": 0})  # exported from the start, tiers or not
+        self._kv_offload_bytes = Counter(
+            names.KV_OFFLOAD_BYTES,
+            "KV bytes stored into a retention tier (device evictions, host to disk) or loaded back.",
+            (*labels, names.PREFIX_CACHE_TIER_LABEL, "direction"),
+            registry=reg(names.KV_OFFLOAD_BYTES),
+        )
+        for tier in ("host", "disk"):
+            for direction in names.OFFLOAD_DIRECTIONS:
+                self._kv_offload_bytes.labels(**values, tier=tier, direction=direction)
+        self._kv_disk_errors = Counter(
+            names.KV_DISK_ERRORS,
+            "Disk-tier block files that could not be read back (a miss, recomputed) or written.",
+            (*labels, "reason"),
+            registry=reg(names.KV_DISK_ERRORS),
+        )
+        for reason in names.KV_DISK_ERROR_REASONS:
+            self._kv_disk_errors.labels(**values, reason=reason)
         self.prefill_step = histogram(
             names.step_seconds("prefill"), "Duration of one prefill forward (one chunk).", STEP_BUCKETS
         )
@@ -125,6 +163,27 @@ class Metrics:
         self._kv_cache_blocks.labels(pool=self.pool, role=self.role, state="free").set(free)
         self._kv_cache_blocks.labels(pool=self.pool, role=self.role, state="used").set(used)
         self.kv_cache_usage.set(used / (free + used) if free + used else 0.0)
+
+    def record_prefix_cache(self, queried: int, hits: Mapping[PrefixCacheTier, int]) -> None:
+        """One admission's lookup: `queried` tokens, and those found in each tier."""
+        self.prefix_cache_queries.inc(queried)
+        for tier, tokens in hits.items():
+            self.prefix_cache_hits(tier).inc(tokens)
+
+    def record_kv_tier_usage(self, used: Mapping[PrefixCacheTier, int]) -> None:
+        for tier, nbytes in used.items():
+            self._kv_tier_usage.labels(pool=self.pool, role=self.role, tier=tier).set(nbytes)
+
+    def record_kv_offload(self, tier: PrefixCacheTier, direction: OffloadDirection, nbytes: int) -> None:
+        labels = {"pool": self.pool, "role": self.role, "tier": tier, "direction": direction}
+        self._kv_offload_bytes.labels(**labels).inc(nbytes)
+
+    def record_kv_disk_error(self, reason: str) -> None:
+        self._kv_disk_errors.labels(pool=self.pool, role=self.role, reason=reason).inc()
+
+    def prefix_cache_hits(self, tier: PrefixCacheTier) -> Counter:
+        """The hit counter of one tier (vLLM's `prefix_cache_hits` is the device one)."""
+        return self._prefix_cache_hits.labels(pool=self.pool, role=self.role, tier=tier)
 
     def request_finished(self, outcome: str) -> None:
         self._requests.labels(pool=self.pool, role=self.role, outcome=outcome).inc()

@@ -106,6 +106,16 @@ class VllmSeries(Collector):
             yield self._gauge(
                 names.VLLM_KV_USAGE, "KV-cache usage. 1 means 100 percent usage.", m.kv_cache_usage
             )
+            yield self._counter(
+                names.VLLM_PREFIX_CACHE_QUERIES,
+                "Prefix cache queries, in terms of number of queried tokens.",
+                m.prefix_cache_queries,
+            )
+            yield self._counter(
+                names.VLLM_PREFIX_CACHE_HITS,
+                "Prefix cache hits, in terms of number of cached tokens.",
+                m.prefix_cache_hits("device"),
+            )
 
     def _samples(self, source: MetricWrapperBase) -> dict[str, list[tuple[dict[str, str], float]]]:
         by_name: dict[str, list[tuple[dict[str, str], float]]] = {}
