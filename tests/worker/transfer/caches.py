@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from splitserve.engine.kv_cache import KVLayout, KVPool, SequenceKV
-from splitserve.transfer.frames import KVHeader
+from splitserve.transfer.frames import FRAME_BYTES, KVHeader
 
 CPU = torch.device("cpu")
 
@@ -43,7 +43,7 @@ def filled(
 
 
 def header_for(
-    request_id: str, kv: SequenceKV, first_token: int = 11, frame_bytes: int = 1 << 20
+    request_id: str, kv: SequenceKV, first_token: int = 11, frame_bytes: int = FRAME_BYTES
 ) -> KVHeader:
     """What the prefill worker sends for `kv`."""
     layout = kv.layout

@@ -154,11 +154,11 @@ def test_round_trip_is_bit_exact(
 
 def test_for_blocks_sizes_frames() -> None:
     header = KVHeader.for_blocks("r", 0, 4000, shape(32, 8, 128, torch.bfloat16), 16)
-    assert header.blocks_per_frame == 16  # 64 KiB blocks, 1 MiB frames
-    assert header.frames_per_layer == 16 and header.num_frames == 512
-    assert header.frame(17) == (1, 256, 512)
-    assert header.frame(511) == (31, 3840, 4000)
-    assert header.max_frame_nbytes == 1 << 20
+    assert header.blocks_per_frame == 64  # 64 KiB blocks, 4 MiB frames
+    assert header.frames_per_layer == 4 and header.num_frames == 128
+    assert header.frame(17) == (4, 1024, 2048)
+    assert header.frame(127) == (31, 3072, 4000)
+    assert header.max_frame_nbytes == 4 << 20
     assert header.total_nbytes == 4000 * 32 * 2 * 8 * 128 * 2
     small = KVHeader.for_blocks("r", 0, 5, shape(1, 1, 1, torch.float32), 16)
     assert small.blocks_per_frame == 1 and small.num_frames == 1 and small.max_frame_nbytes == 40
