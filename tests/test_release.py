@@ -7,6 +7,7 @@ every version (chart, app, package, default worker image) is the one tag the rel
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tomllib
@@ -34,8 +35,13 @@ def runs(document: dict[str, Any]) -> list[str]:
 
 
 def make_dry_run(*targets: str, **variables: str) -> list[str]:
-    command = ["make", "-n", *targets, *(f"{key}={value}" for key, value in variables.items())]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True, timeout=60)
+    command = ["make", "-n", "--no-print-directory", *targets]
+    command += [f"{key}={value}" for key, value in variables.items()]
+    # Run from `make test` (CI), the parent's MAKEFLAGS and MAKELEVEL would leak into this make.
+    env = {key: value for key, value in os.environ.items() if key not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    result = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=60
+    )
     return result.stdout.splitlines()
 
 
