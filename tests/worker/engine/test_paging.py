@@ -97,31 +97,6 @@ async def test_preemption_keeps_every_stream_identical_to_generate(
     assert_no_leaks(runtime)
 
 
-async def test_preempted_decode_streams_are_recomputed_from_the_prompt_they_were_registered_with(
-    engines: tuple[Engine, Engine], reference: Reference
-) -> None:
-    """Split roles: the decode worker never saw the prompt run, yet recomputes it after preemption."""
-    prompts = [random_prompt(17 + 5 * i, seed=300 + i) for i in range(8)]
-    metrics = Metrics("test", "decode")
-    prefill = make_runtime(engines[0], "prefill", blocks=64)
-    decode = make_runtime(engines[1], "decode", blocks=16, metrics=metrics)
-    await prefill.start()
-    await decode.start()
-    try:
-        requests = [request(p, ENDLESS, rid=f"d{i}") for i, p in enumerate(prompts)]
-        await asyncio.wait_for(asyncio.gather(*(hand_off(prefill, decode, r) for r in requests)), 60)
-        results = await asyncio.wait_for(
-            asyncio.gather(*(collect(decode.stream(r.request_id)) for r in requests)), timeout=180
-        )
-    finally:
-        await prefill.close()
-        await decode.close()
-    for prompt, (tokens, _) in zip(prompts, results, strict=True):
-        assert tokens == reference.greedy(prompt, LONG, ignore_eos=True)
-    assert preemptions(metrics) > 0
-    assert_no_leaks(prefill, decode)
-
-
 @pytest.mark.parametrize("length", [1, 15, 16, 17, 31, 32, 33, 64, 65, 3000])
 async def test_prompts_on_and_off_block_boundaries_match_generate_through_the_handoff(
     engines: tuple[Engine, Engine], reference: Reference, length: int
