@@ -23,14 +23,9 @@ from pydantic.json_schema import GenerateJsonSchema, NoDefault
 from pydantic_core import PydanticUndefined, core_schema
 
 from splitserve_operator import naming
-from splitserve_operator.models import (
-    API_GROUP,
-    API_VERSION,
-    KIND,
-    PLURAL,
-    InferencePoolSpec,
-    InferencePoolStatus,
-)
+from splitserve_operator.api_base import API_GROUP, API_VERSION, KIND, PLURAL
+from splitserve_operator.models import InferencePoolSpec
+from splitserve_operator.status_models import InferencePoolStatus
 
 Schema = dict[str, Any]
 

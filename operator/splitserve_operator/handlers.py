@@ -21,14 +21,16 @@ from pydantic import ValidationError
 
 from splitserve.contract.names import WORKER_ROLES, WorkerRole
 from splitserve_operator import naming
+from splitserve_operator.api_base import API_GROUP, API_VERSION, PLURAL
 from splitserve_operator.autoscaling.evaluator import AutoscalerState, PoolAutoscaler
 from splitserve_operator.autoscaling.signals import PrometheusSource, SignalSource, UnconfiguredSource
 from splitserve_operator.conditions import now_rfc3339
 from splitserve_operator.deletion_cost import before_decode_scale_down
 from splitserve_operator.kube import KINDS, Credentials, KubeClient
-from splitserve_operator.models import API_GROUP, API_VERSION, PLURAL, InferencePoolSpec, InferencePoolStatus
+from splitserve_operator.models import InferencePoolSpec
 from splitserve_operator.reconcile import Object, Reconciler, TransientError
 from splitserve_operator.settings import OperatorSettings
+from splitserve_operator.status_models import InferencePoolStatus
 
 logger = logging.getLogger("splitserve.operator")
 

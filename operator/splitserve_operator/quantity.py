@@ -10,7 +10,7 @@ import math
 import re
 from decimal import Decimal, InvalidOperation
 
-from splitserve_operator.models import QUANTITY_PATTERN
+from splitserve_operator.api_base import QUANTITY_PATTERN
 
 _SUFFIXES = {
     "n": Decimal(10) ** -9, "u": Decimal(10) ** -6, "m": Decimal(10) ** -3, "": Decimal(1),

@@ -35,7 +35,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from splitserve.contract.names import WORKER_ROLES, WorkerRole
-from splitserve_operator.models import InferencePoolSpec, accelerators_per_replica
+from splitserve_operator.autoscaling_spec import accelerators_per_replica
+from splitserve_operator.models import InferencePoolSpec
 
 
 @dataclass(frozen=True)

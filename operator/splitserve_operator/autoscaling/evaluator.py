@@ -26,14 +26,9 @@ from splitserve_operator.autoscaling.signals import (
     SignalsUnavailableError,
 )
 from splitserve_operator.conditions import Event, rfc3339, set_condition
-from splitserve_operator.models import (
-    BudgetStatus,
-    Condition,
-    InferencePoolSpec,
-    InferencePoolStatus,
-    PoolStatus,
-)
+from splitserve_operator.models import InferencePoolSpec
 from splitserve_operator.naming import METRICS_AVAILABLE
+from splitserve_operator.status_models import BudgetStatus, Condition, InferencePoolStatus, PoolStatus
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,8 @@ from splitserve_operator.autoscaling.planner import (
     has_queue,
     queue_ahead,
 )
-from splitserve_operator.models import InferencePoolSpec, ScalingRules
+from splitserve_operator.autoscaling_spec import ScalingRules
+from splitserve_operator.models import InferencePoolSpec
 
 SIGNAL: dict[WorkerRole, str] = {"prefill": "TTFT", "decode": "ITL"}
 

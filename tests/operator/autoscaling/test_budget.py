@@ -11,7 +11,8 @@ from splitserve.contract.names import WORKER_ROLES, WorkerRole
 from splitserve_operator.autoscaling.budget import Budget, Claim, split
 from splitserve_operator.autoscaling.evaluator import AutoscalerState, PoolAutoscaler
 from splitserve_operator.autoscaling.signals import PoolSignals, SignalQuery, WorkerSignals
-from splitserve_operator.models import InferencePoolSpec, InferencePoolStatus
+from splitserve_operator.models import InferencePoolSpec
+from splitserve_operator.status_models import InferencePoolStatus
 
 
 def budget(accelerators: int | None, replicas: int | None = None, per: tuple[int, int] = (1, 1)) -> Budget:

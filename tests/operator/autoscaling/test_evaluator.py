@@ -18,18 +18,10 @@ from splitserve_operator.autoscaling.signals import (
     SignalsUnavailableError,
     WorkerSignals,
 )
+from splitserve_operator.autoscaling_spec import AutoscalingSpec
 from splitserve_operator.conditions import rfc3339
-from splitserve_operator.models import (
-    AutoscalingSpec,
-    Condition,
-    InferencePoolSpec,
-    InferencePoolStatus,
-    ModelSpec,
-    PoolStatus,
-    PrefillPoolSpec,
-    ReplicaBounds,
-    TtftSlo,
-)
+from splitserve_operator.models import InferencePoolSpec, ModelSpec, PrefillPoolSpec, ReplicaBounds, TtftSlo
+from splitserve_operator.status_models import Condition, InferencePoolStatus, PoolStatus
 
 SPEC = InferencePoolSpec(
     model=ModelSpec(name="m"),

@@ -17,17 +17,14 @@ from splitserve_operator.autoscaling.policy import (
     stabilize,
     step_limit,
 )
+from splitserve_operator.autoscaling_spec import AutoscalingSpec, ScaleDownRules, ScaleUpRules, ScalingRules
 from splitserve_operator.models import (
-    AutoscalingSpec,
     DecodePoolSpec,
     InferencePoolSpec,
     ItlSlo,
     ModelSpec,
     PrefillPoolSpec,
     ReplicaBounds,
-    ScaleDownRules,
-    ScaleUpRules,
-    ScalingRules,
     TtftSlo,
 )
 from tests.operator.autoscaling.autoscale_plant import DecodePlant, Loop, PrefillPlant

@@ -19,15 +19,14 @@ import requests
 from splitserve.local.prometheus import LocalPrometheus
 from splitserve_operator.autoscaling.evaluator import AutoscalerState, Outcome, PoolAutoscaler
 from splitserve_operator.autoscaling.signals import PrometheusSource, ScrapeSource, SignalQuery
+from splitserve_operator.autoscaling_spec import AutoscalingSpec, ScaleDownRules
 from splitserve_operator.models import (
-    AutoscalingSpec,
     DecodePoolSpec,
     InferencePoolSpec,
     ItlSlo,
     ModelSpec,
     PrefillPoolSpec,
     ReplicaBounds,
-    ScaleDownRules,
     TtftSlo,
 )
 from tests.operator.autoscaling.conftest import MetricsEndpoint, drive, prometheus_binary

@@ -8,7 +8,7 @@ from dataclasses import replace
 from splitserve.contract import names
 from splitserve_operator.autoscaling.evaluator import AutoscalerState, PoolAutoscaler
 from splitserve_operator.autoscaling.signals import SignalQuery, WorkerSignals, promql, signal_specs
-from splitserve_operator.models import InferencePoolStatus, PoolStatus
+from splitserve_operator.status_models import InferencePoolStatus, PoolStatus
 
 from .test_evaluator import BUSY, SPEC, FakeSource
 

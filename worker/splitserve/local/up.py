@@ -27,6 +27,7 @@ from splitserve.contract.names import WORKER_ROLES
 from splitserve.engine.model_info import check_model_source
 from splitserve.local.pool import LocalPool, check_port_free
 from splitserve.local.prometheus import LocalPrometheus, find_prometheus
+from splitserve_operator.api_base import API_GROUP, KIND
 from splitserve_operator.autoscaling.evaluator import AutoscalerState, PoolAutoscaler, signal_query
 from splitserve_operator.autoscaling.signals import (
     PrometheusSource,
@@ -36,7 +37,7 @@ from splitserve_operator.autoscaling.signals import (
 )
 from splitserve_operator.conditions import Event
 from splitserve_operator.engine_configmap import engine_config
-from splitserve_operator.models import API_GROUP, KIND, InferencePoolSpec
+from splitserve_operator.models import InferencePoolSpec
 
 # The demo pool `splitserve up` runs without a manifest (examples/local.yaml is a link to it), and its
 # model: written here on first use, so the demo needs no network.
