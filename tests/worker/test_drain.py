@@ -19,21 +19,19 @@ from pathlib import Path
 import aiohttp
 import openai
 import pytest
-import torch
 from openai.types import Completion
 
 from splitserve.local.pool import LocalProcess, emptiest
 from splitserve.serving.internal_api import KV_PORT_HEADER
 from splitserve.transfer.frames import (
     FrameType,
-    KVHeader,
     checksum,
     encode_blocks_prefix,
     encode_frame,
     encode_header,
 )
 from tests.conftest import Reference, random_prompt
-from tests.worker.test_e2e import MODEL, client, http_get, registration, start_pool
+from tests.worker.test_e2e import MODEL, client, http_get, registration, start_pool, tiny_header
 
 pytestmark = pytest.mark.slow
 TOKENS = 200  # mid-stream when the scale-down starts; short of float drift against generate()
@@ -141,17 +139,7 @@ def test_sigterm_mid_transfer_finishes_the_transfer_and_its_stream(tiny_model: P
 async def transfer_across_sigterm(decode: LocalProcess) -> list[dict[str, object]]:
     """Register, push two of four layers, SIGTERM, check the refusal, push the rest; the reply lines."""
     sampling = {"max_tokens": 4, "temperature": 0.0}
-    header = KVHeader(
-        request_id="mid-transfer",
-        first_token=5,
-        num_tokens=3,
-        num_layers=4,
-        dtype=torch.float32,
-        num_kv_heads=4,
-        head_dim=32,
-        block_size=16,
-        blocks_per_frame=1,
-    )  # the tiny model's layout: one frame per layer
+    header = tiny_header("mid-transfer")
     layer = bytes(header.num_tokens * header.token_nbytes)
     async with aiohttp.ClientSession() as session:
         reply = await registration(session, decode.url, "mid-transfer", sampling)

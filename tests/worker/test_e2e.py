@@ -286,17 +286,7 @@ async def test_malformed_kv_frames_are_rejected_and_the_decode_worker_keeps_serv
         # and gives back the blocks it took, nothing else.
         for case in ("bad-checksum", "truncated"):
             reply = await registration(session, decode.url, case, {**sampling})
-            header = KVHeader(
-                request_id=case,
-                first_token=5,
-                num_tokens=3,
-                num_layers=4,
-                dtype=torch.float32,
-                num_kv_heads=4,
-                head_dim=32,
-                block_size=16,
-                blocks_per_frame=1,
-            )  # the tiny model's layout: one frame per layer
+            header = tiny_header(case)
             layer = bytes(header.num_tokens * header.token_nbytes)
             frames = encode_header(header)  # a whole BEGIN frame
             if case == "bad-checksum":
@@ -311,6 +301,21 @@ async def test_malformed_kv_frames_are_rejected_and_the_decode_worker_keeps_serv
     assert count == 3
     async with aiohttp.ClientSession() as session, session.get(decode.url + "/metrics") as reply:
         assert kv_blocks(await reply.text())["used"] == 0  # the broken transfers gave their blocks back
+
+
+def tiny_header(request_id: str) -> KVHeader:
+    """BEGIN of a 3-token cache in the tiny model's layout, one frame per layer."""
+    return KVHeader(
+        request_id=request_id,
+        first_token=5,
+        num_tokens=3,
+        num_layers=4,
+        dtype=torch.float32,
+        num_kv_heads=4,
+        head_dim=32,
+        block_size=16,
+        blocks_per_frame=1,
+    )
 
 
 async def registration(
