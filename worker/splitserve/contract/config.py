@@ -20,6 +20,47 @@ def looks_like_path(model: str) -> bool:
     return model.startswith(("/", ".", "~"))
 
 
+class RoutingConfig(BaseModel):
+    """How the router places requests on the pool's workers: one model for the router's config file and
+    the InferencePool's `routing` block (the operator renders it into the pool's ConfigMap).
+
+    A decode worker's score is `cache_weight * hit - load_weight * load`: `hit` is the fraction of the
+    prompt's full blocks the router believes the worker holds (its index, see `index_ttl_seconds`),
+    `load` is the larger of its KV usage and its running + waiting sequences over the busiest
+    candidate's. A stale index costs a recompute, never wrong output: the worker checks its own cache.
+    """
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    strategy: Literal["kv-aware", "least-loaded"] = Field(
+        "kv-aware", description="kv-aware: score cached prefix against load; least-loaded: load only."
+    )
+    cache_weight: float = Field(1.0, ge=0, description="Weight of the prompt's cached fraction.")
+    load_weight: float = Field(1.0, ge=0, description="Weight of the worker's load (0..1).")
+    overload_margin: int = Field(
+        4,
+        ge=0,
+        description="A worker with this many more running + waiting sequences than the least loaded one "
+        "gets no credit for its cache: a conversation follows its history unless that worker is swamped.",
+    )
+    index_ttl_seconds: float = Field(
+        600.0, gt=0, description="How long the router assumes a worker keeps the blocks it routed there."
+    )
+    local_prefill_max_tokens: int = Field(
+        256,
+        ge=0,
+        description="Conditional disaggregation: a prompt whose uncached part on the chosen decode worker "
+        "is at most this many tokens is prefilled there (chunked between its decode steps) instead of on "
+        "a prefill worker; 0 = always on a prefill worker while one is up.",
+    )
+    migration_limit: int = Field(
+        1,
+        ge=0,
+        description="How many times one stream may move to another decode worker when its own dies "
+        "(prompt + tokens so far are resubmitted); 0 = the stream ends with an error event.",
+    )
+
+
 class EngineConfig(BaseModel):
     """Everything a worker needs to load a model and size its batches; each field says why it exists."""
 
@@ -79,6 +120,9 @@ class EngineConfig(BaseModel):
     kv_disk_bytes: int = Field(10 << 30, ge=1, description="Disk tier budget in bytes of block files.")
     kv_disk_ttl_seconds: float | None = Field(
         None, gt=0, description="How long a block file stays after its last use; none = no limit."
+    )
+    routing: RoutingConfig = Field(
+        default_factory=RoutingConfig, description="Router only: how requests are placed on the workers."
     )
     kv_timeout_seconds: float = Field(
         60.0, gt=0, description="Decode: how long a registered request waits for its KV cache."

@@ -70,6 +70,33 @@ OffloadDirection = Literal["store", "load"]  # store: into the tier; load: from 
 OFFLOAD_DIRECTIONS: Final[tuple[OffloadDirection, ...]] = ("store", "load")
 KV_DISK_ERRORS: Final = "splitserve_kv_disk_errors_total"  # label `reason`, one of KV_DISK_ERROR_REASONS
 KV_DISK_ERROR_REASONS: Final = ("truncated", "corrupt", "foreign", "io_error", "write_error")
+# The pool shares its KV (router and decode workers): where each request's prompt was prefilled (label
+# `placement`: remote = a prefill worker, local = the decode worker itself), exported by the router;
+# prompt blocks a decode worker already held at registration vs received over the wire (label `source`),
+# exported by decode workers; failed KV transfers by the sender's error code (label `reason`, one of
+# KV_TRANSFER_FAILURE_REASONS), exported by prefill workers; streams resumed on another decode worker
+# after theirs died (label `outcome`: resumed | exhausted = migrationLimit reached), by the router.
+PREFILLS: Final = "splitserve_prefills_total"
+PrefillPlacement = Literal["remote", "local"]
+PREFILL_PLACEMENTS: Final[tuple[PrefillPlacement, ...]] = ("remote", "local")
+KV_HANDOFF_BLOCKS: Final = "splitserve_kv_handoff_blocks_total"
+KvHandoffSource = Literal["cached", "transferred"]
+KV_HANDOFF_SOURCES: Final[tuple[KvHandoffSource, ...]] = ("cached", "transferred")
+KV_TRANSFER_FAILURES: Final = "splitserve_kv_transfer_failures_total"
+# The transfer's ErrorCode names, lower case (transfer/frames.py): unavailable = no connection or it broke.
+KV_TRANSFER_FAILURE_REASONS: Final = (
+    "protocol",
+    "checksum",
+    "limit",
+    "rejected",
+    "timeout",
+    "internal",
+    "shutdown",
+    "unavailable",
+)
+MIGRATIONS: Final = "splitserve_migrations_total"
+MigrationOutcome = Literal["resumed", "exhausted"]
+MIGRATION_OUTCOMES: Final[tuple[MigrationOutcome, ...]] = ("resumed", "exhausted")
 # Seconds from process start to serving (weights loaded): the autoscaler's first start-up estimate.
 STARTUP_SECONDS: Final = "splitserve_startup_seconds"
 
@@ -92,6 +119,9 @@ _TRANSFER: Final = frozenset({"prefill", "decode"})
 SERIES_ROLES: Final[dict[str, frozenset[str]]] = {
     **dict.fromkeys((TTFT, ITL, E2E_LATENCY, PROMPT_TOKENS, GENERATION_TOKENS, REQUESTS), _CLIENT),
     **dict.fromkeys((KV_TRANSFER_SECONDS, KV_TRANSFER_BYTES), _TRANSFER),
+    **dict.fromkeys((PREFILLS, MIGRATIONS), frozenset({"router"})),
+    KV_HANDOFF_BLOCKS: frozenset({"decode"}),
+    KV_TRANSFER_FAILURES: frozenset({"prefill"}),
     **dict.fromkeys(
         (
             REQUESTS_RUNNING,
