@@ -20,7 +20,8 @@ Per evaluation and pool (prefill tracks TTFT, decode tracks ITL):
 4. The recommendation goes through the HPA `behavior` machinery: scale-up acts on the lowest
    recommendation of its stabilization window, scale-down on the highest of its own (300 s by
    default, which is what stops flapping), each limited to max(maxStep, ceil(current*maxStepPercent%))
-   per evaluation, and the result is clamped to min..max.
+   per evaluation (a queue's drain floor excepted: it comes at once), and the result is clamped to
+   min..max.
 5. `propose` decides, `commit` remembers: between them a shared budget (budget.py) may cap the answer.
 """
 
@@ -341,7 +342,9 @@ def propose(
     burst = max((r for _, r in state.bursts), default=0)
     remembered = min(current, burst)
     stable = max(held, policy.bound(floor), remembered)
-    limited = limit_step(current, stable, policy)
+    # The replicas that drain a measured queue come at once, past the step limit (Knative's panic mode):
+    # the limit guards against chasing a noisy latency ratio, and each limited step costs a start-up.
+    limited = max(limit_step(current, stable, policy), min(stable, policy.bound(floor)))
     desired = policy.bound(limited)
     words = _explain(policy, current, (rec, held, stable, limited, desired), (floor, remembered))
     reason += f" -> {words}"
