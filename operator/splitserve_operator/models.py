@@ -21,6 +21,7 @@ from splitserve_operator.autoscaling_spec import (
     accelerators_per_replica,
 )
 from splitserve_operator.kv_spec import KvCacheSpec
+from splitserve_operator.routing_spec import RoutingSpec
 
 
 class SecretKeyRef(ApiModel):
@@ -157,6 +158,20 @@ class ReplicaBounds(ApiModel):
         return self.initial if self.initial is not None else self.min
 
 
+class PrefillReplicaBounds(ReplicaBounds):
+    """Prefill replica limits: the pool may stand at zero, since decode workers then prefill every
+    prompt themselves (chunked between their decode steps) and the pool keeps serving."""
+
+    min: int = Field(
+        1, ge=0, description="Fewest replicas; 0 lets the autoscaler stop the prefill pool when TTFT allows."
+    )
+    initial: int | None = Field(
+        None,
+        ge=0,
+        description="Replicas at creation, and always when autoscaling is disabled; defaults to min.",
+    )
+
+
 class ResourceRequirements(ApiModel):
     """Core v1 ResourceRequirements of the worker container."""
 
@@ -222,6 +237,7 @@ class ItlSlo(ApiModel):
 class PrefillPoolSpec(WorkerPoolSpec):
     """Prefill workers: run whole prompts, scaled on TTFT."""
 
+    replicas: PrefillReplicaBounds = Field(default_factory=PrefillReplicaBounds)
     slo: TtftSlo = Field(default_factory=TtftSlo)
     chunk_size: int = Field(
         512, ge=16, description="Prompt tokens per forward pass; bounds activation memory."
@@ -307,6 +323,7 @@ class InferencePoolSpec(ApiModel):
     router: RouterSpec = Field(default_factory=RouterSpec)
     kv_transfer: KvTransferSpec = Field(default_factory=KvTransferSpec)
     kv_cache: KvCacheSpec = Field(default_factory=KvCacheSpec)
+    routing: RoutingSpec = Field(default_factory=RoutingSpec)
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
 
     @model_validator(mode="after")
