@@ -124,6 +124,10 @@ class ModelSpec(ApiModel):
     source: ModelSource = Field(default_factory=ModelSource, description="Where weights come from.")
 
 
+# Decode workers hold every stream (and prefill prompts when the prefill pool stands at zero).
+DECODE_FLOOR = "decode.replicas.min must be >= 1: decode workers serve every stream"
+
+
 class ReplicaBounds(ApiModel):
     """Replica limits of one pool; the autoscaler moves between min and max."""
 
@@ -135,11 +139,16 @@ class ReplicaBounds(ApiModel):
         ),
     )
 
-    min: int = Field(1, ge=1, description="Fewest replicas; the autoscaler never goes below.")
+    min: int = Field(
+        1,
+        ge=0,
+        description="Fewest replicas; the autoscaler never goes below. Prefill may be 0: decode workers "
+        "then prefill every prompt themselves and the pool keeps serving; decode needs at least 1.",
+    )
     max: int = Field(4, ge=1, description="Most replicas; the autoscaler never goes above.")
     initial: int | None = Field(
         None,
-        ge=1,
+        ge=0,
         description="Replicas at creation, and always when autoscaling is disabled; defaults to min.",
     )
 
@@ -156,20 +165,6 @@ class ReplicaBounds(ApiModel):
     @property
     def start(self) -> int:
         return self.initial if self.initial is not None else self.min
-
-
-class PrefillReplicaBounds(ReplicaBounds):
-    """Prefill replica limits: the pool may stand at zero, since decode workers then prefill every
-    prompt themselves (chunked between their decode steps) and the pool keeps serving."""
-
-    min: int = Field(
-        1, ge=0, description="Fewest replicas; 0 lets the autoscaler stop the prefill pool when TTFT allows."
-    )
-    initial: int | None = Field(
-        None,
-        ge=0,
-        description="Replicas at creation, and always when autoscaling is disabled; defaults to min.",
-    )
 
 
 class ResourceRequirements(ApiModel):
@@ -237,7 +232,6 @@ class ItlSlo(ApiModel):
 class PrefillPoolSpec(WorkerPoolSpec):
     """Prefill workers: run whole prompts, scaled on TTFT."""
 
-    replicas: PrefillReplicaBounds = Field(default_factory=PrefillReplicaBounds)
     slo: TtftSlo = Field(default_factory=TtftSlo)
     chunk_size: int = Field(
         512, ge=16, description="Prompt tokens per forward pass; bounds activation memory."
@@ -247,6 +241,8 @@ class PrefillPoolSpec(WorkerPoolSpec):
 class DecodePoolSpec(WorkerPoolSpec):
     """Decode workers: emit tokens from the KV cache, scaled on ITL."""
 
+    model_config = validations(cel("self.replicas.min >= 1", DECODE_FLOOR))
+
     slo: ItlSlo = Field(default_factory=ItlSlo)
     max_num_seqs: int = Field(64, ge=1, description="Most sequences in one decode batch.")
     kv_cache_bytes: Quantity | None = Field(
@@ -254,6 +250,12 @@ class DecodePoolSpec(WorkerPoolSpec):
         description="KV cache budget per replica, e.g. `40Gi`; defaults to 90% of free GPU "
         "memory after weights, or 2Gi on CPU.",
     )
+
+    @model_validator(mode="after")
+    def _serves(self) -> DecodePoolSpec:
+        if self.replicas.min < 1:
+            raise ValueError(DECODE_FLOOR)
+        return self
 
 
 class ServiceSpec(ApiModel):
