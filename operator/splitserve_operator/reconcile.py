@@ -276,8 +276,10 @@ class Reconciler:
         recheck: bool,
         now: str,
         metrics_available: Mapping[str, Any] | None = None,
+        kv_problem: Problem | None = None,
     ) -> Outcome:
-        """`metrics_available`: the autoscaler's latest MetricsAvailable condition, if it has one."""
+        """`metrics_available`: the autoscaler's latest MetricsAvailable condition, if it has one;
+        `kv_problem`: KV transfers failing (kv_status.py), which degrades the pool."""
         meta, current = body["metadata"], body.get("status") or {}
         generation = meta.get("generation")
         outcome = Outcome()
@@ -313,6 +315,7 @@ class Reconciler:
             endpoint=endpoint,
             now=now,
             metrics_available=carried,
+            kv_problem=kv_problem,
         )
         outcome.status_patch = merge_diff(current, status)
         outcome.events += _transition_events(current, status["conditions"])

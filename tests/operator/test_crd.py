@@ -88,6 +88,7 @@ def test_crd_names_printer_columns_and_status() -> None:
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert columns["TTFT"] == ".status.prefill.observedLatencySeconds"
     assert columns["Ready"] == '.status.conditions[?(@.type=="Ready")].status'
+    assert columns["Hit"] == ".status.prefixHitRatio"
     assert list(columns)[-1] == "Age"
 
 
