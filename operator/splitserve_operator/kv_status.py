@@ -26,7 +26,7 @@ from typing import Any
 from splitserve.contract import names
 from splitserve_operator import naming
 from splitserve_operator.autoscaling.signals import SignalQuery, Vector, selector, window
-from splitserve_operator.conditions import get_condition
+from splitserve_operator.conditions import Event, get_condition
 from splitserve_operator.diff import merge_diff
 from splitserve_operator.status import Problem
 
@@ -133,3 +133,17 @@ def recorded_problem(status: Mapping[str, Any]) -> Problem | None:
     if degraded is None or degraded.get("status") != "True" or degraded.get("reason") != KV_TRANSFERS_FAILING:
         return None
     return Problem(KV_TRANSFERS_FAILING, str(degraded.get("message", "")))
+
+
+def kv_events(before: Mapping[str, Any], after: list[dict[str, Any]]) -> list[Event]:
+    """A Warning when Degraded turns KVTransfersFailing (`before`: the status so far, `after`: the new
+    conditions); its message names the failing reasons."""
+    old = get_condition(before.get("conditions") or [], naming.DEGRADED)
+    new = get_condition(after, naming.DEGRADED)
+    if (
+        new is None
+        or new["reason"] != KV_TRANSFERS_FAILING
+        or (old is not None and old["reason"] == new["reason"])
+    ):
+        return []
+    return [Event("Warning", KV_TRANSFERS_FAILING, new["message"])]

@@ -22,6 +22,7 @@ from splitserve_operator.conditions import Event, get_condition
 from splitserve_operator.deletion_cost import before_decode_scale_down
 from splitserve_operator.diff import covers, merge_diff, strip_nones, with_removals
 from splitserve_operator.kube import ApiError, KubeClient
+from splitserve_operator.kv_status import kv_events
 from splitserve_operator.models import InferencePoolSpec
 from splitserve_operator.render import Manifest, Pool, build_children, unwanted_children
 from splitserve_operator.settings import OperatorSettings
@@ -318,7 +319,9 @@ class Reconciler:
             kv_problem=kv_problem,
         )
         outcome.status_patch = merge_diff(current, status)
-        outcome.events += _transition_events(current, status["conditions"])
+        outcome.events += _transition_events(current, status["conditions"]) + kv_events(
+            current, status["conditions"]
+        )
         return outcome
 
     async def _remove_unwanted(self, body: Object, pool: Pool, children: Children) -> list[str]:

@@ -7,6 +7,7 @@ from splitserve_operator.kv_status import (
     FAILING_MIN,
     KV_TRANSFERS_FAILING,
     KvFigures,
+    kv_events,
     kv_queries,
     recorded_problem,
     status_fields,
@@ -101,6 +102,10 @@ def test_degraded_condition_from_the_verdict_keeps_the_pool_ready() -> None:
     assert conditions_of(status)["Degraded"] == ("True", KV_TRANSFERS_FAILING)
     assert conditions_of(status)["Ready"] == ("True", "Ready")
     assert recorded_problem(status) == problem  # what a restarted operator carries on with
+    assert [(e.type, e.reason) for e in kv_events({}, status["conditions"])] == [
+        ("Warning", KV_TRANSFERS_FAILING)
+    ]
+    assert kv_events(status, status["conditions"]) == []  # once, when it starts
     healthy = build_status(status, ready, [], invalid=None, generation=1, endpoint=None, now="t2")
     assert conditions_of(healthy)["Degraded"] == ("False", "AsExpected")
     assert recorded_problem(healthy) is None

@@ -116,6 +116,14 @@ async def test_status_shows_kv_sharing_and_degrades_while_transfers_keep_failing
             assert now["prefixHitRatio"] == pytest.approx(0.6, abs=0.02)
             assert set(now["kvTransferFailures"]) == {"timeout"} and now["kvTransferFailures"]["timeout"] > 0
             assert not any(c["type"] == "MetricsAvailable" for c in now["conditions"])  # not autoscaled
+            await eventually(
+                lambda: [
+                    e
+                    for e in cluster.events(POOL)
+                    if (e["type"], e["reason"]) == ("Warning", KV_TRANSFERS_FAILING)
+                ],
+                what="a KVTransfersFailing event",
+            )
 
             counters.failing = False
             await eventually(

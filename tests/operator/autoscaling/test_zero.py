@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from splitserve_operator.autoscaling.budget import Budget, Claim, split
 from splitserve_operator.autoscaling.evaluator import AutoscalerState, PoolAutoscaler
 from splitserve_operator.autoscaling.planner import Observation
 from splitserve_operator.autoscaling.policy import PoolPolicy, PoolState, decide
@@ -114,3 +115,22 @@ async def test_a_pool_at_zero_has_signals_not_missing_data() -> None:
     )
     assert outcome.condition.status == "True", outcome.condition.message
     assert outcome.replicas["prefill"] == 0 and "at zero" in outcome.decisions["prefill"].reason
+
+
+def test_a_budget_leaves_a_stopped_prefill_pool_at_zero_and_gives_decode_the_rest() -> None:
+    budget = Budget(None, 4, "nvidia.com/gpu", {"prefill": 0, "decode": 0})
+    stopped = {"prefill": Claim(0, 0, 0.0, held=1), "decode": Claim(6, 1, 2.0, held=3)}
+    assert split(budget, stopped).granted == {"prefill": 0, "decode": 4}
+    # Back from zero under a full budget: a replica moves over only while prefill stays the worse-off
+    # (the split rule); decode needing all of it keeps it, and the cap is said.
+    decode_needs_all = {
+        "prefill": Claim(1, 0, 3.0, held=0, needed=1),
+        "decode": Claim(4, 1, 1.0, held=4, needed=4),
+    }
+    capped = split(budget, decode_needs_all)
+    assert capped.granted == {"prefill": 0, "decode": 4} and "prefill" in capped.capped
+    decode_needs_two = {
+        "prefill": Claim(1, 0, 3.0, held=0, needed=1),
+        "decode": Claim(4, 1, 1.0, held=4, needed=2),
+    }
+    assert split(budget, decode_needs_two).granted == {"prefill": 1, "decode": 3}
