@@ -84,18 +84,20 @@ def kv_queries(query: SignalQuery) -> dict[str, str]:
     }
 
 
-def _ratio(part: float | None, whole: float | None) -> float | None:
-    if part is None or not whole:
+def _ratio(part: float, whole: float | None) -> float | None:
+    """part / whole, None without a whole. A labelled series appears only once it counted something,
+    so a missing part (no remote prefill yet, no hit yet) is a zero, not unknown."""
+    if not whole:
         return None
     return round(min(part / whole, 1.0), RATIO_DIGITS)
 
 
 def status_fields(figures: KvFigures) -> dict[str, Any]:
     """The status fields, camelCase, as of this window."""
-    remote, local = figures.prefills.get("remote"), figures.prefills.get("local")
+    remote = figures.prefills.get("remote", 0.0)
     return {
-        "remotePrefillRatio": _ratio(remote, (remote or 0.0) + (local or 0.0)),
-        "prefixHitRatio": _ratio(figures.prefix_hits, figures.prefix_queries),
+        "remotePrefillRatio": _ratio(remote, sum(figures.prefills.values())),
+        "prefixHitRatio": _ratio(figures.prefix_hits or 0.0, figures.prefix_queries),
         "kvTransferFailures": figures.failure_counts,
     }
 

@@ -65,9 +65,13 @@ def test_no_traffic_is_no_ratio_not_zero() -> None:
         "prefixHitRatio": None,
         "kvTransferFailures": {},
     }
-    assert (
-        status_fields(figures(local=5, hits=0, queries=100))["remotePrefillRatio"] == 0.0
-    )  # prefill at zero
+    # Prefill at zero since the router started: only `local` exists; no hit yet: no hits series.
+    only_local = KvFigures.from_vectors({"prefills": {"local": 5.0}, "queries": {"": 100.0}}, 60)
+    assert status_fields(only_local) == {
+        "remotePrefillRatio": 0.0,
+        "prefixHitRatio": 0.0,
+        "kvTransferFailures": {},
+    }
 
 
 def test_patch_is_empty_when_nothing_changed_and_drops_what_is_gone() -> None:
