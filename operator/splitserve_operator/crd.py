@@ -59,6 +59,12 @@ PRINTER_COLUMNS: list[Schema] = [
         "jsonPath": ".status.decode.observedLatencySeconds",
         "description": "Inter-token latency (s) at the decode SLO percentile.",
     },
+    {
+        "name": "Hit",
+        "type": "number",
+        "jsonPath": ".status.prefixHitRatio",
+        "description": "Prefix-cache hit ratio: cached / looked-up prompt tokens over the window.",
+    },
     {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

@@ -32,6 +32,7 @@ def engine_config(spec: InferencePoolSpec) -> EngineConfig:
         max_transfer_bytes=quantity_bytes(spec.kv_transfer.max_transfer_bytes),
         block_size=kv.block_size,
         enable_prefix_caching=kv.prefix_caching,
+        routing=spec.routing.config(),
         **_tiers(spec),
     )
 

@@ -22,14 +22,26 @@ from pydantic import ValidationError
 from splitserve.contract.names import WORKER_ROLES, WorkerRole
 from splitserve_operator import naming
 from splitserve_operator.api_base import API_GROUP, API_VERSION, PLURAL
-from splitserve_operator.autoscaling.evaluator import AutoscalerState, PoolAutoscaler
-from splitserve_operator.autoscaling.signals import PrometheusSource, SignalSource, UnconfiguredSource
+from splitserve_operator.autoscaling.evaluator import AutoscalerState, PoolAutoscaler, signal_query
+from splitserve_operator.autoscaling.signals import (
+    PrometheusSource,
+    SignalsUnavailableError,
+    UnconfiguredSource,
+)
 from splitserve_operator.conditions import now_rfc3339
 from splitserve_operator.deletion_cost import before_decode_scale_down
 from splitserve_operator.kube import KINDS, Credentials, KubeClient
+from splitserve_operator.kv_status import (
+    KvFigures,
+    kv_queries,
+    recorded_problem,
+    status_patch,
+    transfer_problem,
+)
 from splitserve_operator.models import InferencePoolSpec
 from splitserve_operator.reconcile import Object, Reconciler, TransientError
 from splitserve_operator.settings import OperatorSettings
+from splitserve_operator.status import Problem
 from splitserve_operator.status_models import InferencePoolStatus
 
 logger = logging.getLogger("splitserve.operator")
@@ -75,6 +87,9 @@ class Controller:
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     # The autoscaler's latest MetricsAvailable per pool; the reconciler writes it with the other conditions.
     metrics_conditions: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    # The latest verdict on each pool's KV transfers (kv_status.py); the reconciler writes it as Degraded.
+    kv_problems: dict[tuple[str, str], Problem | None] = field(default_factory=dict)
+    prometheus: PrometheusSource | None = field(init=False)
     # Completed reconciles per pool: progress for logs, probes, tests and the bench.
     reconciled: Counter[tuple[str, str]] = field(default_factory=Counter)
     _pod_monitors: tuple[float, bool] | None = None
@@ -83,8 +98,8 @@ class Controller:
         self.client = KubeClient(self.credentials)
         self.reconciler = Reconciler(self.client, self.settings)
         url = self.settings.prometheus_url
-        source: SignalSource = PrometheusSource(url) if url else UnconfiguredSource()
-        self.autoscaler = PoolAutoscaler(source)
+        self.prometheus = PrometheusSource(url) if url else None
+        self.autoscaler = PoolAutoscaler(self.prometheus or UnconfiguredSource())
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         """One reconcile (or autoscaler step) at a time per pool."""
@@ -101,6 +116,7 @@ class Controller:
         self.locks.pop(key, None)
         self.reconciled.pop(key, None)
         self.metrics_conditions.pop(key, None)
+        self.kv_problems.pop(key, None)
         self.reconciler.forget(namespace, name)
 
     def due(self, namespace: str, name: str) -> bool:
@@ -134,6 +150,7 @@ class Controller:
                     recheck=recheck,
                     now=now_rfc3339(),
                     metrics_available=self.metrics_conditions.get(key),
+                    kv_problem=self._kv_problem(key, body.status or {}),
                 )
             except TransientError as exc:
                 self.dirty.add(key)
@@ -145,15 +162,48 @@ class Controller:
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
             logger.info("%s/%s %s: %s", namespace, name, event.reason, event.message)
 
+    def _kv_problem(self, key: tuple[str, str], status: Mapping[str, Any]) -> Problem | None:
+        """The KV verdict to write: the latest reading's, else what status records (after a restart)."""
+        return self.kv_problems[key] if key in self.kv_problems else recorded_problem(status)
+
+    async def observe_kv(
+        self, body: kopf.Body, patch: kopf.Patch, spec: InferencePoolSpec, memo: kopf.Memo
+    ) -> None:
+        """Once per evaluation interval, autoscaled or not: the pool's KV-sharing figures into status and
+        the verdict on its transfers to the reconciler (kv_status.py). While Prometheus cannot answer,
+        both keep what they were (MetricsAvailable says why on autoscaled pools)."""
+        if self.prometheus is None:
+            return
+        now = time.monotonic()
+        last: float | None = memo.get("kv_observed")
+        if last is not None and now - last < spec.autoscaling.interval_seconds:
+            return
+        memo["kv_observed"] = now
+        namespace, name = body.metadata.namespace or "", body.metadata.name or ""
+        query = signal_query(namespace, name, spec)
+        try:
+            vectors = await self.prometheus.vectors(kv_queries(query))
+        except SignalsUnavailableError:
+            return
+        figures = KvFigures.from_vectors(vectors, query.window_seconds)
+        for key_, value in status_patch(body.status or {}, figures).items():
+            patch.status[key_] = value
+        key, problem = (namespace, name), transfer_problem(figures)
+        if self._kv_problem(key, body.status or {}) != problem:
+            self.dirty.add(key)  # the reconciler writes conditions, within poll_seconds
+        self.kv_problems[key] = problem
+
     async def autoscale(
         self, body: kopf.Body, patch: kopf.Patch, indexes: Mapping[str, Any], memo: kopf.Memo
     ) -> None:
         """One autoscaler step for the pool (autoscaling/evaluator.py decides and scales); this writes
-        its status fields, hands MetricsAvailable to the reconciler and posts the events."""
+        its status fields, hands MetricsAvailable to the reconciler and posts the events. The KV
+        figures are read on the same timer, also for pools without autoscaling."""
         namespace, name = body.metadata.namespace or "", body.metadata.name or ""
         spec = _validated_spec(body, memo)
         if spec is None:
             return  # the reconciler reports invalid specs
+        await self.observe_kv(body, patch, spec, memo)
         if not spec.autoscaling.enabled:
             memo.pop("autoscaler", None)
             return

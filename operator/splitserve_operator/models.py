@@ -21,6 +21,7 @@ from splitserve_operator.autoscaling_spec import (
     accelerators_per_replica,
 )
 from splitserve_operator.kv_spec import KvCacheSpec
+from splitserve_operator.routing_spec import RoutingSpec
 
 
 class SecretKeyRef(ApiModel):
@@ -123,6 +124,10 @@ class ModelSpec(ApiModel):
     source: ModelSource = Field(default_factory=ModelSource, description="Where weights come from.")
 
 
+# Decode workers hold every stream (and prefill prompts when the prefill pool stands at zero).
+DECODE_FLOOR = "decode.replicas.min must be >= 1: decode workers serve every stream"
+
+
 class ReplicaBounds(ApiModel):
     """Replica limits of one pool; the autoscaler moves between min and max."""
 
@@ -134,11 +139,16 @@ class ReplicaBounds(ApiModel):
         ),
     )
 
-    min: int = Field(1, ge=1, description="Fewest replicas; the autoscaler never goes below.")
+    min: int = Field(
+        1,
+        ge=0,
+        description="Fewest replicas; the autoscaler never goes below. Prefill may be 0: decode workers "
+        "then prefill every prompt themselves and the pool keeps serving; decode needs at least 1.",
+    )
     max: int = Field(4, ge=1, description="Most replicas; the autoscaler never goes above.")
     initial: int | None = Field(
         None,
-        ge=1,
+        ge=0,
         description="Replicas at creation, and always when autoscaling is disabled; defaults to min.",
     )
 
@@ -231,6 +241,8 @@ class PrefillPoolSpec(WorkerPoolSpec):
 class DecodePoolSpec(WorkerPoolSpec):
     """Decode workers: emit tokens from the KV cache, scaled on ITL."""
 
+    model_config = validations(cel("self.replicas.min >= 1", DECODE_FLOOR))
+
     slo: ItlSlo = Field(default_factory=ItlSlo)
     max_num_seqs: int = Field(64, ge=1, description="Most sequences in one decode batch.")
     kv_cache_bytes: Quantity | None = Field(
@@ -238,6 +250,12 @@ class DecodePoolSpec(WorkerPoolSpec):
         description="KV cache budget per replica, e.g. `40Gi`; defaults to 90% of free GPU "
         "memory after weights, or 2Gi on CPU.",
     )
+
+    @model_validator(mode="after")
+    def _serves(self) -> DecodePoolSpec:
+        if self.replicas.min < 1:
+            raise ValueError(DECODE_FLOOR)
+        return self
 
 
 class ServiceSpec(ApiModel):
@@ -307,6 +325,7 @@ class InferencePoolSpec(ApiModel):
     router: RouterSpec = Field(default_factory=RouterSpec)
     kv_transfer: KvTransferSpec = Field(default_factory=KvTransferSpec)
     kv_cache: KvCacheSpec = Field(default_factory=KvCacheSpec)
+    routing: RoutingSpec = Field(default_factory=RoutingSpec)
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
 
     @model_validator(mode="after")

@@ -22,6 +22,7 @@ from splitserve_operator.conditions import Event, get_condition
 from splitserve_operator.deletion_cost import before_decode_scale_down
 from splitserve_operator.diff import covers, merge_diff, strip_nones, with_removals
 from splitserve_operator.kube import ApiError, KubeClient
+from splitserve_operator.kv_status import kv_events
 from splitserve_operator.models import InferencePoolSpec
 from splitserve_operator.render import Manifest, Pool, build_children, unwanted_children
 from splitserve_operator.settings import OperatorSettings
@@ -276,8 +277,10 @@ class Reconciler:
         recheck: bool,
         now: str,
         metrics_available: Mapping[str, Any] | None = None,
+        kv_problem: Problem | None = None,
     ) -> Outcome:
-        """`metrics_available`: the autoscaler's latest MetricsAvailable condition, if it has one."""
+        """`metrics_available`: the autoscaler's latest MetricsAvailable condition, if it has one;
+        `kv_problem`: KV transfers failing (kv_status.py), which degrades the pool."""
         meta, current = body["metadata"], body.get("status") or {}
         generation = meta.get("generation")
         outcome = Outcome()
@@ -313,9 +316,12 @@ class Reconciler:
             endpoint=endpoint,
             now=now,
             metrics_available=carried,
+            kv_problem=kv_problem,
         )
         outcome.status_patch = merge_diff(current, status)
-        outcome.events += _transition_events(current, status["conditions"])
+        outcome.events += _transition_events(current, status["conditions"]) + kv_events(
+            current, status["conditions"]
+        )
         return outcome
 
     async def _remove_unwanted(self, body: Object, pool: Pool, children: Children) -> list[str]:

@@ -84,10 +84,13 @@ def build_conditions(
     invalid: Problem | None,
     generation: int | None,
     now: str,
+    kv: Problem | None = None,
 ) -> Conditions:
     """Ready, Progressing and Degraded from the rollouts and problems; other conditions are kept.
 
-    Ready means the pool can serve: at least one ready pod of every role, and nothing wrong.
+    Ready means the pool can serve: at least one ready pod of every role that has any desired (a
+    prefill pool scaled to zero leaves prompts to the decode workers), and nothing wrong. `kv` (KV
+    transfers failing, kv_status.py) degrades a pool that still serves: Degraded, not un-Ready.
     """
 
     def put(conds: Conditions, type_: str, ok: bool, reason: str, message: str) -> Conditions:
@@ -105,7 +108,7 @@ def build_conditions(
     summary = ", ".join(r.summary for r in rollouts) + " ready"
     stalled = [f"{r.role}: {r.stalled}" for r in rollouts if r.stalled]
     rolling = [r.role for r in rollouts if not r.done]
-    unserved = [r.role for r in rollouts if r.ready < 1]
+    unserved = [r.role for r in rollouts if r.ready < 1 and not (r.role == "prefill" and r.desired == 0)]
     if problems:
         conds = put(conds, naming.READY, False, problems[0].reason, "; ".join(p.message for p in problems))
     elif unserved:
@@ -125,6 +128,8 @@ def build_conditions(
         reason = problems[0].reason if problems else "ProgressDeadlineExceeded"
         message = "; ".join([p.message for p in problems] + stalled)
         return put(conds, naming.DEGRADED, True, reason, message)
+    if kv is not None:
+        return put(conds, naming.DEGRADED, True, kv.reason, kv.message)
     return put(conds, naming.DEGRADED, False, "AsExpected", summary)
 
 
@@ -138,12 +143,14 @@ def build_status(
     endpoint: str | None,
     now: str,
     metrics_available: Mapping[str, Any] | bool | None = True,
+    kv_problem: Problem | None = None,
 ) -> dict[str, Any]:
     """The status fields the reconciler owns, computed from scratch on every reconcile.
 
     The reconciler is the only writer of `conditions` (a merge patch replaces lists whole, so two
     writers would clobber each other). `metrics_available` is the autoscaler's condition to carry:
     a condition to set, True to keep the current one, False to drop it (autoscaling disabled).
+    `kv_problem` is the KV observer's verdict on transfers (Degraded while they keep failing).
     """
     current_conditions = [dict(c) for c in current.get("conditions") or []]
     if metrics_available is False:
@@ -168,6 +175,7 @@ def build_status(
             invalid=invalid,
             generation=generation,
             now=now,
+            kv=kv_problem,
         ),
     }
     # Counts stay truthful while a spec is invalid: the last valid one keeps running.

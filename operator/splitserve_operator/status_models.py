@@ -86,3 +86,14 @@ class InferencePoolStatus(StatusModel):
     router: RouterStatus = Field(default_factory=RouterStatus)
     budget: BudgetStatus | None = None
     endpoint: str | None = Field(None, description="URL of the router's OpenAI-compatible API.")
+    # Proof that the pool shares its KV (kv_status.py), over the autoscaling window.
+    remote_prefill_ratio: float | None = Field(
+        None,
+        description="Prompts prefilled on prefill workers / all prompts; the rest ran on decode workers.",
+    )
+    prefix_hit_ratio: float | None = Field(
+        None, description="Prompt tokens found in the workers' prefix caches / prompt tokens looked up."
+    )
+    kv_transfer_failures: dict[str, int] = Field(
+        default_factory=dict, description="Failed KV transfers prefill -> decode, by reason."
+    )

@@ -88,6 +88,7 @@ def test_crd_names_printer_columns_and_status() -> None:
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert columns["TTFT"] == ".status.prefill.observedLatencySeconds"
     assert columns["Ready"] == '.status.conditions[?(@.type=="Ready")].status'
+    assert columns["Hit"] == ".status.prefixHitRatio"
     assert list(columns)[-1] == "Age"
 
 
@@ -125,6 +126,10 @@ CASES: list[dict[str, Any]] = [
     {"prefill": {"replicas": {"min": 2, "max": 2, "initial": 2}}},
     {"decode": {"replicas": {"min": 1, "max": 4, "initial": 5}}},
     {"decode": {"replicas": {"min": 2, "max": 4, "initial": 1}}},
+    {"prefill": {"replicas": {"min": 0, "max": 2, "initial": 0}}},
+    {"decode": {"replicas": {"min": 0, "max": 2}}},
+    {"decode": {"replicas": {"min": 0, "max": 2, "initial": 1}}},
+    {"prefill": {"replicas": {"min": 0}}, "autoscaling": {"budget": {"maxReplicasTotal": 2}}},
     {"autoscaling": {"intervalSeconds": 30, "windowSeconds": 20}},
     {"autoscaling": {"intervalSeconds": 30, "windowSeconds": 30}},
     {"model": {"name": "m", "source": {"hub": {}, "pvc": {"claimName": "w"}}}},

@@ -6,8 +6,9 @@ import json
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
-from splitserve.contract.config import EngineConfig
+from splitserve.contract.config import EngineConfig, RoutingConfig
 from splitserve_operator import naming
 from splitserve_operator.diff import strip_nones
 from splitserve_operator.models import InferencePoolSpec
@@ -121,6 +122,29 @@ def test_kv_cache_defaults_prefix_caching_on_and_no_tiers() -> None:
     assert engine.enable_prefix_caching and engine.kv_host_bytes == 0 and engine.kv_disk_path is None
 
 
+def test_routing_block_reaches_the_engine_config_with_the_routers_own_defaults() -> None:
+    config_map = by_kind(build_children(pool(), pod_monitor=False))["ConfigMap", "llama-engine"]
+    assert EngineConfig.model_validate_json(config_map["data"]["engine.json"]).routing == RoutingConfig()
+
+    routing = {"strategy": "least-loaded", "cacheWeight": 2, "indexTTLSeconds": 30, "migrationLimit": 0}
+    config_map = by_kind(build_children(pool({"routing": routing}), pod_monitor=False))[
+        "ConfigMap", "llama-engine"
+    ]
+    engine = EngineConfig.model_validate_json(config_map["data"]["engine.json"])
+    assert engine.routing == RoutingConfig(
+        strategy="least-loaded", cache_weight=2.0, index_ttl_seconds=30.0, migration_limit=0
+    )
+
+
+@pytest.mark.parametrize(
+    "routing",
+    [{"strategy": "random"}, {"loadWeight": -1}, {"indexTTLSeconds": 0}, {"indexTtlSeconds": 5}, {"x": 1}],
+)
+def test_routing_block_is_validated(routing: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError, match="routing"):
+        InferencePoolSpec.model_validate({"model": {"name": "m"}, "routing": routing})
+
+
 def test_worker_and_router_commands() -> None:
     p = pool(
         {
@@ -196,6 +220,8 @@ def test_replicas_scheduling_and_markers() -> None:
     assert plain["affinity"] is None and plain["nodeSelector"] is None, "None marks fields to remove on patch"
     assert "affinity" not in strip_nones(plain)
     assert "resources" not in container(build_deployment(pool(), "prefill", "h"))
+    at_zero = pool({"prefill": {"replicas": {"min": 0, "max": 2}}})
+    assert build_deployment(at_zero, "prefill", "h")["spec"]["replicas"] == 0
 
 
 @pytest.mark.parametrize(

@@ -98,3 +98,16 @@ def test_rollout_without_generation_tracking() -> None:
     )
     assert rollout.done and rollout.summary == "decode 1/1"
     assert not Rollout.of("decode", None).done
+
+
+def test_prefill_at_zero_is_ready_and_stable() -> None:
+    at_zero = {"prefill": deployment(0, 0), "decode": deployment(1, 1), "router": deployment(1, 1)}
+    status = build_status({}, at_zero, [], invalid=None, generation=1, endpoint=None, now="t")
+    assert conditions_of(status) == {
+        "Ready": ("True", "Ready"),
+        "Progressing": ("False", "Stable"),
+        "Degraded": ("False", "AsExpected"),
+    }
+    starting = {**at_zero, "prefill": deployment(1, 0)}  # back from zero: its pod is not ready yet
+    status = build_status({}, starting, [], invalid=None, generation=1, endpoint=None, now="t")
+    assert conditions_of(status)["Ready"] == ("False", "NotReady")

@@ -5,7 +5,8 @@ Pure: no I/O, no clock; everything it remembers lives in `PoolState`, which the 
 Per evaluation and pool (prefill tracks TTFT, decode tracks ITL):
 1. Missing data (no request rate, no latency while requests flow, no signals at all) holds the current
    replicas; garbage never moves a pool to zero or to max.
-2. Idle (no requests over the window, nothing running or queued) recommends `min`.
+2. Idle (no requests over the window, nothing running or queued) recommends `min`. A prefill pool whose
+   `min` is 0 also stops, and stays stopped, on TTFT (zero.py).
 3. Otherwise HPA-style feedback on the latency ratio r = observed / target with a tolerance band:
    outside target*(1±tol) it asks for ceil(ready * r) (at least one more above the band), inside it
    holds, and it acts only on a window that shows the current replicas (all ready for a window).
@@ -43,6 +44,7 @@ from splitserve_operator.autoscaling.planner import (
     has_queue,
     queue_ahead,
 )
+from splitserve_operator.autoscaling.zero import stays_at_zero, stops
 from splitserve_operator.autoscaling_spec import ScalingRules
 from splitserve_operator.models import InferencePoolSpec
 
@@ -146,8 +148,9 @@ class PoolState:
             self.settled_since = None
             return False
         if self.settled_since is None:
-            # First look (e.g. after an operator restart): replicas that are all ready count as settled.
-            first_look = self.started == now and ready is not None
+            # First look (e.g. after an operator restart): replicas that are all ready count as settled,
+            # and so does a pool at zero (no replica left to show).
+            first_look = self.started == now and (ready is not None or current == 0)
             self.settled_since = now - window if first_look else now
         return now - self.settled_since >= window
 
@@ -264,6 +267,12 @@ def recommend(
     if obs.latency is None:  # no arrivals and no samples, yet work in flight over the window: let it drain
         return current, 0, None, f"draining: no new requests over {policy.window:g}s, work still in flight"
     fb, below, words = feedback(policy, current, obs, obs.latency, settled)
+    if policy.min_replicas == 0:  # may stand at zero (zero.py): TTFT decides, the planner is not asked
+        zero = stays_at_zero(current, obs.latency / policy.target, policy.tolerance) or stops(
+            current, obs, below, settled, queue_in_window or queue_ahead(obs)
+        )
+        if zero is not None:
+            return 0, 0, None, f"{words}; {zero}"
     predicted = state.planner.plan(obs, sizing) if policy.predictive else None
     pred = predicted.replicas if predicted else None
     steady = predicted.steady if predicted and predicted.steady is not None else pred

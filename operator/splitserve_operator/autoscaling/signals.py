@@ -2,35 +2,31 @@
 
 One table (`signal_specs`) says what each signal is; `PrometheusSource` renders it as PromQL and asks
 Prometheus (prometheus-api-client, synchronous, so it runs in a worker thread under a timeout), while
-`ScrapeSource` evaluates the same table itself over a short history of scrapes, for `splitserve up`
-without a Prometheus. Both are async and never block the event loop. A source that cannot answer raises
-`SignalsUnavailableError`; a series that is absent or NaN comes back as None (the policy holds on it).
+`ScrapeSource` (scrape.py) evaluates the same table itself over a short history of scrapes, for
+`splitserve up` without a Prometheus. Both are async and never block the event loop. A source that
+cannot answer raises `SignalsUnavailableError`; a series that is absent or NaN comes back as None (the
+policy holds on it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import logging
 import math
 import time
-from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
-import aiohttp
 import requests
 from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
-from prometheus_client.parser import text_string_to_metric_families
 from urllib3.exceptions import ReadTimeoutError
 from urllib3.util.retry import Retry
 
 from splitserve.contract import names
 
-log = logging.getLogger(__name__)
-
+T = TypeVar("T")
+Vector = dict[str, float | None]  # one query's series by the value of its `by` label
 Kind = Literal["quantile", "rate", "count", "sum", "sum_avg", "avg_avg"]
 
 
@@ -125,36 +121,45 @@ def signal_specs(query: SignalQuery) -> dict[str, SignalSpec]:
     return specs
 
 
-def _labels(query: SignalQuery, role: str) -> dict[str, str]:
-    labels = {"pool": query.pool, "role": role}
+def series_labels(query: SignalQuery, role: str | None) -> dict[str, str]:
+    labels = {"pool": query.pool} | ({"role": role} if role is not None else {})
     if query.namespace is not None:
         labels["namespace"] = query.namespace
     return labels
 
 
-def promql(spec: SignalSpec, query: SignalQuery) -> str:
-    """The PromQL for one signal, e.g. histogram_quantile(0.9, sum by (le) (rate(x_bucket{..}[60s])))."""
+def selector(query: SignalQuery, role: str | None) -> str:
+    """`{pool="..",role="..",namespace=".."}`, escaped; no role: every role exporting the series."""
     escaped = {
         key: value.replace("\\", "\\\\").replace('"', '\\"')
-        for key, value in _labels(query, spec.role).items()
+        for key, value in series_labels(query, role).items()
     }
-    selector = "{" + ",".join(f'{key}="{value}"' for key, value in escaped.items()) + "}"
-    window = f"[{max(1, round(query.window_seconds))}s]"
-    series = spec.metric + selector
+    return "{" + ",".join(f'{key}="{value}"' for key, value in escaped.items()) + "}"
+
+
+def window(query: SignalQuery) -> str:
+    """The range of the window's rate() and increase() queries, e.g. `[60s]`."""
+    return f"[{max(1, round(query.window_seconds))}s]"
+
+
+def promql(spec: SignalSpec, query: SignalQuery) -> str:
+    """The PromQL for one signal, e.g. histogram_quantile(0.9, sum by (le) (rate(x_bucket{..}[60s])))."""
+    selector_, window_ = selector(query, spec.role), window(query)
+    series = spec.metric + selector_
     match spec.kind:
         case "quantile":
-            buckets = f"sum by (le) (rate({spec.metric}_bucket{selector}{window}))"
+            buckets = f"sum by (le) (rate({spec.metric}_bucket{selector_}{window_}))"
             return f"histogram_quantile({spec.quantile:g}, {buckets})"
         case "rate":
-            return f"sum(rate({series}{window}))"
+            return f"sum(rate({series}{window_}))"
         case "count":
             return f"count({series})"
         case "sum":
             return f"sum({series})"
         case "sum_avg":
-            return f"sum(avg_over_time({series}{window}))"
+            return f"sum(avg_over_time({series}{window_}))"
         case "avg_avg":
-            return f"avg(avg_over_time({series}{window}))"
+            return f"avg(avg_over_time({series}{window_}))"
 
 
 def finite(value: float) -> float | None:
@@ -195,23 +200,31 @@ class PrometheusSource:
 
     async def read(self, query: SignalQuery) -> PoolSignals:
         exprs = {name: promql(spec, query) for name, spec in signal_specs(query).items()}
+        return PoolSignals.from_values(await self.ask(exprs, _scalar))
+
+    async def vectors(self, exprs: Mapping[str, str]) -> dict[str, Vector]:
+        """Each query's series as {value of its one `by` label (or ""): value}, e.g. for
+        `sum by (reason) (increase(...))`; the same timeouts and errors as `read`."""
+        return await self.ask(exprs, _vector)
+
+    async def ask(self, exprs: Mapping[str, str], parse: Callable[[Any], T]) -> dict[str, T]:
+        """Every query at one evaluation time, each answer through `parse` (KeyError, ValueError and
+        the like from it fail the read as QueryFailed)."""
         try:
             # Generous outer bound: each request is bounded by `timeout` already.
-            values = await asyncio.wait_for(
-                asyncio.to_thread(self._query_all, exprs, time.time()), self.timeout * 2
+            return await asyncio.wait_for(
+                asyncio.to_thread(self._query_all, exprs, time.time(), parse), self.timeout * 2
             )
         except TimeoutError as error:
             message = f"Prometheus at {self.url} did not answer within {self.timeout:g}s"
             raise SignalsUnavailableError("PrometheusTimeout", message) from error
-        return PoolSignals.from_values(values)
 
-    def _query_all(self, exprs: Mapping[str, str], at: float) -> dict[str, float | None]:
+    def _query_all(self, exprs: Mapping[str, str], at: float, parse: Callable[[Any], T]) -> dict[str, T]:
         """All queries at one evaluation time, so the signals describe the same instant."""
-        values: dict[str, float | None] = {}
+        values: dict[str, T] = {}
         for name, expr in exprs.items():
             try:
-                result = self._client.custom_query(expr, params={"time": at})
-                values[name] = finite(float(result[0]["value"][1])) if result else None
+                values[name] = parse(self._client.custom_query(expr, params={"time": at}))
             except requests.RequestException as error:
                 if _timed_out(error):
                     raise SignalsUnavailableError(
@@ -228,6 +241,15 @@ class PrometheusSource:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _scalar(result: Any) -> float | None:
+    """The value of a query whose answer is one series (or none: no data)."""
+    return finite(float(result[0]["value"][1])) if result else None
+
+
+def _vector(result: Any) -> Vector:
+    return {next(iter(r["metric"].values()), ""): finite(float(r["value"][1])) for r in result}
 
 
 def _timed_out(error: requests.RequestException) -> bool:
@@ -259,167 +281,3 @@ def root_cause(error: BaseException) -> str:
 def _first_line(error: BaseException) -> str:
     text = str(error) or type(error).__name__
     return text.splitlines()[0][:300]
-
-
-# ---- direct scrape ------------------------------------------------------------------------------
-
-LabelSet = tuple[tuple[str, str], ...]
-Sample = dict[tuple[str, LabelSet], float]
-
-
-def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float:
-    """Prometheus's histogram_quantile over (upper bound, cumulative count) pairs: linear within the
-    bucket the rank falls in, the highest finite bound when it falls in +Inf, NaN without data."""
-    ordered = sorted(buckets)
-    if len(ordered) < 2 or not math.isinf(ordered[-1][0]) or ordered[-1][1] <= 0:
-        return math.nan
-    counts = [ordered[0][1]]
-    for _, count in ordered[1:]:
-        counts.append(max(count, counts[-1]))  # rate noise can make cumulative counts dip
-    rank = q * counts[-1]
-    index = next(i for i, count in enumerate(counts) if count >= rank)
-    if index == len(ordered) - 1:
-        return ordered[-2][0]
-    start, end = (0.0, ordered[0][0]) if index == 0 else (ordered[index - 1][0], ordered[index][0])
-    below = counts[index - 1] if index > 0 else 0.0
-    inside = counts[index] - below
-    return end if inside <= 0 else start + (end - start) * (rank - below) / inside
-
-
-def parse_exposition(text: str) -> Sample:
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): float(sample.value)
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def counter_increase(values: Sequence[float]) -> float:
-    """Increase over consecutive samples, treating a drop as a restart from zero (like rate())."""
-    return sum(b - a if b >= a else b for a, b in itertools.pairwise(values))
-
-
-class ScrapeSource:
-    """Signals computed from the pools' own /metrics, scraped on every read (and whenever `scrape`
-    is called, e.g. by a faster loop), keeping `keep_seconds` of history per target."""
-
-    def __init__(
-        self, targets: Iterable[str] = (), *, timeout: float = 2.0, keep_seconds: float = 600.0
-    ) -> None:
-        self.targets: list[str] = list(targets)
-        self.timeout = timeout
-        self.keep_seconds = keep_seconds
-        self._history: dict[str, deque[tuple[float, Sample]]] = {}
-        self._fresh: set[str] = set()  # targets whose last scrape succeeded
-        self._session: aiohttp.ClientSession | None = None
-
-    def set_targets(self, targets: Iterable[str]) -> None:
-        """Replace the target list (replicas come and go); history of removed targets is dropped."""
-        self.targets = list(targets)
-        for url in set(self._history) - set(self.targets):
-            del self._history[url]
-        self._fresh &= set(self.targets)
-
-    async def scrape(self) -> int:
-        """Scrape every target once, concurrently; returns how many answered."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
-        session = self._session
-        results = await asyncio.gather(*(self._scrape_one(session, url) for url in self.targets))
-        now = time.monotonic()
-        self._fresh = set()
-        for url, sample in zip(self.targets, results, strict=True):
-            history = self._history.setdefault(url, deque())
-            while history and history[0][0] < now - self.keep_seconds:
-                history.popleft()
-            if sample is not None:
-                history.append((now, sample))
-                self._fresh.add(url)
-        return len(self._fresh)
-
-    async def _scrape_one(self, session: aiohttp.ClientSession, url: str) -> Sample | None:
-        try:
-            async with session.get(url) as response:
-                response.raise_for_status()
-                return parse_exposition(await response.text())
-        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-            log.debug("scrape of %s failed: %s", url, error)
-            return None
-
-    async def read(self, query: SignalQuery) -> PoolSignals:
-        if not self.targets:
-            raise SignalsUnavailableError("NoTargets", "no /metrics URLs to scrape")
-        if await self.scrape() == 0:
-            message = f"none of {len(self.targets)} /metrics URLs answered"
-            raise SignalsUnavailableError("ScrapeFailed", message)
-        return PoolSignals.from_values(
-            {name: self.evaluate(spec, query) for name, spec in signal_specs(query).items()}
-        )
-
-    def evaluate(self, spec: SignalSpec, query: SignalQuery) -> float | None:
-        """One signal from the scrape history, with the semantics of the PromQL `promql` renders."""
-        wanted = _labels(query, spec.role)
-        if spec.kind == "quantile":
-            rates: dict[float, float] = {}
-            for labels, values in self._window(f"{spec.metric}_bucket", wanted, query.window_seconds):
-                rate = _rate(values)
-                if rate is not None:
-                    le = float(dict(labels)["le"])
-                    rates[le] = rates.get(le, 0.0) + rate
-            return finite(histogram_quantile(spec.quantile, list(rates.items()))) if rates else None
-        series = self._window(spec.metric, wanted, query.window_seconds)
-        per_series: list[float | None]
-        if spec.kind == "rate":
-            per_series = [_rate(values) for _, values in series]
-        elif spec.kind in ("count", "sum"):
-            per_series = list(self._latest(spec.metric, wanted))
-        else:
-            per_series = [sum(v for _, v in values) / len(values) for _, values in series]
-        known = [value for value in per_series if value is not None]
-        if not known:
-            return None
-        if spec.kind == "count":
-            return float(len(known))
-        return finite(sum(known) / len(known) if spec.kind == "avg_avg" else sum(known))
-
-    def _window(
-        self, name: str, wanted: Mapping[str, str], window: float
-    ) -> list[tuple[LabelSet, list[tuple[float, float]]]]:
-        """Per matching series (per target): its (time, value) samples within the window."""
-        found: list[tuple[LabelSet, list[tuple[float, float]]]] = []
-        for history in self._history.values():
-            if not history:
-                continue
-            cutoff = history[-1][0] - window
-            by_series: dict[LabelSet, list[tuple[float, float]]] = {}
-            for at, sample in history:
-                if at < cutoff:
-                    continue
-                for (metric, labels), value in sample.items():
-                    if metric == name and _matches(labels, wanted):
-                        by_series.setdefault(labels, []).append((at, value))
-            found.extend(by_series.items())
-        return found
-
-    def _latest(self, name: str, wanted: Mapping[str, str]) -> Iterable[float]:
-        """Current values of the matching series of targets that answered the last scrape."""
-        for url in self._fresh:
-            for (metric, labels), value in self._history[url][-1][1].items():
-                if metric == name and _matches(labels, wanted):
-                    yield value
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-
-def _matches(labels: LabelSet, wanted: Mapping[str, str]) -> bool:
-    present = dict(labels)
-    return all(present.get(key) == value for key, value in wanted.items())
-
-
-def _rate(values: Sequence[tuple[float, float]]) -> float | None:
-    if len(values) < 2 or values[-1][0] <= values[0][0]:
-        return None
-    return counter_increase([v for _, v in values]) / (values[-1][0] - values[0][0])

@@ -84,3 +84,61 @@ async def test_operator_scales_on_what_prometheus_reports_and_holds_without_it(
     finally:
         traffic.stop()
         prometheus.stop()
+
+
+async def test_prefill_pool_stops_when_ttft_allows_and_comes_back_when_it_misses(
+    apiserver: ApiServer,
+    cluster: Cluster,
+    endpoints: Endpoints,
+    prometheus_bin: str,
+    tmp_path: Path,
+) -> None:
+    """`prefill.replicas.min: 0`: an almost idle prefill replica under a TTFT well below target goes;
+    with no prefill worker left (its /metrics gone) the router's TTFT still drives the pool, and a miss
+    brings a replica back."""
+    prometheus = Prometheus(prometheus_bin, tmp_path, [e.target for e in endpoints.values()])
+    router, prefill, decode = (endpoints[role].metrics for role in ("router", "prefill", "decode"))
+    ttft = [0.1]
+
+    async def traffic() -> None:
+        while True:  # 10 requests/s, ITL within target; the prefill worker busy 1 ms a second
+            for _ in range(2):
+                router.ttft.observe(ttft[0])
+                router.itl.observe(0.03)
+                router.prompt_tokens.inc(50)
+                router.generation_tokens.inc(2)
+                router.request_finished("success")
+                decode.decode_step.observe(0.004)
+                decode.decode_tokens.inc(2)
+            prefill.prefill_step.observe(0.0002)
+            decode.requests_running.set(2)
+            await asyncio.sleep(0.2)
+
+    ticking = asyncio.create_task(traffic())
+    spec = copy.deepcopy(SPEC)
+    spec["prefill"]["replicas"] |= {"min": 0, "initial": 1}  # without `initial` it would start at zero
+    settings = OperatorSettings(
+        worker_image="splitserve/worker:test",
+        poll_seconds=0.1,
+        resync_seconds=0.5,
+        prometheus_url=prometheus.url,
+    )
+    try:
+        async with running_operator(apiserver, settings):
+            await cluster.create_pool("chat", spec, namespace=NAMESPACE)
+            await eventually(lambda: replicas(cluster, "prefill") == 1, what="the prefill Deployment")
+            await eventually(lambda: replicas(cluster, "prefill") == 0, limit=40, what="prefill to zero")
+            await eventually(
+                lambda: any(
+                    "decode workers take its prompts" in e["message"] for e in cluster.events("chat")
+                ),
+                what="the Autoscaled event saying why",
+            )
+
+            await endpoints["prefill"].stop()  # the pod is gone: so are its series
+            ttft[0] = 3.0
+            await eventually(lambda: replicas(cluster, "prefill") >= 1, limit=40, what="prefill back")
+            assert (c := metrics_condition(cluster)) is not None and c["status"] == "True", c
+    finally:
+        ticking.cancel()
+        prometheus.stop()

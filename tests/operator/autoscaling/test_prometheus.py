@@ -18,7 +18,8 @@ import requests
 
 from splitserve.local.prometheus import LocalPrometheus
 from splitserve_operator.autoscaling.evaluator import AutoscalerState, Outcome, PoolAutoscaler
-from splitserve_operator.autoscaling.signals import PrometheusSource, ScrapeSource, SignalQuery
+from splitserve_operator.autoscaling.scrape import ScrapeSource
+from splitserve_operator.autoscaling.signals import PrometheusSource, SignalQuery
 from splitserve_operator.autoscaling_spec import AutoscalingSpec, ScaleDownRules
 from splitserve_operator.models import (
     DecodePoolSpec,

@@ -12,15 +12,17 @@ import pytest
 import requests
 from aiohttp import web
 
-from splitserve_operator.autoscaling.signals import (
-    PrometheusSource,
+from splitserve_operator.autoscaling.scrape import (
     ScrapeSource,
-    SignalQuery,
-    SignalSpec,
-    SignalsUnavailableError,
     counter_increase,
     histogram_quantile,
     parse_exposition,
+)
+from splitserve_operator.autoscaling.signals import (
+    PrometheusSource,
+    SignalQuery,
+    SignalSpec,
+    SignalsUnavailableError,
     promql,
     root_cause,
     signal_specs,

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+RoutingStrategy = Literal["kv-aware", "least-loaded"]
 
 
 def looks_like_path(model: str) -> bool:
@@ -32,7 +33,7 @@ class RoutingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    strategy: Literal["kv-aware", "least-loaded"] = Field(
+    strategy: RoutingStrategy = Field(
         "kv-aware", description="kv-aware: score cached prefix against load; least-loaded: load only."
     )
     cache_weight: float = Field(1.0, ge=0, description="Weight of the prompt's cached fraction.")

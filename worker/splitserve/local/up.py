@@ -29,12 +29,8 @@ from splitserve.local.pool import LocalPool, check_port_free
 from splitserve.local.prometheus import LocalPrometheus, find_prometheus
 from splitserve_operator.api_base import API_GROUP, KIND
 from splitserve_operator.autoscaling.evaluator import AutoscalerState, PoolAutoscaler, signal_query
-from splitserve_operator.autoscaling.signals import (
-    PrometheusSource,
-    ScrapeSource,
-    SignalSource,
-    SignalsUnavailableError,
-)
+from splitserve_operator.autoscaling.scrape import ScrapeSource
+from splitserve_operator.autoscaling.signals import PrometheusSource, SignalSource, SignalsUnavailableError
 from splitserve_operator.conditions import Event
 from splitserve_operator.engine_configmap import engine_config
 from splitserve_operator.models import InferencePoolSpec
