@@ -88,8 +88,10 @@ def build_conditions(
 ) -> Conditions:
     """Ready, Progressing and Degraded from the rollouts and problems; other conditions are kept.
 
-    Ready means the pool can serve: at least one ready pod of every role that has any desired (a
-    prefill pool scaled to zero leaves prompts to the decode workers), and nothing wrong. `kv` (KV
+    Ready means the pool can serve: a ready router and decode pod, and nothing wrong. Prefill pods are
+    not needed for that (with none ready, the decode workers prefill prompts themselves: conditional
+    disaggregation), so a prefill pool at zero, starting, or stuck leaves the pool Ready; a stuck one
+    shows in Progressing and Degraded. `kv` (KV
     transfers failing, kv_status.py) degrades a pool that still serves: Degraded, not un-Ready.
     """
 
@@ -108,7 +110,9 @@ def build_conditions(
     summary = ", ".join(r.summary for r in rollouts) + " ready"
     stalled = [f"{r.role}: {r.stalled}" for r in rollouts if r.stalled]
     rolling = [r.role for r in rollouts if not r.done]
-    unserved = [r.role for r in rollouts if r.ready < 1 and not (r.role == "prefill" and r.desired == 0)]
+    unserved = [r.role for r in rollouts if r.ready < 1 and r.role != "prefill"]
+    if not unserved and any(r.role == "prefill" and r.ready < 1 for r in rollouts):
+        summary += " (no prefill pod ready: the decode workers prefill)"
     if problems:
         conds = put(conds, naming.READY, False, problems[0].reason, "; ".join(p.message for p in problems))
     elif unserved:

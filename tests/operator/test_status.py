@@ -56,8 +56,8 @@ def test_status_from_rollouts() -> None:
     }
     stalled = {**ready, "prefill": deployment(1, 0, conditions=[stuck])}
     status = build_status({}, stalled, [], invalid=None, generation=3, endpoint=None, now="t")
-    assert conditions_of(status) == {
-        "Ready": ("False", "NotReady"),
+    assert conditions_of(status) == {  # decode workers prefill while no prefill pod is ready
+        "Ready": ("True", "Ready"),
         "Progressing": ("False", "ProgressDeadlineExceeded"),
         "Degraded": ("True", "ProgressDeadlineExceeded"),
     }
@@ -110,4 +110,9 @@ def test_prefill_at_zero_is_ready_and_stable() -> None:
     }
     starting = {**at_zero, "prefill": deployment(1, 0)}  # back from zero: its pod is not ready yet
     status = build_status({}, starting, [], invalid=None, generation=1, endpoint=None, now="t")
+    assert conditions_of(status)["Ready"] == ("True", "Ready")  # the decode workers prefill meanwhile
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert "no prefill pod ready: the decode workers prefill" in ready["message"]
+    unserved = {**at_zero, "decode": deployment(1, 0)}
+    status = build_status({}, unserved, [], invalid=None, generation=1, endpoint=None, now="t")
     assert conditions_of(status)["Ready"] == ("False", "NotReady")
