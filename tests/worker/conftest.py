@@ -10,6 +10,9 @@ import pytest
 from aiohttp import web
 from transformers import PreTrainedTokenizerBase
 
+from splitserve.contract.config import EngineConfig
+from splitserve.engine.forward import Engine
+from splitserve.engine.loader import load_model
 from splitserve.engine.model_info import load_tokenizer
 from splitserve.serving.http import RunningApp, start_app
 
@@ -18,6 +21,13 @@ class Serve(Protocol):
     def __call__(
         self, app: web.Application, *, host: str = "127.0.0.1", port: int = 0
     ) -> Awaitable[RunningApp]: ...
+
+
+@pytest.fixture(scope="module")
+def int8_engines(tiny_model: Path) -> tuple[Engine, Engine]:
+    """Two engines on the tiny model's weights that store KV as int8 (a prefill and a decode side)."""
+    config = EngineConfig(model=str(tiny_model), threads=1, kv_cache_dtype="int8")
+    return Engine(load_model(config)), Engine(load_model(config))
 
 
 @pytest.fixture(scope="session")
