@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
+from splitserve.cli import build_parser, engine_config
 from splitserve.engine import kv_quant
 from splitserve.engine.block_hash import cache_salt
 from splitserve.engine.disk_tier import Miss, decode, encode
@@ -86,6 +88,14 @@ def test_int8_blocks_never_match_float_blocks_in_any_tier() -> None:
     assert decode(encode(7, int8_salt, block), 7, float_salt) == Miss(
         "foreign", "written for another model, revision or KV dtype"
     )
+
+
+def test_the_kv_cache_dtype_flag_reaches_the_engine_config() -> None:
+    flags = ["worker", "--role", "decode", "--model", "m", "--kv-cache-dtype"]
+    assert engine_config(build_parser().parse_args([*flags, "int8"])).kv_cache_dtype == "int8"
+    assert engine_config(build_parser().parse_args(flags[:-1])).kv_cache_dtype == "auto"
+    with pytest.raises(ValidationError, match="kv_cache_dtype"):
+        engine_config(build_parser().parse_args([*flags, "fp8"]))
 
 
 # ---- quality --------------------------------------------------------------------------------------
