@@ -57,8 +57,8 @@ class KvCacheSpec(ApiModel):
     dtype: Literal["auto", "int8"] = Field(
         "auto",
         description="How workers store KV: auto = the model dtype; int8 = symmetric int8 with a scale per "
-        "token and head (about half the bytes of bfloat16, so twice the tokens in `kvCacheBytes`), stored, "
-        "retained and transferred as int8.",
+        "token and head (about half the bytes of bfloat16, so nearly twice the tokens in `kvCacheBytes`), "
+        "stored, retained and transferred as int8.",
     )
     prefix_caching: bool = Field(
         True, description="Keep full KV blocks after their request and reuse them for equal prompt prefixes."

@@ -132,12 +132,12 @@ def divergence(float_engine: Engine, int8_engine: Engine) -> tuple[float, float]
 # The bounds, for this deliberately chaotic tiny model (random weights of std 0.2, 4 layers): storing
 # its KV in bfloat16 (rounding each element to 8 bits of mantissa) already moves its logits by ~2 %
 # (relative L2) and changes ~5 % of top-1 tokens. An int8 row's rounding noise is
-# max|x| / (127 * sqrt(12)), about 3x bfloat16's for rows of 32 Gaussian-like values, and int8 runs
-# measure 6-8 % and 88-91 % agreement. 15 % and 80 % leave 2x room for that; a dequantization that
-# drops the scales lands at ~136 % and under 5 % agreement, a scale read from the wrong bytes or
-# applied to the wrong row is as far off.
+# max|x| / (127 * sqrt(12)), about 3x bfloat16's for rows of 32 Gaussian-like values, and the int8 run
+# here measures 6.4 % and 88 % agreement. 15 % and 70 % leave room for other CPUs' float noise; a
+# dequantization that drops the scales measures 137 % and 0 % agreement, and a scale read from the
+# wrong bytes or applied to the wrong row is as far off.
 MAX_LOGIT_ERROR = 0.15
-MIN_TOP1_AGREEMENT = 0.80
+MIN_TOP1_AGREEMENT = 0.70
 
 
 def test_int8_logits_stay_close_to_the_float_run(

@@ -102,8 +102,8 @@ class EngineConfig(BaseModel):
     kv_cache_dtype: KVCacheDtype = Field(
         "auto",
         description="How KV is stored: auto = the model dtype; int8 = symmetric int8 with a scale per "
-        "token, head and K/V (about half the bytes of bfloat16: twice the tokens in one budget). Prefill "
-        "and decode workers of a pool must agree.",
+        "token, head and K/V (about half the bytes of bfloat16: nearly twice the tokens in one budget). "
+        "Prefill and decode workers of a pool must agree.",
     )
     enable_prefix_caching: bool = Field(
         True,
