@@ -11,7 +11,9 @@
    sequences into the real allocator until it refuses (the budget holds 32 in bf16). A row's 2-byte
    scale costs 2 / (2 * head_dim) of bf16's bytes, so int8 holds 1.88x bf16's streams at head_dim 32
    and 1.97x at 128 (block rounding aside).
-3. KV transfer time of a 4,000-token cache over loopback: the receiver is bench/kv_transfer.py's (a
+3. What int8 costs in compute on CPU: decode tokens/s of the tiny model (fp32 weights) with fp32 and
+   int8 KV, 16 streams of 256-token contexts (bench/paged_kv.py's measure: CPU time), 3 interleaved rounds.
+4. KV transfer time of a 4,000-token cache over loopback: the receiver is bench/kv_transfer.py's (a
    child process landing frames in a real pool, pinned to the last core), interleaved repetitions,
    int8 against the model dtype, for the tiny model (fp32) and the Llama-3-8B shape (bf16).
 Writes bench/results/int8_kv.json and int8_kv.png; runs in about a minute.
@@ -127,6 +129,31 @@ def streams_held_by_runtime(model: Path, budget: int) -> dict[str, int]:
             streams += 1
         held[name] = streams - 1
     return held
+
+
+def decode_speed(model: Path, rounds: int = 3) -> dict[str, Any]:
+    """Decode tokens/s (CPU time) with fp32 and int8 KV, rounds interleaved; medians and their ratio."""
+    from bench.paged_kv import decode_rate
+    from splitserve.contract.config import EngineConfig
+    from splitserve.engine.forward import Engine
+    from splitserve.engine.loader import load_model
+
+    engines = {
+        kind: Engine(load_model(EngineConfig(model=str(model), threads=1, kv_cache_dtype=config)))
+        for kind, config in (("fp32", "auto"), ("int8", "int8"))
+    }
+    rates: dict[str, list[float]] = {kind: [] for kind in engines}
+    for _ in range(rounds):
+        for kind, engine in engines.items():
+            rates[kind].append(decode_rate(engine, 16))
+    medians = {kind: statistics.median(values) for kind, values in rates.items()}
+    return {
+        "streams": 16,
+        "context_tokens": 256,
+        "tokens_per_s_median": medians,
+        "int8_over_fp32": medians["int8"] / medians["fp32"],
+        "samples": rates,
+    }
 
 
 def streams_admitted(pool_layout: KVLayout, budget: int) -> int:
@@ -248,7 +275,10 @@ def main() -> None:
     budget = BF16_STREAMS * BLOCK * -(-(PROMPT + OUTPUT) // BLOCK) * tiny_bf16.bytes_per_token
     with tempfile.TemporaryDirectory() as scratch:
         print("streams held, through the runtime:", flush=True)
-        runtime = streams_held_by_runtime(write_tiny_model(Path(scratch) / "tiny"), budget)
+        model = write_tiny_model(Path(scratch) / "tiny")
+        runtime = streams_held_by_runtime(model, budget)
+        print("decode speed:", flush=True)
+        result["decode_speed"] = decode_speed(model)
     long_budget = (
         LONG_BF16_STREAMS * LONG_SEQUENCE * layout("Llama-3-8B shape", torch.bfloat16).bytes_per_token
     )
