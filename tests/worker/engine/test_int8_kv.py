@@ -33,23 +33,24 @@ ROWS = [(m, dtype) for m in (1e-30, 1e-3, 1.0, 300.0, 1e30) for dtype in (torch.
 
 
 @pytest.mark.parametrize(("magnitude", "dtype"), [*ROWS, (1e-3, torch.float16), (300.0, torch.float16)])
+@pytest.mark.parametrize("head_dim", [32, 31])  # scales read as bfloat16 in place, or bit by bit
 def test_a_row_round_trips_within_half_its_scale_and_never_clips(
-    magnitude: float, dtype: torch.dtype
+    magnitude: float, dtype: torch.dtype, head_dim: int
 ) -> None:
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 9, 32, generator=generator) * magnitude
+    x = torch.randn(4, 9, head_dim, generator=generator) * magnitude
     x[0, 0, 5] = 40 * magnitude  # an outlier sets its row's scale alone
     x[1, 2] = 0.0  # an all-zero row
     rows = quantize(x.to(dtype))
-    assert rows.shape == (4, 9, 32 + SCALE_BYTES) and rows.dtype == torch.int8
-    scale, exact = scales(rows), x.to(dtype).float()  # [4, 9], [4, 9, 32]
+    assert rows.shape == (4, 9, head_dim + SCALE_BYTES) and rows.dtype == torch.int8
+    scale, exact = scales(rows), x.to(dtype).float()  # [4, 9], [4, 9, head_dim]
     absmax = exact.abs().amax(-1)
     assert (scale >= absmax / 127).all()  # rounded up: no value needs more than 127 steps
     assert (scale <= absmax / 127 * (1 + 2**-6) + torch.finfo(torch.float32).tiny).all()  # one bf16 ulp
     error = (dequantize(rows, torch.float32) - exact).abs()
     assert (error <= scale.unsqueeze(-1) / 2 * (1 + 2**-20)).all()  # (float32 rounding of q * scale)
     assert (rows[..., :-SCALE_BYTES] != -128).all()
-    assert torch.equal(dequantize(rows, torch.float32)[1, 2], torch.zeros(32))
+    assert torch.equal(dequantize(rows, torch.float32)[1, 2], torch.zeros(head_dim))
 
 
 def test_int8_rows_take_about_half_the_bytes_of_bf16_and_a_quarter_of_fp32() -> None:

@@ -16,16 +16,19 @@ quantized. The price is 2 bytes per row: `head_dim + 2` bytes instead of `2 * he
 
 Why bfloat16 for the scale: it has float32's exponent range (any finite max|x| has a finite, non-zero
 scale: no overflow to inf as float16 would at 65504 * 127) and rounding it up keeps the bound above;
-it is read back by bit shifts, so rows need no alignment (`head_dim + 2` bytes may be odd-sized).
+it is read back as a bfloat16 in place where 2-byte aligned, else by bit shifts (an odd head_dim).
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
 SCALE_BYTES = 2  # the bfloat16 scale after each row's values
 QMAX = 127  # symmetric: -127..127 (never -128, so that negation is exact)
 _TINY = torch.finfo(torch.float32).tiny  # the scale of an all-zero row (any positive value would do)
+_LITTLE_ENDIAN = sys.byteorder == "little"  # the scale's bytes are stored low byte first
 
 
 def is_quantized(dtype: torch.dtype) -> bool:
@@ -62,7 +65,15 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
 
 
 def scales(rows: torch.Tensor) -> torch.Tensor:
-    """The float32 scale of each int8 row `[..., D + 2]` -> `[...]`."""
+    """The float32 scale of each int8 row `[..., D + 2]` -> `[...]`: the two bytes read as a bfloat16
+    in place where they are 2-byte aligned (an even head_dim: 3-5x faster), else assembled bit by bit."""
+    tail = rows[..., -SCALE_BYTES:]
+    if (
+        _LITTLE_ENDIAN
+        and tail.storage_offset() % 2 == 0
+        and all(step % 2 == 0 for step in tail.stride()[:-1])
+    ):
+        return tail.view(torch.bfloat16).squeeze(-1).to(torch.float32)
     low = rows[..., -2].to(torch.int32) & 0xFF
     high = rows[..., -1].to(torch.int32) & 0xFF
     return ((high << 24) | (low << 16)).view(torch.float32)
@@ -70,8 +81,9 @@ def scales(rows: torch.Tensor) -> torch.Tensor:
 
 def dequantize(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """int8 rows `[..., D + 2]` -> values `[..., D]` in `dtype` (what attention computes in)."""
-    values = rows[..., :-SCALE_BYTES].to(torch.float32)
-    return (values * scales(rows).unsqueeze(-1)).to(dtype)
+    values = rows[..., :-SCALE_BYTES].to(torch.float32)  # a fresh tensor: scaled in place, since a
+    # second buffer of this size costs page faults on every call (10x the time of the multiply on CPU)
+    return values.mul_(scales(rows).unsqueeze(-1)).to(dtype)
 
 
 def _round_up_to_bfloat16(scale: torch.Tensor) -> torch.Tensor:
