@@ -12,7 +12,7 @@
    scale costs 2 / (2 * head_dim) of bf16's bytes, so int8 holds 1.88x bf16's streams at head_dim 32
    and 1.97x at 128 (block rounding aside).
 3. What int8 costs in compute on CPU: decode tokens/s of the tiny model (fp32 weights) with fp32 and
-   int8 KV, 16 streams of 256-token contexts (bench/paged_kv.py's measure: CPU time), 3 interleaved rounds.
+   int8 KV, 16 streams of 256-token contexts (bench/paged_kv.py's measure: CPU time), 5 interleaved rounds.
 4. KV transfer time of a 4,000-token cache over loopback: the receiver is bench/kv_transfer.py's (a
    child process landing frames in a real pool, pinned to the last core), interleaved repetitions,
    int8 against the model dtype, for the tiny model (fp32) and the Llama-3-8B shape (bf16).
@@ -131,7 +131,7 @@ def streams_held_by_runtime(model: Path, budget: int) -> dict[str, int]:
     return held
 
 
-def decode_speed(model: Path, rounds: int = 3) -> dict[str, Any]:
+def decode_speed(model: Path, rounds: int = 5) -> dict[str, Any]:
     """Decode tokens/s (CPU time) with fp32 and int8 KV, rounds interleaved; medians and their ratio."""
     from bench.paged_kv import decode_rate
     from splitserve.contract.config import EngineConfig
