@@ -31,6 +31,7 @@ def engine_config(spec: InferencePoolSpec) -> EngineConfig:
         kv_timeout_seconds=spec.kv_transfer.timeout_seconds,
         max_transfer_bytes=quantity_bytes(spec.kv_transfer.max_transfer_bytes),
         block_size=kv.block_size,
+        kv_cache_dtype=kv.dtype,
         enable_prefix_caching=kv.prefix_caching,
         routing=spec.routing.config(),
         **_tiers(spec),

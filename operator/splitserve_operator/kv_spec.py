@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from splitserve_operator.api_base import ApiModel, KubeObject, Quantity, cel, validations
@@ -52,6 +54,12 @@ class KvCacheSpec(ApiModel):
     )
 
     block_size: int = Field(16, ge=1, le=4096, description="Tokens per KV block (the unit of reuse).")
+    dtype: Literal["auto", "int8"] = Field(
+        "auto",
+        description="How workers store KV: auto = the model dtype; int8 = symmetric int8 with a scale per "
+        "token and head (about half the bytes of bfloat16, so nearly twice the tokens in `kvCacheBytes`), "
+        "stored, retained and transferred as int8.",
+    )
     prefix_caching: bool = Field(
         True, description="Keep full KV blocks after their request and reuse them for equal prompt prefixes."
     )

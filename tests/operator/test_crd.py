@@ -140,6 +140,7 @@ CASES: list[dict[str, Any]] = [
     {"kvCache": {"host": {"size": "8Gi", "ttlSeconds": 600}, "disk": {"volume": {"emptyDir": {}}}}},
     {"kvCache": {"disk": {"volume": {"emptyDir": {}, "hostPath": {"path": "/nvme"}}}}},
     {"kvCache": {"disk": {"volume": {}}}},
+    {"kvCache": {"dtype": "int8"}},
     {"autoscaling": {"budget": {}}},
     {"autoscaling": {"budget": {"maxReplicasTotal": 3}}, "decode": {"replicas": {"min": 3, "max": 4}}},
     {"autoscaling": {"budget": {"maxReplicasTotal": 4}}, "decode": {"replicas": {"min": 3, "max": 4}}},

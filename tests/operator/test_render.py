@@ -92,6 +92,7 @@ def test_kv_cache_tiers_reach_the_engine_config_and_the_disk_volume_is_mounted_i
     spec = {
         "kvCache": {
             "blockSize": 32,
+            "dtype": "int8",
             "host": {"size": "16Gi", "ttlSeconds": 600},
             "disk": {"volume": {"persistentVolumeClaim": {"claimName": "kv"}}, "size": "100Gi"},
         }
@@ -99,7 +100,7 @@ def test_kv_cache_tiers_reach_the_engine_config_and_the_disk_volume_is_mounted_i
     p = pool(spec)
     config_map = by_kind(build_children(p, pod_monitor=False))["ConfigMap", "llama-engine"]
     engine = EngineConfig.model_validate(json.loads(config_map["data"]["engine.json"]))
-    assert (engine.block_size, engine.enable_prefix_caching) == (32, True)
+    assert (engine.block_size, engine.kv_cache_dtype, engine.enable_prefix_caching) == (32, "int8", True)
     assert (engine.kv_host_bytes, engine.kv_host_ttl_seconds) == (16 << 30, 600)
     assert (engine.kv_disk_path, engine.kv_disk_bytes, engine.kv_disk_ttl_seconds) == (
         "/var/cache/splitserve/kv",
@@ -120,6 +121,7 @@ def test_kv_cache_defaults_prefix_caching_on_and_no_tiers() -> None:
     config_map = by_kind(build_children(pool(), pod_monitor=False))["ConfigMap", "llama-engine"]
     engine = EngineConfig.model_validate(json.loads(config_map["data"]["engine.json"]))
     assert engine.enable_prefix_caching and engine.kv_host_bytes == 0 and engine.kv_disk_path is None
+    assert engine.kv_cache_dtype == "auto"
 
 
 def test_routing_block_reaches_the_engine_config_with_the_routers_own_defaults() -> None:

@@ -29,6 +29,7 @@ ENGINE_FLAGS: dict[str, type] = {
     "max_num_seqs": int,
     "kv_cache_bytes": int,
     "block_size": int,
+    "kv_cache_dtype": str,
     "kv_timeout_seconds": float,
     "kv_host_bytes": int,
     "kv_host_ttl_seconds": float,

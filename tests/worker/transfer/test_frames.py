@@ -42,7 +42,7 @@ from splitserve.transfer.frames import (
 )
 from tests.worker.transfer.caches import filled, layout_of, sequence, wire_bytes
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 
 
 def encode_transfer(header: KVHeader, source: SequenceKV) -> bytes:
@@ -164,6 +164,9 @@ def test_for_blocks_sizes_frames() -> None:
     assert small.blocks_per_frame == 1 and small.num_frames == 1 and small.max_frame_nbytes == 40
     huge_blocks = KVHeader.for_blocks("r", 0, 100, shape(1, 64, 256, torch.float32), 4096)
     assert huge_blocks.blocks_per_frame == 1
+    int8 = KVHeader.for_blocks("r", 0, 4000, shape(32, 8, 128, torch.int8), 16)
+    assert int8.token_nbytes == 2 * 8 * (128 + 2)  # each row's values, then its 2-byte scale
+    assert int8.total_nbytes == 4000 * 32 * int8.token_nbytes
 
 
 def test_header_round_trip_and_sizes() -> None:
@@ -190,7 +193,7 @@ def test_header_round_trip_and_sizes() -> None:
         ({"head_dim": True}, "head_dim"),
         ({"block_size": 0}, "block_size"),
         ({"blocks_per_frame": 1.5}, "blocks_per_frame"),
-        ({"dtype": torch.int8}, "dtype"),
+        ({"dtype": torch.uint8}, "dtype"),
         ({"num_tokens": 2**40, "block_size": 1, "num_layers": 2**20}, "frames do not fit"),
     ],
 )

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 RoutingStrategy = Literal["kv-aware", "least-loaded"]
+KVCacheDtype = Literal["auto", "int8"]
 
 
 def looks_like_path(model: str) -> bool:
@@ -98,6 +99,12 @@ class EngineConfig(BaseModel):
         ge=1,
         le=4096,
         description="Tokens per KV block: sequences take memory one block at a time as they grow.",
+    )
+    kv_cache_dtype: KVCacheDtype = Field(
+        "auto",
+        description="How KV is stored: auto = the model dtype; int8 = symmetric int8 with a scale per "
+        "token, head and K/V (about half the bytes of bfloat16: nearly twice the tokens in one budget). "
+        "Prefill and decode workers of a pool must agree.",
     )
     enable_prefix_caching: bool = Field(
         True,

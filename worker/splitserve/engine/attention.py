@@ -10,6 +10,12 @@ attention of its short neighbours. Decode rows use two small bmm's per sequence 
 one padded SDPA over the batch by about 3x). The step's index tensors are built once per step
 (`PackedBatch`), not per layer. The cache travels through the forward's kwargs, as in transformers'
 own paged attention and vLLM's transformers backend.
+
+With int8 KV (kv_quant.py) the new keys and values are quantized as they are scattered, and every
+context read from the pool is dequantized into the model dtype right here, before the attention
+math. A chunk attends to its own new keys *as stored* (quantized and back), so a token's output does
+not depend on whether its context came from the same chunk, an earlier chunk, the prefix cache or
+another worker: int8 output is the same whatever the chunking, the cache hits or the handoff.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from splitserve.engine.kv_cache import KVPool, SequenceKV
+from splitserve.engine.kv_quant import dequantize, quantize
 
 ATTENTION_NAME = "splitserve_ragged"
 BATCH_KWARG = "splitserve_batch"
@@ -52,11 +59,13 @@ class PackedBatch:
         self.write_slots = writes[0] if len(writes) == 1 else torch.cat(writes)
         # Segments with earlier tokens read their context back from the pool: in place when their
         # blocks are contiguous, else gathered whole blocks at a time into one buffer per layer. A
-        # chunk that starts a sequence attends to its own new keys.
+        # chunk that starts a sequence attends to its own new keys. An int8 pool gathers every context,
+        # so that each layer dequantizes one buffer instead of one slice per sequence (on CPU, 16
+        # decode streams' contexts dequantize about 4x faster as one buffer than one by one).
         self.gathered_offsets: dict[int, int] = {}  # segment index -> its first token in the buffer
         read_blocks: list[int] = []
         for index, segment in enumerate(segments):
-            if segment.start > 0 and not segment.kv.contiguous:
+            if segment.start > 0 and (pool.layout.quantized or not segment.kv.contiguous):
                 self.gathered_offsets[index] = len(read_blocks) * pool.block_size
                 read_blocks += segment.kv.block_table[: pool.blocks_for(segment.start + segment.length)]
         self.read_blocks = (  # [blocks to gather] block ids
@@ -82,13 +91,18 @@ class PackedBatch:
         window: int | None,
     ) -> torch.Tensor:
         """query `[Hq, N, D]`, key/value `[H, N, D]` of the new tokens -> output `[N, Hq, D]`."""
-        pool_keys, pool_values = self.pool.keys[layer], self.pool.values[layer]  # each [H, slots, D]
-        pool_keys.index_copy_(1, self.write_slots, key)
-        pool_values.index_copy_(1, self.write_slots, value)
+        pool_keys, pool_values = self.pool.keys[layer], self.pool.values[layer]  # each [H, slots, row]
+        if self.pool.layout.quantized:
+            key_rows, value_rows = quantize(key), quantize(value)  # each [H, N, D + 2] int8
+            key, value = dequantize(key_rows, key.dtype), dequantize(value_rows, value.dtype)
+        else:
+            key_rows, value_rows = key, value
+        pool_keys.index_copy_(1, self.write_slots, key_rows)
+        pool_values.index_copy_(1, self.write_slots, value_rows)
         gathered_keys = gathered_values = None  # each [H, gathered blocks * block_size, D]
         if self.read_blocks is not None:
-            gathered_keys = self._gather(pool_keys, self.read_blocks)
-            gathered_values = self._gather(pool_values, self.read_blocks)
+            gathered_keys = self._read(self._gather(pool_keys, self.read_blocks), key.dtype)
+            gathered_values = self._read(self._gather(pool_values, self.read_blocks), value.dtype)
         heads, _, head_dim = query.shape
         kv_heads = key.shape[0]
         out = query.new_empty(self.num_tokens, heads, head_dim)  # [N, Hq, D]
@@ -130,10 +144,15 @@ class PackedBatch:
         return out
 
     def _gather(self, pool_layer: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """`[H, slots, D]` pool layer -> `[H, len(blocks) * block_size, D]`, whole blocks per copy."""
-        heads, _, head_dim = pool_layer.shape
-        by_block = pool_layer.view(heads, self.pool.num_blocks, -1)  # [H, num_blocks, block_size * D]
-        return by_block.index_select(1, blocks).view(heads, -1, head_dim)
+        """`[H, slots, row]` pool layer -> `[H, len(blocks) * block_size, row]`, whole blocks per copy."""
+        heads, _, row = pool_layer.shape
+        by_block = pool_layer.view(heads, self.pool.num_blocks, -1)  # [H, num_blocks, block_size * row]
+        return by_block.index_select(1, blocks).view(heads, -1, row)
+
+    def _read(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Gathered context `[H, T, row]` -> keys or values `[H, T, D]` to attend to (as it is when the
+        pool holds the model dtype; dequantized when it holds int8 rows)."""
+        return dequantize(rows, dtype) if self.pool.layout.quantized else rows
 
 
 def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:

@@ -6,7 +6,9 @@ block boundary, so memory follows what was produced, not what `max_tokens` might
 free the scheduler preempts (scheduler.py).
 
 Layout: keys and values of every layer live in one tensor whose token axis is the concatenation of
-all blocks, `[layers, 2, kv_heads, num_blocks * block_size, head_dim]`. A token's *slot* is
+all blocks, `[layers, 2, kv_heads, num_blocks * block_size, row]`, where a row is one token of one
+head: `head_dim` values in the model dtype, or with int8 KV `head_dim` int8 values and their scale
+(kv_quant.py), so every slot is self-contained bytes wherever it is copied. A token's *slot* is
 `block_id * block_size + offset`, so writing a step's new keys is one `index_copy_` per layer. A
 sequence whose blocks follow each other (the allocator places new sequences apart and grows them
 into the next block when it can) is read in place as one view, as cheap as the per-sequence tensors
@@ -26,12 +28,14 @@ import torch
 from splitserve.contract.names import PrefixCacheTier
 from splitserve.engine.block_hash import block_hash
 from splitserve.engine.blocks import BlockAllocator, blocks_for
+from splitserve.engine.kv_quant import is_quantized, row_nbytes, row_width
 from splitserve.engine.offload import KVTiers
 
 
 @dataclass(frozen=True)
 class KVLayout:
-    """Shape of the model's KV cache, read from its config."""
+    """Shape of the model's KV cache, read from its config, and how it is stored: `dtype` is the model
+    dtype, or torch.int8 for quantized KV (`--kv-cache-dtype int8`)."""
 
     num_layers: int
     num_kv_heads: int
@@ -39,10 +43,40 @@ class KVLayout:
     dtype: torch.dtype
 
     @property
+    def quantized(self) -> bool:
+        return is_quantized(self.dtype)
+
+    @property
+    def row_width(self) -> int:
+        """Elements of the pool's last axis: one token of one head."""
+        return row_width(self.head_dim, self.dtype)
+
+    @property
+    def row_nbytes(self) -> int:
+        return row_nbytes(self.head_dim, self.dtype)
+
+    @property
     def bytes_per_token(self) -> int:
-        """2 (keys and values) × layers × kv_heads × head_dim × bytes per element."""
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
+        """2 (keys and values) × layers × kv_heads × bytes of a row (head_dim × bytes per element, or
+        head_dim + 2 for int8 rows with their scale)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.row_nbytes
+
+    def mismatch(self, other: KVLayout) -> str | None:
+        """Why a cache of `other`'s layout cannot land in this one's pool, or None if it can."""
+        if other.dtype != self.dtype:
+            return (
+                f"KV dtype {_name(other.dtype)} vs {_name(self.dtype)}: the prefill and decode workers "
+                "of a pool must store KV alike (kvCache.dtype / --kv-cache-dtype)"
+            )
+        sent = (other.num_layers, other.num_kv_heads, other.head_dim)
+        mine = (self.num_layers, self.num_kv_heads, self.head_dim)
+        if sent != mine:
+            return f"KV layout (layers, kv heads, head dim) {sent} does not match this worker's model {mine}"
+        return None
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class KVPool:
@@ -63,17 +97,17 @@ class KVPool:
         self.tiers: KVTiers | None = None  # where evicted cached blocks go (`keep_evicted_in`)
         self.allocator = BlockAllocator(num_blocks)
         # Untouched pages of an `empty` CPU tensor cost no RAM until a block is first written.
-        self.data = torch.empty(  # [layers, 2, kv_heads, num_blocks * block_size, head_dim]
+        self.data = torch.empty(  # [layers, 2, kv_heads, num_blocks * block_size, row]
             layout.num_layers,
             2,
             layout.num_kv_heads,
             num_blocks * block_size,
-            layout.head_dim,
+            layout.row_width,
             dtype=layout.dtype,
             device=device,
         )
-        self.keys = [self.data[layer, 0] for layer in range(layout.num_layers)]  # each [H, slots, D]
-        self.values = [self.data[layer, 1] for layer in range(layout.num_layers)]  # each [H, slots, D]
+        self.keys = [self.data[layer, 0] for layer in range(layout.num_layers)]  # each [H, slots, row]
+        self.values = [self.data[layer, 1] for layer in range(layout.num_layers)]  # each [H, slots, row]
         self._offsets = torch.arange(block_size, device=device)  # [block_size]
 
     @classmethod
@@ -123,7 +157,7 @@ class KVPool:
         self.allocator.on_evict = lambda block, content: tiers.offload(content, self.block_data(block))
 
     def block_data(self, block: int) -> torch.Tensor:
-        """One block's keys and values, `[layers, 2, kv_heads, block_size, head_dim]` (a view)."""
+        """One block's keys and values, `[layers, 2, kv_heads, block_size, row]` (a view)."""
         return self.data[:, :, :, block * self.block_size : (block + 1) * self.block_size]
 
     def slots_of(self, block_table: list[int]) -> torch.Tensor:
@@ -273,7 +307,7 @@ class SequenceKV:
         if not 0 <= begin < end <= self.capacity:
             raise ValueError(f"tokens {begin}..{end - 1} are not in the {self.capacity} slots held")
         _, _, heads, slots, _ = self.pool.data.shape
-        row = self.layout.head_dim * self.pool.data.element_size()  # bytes of one slot of one head
+        row = self.layout.row_nbytes  # bytes of one slot of one head
         view, spans = self.pool.byte_view, self.slot_spans(begin, end)
         out = []
         for plane in range(2 * heads):  # (key|value, head) planes of `layer`, in pool order

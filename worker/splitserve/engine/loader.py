@@ -66,6 +66,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
             "revision": config.revision,
             "device": str(device),
             "dtype": str(dtype),
+            "kv_cache_dtype": config.kv_cache_dtype,
         },
     )
     started = time.monotonic()
@@ -78,7 +79,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     torch.nn.Module.eval(model)
     text_config = model.config.get_text_config()
     _check_supported(model, text_config)
-    layout = kv_layout(text_config, dtype)
+    layout = kv_layout(text_config, torch.int8 if config.kv_cache_dtype == "int8" else dtype)
     loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -101,7 +102,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
 
 
 def kv_layout(text_config: Any, dtype: torch.dtype) -> KVLayout:
-    """KV shape from a transformers config (num_key_value_heads and head_dim are optional there)."""
+    """KV shape from a transformers config (num_key_value_heads and head_dim are optional there),
+    stored as `dtype` (the model's, or int8)."""
     heads = text_config.num_attention_heads
     return KVLayout(
         num_layers=text_config.num_hidden_layers,

@@ -84,7 +84,7 @@ class KVTiers:
             return used
 
     def offload(self, content: int, block: torch.Tensor) -> None:
-        """Keep a copy of an evicted device block `[layers, 2, kv_heads, block_size, head_dim]`."""
+        """Keep a copy of an evicted device block `[layers, 2, kv_heads, block_size, row]` (kv_cache.py)."""
         copy = torch.empty(block.shape, dtype=block.dtype, pin_memory=self.pin_memory)
         copy.copy_(block)
         nbytes = copy.numel() * copy.element_size()

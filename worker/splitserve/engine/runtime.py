@@ -25,6 +25,7 @@ from splitserve.engine.block_hash import cache_salt
 from splitserve.engine.blocks import NoFreeBlocksError
 from splitserve.engine.forward import Engine
 from splitserve.engine.kv_cache import SequenceKV
+from splitserve.engine.kv_quant import salt_name
 from splitserve.engine.offload import KVTiers
 from splitserve.engine.params import (
     REQUEST_FAULT,
@@ -79,7 +80,7 @@ class EngineRuntime:
         self.config = config
         self.metrics = metrics
         self.max_model_len = loaded.max_model_len
-        salt = cache_salt(config.model, config.revision, str(loaded.layout.dtype))
+        salt = cache_salt(config.model, config.revision, salt_name(loaded.layout.dtype, loaded.model.dtype))
         self.pool = engine.new_pool(
             config.block_size, config.kv_cache_bytes, salt if config.enable_prefix_caching else None
         )

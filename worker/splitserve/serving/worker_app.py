@@ -19,7 +19,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from splitserve.contract.errors import location, one_line
-from splitserve.engine.kv_cache import SequenceKV
+from splitserve.engine.kv_cache import KVLayout, SequenceKV
 from splitserve.engine.params import GenerationChunk, GenerationError, GenerationRequest, check_vocabulary
 from splitserve.engine.runtime import EngineRuntime, PrefillResult
 from splitserve.serving.drain import LIVENESS_QUERY, Drain
@@ -202,14 +202,10 @@ class DecodeKVSink:
     async def open(self, header: KVHeader) -> KVDestination:
         try:
             runtime = self.state.ready_runtime()
-            layout = runtime.engine.loaded.layout
-            sent = (header.num_layers, header.num_kv_heads, header.head_dim, header.dtype)
-            mine = (layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.dtype)
-            if sent != mine:
-                raise KVRejected(
-                    f"KV layout (layers, kv heads, head dim, dtype) {sent} does not match this worker's "
-                    f"model {mine}"
-                )
+            sent = KVLayout(header.num_layers, header.num_kv_heads, header.head_dim, header.dtype)
+            reason = runtime.pool.layout.mismatch(sent)
+            if reason is not None:
+                raise KVRejected(reason)
             kv = await runtime.receive_kv(header.request_id, header.num_tokens)
         except GenerationError as error:
             raise KVRejected(error.message) from error

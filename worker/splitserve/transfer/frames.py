@@ -10,7 +10,8 @@ A transfer, sender -> receiver: BEGIN (the KVHeader), BLOCKS 0..F-1, END. The re
 with ACCEPT or ERROR and END with OK or ERROR (ERROR may also come at any point in between). A BLOCKS
 frame carries `blocks_per_frame` consecutive blocks (of the sender's `block_size` tokens) of one layer,
 layer by layer: its payload is those tokens' keys then values, head by head, token by token, i.e. a
-`[2, H_kv, n, D]` tensor. Both ends address it through `BlockRuns`: the sender sends straight from its
+`[2, H_kv, n, D]` tensor (with int8 KV each row of D values is followed by its 2-byte scale, as the pool
+stores it: engine/kv_quant.py). Both ends address it through `BlockRuns`: the sender sends from its
 pool's blocks and the receiver lands straight into its own (no copy of the cache on either side), and a
 receiver whose blocks are another size places the same tokens in its own slots. Every length is checked
 against the frame type, the header and the receiver's limits before a byte of payload is read.
@@ -27,6 +28,7 @@ from typing import Protocol
 import torch
 
 from splitserve.engine.blocks import blocks_for
+from splitserve.engine.kv_quant import row_nbytes
 
 MAGIC = b"SSKV"
 VERSION = 2  # 1 carried whole layers; both ends of a transfer run the same release
@@ -83,7 +85,7 @@ class KVProtocolError(ValueError):
         self.code = code
 
 
-_DTYPES: dict[int, torch.dtype] = {1: torch.float32, 2: torch.bfloat16, 3: torch.float16}
+_DTYPES: dict[int, torch.dtype] = {1: torch.float32, 2: torch.bfloat16, 3: torch.float16, 4: torch.int8}
 _DTYPE_CODES = {dtype: code for code, dtype in _DTYPES.items()}
 
 
@@ -132,7 +134,9 @@ class KVHeader:
         )
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size", "blocks_per_frame"):
             _require(_is_u32(getattr(self, name)), f"{name} {getattr(self, name)!r} is not a positive u32")
-        _require(self.dtype in _DTYPE_CODES, f"dtype {self.dtype} is not one of float32, bfloat16, float16")
+        _require(
+            self.dtype in _DTYPE_CODES, f"dtype {self.dtype} is not one of float32, bfloat16, float16, int8"
+        )
         _require(self.num_frames < 2**32, f"{self.num_frames} frames do not fit a u32 frame index")
 
     @classmethod
@@ -148,14 +152,14 @@ class KVHeader:
         """The header for sending a cache of `shape` = (layers, kv heads, head dim, dtype) from blocks of
         `block_size`, with frames of about `frame_bytes` (at least one block each)."""
         layers, heads, head_dim, dtype = shape
-        block_bytes = 2 * heads * block_size * head_dim * dtype.itemsize
+        block_bytes = 2 * heads * block_size * row_nbytes(head_dim, dtype)
         per_frame = max(1, min(frame_bytes // max(1, block_bytes), blocks_for(num_tokens, block_size)))
         return cls(request_id, first_token, num_tokens, layers, dtype, heads, head_dim, block_size, per_frame)
 
     @property
     def token_nbytes(self) -> int:
         """Bytes of one token of one layer: keys and values of every KV head."""
-        return 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        return 2 * self.num_kv_heads * row_nbytes(self.head_dim, self.dtype)
 
     @property
     def frame_tokens(self) -> int:
