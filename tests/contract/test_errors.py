@@ -13,7 +13,7 @@ def test_validation_message_uses_wire_paths() -> None:
 
     with pytest.raises(ValidationError) as info:
         InferencePoolSpec.model_validate(
-            {"model": {"name": "m", "maxModelLen": 1}, "prefill": {"replicas": {"min": 0}}}
+            {"model": {"name": "m", "maxModelLen": 1}, "prefill": {"replicas": {"min": -1}}}
         )
     message = one_line(info.value, root="spec")
     assert "spec.model.maxModelLen: Input should be greater than or equal to 16" in message
