@@ -29,6 +29,7 @@ from splitserve_operator.deletion_cost import before_decode_scale_down
 from splitserve_operator.kube import KINDS, Credentials, KubeClient
 from splitserve_operator.models import InferencePoolSpec
 from splitserve_operator.reconcile import Object, Reconciler, TransientError
+from splitserve_operator.remote_monitor import delete_recorded
 from splitserve_operator.settings import OperatorSettings
 from splitserve_operator.status_models import InferencePoolStatus
 
@@ -141,6 +142,8 @@ class Controller:
             self.reconciled[key] += 1
         for key_, value in outcome.status_patch.items():
             patch.status[key_] = value
+        for key_, annotation in outcome.annotations.items():
+            patch.metadata.annotations[key_] = annotation
         for event in outcome.events:
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
             logger.info("%s/%s %s: %s", namespace, name, event.reason, event.message)
@@ -254,6 +257,11 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
     def pool_event(type: str, namespace: str | None, name: str, **_: Any) -> None:
         if type == "DELETED":
             controller.forget(namespace or "", name)
+
+    # Pools that record a PodMonitor in another namespace: no ownerReference deletes that one.
+    @kopf.on.delete(*POOLS, annotations={naming.POD_MONITOR_ANNOTATION: kopf.PRESENT}, registry=registry)
+    async def delete_remote_monitor(annotations: kopf.Annotations, **_: Any) -> None:
+        await delete_recorded(controller.client, annotations[naming.POD_MONITOR_ANNOTATION])
 
     @kopf.on.cleanup(registry=registry)
     async def close_client(**_: Any) -> None:

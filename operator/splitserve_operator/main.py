@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import random
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -97,6 +98,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="extra label of every PodMonitor (repeatable), e.g. release=kube-prometheus-stack",
     )
     parser.add_argument(
+        "--pod-monitor-namespace",
+        default=None,
+        metavar="NAMESPACE",
+        help="put every PodMonitor in this namespace (e.g. monitoring); default: each pool's own",
+    )
+    parser.add_argument(
         "--worker-image",
         default=env("SPLITSERVE_WORKER_IMAGE", DEFAULT_WORKER_IMAGE),
         help="worker image for pools that set no spec.image",
@@ -135,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(not key or not value for key, value in labels.items()):
         print("splitserve operator: --pod-monitor-label takes KEY=VALUE", file=sys.stderr)
         return 2
+    monitors = args.pod_monitor_namespace
+    if monitors is not None and not re.fullmatch(naming.NAMESPACE_PATTERN, monitors):
+        print("splitserve operator: --pod-monitor-namespace takes a namespace name", file=sys.stderr)
+        return 2
     level = getattr(logging, args.log_level.upper())
     kopf.configure(
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
@@ -150,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         poll_seconds=args.poll_seconds,
         resync_seconds=args.resync_seconds,
         pod_monitor_labels=labels,
+        pod_monitor_namespace=monitors,
     )
     registry, _ = build(settings, default_credentials, peering=args.peering is not None)
     logger.info(

@@ -23,7 +23,14 @@ from splitserve_operator.deletion_cost import before_decode_scale_down
 from splitserve_operator.diff import covers, merge_diff, strip_nones, with_removals
 from splitserve_operator.kube import ApiError, KubeClient
 from splitserve_operator.models import InferencePoolSpec
-from splitserve_operator.render import Manifest, Pool, build_children, unwanted_children
+from splitserve_operator.remote_monitor import RemoteMonitors
+from splitserve_operator.render import (
+    Manifest,
+    Pool,
+    build_children,
+    build_remote_pod_monitor,
+    unwanted_children,
+)
 from splitserve_operator.settings import OperatorSettings
 from splitserve_operator.status import Problem, build_status
 
@@ -44,6 +51,7 @@ class Children(Protocol):
 class Outcome:
     status_patch: dict[str, Any] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
+    annotations: dict[str, str | None] = field(default_factory=dict)  # the pool's, to set (None: remove)
 
 
 class TransientError(Exception):
@@ -62,7 +70,14 @@ def parse(body: Object, settings: OperatorSettings) -> tuple[Pool | None, Proble
     except ValidationError as exc:
         return None, Problem("InvalidSpec", one_line(exc, root="spec"))
     image = spec.image or settings.worker_image
-    pool = Pool(name, namespace, spec, image, pod_monitor_labels=settings.pod_monitor_labels)
+    pool = Pool(
+        name,
+        namespace,
+        spec,
+        image,
+        pod_monitor_labels=settings.pod_monitor_labels,
+        pod_monitor_namespace=settings.pod_monitor_namespace,
+    )
     return pool, None
 
 
@@ -229,6 +244,7 @@ class Reconciler:
         self._written: dict[tuple[str, str, str], tuple[float, Object]] = {}
         # Children found under another controller, so a resync does not POST them again (409) and GET.
         self._conflicts: dict[tuple[str, str, str], tuple[float, Object]] = {}
+        self.remote_monitors = RemoteMonitors(client, settings)
 
     def seen(self, kind: str, namespace: str, name: str) -> None:
         """A watch event of this child arrived: from now on the index knows it better than we do."""
@@ -254,6 +270,7 @@ class Reconciler:
 
     def forget(self, namespace: str, name: str) -> None:
         self._secret_checks.pop((namespace, name), None)
+        self.remote_monitors.forget(namespace, name)
         for memory in (self._written, self._conflicts):
             _drop_children(memory, namespace, name)
 
@@ -300,6 +317,7 @@ class Reconciler:
             endpoint = await self._apply_all(
                 body, pool, desired_children, children, deployments, problems, outcome
             )
+            await self._apply_remote_monitor(meta, pool, pod_monitor, recheck, problems, outcome)
         # Keep the autoscaler's condition until it has a new one; drop it once autoscaling is off.
         carried: Mapping[str, Any] | bool = metrics_available if metrics_available is not None else True
         if pool is not None and not pool.spec.autoscaling.enabled:
@@ -317,6 +335,28 @@ class Reconciler:
         outcome.status_patch = merge_diff(current, status)
         outcome.events += _transition_events(current, status["conditions"])
         return outcome
+
+    async def _apply_remote_monitor(
+        self,
+        meta: Object,
+        pool: Pool,
+        pod_monitor: bool,
+        recheck: bool,
+        problems: list[Problem],
+        outcome: Outcome,
+    ) -> None:
+        """The PodMonitor in the monitoring namespace (remote_monitor.py); the annotation follows it."""
+        recorded = (meta.get("annotations") or {}).get(naming.POD_MONITOR_ANNOTATION)
+        desired = build_remote_pod_monitor(pool, pod_monitor=pod_monitor)
+        try:
+            place, problem = await _call(self.remote_monitors.apply(pool, recorded, desired, recheck=recheck))
+        except ApiError as exc:
+            problems.append(Problem("ApplyFailed", f"PodMonitor: {exc.message}"))
+            return
+        if problem is not None:
+            problems.append(problem)
+        if place != recorded:
+            outcome.annotations[naming.POD_MONITOR_ANNOTATION] = place
 
     async def _remove_unwanted(self, body: Object, pool: Pool, children: Children) -> list[str]:
         """Delete our children the spec turned off (a disabled disruption budget); others' stay."""
