@@ -119,3 +119,31 @@ async def test_created_moved_and_deleted_with_the_setting_and_the_pool(
             lambda: cluster.get(naming.GROUP + "/v1alpha1/inferencepools", "tiny") is None, what="gone"
         )
         assert cluster.get(MONITORS, name, "monitoring") is None
+
+
+@pytest.mark.parametrize("apiserver_options", [{"pod_monitors": True}])
+async def test_someone_elses_pod_monitor_at_the_place_is_a_conflict_and_survives_the_pool(
+    apiserver: ApiServer, cluster: Cluster
+) -> None:
+    name = f"{NAMESPACE}.tiny"
+    foreign = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": {"name": name, "namespace": "monitoring", "labels": {"team": "other"}},
+        "spec": {"selector": {"matchLabels": {"app": "other"}}},
+    }
+    path = "/apis/monitoring.coreos.com/v1/namespaces/monitoring/podmonitors"
+    await cluster.request("POST", path, foreign, "application/json")
+    async with running_operator(apiserver, settings("monitoring")):
+        await cluster.create_pool("tiny")
+        ready = await eventually(
+            lambda: (c := cluster.condition("tiny", "Ready")) and c["reason"] == "ChildConflict" and c,
+            what="ChildConflict",
+        )
+        assert f"PodMonitor monitoring/{name} exists and is not this pool's" in ready["message"]
+        assert recorded(cluster) is None  # not claimed, so never deleted as the pool's
+        await cluster.request("DELETE", path_of("inferencepools", "tiny"))
+        await eventually(
+            lambda: cluster.get(naming.GROUP + "/v1alpha1/inferencepools", "tiny") is None, what="gone"
+        )
+    assert cluster.get(MONITORS, name, "monitoring")["spec"] == foreign["spec"]  # type: ignore[index]
