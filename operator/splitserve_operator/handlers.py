@@ -23,6 +23,7 @@ from splitserve.contract.names import WORKER_ROLES, WorkerRole
 from splitserve_operator import naming
 from splitserve_operator.api_base import API_GROUP, API_VERSION, PLURAL
 from splitserve_operator.autoscaling.evaluator import AutoscalerState, PoolAutoscaler
+from splitserve_operator.autoscaling.exporter import AutoscalerMetrics
 from splitserve_operator.autoscaling.signals import PrometheusSource, SignalSource, UnconfiguredSource
 from splitserve_operator.conditions import now_rfc3339
 from splitserve_operator.deletion_cost import before_decode_scale_down
@@ -78,6 +79,8 @@ class Controller:
     metrics_conditions: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     # Completed reconciles per pool: progress for logs, probes, tests and the bench.
     reconciled: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # The autoscaler's decisions as series (served by main on --metrics-port).
+    metrics: AutoscalerMetrics = field(default_factory=AutoscalerMetrics)
     _pod_monitors: tuple[float, bool] | None = None
 
     def __post_init__(self) -> None:
@@ -85,7 +88,7 @@ class Controller:
         self.reconciler = Reconciler(self.client, self.settings)
         url = self.settings.prometheus_url
         source: SignalSource = PrometheusSource(url) if url else UnconfiguredSource()
-        self.autoscaler = PoolAutoscaler(source)
+        self.autoscaler = PoolAutoscaler(source, self.metrics)
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         """One reconcile (or autoscaler step) at a time per pool."""
@@ -103,6 +106,7 @@ class Controller:
         self.reconciled.pop(key, None)
         self.metrics_conditions.pop(key, None)
         self.reconciler.forget(namespace, name)
+        self.metrics.forget(namespace, name)
 
     def due(self, namespace: str, name: str) -> bool:
         key = (namespace, name)
@@ -158,7 +162,8 @@ class Controller:
         if spec is None:
             return  # the reconciler reports invalid specs
         if not spec.autoscaling.enabled:
-            memo.pop("autoscaler", None)
+            if memo.pop("autoscaler", None) is not None:
+                self.metrics.forget(namespace, name)
             return
         state: AutoscalerState | None = memo.get("autoscaler")
         if state is None:  # first sight since this operator started: carry on from status

@@ -109,6 +109,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="worker image for pools that set no spec.image",
     )
     parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8081,
+        help="port of the operator's /metrics (the autoscaler's decisions); 0 to disable",
+    )
+    parser.add_argument(
         "--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint URL; empty to disable"
     )
     parser.add_argument(
@@ -138,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.poll_seconds <= 0 or args.resync_seconds <= 0:
         print("splitserve operator: --poll-seconds and --resync-seconds must be positive", file=sys.stderr)
         return 2
+    if not 0 <= args.metrics_port <= 65535:
+        print("splitserve operator: --metrics-port takes a port number, or 0 for none", file=sys.stderr)
+        return 2
     labels = dict(label.partition("=")[::2] for label in args.pod_monitor_labels)
     if any(not key or not value for key, value in labels.items()):
         print("splitserve operator: --pod-monitor-label takes KEY=VALUE", file=sys.stderr)
@@ -163,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         pod_monitor_labels=labels,
         pod_monitor_namespace=monitors,
     )
-    registry, _ = build(settings, default_credentials, peering=args.peering is not None)
+    registry, controller = build(settings, default_credentials, peering=args.peering is not None)
+    if args.metrics_port:
+        controller.metrics.serve(args.metrics_port)
     logger.info(
         "watching %s with worker image %s",
         ", ".join(settings.namespaces) or "all namespaces",
