@@ -127,6 +127,11 @@ async def test_lint_and_default_install(apiserver: ApiServer, tmp_path: Path) ->
     assert "--all-namespaces" in container["args"] and f"--peering={RELEASE}" in container["args"]
     assert "--worker-image=ghcr.io/splitserve/worker:0.1.0" in container["args"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    # The autoscaler's series, where a plain Prometheus's kubernetes-pods job finds them.
+    assert "--metrics-port=8081" in container["args"]
+    assert {"name": "metrics", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "8081"
     assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
     assert [p["metadata"]["name"] for p in objects(apiserver, "ClusterKopfPeering")] == [RELEASE]
     assert len(objects(apiserver, "ClusterRole")) == 1 and objects(apiserver, "Role") == []
@@ -134,7 +139,12 @@ async def test_lint_and_default_install(apiserver: ApiServer, tmp_path: Path) ->
 
 
 async def test_namespaced_install(apiserver: ApiServer, tmp_path: Path) -> None:
-    values = {"watchNamespaces": ["team-a", "team-b"], "replicaCount": 2, "prometheusUrl": "http://prom:9090"}
+    values = {
+        "watchNamespaces": ["team-a", "team-b"],
+        "replicaCount": 2,
+        "prometheusUrl": "http://prom:9090",
+        "metricsPort": 0,
+    }
     result = await helm_install(apiserver, values, tmp_path)
     assert result["error"] is None
     assert objects(apiserver, "ClusterRole") == []
@@ -145,6 +155,9 @@ async def test_namespaced_install(apiserver: ApiServer, tmp_path: Path) -> None:
     ]
     args = objects(apiserver, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert {"--namespace=team-a", "--namespace=team-b", "--prometheus-url=http://prom:9090"} <= set(args)
+    assert "--metrics-port=0" in args  # no /metrics, so no scrape annotations either
+    template = objects(apiserver, "Deployment")[0]["spec"]["template"]
+    assert "prometheus.io/scrape" not in (template["metadata"].get("annotations") or {})
 
 
 @pytest.mark.parametrize(
@@ -155,6 +168,7 @@ async def test_namespaced_install(apiserver: ApiServer, tmp_path: Path) -> None:
         ({"watchNamespaces": ["Not_A_Namespace"]}, "watchNamespaces"),
         ({"logFormat": "xml"}, "logFormat"),
         ({"podMonitor": {"namespace": "Monitoring"}}, "podMonitor"),
+        ({"metricsPort": 70000}, "metricsPort"),
     ],
 )
 async def test_bad_values_are_refused(

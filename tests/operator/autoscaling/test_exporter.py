@@ -7,6 +7,7 @@ import copy
 from typing import Any
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from splitserve.contract import names
@@ -14,6 +15,7 @@ from splitserve_operator.autoscaling.evaluator import AutoscalerState, PoolAutos
 from splitserve_operator.autoscaling.exporter import AutoscalerMetrics
 from splitserve_operator.autoscaling.signals import PoolSignals, WorkerSignals
 from splitserve_operator.handlers import Controller
+from splitserve_operator.main import main
 from tests.operator.apiserver import eventually
 from tests.operator.autoscaling.test_evaluator import BUSY, SPEC, FakeSource
 from tests.operator.conftest import NAMESPACE, TINY_SPEC, Cluster
@@ -100,3 +102,8 @@ async def test_the_operator_serves_its_decisions_and_drops_a_deleted_pools(
     finally:
         server.shutdown()
         thread.join(5)
+
+
+def test_a_bad_metrics_port_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--metrics-port", "70000"]) == 2
+    assert capsys.readouterr().err == "splitserve operator: --metrics-port takes a port number, or 0 for none\n"
