@@ -106,4 +106,5 @@ async def test_the_operator_serves_its_decisions_and_drops_a_deleted_pools(
 
 def test_a_bad_metrics_port_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--metrics-port", "70000"]) == 2
-    assert capsys.readouterr().err == "splitserve operator: --metrics-port takes a port number, or 0 for none\n"
+    message = "splitserve operator: --metrics-port takes a port number, or 0 for none\n"
+    assert capsys.readouterr().err == message
