@@ -58,6 +58,14 @@ async def test_the_chart_passes_pod_monitor_labels_and_namespace(
     (binding,) = [b for b in objects(apiserver, "RoleBinding") if b["metadata"]["namespace"] == "monitoring"]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"][0]["namespace"] == RELEASE_NAMESPACE
+    # The operator's own /metrics (the autoscaler's decisions), found the same way as the pools'.
+    (monitor,) = objects(apiserver, "PodMonitor")
+    assert monitor["metadata"]["namespace"] == "monitoring"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [RELEASE_NAMESPACE]}
+    assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "path": "/metrics"}]
+    template_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= template_labels.items()
 
 
 async def test_no_pod_monitor_namespace_by_default(apiserver: ApiServer, tmp_path: Path) -> None:
@@ -66,3 +74,18 @@ async def test_no_pod_monitor_namespace_by_default(apiserver: ApiServer, tmp_pat
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert not [arg for arg in args if arg.startswith("--pod-monitor-namespace")]
     assert objects(apiserver, "Role") == []
+    (monitor,) = objects(apiserver, "PodMonitor")  # the operator's, with the PodMonitor CRD served
+    assert monitor["metadata"]["namespace"] == RELEASE_NAMESPACE
+
+
+async def test_no_operator_pod_monitor_without_its_metrics(apiserver: ApiServer, tmp_path: Path) -> None:
+    assert (await helm_install(apiserver, {"metricsPort": 0}, tmp_path))["error"] is None
+    assert objects(apiserver, "PodMonitor") == []
+
+
+@pytest.mark.parametrize("apiserver_options", [{"peering": True}])  # no Prometheus Operator CRDs
+async def test_no_operator_pod_monitor_without_the_crd(apiserver: ApiServer, tmp_path: Path) -> None:
+    assert (await helm_install(apiserver, {}, tmp_path))["error"] is None
+    assert objects(apiserver, "PodMonitor") == []
+    (deployment,) = objects(apiserver, "Deployment")  # the scrape annotations stand in
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "8081"
