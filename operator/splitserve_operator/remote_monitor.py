@@ -14,6 +14,7 @@ steady pool costs no request here between resyncs; a hand edit is undone within 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +26,8 @@ from splitserve_operator.render import Manifest, Pool
 from splitserve_operator.settings import OperatorSettings
 from splitserve_operator.status import Problem
 
+log = logging.getLogger(__name__)
+
 Object = Mapping[str, Any]
 KIND = "PodMonitor"
 
@@ -35,10 +38,18 @@ def place_of(monitor: Manifest) -> str:
 
 
 async def delete_recorded(client: KubeClient, place: str) -> None:
-    """Delete the PodMonitor at "<namespace>/<name>"; one already gone (or its CRD) is fine."""
+    """Delete the PodMonitor at "<namespace>/<name>"; one already gone (or its CRD) is fine. One the
+    operator may no longer delete (a chart upgrade that moved podMonitor.namespace took the Role there
+    along) is logged and left, so that it never blocks the pool's deletion or its new PodMonitor."""
     namespace, _, name = place.partition("/")
-    if namespace and name:
+    if not namespace or not name:
+        return
+    try:
         await client.delete(KIND, namespace, name)
+    except ApiError as exc:
+        if exc.status != 403:
+            raise
+        log.warning("%s %s not deleted (%s): delete it by hand", KIND, place, exc.message)
 
 
 def _foreign(live: Object, pool: Pool) -> bool:
@@ -56,11 +67,11 @@ class RemoteMonitors:
     def __init__(self, client: KubeClient, settings: OperatorSettings) -> None:
         self.client = client
         self.settings = settings
-        # Pool -> (when read or written, its place, the live PodMonitor there).
-        self._live: dict[tuple[str, str], tuple[float, str, Object]] = {}
+        # Pool -> (when its PodMonitor was last read or written, and where).
+        self._applied: dict[tuple[str, str], tuple[float, str]] = {}
 
     def forget(self, namespace: str, name: str) -> None:
-        self._live.pop((namespace, name), None)
+        self._applied.pop((namespace, name), None)
 
     async def apply(
         self, pool: Pool, recorded: str | None, desired: Manifest | None, *, recheck: bool
@@ -73,37 +84,28 @@ class RemoteMonitors:
         if recorded is not None and recorded != place:
             await delete_recorded(self.client, recorded)
         if desired is None or place is None:
-            self._live.pop(key, None)
+            self._applied.pop(key, None)
             return None, None
-        live = await self._read(key, place, desired, recheck)
+        cached = self._applied.get(key)
+        fresh = cached is not None and time.monotonic() - cached[0] < self.settings.resync_seconds
+        if cached is not None and fresh and not recheck and cached[1] == place:
+            return place, None  # as applied within the last resync
+        meta = desired["metadata"]
+        live = await self.client.get(KIND, meta["namespace"], meta["name"])
         if live is None:
             try:
                 live = await self.client.create(strip_nones(desired))
             except ApiError as exc:
                 if exc.status != 409:  # 409: created meanwhile; compare with what is there
                     raise
-                live = await self.client.get(
-                    KIND, desired["metadata"]["namespace"], desired["metadata"]["name"]
-                )
+                live = await self.client.get(KIND, meta["namespace"], meta["name"])
                 if live is None:
                     raise
         if _foreign(live, pool):
-            self._live.pop(key, None)
+            self._applied.pop(key, None)
             return None, Problem("ChildConflict", f"{KIND} {place} exists and is not this pool's; delete it")
         if not covers(live, desired):
-            meta = desired["metadata"]
             patch = with_removals(live, desired)
             live = await self.client.merge_patch(KIND, meta["namespace"], meta["name"], patch)
-        self._live[key] = (time.monotonic(), place, live)
+        self._applied[key] = (time.monotonic(), place)
         return place, None
-
-    async def _read(
-        self, key: tuple[str, str], place: str, desired: Manifest, recheck: bool
-    ) -> Object | None:
-        """The live PodMonitor: as last read or written while that is fresh, else from the apiserver."""
-        cached = self._live.get(key)
-        fresh = cached is not None and time.monotonic() - cached[0] < self.settings.resync_seconds
-        if cached is not None and fresh and not recheck and cached[1] == place:
-            return cached[2]
-        meta = desired["metadata"]
-        return await self.client.get(KIND, meta["namespace"], meta["name"])

@@ -147,3 +147,26 @@ async def test_someone_elses_pod_monitor_at_the_place_is_a_conflict_and_survives
             lambda: cluster.get(naming.GROUP + "/v1alpha1/inferencepools", "tiny") is None, what="gone"
         )
     assert cluster.get(MONITORS, name, "monitoring")["spec"] == foreign["spec"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("apiserver_options", [{"pod_monitors": True}])
+async def test_one_it_may_no_longer_delete_is_left_and_blocks_nothing(
+    apiserver: ApiServer, cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chart upgrade that moves podMonitor.namespace takes the Role in the old namespace along."""
+    name = f"{NAMESPACE}.tiny"
+    async with running_operator(apiserver, settings("monitoring")):
+        await cluster.create_pool("tiny")
+        await moved_to(cluster, "monitoring")
+    forbidden = {"kind": "Status", "reason": "Forbidden", "message": "podmonitors is forbidden"}
+    cluster.server["delete", path_of("podmonitors", name, "monitoring")] << 403 << forbidden
+    async with running_operator(apiserver, settings("metrics")):
+        await moved_to(cluster, "metrics")  # the new one all the same
+        await cluster.request("DELETE", path_of("inferencepools", "tiny"))
+        await eventually(
+            lambda: cluster.get(naming.GROUP + "/v1alpha1/inferencepools", "tiny") is None, what="gone"
+        )
+        assert cluster.get(MONITORS, name, "metrics") is None
+    # Left (the emulator applies a DELETE it answers 403 all the same, so the log is the evidence).
+    warning = f"PodMonitor monitoring/{name} not deleted (podmonitors is forbidden): delete it by hand"
+    assert warning in caplog.messages
