@@ -85,18 +85,24 @@ async def test_created_moved_and_deleted_with_the_setting_and_the_pool(
         await cluster.create_pool("tiny")
         await eventually(lambda: cluster.get(MONITORS, "tiny"), what="the pool's own PodMonitor")
 
-    async with running_operator(apiserver, settings("monitoring")):
+    async with running_operator(apiserver, settings("monitoring")) as runtime:
         monitor = await moved_to(cluster, "monitoring")
         assert "ownerReferences" not in monitor["metadata"]  # none can point across namespaces
         assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
         await eventually(lambda: cluster.get(MONITORS, "tiny") is None, what="the local one deleted")
-        # A hand edit is undone within a resync, though nothing watches that namespace.
+        # A hand edit is undone within a resync (read back once per resync: in namespaced mode
+        # nothing watches that namespace).
         edit = {"spec": {"selector": {"matchLabels": {"app": "x"}}}}
         await cluster.patch(path_of("podmonitors", name, "monitoring"), edit)
         await eventually(
             lambda: "app" not in cluster.get(MONITORS, name, "monitoring")["spec"]["selector"]["matchLabels"],
             what="the edit undone",
         )
+        # Then steady: resyncs go on and write nothing.
+        await eventually(lambda: sum(runtime.reconciled.values()) >= 4, what="resyncs")
+        mark, reconciles = cluster.server.count(), sum(runtime.reconciled.values())
+        await eventually(lambda: sum(runtime.reconciled.values()) >= reconciles + 4, what="more resyncs")
+        assert [f"{r.method.value} {r.url.path}" for r in cluster.server.writes(mark)] == []
 
     async with running_operator(apiserver, settings("metrics")):
         await moved_to(cluster, "metrics")
