@@ -24,13 +24,7 @@ from splitserve_operator.diff import covers, merge_diff, strip_nones, with_remov
 from splitserve_operator.kube import ApiError, KubeClient
 from splitserve_operator.models import InferencePoolSpec
 from splitserve_operator.remote_monitor import RemoteMonitors
-from splitserve_operator.render import (
-    Manifest,
-    Pool,
-    build_children,
-    build_remote_pod_monitor,
-    unwanted_children,
-)
+from splitserve_operator.render import Manifest, Pool, build_children, unwanted_children
 from splitserve_operator.settings import OperatorSettings
 from splitserve_operator.status import Problem, build_status
 
@@ -317,7 +311,11 @@ class Reconciler:
             endpoint = await self._apply_all(
                 body, pool, desired_children, children, deployments, problems, outcome
             )
-            await self._apply_remote_monitor(meta, pool, pod_monitor, recheck, problems, outcome)
+            annotations, problem = await _call(
+                self.remote_monitors.reconcile(meta, pool, pod_monitor=pod_monitor, recheck=recheck)
+            )
+            problems += [problem] if problem is not None else []
+            outcome.annotations |= annotations
         # Keep the autoscaler's condition until it has a new one; drop it once autoscaling is off.
         carried: Mapping[str, Any] | bool = metrics_available if metrics_available is not None else True
         if pool is not None and not pool.spec.autoscaling.enabled:
@@ -335,28 +333,6 @@ class Reconciler:
         outcome.status_patch = merge_diff(current, status)
         outcome.events += _transition_events(current, status["conditions"])
         return outcome
-
-    async def _apply_remote_monitor(
-        self,
-        meta: Object,
-        pool: Pool,
-        pod_monitor: bool,
-        recheck: bool,
-        problems: list[Problem],
-        outcome: Outcome,
-    ) -> None:
-        """The PodMonitor in the monitoring namespace (remote_monitor.py); the annotation follows it."""
-        recorded = (meta.get("annotations") or {}).get(naming.POD_MONITOR_ANNOTATION)
-        desired = build_remote_pod_monitor(pool, pod_monitor=pod_monitor)
-        try:
-            place, problem = await _call(self.remote_monitors.apply(pool, recorded, desired, recheck=recheck))
-        except ApiError as exc:
-            problems.append(Problem("ApplyFailed", f"PodMonitor: {exc.message}"))
-            return
-        if problem is not None:
-            problems.append(problem)
-        if place != recorded:
-            outcome.annotations[naming.POD_MONITOR_ANNOTATION] = place
 
     async def _remove_unwanted(self, body: Object, pool: Pool, children: Children) -> list[str]:
         """Delete our children the spec turned off (a disabled disruption budget); others' stay."""

@@ -22,7 +22,7 @@ from typing import Any
 from splitserve_operator import naming
 from splitserve_operator.diff import covers, strip_nones, with_removals
 from splitserve_operator.kube import ApiError, KubeClient
-from splitserve_operator.render import Manifest, Pool
+from splitserve_operator.render import Manifest, Pool, build_remote_pod_monitor
 from splitserve_operator.settings import OperatorSettings
 from splitserve_operator.status import Problem
 
@@ -72,6 +72,21 @@ class RemoteMonitors:
 
     def forget(self, namespace: str, name: str) -> None:
         self._applied.pop((namespace, name), None)
+
+    async def reconcile(
+        self, meta: Object, pool: Pool, *, pod_monitor: bool, recheck: bool
+    ) -> tuple[dict[str, str | None], Problem | None]:
+        """One reconcile's part (`meta`: the pool's metadata): the pool annotations to change and a
+        problem for its status. Overload and outages (429, 5xx) are raised for the caller to retry."""
+        recorded = (meta.get("annotations") or {}).get(naming.POD_MONITOR_ANNOTATION)
+        desired = build_remote_pod_monitor(pool, pod_monitor=pod_monitor)
+        try:
+            place, problem = await self.apply(pool, recorded, desired, recheck=recheck)
+        except ApiError as exc:
+            if exc.status == 429 or exc.status >= 500:
+                raise
+            return {}, Problem("ApplyFailed", f"{KIND}: {exc.message}")
+        return ({naming.POD_MONITOR_ANNOTATION: place} if place != recorded else {}), problem
 
     async def apply(
         self, pool: Pool, recorded: str | None, desired: Manifest | None, *, recheck: bool

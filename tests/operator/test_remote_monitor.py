@@ -18,9 +18,10 @@ from splitserve_operator.render import build_children, build_remote_pod_monitor,
 from splitserve_operator.settings import OperatorSettings
 
 from .apiserver import ApiServer, eventually, running_operator
-from .conftest import NAMESPACE, Cluster, path_of
+from .conftest import NAMESPACE, TINY_SPEC, Cluster, path_of
 
 MONITORS = "monitoring.coreos.com/v1/podmonitors"
+FIXED = TINY_SPEC | {"autoscaling": {"enabled": False}}
 BODY = {"metadata": {"name": "llama", "namespace": "ml"}, "spec": {"model": {"name": "m"}}}
 
 
@@ -66,6 +67,16 @@ def recorded(cluster: Cluster) -> str | None:
     return annotations.get(naming.POD_MONITOR_ANNOTATION)
 
 
+async def delete_pool(cluster: Cluster) -> None:
+    """Delete pool "tiny" and wait until kopf released its finalizer (the on-delete handler ran).
+
+    Generous: on a loaded machine kopf was seen taking over 15 s to release it, with or without
+    an on-delete handler to run (it waits for the pool's timers to stop)."""
+    await cluster.request("DELETE", path_of("inferencepools", "tiny"))
+    pools = naming.GROUP + "/v1alpha1/inferencepools"
+    await eventually(lambda: cluster.get(pools, "tiny") is None, limit=90, what="the pool gone")
+
+
 async def moved_to(cluster: Cluster, namespace: str) -> dict[str, Any]:
     """Wait until pool "tiny"'s PodMonitor lives in `namespace` and the pool records it there."""
     name = f"{NAMESPACE}.tiny"
@@ -82,7 +93,7 @@ async def test_created_moved_and_deleted_with_the_setting_and_the_pool(
 ) -> None:
     name = f"{NAMESPACE}.tiny"
     async with running_operator(apiserver, settings(None)):  # first where it always was
-        await cluster.create_pool("tiny")
+        await cluster.create_pool("tiny", FIXED)  # no autoscaler: the steady window below is the reconciler's
         await eventually(lambda: cluster.get(MONITORS, "tiny"), what="the pool's own PodMonitor")
 
     async with running_operator(apiserver, settings("monitoring")) as runtime:
@@ -102,7 +113,7 @@ async def test_created_moved_and_deleted_with_the_setting_and_the_pool(
         await eventually(lambda: sum(runtime.reconciled.values()) >= 4, what="resyncs")
         mark, reconciles = cluster.server.count(), sum(runtime.reconciled.values())
         await eventually(lambda: sum(runtime.reconciled.values()) >= reconciles + 4, what="more resyncs")
-        assert [f"{r.method.value} {r.url.path}" for r in cluster.server.writes(mark)] == []
+        assert [(f"{r.method.value} {r.url.path}", r.data) for r in cluster.server.writes(mark)] == []
 
     async with running_operator(apiserver, settings("metrics")):
         await moved_to(cluster, "metrics")
@@ -120,10 +131,7 @@ async def test_created_moved_and_deleted_with_the_setting_and_the_pool(
 
     async with running_operator(apiserver, settings("monitoring")):
         await moved_to(cluster, "monitoring")
-        await cluster.request("DELETE", path_of("inferencepools", "tiny"))
-        await eventually(
-            lambda: cluster.get(naming.GROUP + "/v1alpha1/inferencepools", "tiny") is None, what="gone"
-        )
+        await delete_pool(cluster)
         assert cluster.get(MONITORS, name, "monitoring") is None
 
 
@@ -148,10 +156,7 @@ async def test_someone_elses_pod_monitor_at_the_place_is_a_conflict_and_survives
         )
         assert f"PodMonitor monitoring/{name} exists and is not this pool's" in ready["message"]
         assert recorded(cluster) is None  # not claimed, so never deleted as the pool's
-        await cluster.request("DELETE", path_of("inferencepools", "tiny"))
-        await eventually(
-            lambda: cluster.get(naming.GROUP + "/v1alpha1/inferencepools", "tiny") is None, what="gone"
-        )
+        await delete_pool(cluster)
     assert cluster.get(MONITORS, name, "monitoring")["spec"] == foreign["spec"]  # type: ignore[index]
 
 
@@ -168,10 +173,7 @@ async def test_one_it_may_no_longer_delete_is_left_and_blocks_nothing(
     cluster.server["delete", path_of("podmonitors", name, "monitoring")] << 403 << forbidden
     async with running_operator(apiserver, settings("metrics")):
         await moved_to(cluster, "metrics")  # the new one all the same
-        await cluster.request("DELETE", path_of("inferencepools", "tiny"))
-        await eventually(
-            lambda: cluster.get(naming.GROUP + "/v1alpha1/inferencepools", "tiny") is None, what="gone"
-        )
+        await delete_pool(cluster)
         assert cluster.get(MONITORS, name, "metrics") is None
     # Left (the emulator applies a DELETE it answers 403 all the same, so the log is the evidence).
     warning = f"PodMonitor monitoring/{name} not deleted (podmonitors is forbidden): delete it by hand"
