@@ -23,6 +23,7 @@ from splitserve.contract.names import WORKER_ROLES, WorkerRole
 from splitserve_operator import naming
 from splitserve_operator.api_base import API_GROUP, API_VERSION, PLURAL
 from splitserve_operator.autoscaling.evaluator import AutoscalerState, PoolAutoscaler, signal_query
+from splitserve_operator.autoscaling.exporter import AutoscalerMetrics
 from splitserve_operator.autoscaling.signals import (
     PrometheusSource,
     SignalsUnavailableError,
@@ -40,6 +41,7 @@ from splitserve_operator.kv_status import (
 )
 from splitserve_operator.models import InferencePoolSpec
 from splitserve_operator.reconcile import Object, Reconciler, TransientError
+from splitserve_operator.remote_monitor import delete_recorded
 from splitserve_operator.settings import OperatorSettings
 from splitserve_operator.status import Problem
 from splitserve_operator.status_models import InferencePoolStatus
@@ -92,6 +94,8 @@ class Controller:
     prometheus: PrometheusSource | None = field(init=False)
     # Completed reconciles per pool: progress for logs, probes, tests and the bench.
     reconciled: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # The autoscaler's decisions as series (served by main on --metrics-port).
+    metrics: AutoscalerMetrics = field(default_factory=AutoscalerMetrics)
     _pod_monitors: tuple[float, bool] | None = None
 
     def __post_init__(self) -> None:
@@ -99,7 +103,7 @@ class Controller:
         self.reconciler = Reconciler(self.client, self.settings)
         url = self.settings.prometheus_url
         self.prometheus = PrometheusSource(url) if url else None
-        self.autoscaler = PoolAutoscaler(self.prometheus or UnconfiguredSource())
+        self.autoscaler = PoolAutoscaler(self.prometheus or UnconfiguredSource(), self.metrics)
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         """One reconcile (or autoscaler step) at a time per pool."""
@@ -118,6 +122,7 @@ class Controller:
         self.metrics_conditions.pop(key, None)
         self.kv_problems.pop(key, None)
         self.reconciler.forget(namespace, name)
+        self.metrics.forget(namespace, name)
 
     def due(self, namespace: str, name: str) -> bool:
         key = (namespace, name)
@@ -158,6 +163,8 @@ class Controller:
             self.reconciled[key] += 1
         for key_, value in outcome.status_patch.items():
             patch.status[key_] = value
+        for key_, annotation in outcome.annotations.items():
+            patch.metadata.annotations[key_] = annotation
         for event in outcome.events:
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
             logger.info("%s/%s %s: %s", namespace, name, event.reason, event.message)
@@ -205,7 +212,8 @@ class Controller:
             return  # the reconciler reports invalid specs
         await self.observe_kv(body, patch, spec, memo)
         if not spec.autoscaling.enabled:
-            memo.pop("autoscaler", None)
+            if memo.pop("autoscaler", None) is not None:
+                self.metrics.forget(namespace, name)
             return
         state: AutoscalerState | None = memo.get("autoscaler")
         if state is None:  # first sight since this operator started: carry on from status
@@ -304,6 +312,11 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
     def pool_event(type: str, namespace: str | None, name: str, **_: Any) -> None:
         if type == "DELETED":
             controller.forget(namespace or "", name)
+
+    # Pools that record a PodMonitor in another namespace: no ownerReference deletes that one.
+    @kopf.on.delete(*POOLS, annotations={naming.POD_MONITOR_ANNOTATION: kopf.PRESENT}, registry=registry)
+    async def delete_remote_monitor(annotations: kopf.Annotations, **_: Any) -> None:
+        await delete_recorded(controller.client, annotations[naming.POD_MONITOR_ANNOTATION])
 
     @kopf.on.cleanup(registry=registry)
     async def close_client(**_: Any) -> None:

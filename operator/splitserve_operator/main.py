@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import random
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -97,9 +98,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="extra label of every PodMonitor (repeatable), e.g. release=kube-prometheus-stack",
     )
     parser.add_argument(
+        "--pod-monitor-namespace",
+        default=None,
+        metavar="NAMESPACE",
+        help="put every PodMonitor in this namespace (e.g. monitoring); default: each pool's own",
+    )
+    parser.add_argument(
         "--worker-image",
         default=env("SPLITSERVE_WORKER_IMAGE", DEFAULT_WORKER_IMAGE),
         help="worker image for pools that set no spec.image",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8081,
+        help="port of the operator's /metrics (the autoscaler's decisions); 0 to disable",
     )
     parser.add_argument(
         "--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint URL; empty to disable"
@@ -131,9 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.poll_seconds <= 0 or args.resync_seconds <= 0:
         print("splitserve operator: --poll-seconds and --resync-seconds must be positive", file=sys.stderr)
         return 2
+    if not 0 <= args.metrics_port <= 65535:
+        print("splitserve operator: --metrics-port takes a port number, or 0 for none", file=sys.stderr)
+        return 2
     labels = dict(label.partition("=")[::2] for label in args.pod_monitor_labels)
     if any(not key or not value for key, value in labels.items()):
         print("splitserve operator: --pod-monitor-label takes KEY=VALUE", file=sys.stderr)
+        return 2
+    monitors = args.pod_monitor_namespace
+    if monitors is not None and not re.fullmatch(naming.NAMESPACE_PATTERN, monitors):
+        print("splitserve operator: --pod-monitor-namespace takes a namespace name", file=sys.stderr)
         return 2
     level = getattr(logging, args.log_level.upper())
     kopf.configure(
@@ -150,8 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         poll_seconds=args.poll_seconds,
         resync_seconds=args.resync_seconds,
         pod_monitor_labels=labels,
+        pod_monitor_namespace=monitors,
     )
-    registry, _ = build(settings, default_credentials, peering=args.peering is not None)
+    registry, controller = build(settings, default_credentials, peering=args.peering is not None)
+    if args.metrics_port:
+        controller.metrics.serve(args.metrics_port)
     logger.info(
         "watching %s with worker image %s",
         ", ".join(settings.namespaces) or "all namespaces",

@@ -45,6 +45,11 @@ COMPONENT_LABEL: Final = "app.kubernetes.io/component"
 # Annotations.
 SPEC_HASH_ANNOTATION: Final = f"{GROUP}/spec-hash"  # on children: hash of what the operator rendered
 CONFIG_HASH_ANNOTATION: Final = f"{GROUP}/engine-config-hash"  # on pod templates: rolls pods on change
+# On a pool: "<namespace>/<name>" of its PodMonitor in another namespace (no ownerReference can point
+# there, so the operator deletes it itself; remote_monitor.py).
+POD_MONITOR_ANNOTATION: Final = f"{GROUP}/pod-monitor"
+# On such a PodMonitor: the namespace of its pool (its own namespace is the monitoring one).
+POOL_NAMESPACE_LABEL: Final = f"{GROUP}/pool-namespace"
 
 # Condition types (status.conditions[].type).
 READY: Final = "Ready"
@@ -55,6 +60,7 @@ METRICS_AVAILABLE: Final = "MetricsAvailable"  # written by the autoscaler
 # A Service name is a DNS-1035 label of at most 63 characters; the longest suffix is "-prefill".
 MAX_POOL_NAME: Final = 63 - len("-prefill")
 POOL_NAME_PATTERN: Final = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+NAMESPACE_PATTERN: Final = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"  # a DNS-1123 label
 NAME_TOO_LONG: Final = f"name must be at most {MAX_POOL_NAME} characters (Services are named <name>-prefill)"
 NAME_NOT_DNS: Final = "name must be a DNS-1035 label: lowercase letters, digits and '-', from a letter"
 
@@ -62,6 +68,12 @@ NAME_NOT_DNS: Final = "name must be a DNS-1035 label: lowercase letters, digits 
 def child_name(pool: str, role: ComponentRole) -> str:
     """Deployment and Service name of one role: `{pool}-{role}`."""
     return f"{pool}-{role}"
+
+
+def remote_monitor_name(namespace: str, pool: str) -> str:
+    """The PodMonitor of a pool that lives in the monitoring namespace: `{namespace}.{pool}`, unique
+    across namespaces (a namespace name has no dot) and a valid object name (a DNS subdomain)."""
+    return f"{namespace}.{pool}"
 
 
 def engine_config_name(pool: str) -> str:

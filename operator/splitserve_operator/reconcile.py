@@ -24,6 +24,7 @@ from splitserve_operator.diff import covers, merge_diff, strip_nones, with_remov
 from splitserve_operator.kube import ApiError, KubeClient
 from splitserve_operator.kv_status import kv_events
 from splitserve_operator.models import InferencePoolSpec
+from splitserve_operator.remote_monitor import RemoteMonitors
 from splitserve_operator.render import Manifest, Pool, build_children, unwanted_children
 from splitserve_operator.settings import OperatorSettings
 from splitserve_operator.status import Problem, build_status
@@ -45,6 +46,7 @@ class Children(Protocol):
 class Outcome:
     status_patch: dict[str, Any] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
+    annotations: dict[str, str | None] = field(default_factory=dict)  # the pool's, to set (None: remove)
 
 
 class TransientError(Exception):
@@ -63,7 +65,14 @@ def parse(body: Object, settings: OperatorSettings) -> tuple[Pool | None, Proble
     except ValidationError as exc:
         return None, Problem("InvalidSpec", one_line(exc, root="spec"))
     image = spec.image or settings.worker_image
-    pool = Pool(name, namespace, spec, image, pod_monitor_labels=settings.pod_monitor_labels)
+    pool = Pool(
+        name,
+        namespace,
+        spec,
+        image,
+        pod_monitor_labels=settings.pod_monitor_labels,
+        pod_monitor_namespace=settings.pod_monitor_namespace,
+    )
     return pool, None
 
 
@@ -230,6 +239,7 @@ class Reconciler:
         self._written: dict[tuple[str, str, str], tuple[float, Object]] = {}
         # Children found under another controller, so a resync does not POST them again (409) and GET.
         self._conflicts: dict[tuple[str, str, str], tuple[float, Object]] = {}
+        self.remote_monitors = RemoteMonitors(client, settings)
 
     def seen(self, kind: str, namespace: str, name: str) -> None:
         """A watch event of this child arrived: from now on the index knows it better than we do."""
@@ -255,6 +265,7 @@ class Reconciler:
 
     def forget(self, namespace: str, name: str) -> None:
         self._secret_checks.pop((namespace, name), None)
+        self.remote_monitors.forget(namespace, name)
         for memory in (self._written, self._conflicts):
             _drop_children(memory, namespace, name)
 
@@ -303,6 +314,11 @@ class Reconciler:
             endpoint = await self._apply_all(
                 body, pool, desired_children, children, deployments, problems, outcome
             )
+            annotations, problem = await _call(
+                self.remote_monitors.reconcile(meta, pool, pod_monitor=pod_monitor, recheck=recheck)
+            )
+            problems += [problem] if problem is not None else []
+            outcome.annotations |= annotations
         # Keep the autoscaler's condition until it has a new one; drop it once autoscaling is off.
         carried: Mapping[str, Any] | bool = metrics_available if metrics_available is not None else True
         if pool is not None and not pool.spec.autoscaling.enabled:

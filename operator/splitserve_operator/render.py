@@ -39,6 +39,7 @@ class Pool:
     spec: InferencePoolSpec
     image: str  # spec.image, else the operator's default
     pod_monitor_labels: Mapping[str, str] = field(default_factory=dict)  # the operator's setting
+    pod_monitor_namespace: str | None = None  # the operator's setting; None: the pool's namespace
 
     @property
     def router_port(self) -> int:
@@ -257,14 +258,20 @@ def build_pod_monitor(pool: Pool) -> Manifest:
     metadata = _meta(pool, pool.name, None)
     # The operator's extra labels first: the pool's own (which its watches select on) always win.
     metadata["labels"] = {**pool.pod_monitor_labels, **metadata["labels"]}
+    spec: Manifest = {
+        "selector": {"matchLabels": {naming.POOL_LABEL: pool.name}},
+        "podMetricsEndpoints": [{"port": "http", "path": "/metrics", "interval": f"{interval}s"}],
+    }
+    if pool.pod_monitor_namespace is not None:  # in the monitoring namespace, selecting the pool's pods
+        metadata["name"] = naming.remote_monitor_name(pool.namespace, pool.name)
+        metadata["namespace"] = pool.pod_monitor_namespace
+        metadata["labels"][naming.POOL_NAMESPACE_LABEL] = pool.namespace
+        spec["namespaceSelector"] = {"matchNames": [pool.namespace]}
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PodMonitor",
         "metadata": metadata,
-        "spec": {
-            "selector": {"matchLabels": {naming.POOL_LABEL: pool.name}},
-            "podMetricsEndpoints": [{"port": "http", "path": "/metrics", "interval": f"{interval}s"}],
-        },
+        "spec": spec,
     }
 
 
@@ -290,12 +297,16 @@ def build_disruption_budget(pool: Pool, role: naming.ComponentRole) -> Manifest 
 
 
 def unwanted_children(pool: Pool) -> list[tuple[str, str]]:
-    """(kind, name) of children the spec no longer wants: the budgets of roles that disabled theirs."""
-    return [
+    """(kind, name) of children the spec no longer wants: the budgets of roles that disabled theirs,
+    and the PodMonitor in the pool's namespace once the operator puts it in another one."""
+    unwanted = [
         ("PodDisruptionBudget", naming.child_name(pool.name, role))
         for role in naming.COMPONENT_ROLES
         if not scheduling_of(pool, role).disruption_budget.enabled
     ]
+    if pool.pod_monitor_namespace is not None:
+        unwanted.append(("PodMonitor", pool.name))
+    return unwanted
 
 
 def build_children(pool: Pool, *, pod_monitor: bool) -> list[Manifest]:
@@ -309,8 +320,20 @@ def build_children(pool: Pool, *, pod_monitor: bool) -> list[Manifest]:
         children += [build_service(pool, role), build_deployment(pool, role, config_hash)]
         if (budget := build_disruption_budget(pool, role)) is not None:
             children.append(budget)
-    if pod_monitor:
+    if pod_monitor and pool.pod_monitor_namespace is None:  # else build_remote_pod_monitor's
         children.append(build_pod_monitor(pool))
-    for child in children:
-        child["metadata"]["annotations"] = {naming.SPEC_HASH_ANNOTATION: spec_hash(child)}
-    return children
+    return [_stamped(child) for child in children]
+
+
+def build_remote_pod_monitor(pool: Pool, *, pod_monitor: bool) -> Manifest | None:
+    """The pool's PodMonitor when the operator puts it in another namespace (remote_monitor.py applies
+    it, without an owner); None when it lives with the pool's other children or the CRD is absent."""
+    if not pod_monitor or pool.pod_monitor_namespace is None:
+        return None
+    return _stamped(build_pod_monitor(pool))
+
+
+def _stamped(child: Manifest) -> Manifest:
+    """The child with the hash of its rendering as an annotation."""
+    child["metadata"]["annotations"] = {naming.SPEC_HASH_ANNOTATION: spec_hash(child)}
+    return child

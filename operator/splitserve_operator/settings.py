@@ -21,6 +21,8 @@ class OperatorSettings:
     # Extra labels of every PodMonitor, e.g. {"release": "kube-prometheus-stack"}: the Prometheus
     # Operator selects PodMonitors by label (kube-prometheus-stack: its release label by default).
     pod_monitor_labels: dict[str, str] = field(default_factory=dict)
+    # Where every PodMonitor goes, e.g. "monitoring"; None: each pool's own namespace (remote_monitor.py).
+    pod_monitor_namespace: str | None = None
     # How long the answer to "are the monitoring.coreos.com CRDs installed?" is trusted.
     discovery_ttl_seconds: float = 300.0
     # How long a child found under another controller (ChildConflict) is taken as still there without

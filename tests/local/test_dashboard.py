@@ -1,10 +1,12 @@
 """Every panel of the chart's Grafana dashboard returns data from a real Prometheus scraping a real pool.
 
 A local pool (router, prefill and decode processes on 127.0.0.1) serves greedy traffic from the
-official `openai` client while Prometheus scrapes it every second; then each panel's every query, with
-Grafana's variables filled in as Grafana would, goes through Prometheus's HTTP API and must return at
-least one series. The same results are drawn as the dashboard's panels (matplotlib); with
-SPLITSERVE_DASHBOARD_PNG set, the picture is written there (docs/dashboard.png is made that way).
+official `openai` client while Prometheus scrapes it every second, and the operator's autoscaler
+evaluates the pool through that Prometheus and exports its decisions on /metrics, scraped too (the
+operator pod's series). Then each panel's every query, with Grafana's variables filled in as Grafana
+would, goes through Prometheus's HTTP API and must return at least one series. The same results are
+drawn as the dashboard's panels (matplotlib); with SPLITSERVE_DASHBOARD_PNG set, the picture is written
+there (docs/dashboard.png is made that way).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,8 +23,13 @@ from typing import Any
 import pytest
 import requests
 
+from splitserve.contract.names import WorkerRole
 from splitserve.local.pool import LocalPool
 from splitserve.local.prometheus import LocalPrometheus
+from splitserve_operator.autoscaling.evaluator import AutoscalerState, PoolAutoscaler
+from splitserve_operator.autoscaling.exporter import AutoscalerMetrics
+from splitserve_operator.autoscaling.signals import PrometheusSource
+from splitserve_operator.models import InferencePoolSpec
 from tests.conftest import random_prompt
 from tests.operator.autoscaling.conftest import prometheus_binary
 from tests.worker.test_e2e import complete, start_pool
@@ -31,6 +39,14 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "charts" / "splitserve" / "das
 NAMESPACE = "team-a"  # what the PodMonitor's relabelling adds in Kubernetes
 TRAFFIC_SECONDS = 20.0
 RATE_INTERVAL = "10s"  # Grafana's $__rate_interval at a 1 s scrape interval, with margin
+AUTOSCALED = InferencePoolSpec.model_validate(
+    {
+        "model": {"name": "tiny"},
+        "prefill": {"replicas": {"min": 1, "max": 2}, "slo": {"ttftSeconds": 0.001}},
+        "decode": {"replicas": {"min": 1, "max": 2}, "slo": {"itlSeconds": 0.0001}},
+        "autoscaling": {"intervalSeconds": 1, "windowSeconds": 10, "predictive": False},
+    }
+)
 
 
 def panel_queries(dashboard: dict[str, Any], pool: str) -> list[tuple[str, str, str]]:
@@ -74,6 +90,29 @@ def drive(pool: LocalPool, seconds: float) -> int:
         return sum(threads.map(client, range(8)))
 
 
+class Autoscaling(threading.Thread):
+    """The operator's autoscaler on the pool, every second, with tight SLOs so that it scales up. Its
+    decisions are taken as applied (the next evaluation starts from them) but the pool keeps its
+    processes: desired 2 against 1 ready is what a scale-up looks like while new pods start."""
+
+    def __init__(self, prometheus_url: str, pool: str) -> None:
+        super().__init__(name="autoscaler", daemon=True)
+        self.url, self.pool = prometheus_url, pool
+        self.metrics = AutoscalerMetrics()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        asyncio.run(self._evaluate())
+
+    async def _evaluate(self) -> None:
+        autoscaler, state = PoolAutoscaler(PrometheusSource(self.url), self.metrics), AutoscalerState()
+        current: dict[WorkerRole, int] = {"prefill": 1, "decode": 1}
+        while not self.stop.is_set():
+            outcome = await autoscaler.evaluate(NAMESPACE, self.pool, AUTOSCALED, current, state, time.time())
+            current = outcome.replicas
+            await asyncio.to_thread(self.stop.wait, 1.0)
+
+
 def render(panels: dict[str, list[tuple[str, list[tuple[float, float]]]]], path: Path) -> None:
     import matplotlib
 
@@ -107,21 +146,30 @@ def test_every_panel_query_returns_data(tiny_model: Path, tmp_path: Path) -> Non
     prometheus = LocalPrometheus(
         prometheus_binary(), tmp_path / "prometheus", labels={"namespace": NAMESPACE}
     )
+    autoscaling = Autoscaling(prometheus.url, pool.name)
+    server, thread = autoscaling.metrics.serve(0, "127.0.0.1")
     try:
-        prometheus.set_targets([process.url.removeprefix("http://") for process in pool.processes()])
+        targets = [process.url.removeprefix("http://") for process in pool.processes()]
+        prometheus.set_targets([*targets, f"127.0.0.1:{server.server_port}"])
         prometheus.start()
         prometheus.wait_ready()
         started = time.time()
+        autoscaling.start()
         done = drive(pool, TRAFFIC_SECONDS)
         assert done > 0
         scraped = f'sum(splitserve_requests_total{{pool="{pool.name}", role="router"}})'
+        scaled = f'count(splitserve_autoscaler_last_scale_timestamp_seconds{{pool="{pool.name}"}})'
         deadline = time.monotonic() + 30
-        while not ((result := query(prometheus.url, scraped)) and float(result[0]["value"][1]) >= done):
-            assert time.monotonic() < deadline, f"Prometheus has {result} of {done} requests"
+        while not (
+            (result := query(prometheus.url, scraped))
+            and float(result[0]["value"][1]) >= done
+            and query(prometheus.url, scaled)
+        ):
+            assert time.monotonic() < deadline, f"Prometheus has {result} of {done} requests, or no scale"
             time.sleep(0.5)  # the next scrape: Prometheus offers nothing to wait on
         ended = time.time()
         queries = panel_queries(dashboard, pool.name)
-        assert len({title for title, _, _ in queries}) == len(dashboard["panels"]) >= 9
+        assert len({title for title, _, _ in queries}) == len(dashboard["panels"]) >= 11
         empty = [(title, expr) for title, _, expr in queries if not query(prometheus.url, expr, time=ended)]
         assert empty == [], empty
 
@@ -138,5 +186,10 @@ def test_every_panel_query_returns_data(tiny_model: Path, tmp_path: Path) -> Non
         render(drawn, picture)
         assert picture.stat().st_size > 10_000
     finally:
+        autoscaling.stop.set()
+        if autoscaling.is_alive():
+            autoscaling.join(10)
+        server.shutdown()
+        thread.join(5)
         prometheus.stop()
         asyncio.run(pool.stop())

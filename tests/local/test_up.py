@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import signal
 import subprocess
 import threading
@@ -13,8 +14,11 @@ from typing import Any
 
 import openai
 import pytest
+import requests
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
+from splitserve.contract import names
 from splitserve.local.pool import free_port
 from tests.conftest import splitserve_command, subprocess_env
 
@@ -126,7 +130,9 @@ def test_up_scales_local_workers_on_ttft(tiny_model: Path, tmp_path: Path) -> No
     )
     up = Up(str(pool), "--prometheus", "off", workdir=tmp_path / "run")
     try:
-        up.wait_for("ready: OpenAI API at")
+        ready = up.wait_for("ready: OpenAI API at")
+        decisions = re.search(r"its decisions at (\S+/metrics)", ready)
+        assert decisions is not None, ready
         stop = threading.Event()
 
         def traffic() -> None:
@@ -143,6 +149,16 @@ def test_up_scales_local_workers_on_ttft(tiny_model: Path, tmp_path: Path) -> No
         finally:
             stop.set()
             sender.join(timeout=60)
+        # The operator's series, from the same evaluator: desired 2, and the scale-up's reason.
+        exported = [
+            sample
+            for family in text_string_to_metric_families(requests.get(decisions[1], timeout=10).text)
+            for sample in family.samples
+            if sample.labels.get("pool") == "local-test" and sample.labels.get("role") == "prefill"
+        ]
+        assert [s.value for s in exported if s.name == names.AUTOSCALER_DESIRED_REPLICAS] == [2.0]
+        (last,) = [s for s in exported if s.name == names.AUTOSCALER_LAST_SCALE]
+        assert "TTFT" in last.labels["reason"] and last.value > 0
         endpoints = json.loads((tmp_path / "run" / "endpoints.json").read_text())
         assert len(endpoints["prefill"]) == 2 and len(endpoints["decode"]) == 1
         for _ in range(4):

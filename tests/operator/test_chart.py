@@ -47,7 +47,10 @@ CONFLICT_PATH = {
     # A claim is patched only when its pool's cache grows (spec.model.source.hub.cache.size).
     ("", "persistentvolumeclaims", "patch"),
     ("policy", "poddisruptionbudgets", "get"),
+    # A pool's own PodMonitor is deleted when podMonitor.namespace moves it (test_remote_monitor.py).
+    ("monitoring.coreos.com", "podmonitors", "delete"),
 }
+MONITORING = "monitoring"
 
 
 def helm_python() -> str:
@@ -124,6 +127,11 @@ async def test_lint_and_default_install(apiserver: ApiServer, tmp_path: Path) ->
     assert "--all-namespaces" in container["args"] and f"--peering={RELEASE}" in container["args"]
     assert "--worker-image=ghcr.io/splitserve/worker:0.1.0" in container["args"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    # The autoscaler's series, where a plain Prometheus's kubernetes-pods job finds them.
+    assert "--metrics-port=8081" in container["args"]
+    assert {"name": "metrics", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "8081"
     assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
     assert [p["metadata"]["name"] for p in objects(apiserver, "ClusterKopfPeering")] == [RELEASE]
     assert len(objects(apiserver, "ClusterRole")) == 1 and objects(apiserver, "Role") == []
@@ -131,7 +139,12 @@ async def test_lint_and_default_install(apiserver: ApiServer, tmp_path: Path) ->
 
 
 async def test_namespaced_install(apiserver: ApiServer, tmp_path: Path) -> None:
-    values = {"watchNamespaces": ["team-a", "team-b"], "replicaCount": 2, "prometheusUrl": "http://prom:9090"}
+    values = {
+        "watchNamespaces": ["team-a", "team-b"],
+        "replicaCount": 2,
+        "prometheusUrl": "http://prom:9090",
+        "metricsPort": 0,
+    }
     result = await helm_install(apiserver, values, tmp_path)
     assert result["error"] is None
     assert objects(apiserver, "ClusterRole") == []
@@ -142,6 +155,9 @@ async def test_namespaced_install(apiserver: ApiServer, tmp_path: Path) -> None:
     ]
     args = objects(apiserver, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert {"--namespace=team-a", "--namespace=team-b", "--prometheus-url=http://prom:9090"} <= set(args)
+    assert "--metrics-port=0" in args  # no /metrics, so no scrape annotations either
+    template = objects(apiserver, "Deployment")[0]["spec"]["template"]
+    assert "prometheus.io/scrape" not in (template["metadata"].get("annotations") or {})
 
 
 @pytest.mark.parametrize(
@@ -151,6 +167,8 @@ async def test_namespaced_install(apiserver: ApiServer, tmp_path: Path) -> None:
         ({"replicaCount": 2, "leaderElection": {"enabled": False}}, "needs leaderElection.enabled"),
         ({"watchNamespaces": ["Not_A_Namespace"]}, "watchNamespaces"),
         ({"logFormat": "xml"}, "logFormat"),
+        ({"podMonitor": {"namespace": "Monitoring"}}, "podMonitor"),
+        ({"metricsPort": 70000}, "metricsPort"),
     ],
 )
 async def test_bad_values_are_refused(
@@ -222,6 +240,28 @@ async def exercise(cluster: Cluster) -> None:
     await exercise_disruption(cluster)
 
 
+async def exercise_remote_monitor(cluster: Cluster) -> None:
+    """A pool whose PodMonitor lives in the monitoring namespace: created, corrected, deleted with it."""
+    await cluster.create_pool("remote")
+    place = (f"{NAMESPACE}.remote", MONITORING)
+    await eventually(lambda: cluster.get("monitoring.coreos.com/v1/podmonitors", *place), what="PodMonitor")
+    edit = {"spec": {"selector": {"matchLabels": {"app": "x"}}}}
+    await cluster.patch(path_of("podmonitors", *place), edit)
+    await eventually(
+        lambda: (
+            "app"
+            not in cluster.get("monitoring.coreos.com/v1/podmonitors", *place)["spec"]["selector"][
+                "matchLabels"
+            ]
+        ),
+        what="PodMonitor restored",
+    )
+    await cluster.request("DELETE", path_of("inferencepools", "remote"))
+    await eventually(
+        lambda: cluster.get("monitoring.coreos.com/v1/podmonitors", *place) is None, what="deleted"
+    )
+
+
 async def exercise_disruption(cluster: Cluster) -> None:
     """Budgets changed and turned off (deleted); a decode scale-down that costs the pods (list, patch)."""
     budgets = {
@@ -239,47 +279,75 @@ async def exercise_disruption(cluster: Cluster) -> None:
         await endpoint.stop()
 
 
-@pytest.mark.parametrize("namespaced", [False, True], ids=["cluster-wide", "namespaced"])
+@pytest.mark.parametrize(
+    ("namespaced", "monitors"),
+    [(False, None), (True, None), (True, MONITORING)],
+    ids=["cluster-wide", "namespaced", "namespaced-pod-monitor-namespace"],
+)
 async def test_rbac_covers_every_call_the_operator_makes(
-    apiserver: ApiServer, tmp_path: Path, namespaced: bool
+    apiserver: ApiServer, tmp_path: Path, namespaced: bool, monitors: str | None
 ) -> None:
-    values = {"watchNamespaces": [NAMESPACE]} if namespaced else {}
+    values: dict[str, Any] = {"watchNamespaces": [NAMESPACE]} if namespaced else {}
+    if monitors is not None:
+        values["podMonitor"] = {"namespace": monitors}
     assert (await helm_install(apiserver, values, tmp_path))["error"] is None
     cluster_rules = [rule for role in objects(apiserver, "ClusterRole") for rule in role["rules"]]
-    namespace_rules = [
-        rule
-        for role in objects(apiserver, "Role")
-        if role["metadata"]["namespace"] == NAMESPACE
-        for rule in role["rules"]
-    ]
+    namespace_rules = {
+        namespace: [
+            rule
+            for role in objects(apiserver, "Role")
+            if role["metadata"]["namespace"] == namespace
+            for rule in role["rules"]
+        ]
+        for namespace in (NAMESPACE, MONITORING)
+    }
     settings = OperatorSettings(
-        poll_seconds=0.1, resync_seconds=0.5, namespaces=(NAMESPACE,) if namespaced else ()
+        poll_seconds=0.1,
+        resync_seconds=0.5,
+        namespaces=(NAMESPACE,) if namespaced else (),
+        pod_monitor_namespace=monitors,
     )
     mark = apiserver.count()
     async with running_operator(apiserver, settings, peering=RELEASE):
-        await exercise(Cluster(apiserver))
+        if monitors is None:
+            await exercise(Cluster(apiserver))
+        else:
+            await exercise_remote_monitor(Cluster(apiserver))
     calls = operator_calls(apiserver.log[mark:])
-    assert ("", "secrets", "get", NAMESPACE) in calls and ("", "events", "create", NAMESPACE) in calls
+    if monitors is None:
+        assert ("", "secrets", "get", NAMESPACE) in calls and ("", "events", "create", NAMESPACE) in calls
     assert any(resource.endswith("kopfpeerings") for _, resource, _, _ in calls), "peering was exercised"
     denied = sorted(
         call
         for call in calls
         if not allowed(cluster_rules, *call[:3])
-        and not (call[3] == NAMESPACE and allowed(namespace_rules, *call[:3]))
+        and not allowed(namespace_rules.get(call[3] or "", []), *call[:3])
     )
     assert denied == [], f"calls the chart's RBAC does not allow: {denied}"
     if namespaced:
-        assert cluster_rules == [] and all(call[3] == NAMESPACE for call in calls), sorted(calls)
+        where = {NAMESPACE, monitors}
+        assert cluster_rules == [] and all(call[3] in where for call in calls), sorted(calls)
+    if monitors is not None:
+        # There: exactly the PodMonitor verbs this scenario used (the full one checks the others).
+        used_there = {call[:3] for call in calls if call[3] == monitors}
+        assert granted(namespace_rules[monitors]) == used_there
+        assert {verb for _, _, verb in used_there} == {"get", "create", "patch", "delete"}
+        return
     # And nothing more: every granted permission was used, or serves a path this scenario does not take.
     used = {call[:3] for call in calls} | CONFLICT_PATH
-    granted = {
+    unused = granted(cluster_rules + namespace_rules[NAMESPACE]) - used
+    assert not unused, f"granted but never used: {sorted(unused)}"
+
+
+def granted(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    """(group, resource, verb) of every permission the rules grant."""
+    return {
         (group, resource, verb)
-        for rule in cluster_rules + namespace_rules
+        for rule in rules
         for group in rule["apiGroups"]
         for resource in rule["resources"]
         for verb in rule["verbs"]
     }
-    assert granted <= used, f"granted but never used: {sorted(granted - used)}"
 
 
 @pytest.mark.parametrize("enabled", [False, True], ids=["default", "enabled"])

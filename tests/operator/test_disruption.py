@@ -12,17 +12,26 @@ from typing import Any
 
 import pytest
 
+from splitserve_operator.autoscaling.signals import PoolSignals, WorkerSignals
 from splitserve_operator.deletion_cost import DELETION_COST, cost_patches, metrics_url, running_sequences
 from splitserve_operator.handlers import Controller
 
 from .apiserver import eventually
 from .autoscaling.conftest import MetricsEndpoint
+from .autoscaling.test_evaluator import FakeSource
 from .conftest import NAMESPACE, TINY_SPEC, Cluster, path_of
 
 PDBS = "policy/v1/poddisruptionbudgets"
 PODS = "v1/pods"
 FIXED: dict[str, Any] = copy.deepcopy(TINY_SPEC) | {"autoscaling": {"enabled": False}}
 FIXED["decode"]["replicas"] = {"min": 1, "max": 2, "initial": 2}
+AUTOSCALED: dict[str, Any] = FIXED | {
+    "autoscaling": {
+        "intervalSeconds": 1,
+        "predictive": False,
+        "scaleDown": {"stabilizationWindowSeconds": 0, "maxStep": 1},
+    }
+}
 
 
 def test_cost_is_the_running_and_waiting_sequences_written_only_when_it_changes() -> None:
@@ -117,6 +126,39 @@ async def test_decode_pods_are_costed_by_their_streams_before_replicas_drop(
     await scale_decode(cluster, 2)
     mark = await scale_decode(cluster, 1)
     assert [str(r.url.path) for r in cluster.server.writes(mark) if "/pods/" in str(r.url.path)] == []
+
+
+async def test_the_autoscalers_scale_down_costs_the_pods_first_writing_only_changed_costs(
+    cluster: Cluster, operator: Controller, busy_and_idle: dict[str, MetricsEndpoint]
+) -> None:
+    # The autoscaler sees an idle pool (the signals a Prometheus would give) and takes decode 2 -> 1;
+    # the pods' own /metrics say which one is busy. The busy pod's cost is right already.
+    idle = WorkerSignals(replicas=2, running=0.0, waiting=0.0, kv_usage=0.0, busy=0.0, steps=0.0, tokens=0.0)
+    operator.autoscaler.source = FakeSource(
+        PoolSignals(request_rate=0.0, prompt_token_rate=0.0, generation_token_rate=0.0, decode=idle)
+    )
+    for name, endpoint in busy_and_idle.items():
+        pod = decode_pod("fixed", f"fixed-decode-{name}", endpoint)
+        if name == "busy":
+            pod["metadata"]["annotations"] = {DELETION_COST: "3"}
+        await cluster.request("POST", f"/api/v1/namespaces/{NAMESPACE}/pods", pod, "application/json")
+    mark = cluster.server.count()
+    await cluster.create_pool("fixed", AUTOSCALED)
+    await eventually(
+        lambda: cluster.get("apps/v1/deployments", "fixed-decode")["spec"]["replicas"] == 1,
+        limit=20,
+        what="the autoscaler's scale-down",
+    )
+    await eventually(lambda: "Autoscaled" in {e["reason"] for e in cluster.events("fixed")}, what="event")
+    costs = {
+        name: cluster.get(PODS, f"fixed-decode-{name}")["metadata"]["annotations"][DELETION_COST]
+        for name in busy_and_idle
+    }
+    assert costs == {"busy": "3", "idle": "1"}
+    writes = [f"{r.method.value} {r.url.path}" for r in cluster.server.writes(mark)]
+    deployment = "PATCH " + path_of("deployments", "fixed-decode")
+    assert [w for w in writes if "/pods/" in w] == ["PATCH " + path_of("pods", "fixed-decode-idle")]
+    assert writes.index("PATCH " + path_of("pods", "fixed-decode-idle")) < writes.index(deployment)
 
 
 async def test_disruption_budgets_are_owned_and_removed_when_turned_off(

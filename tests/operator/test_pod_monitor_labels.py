@@ -1,5 +1,6 @@
 """The PodMonitor as kube-prometheus-stack selects it: extra labels from the chart's podMonitor.labels,
-through the operator's --pod-monitor-label flags, onto every PodMonitor it renders."""
+through the operator's --pod-monitor-label flags, onto every PodMonitor it renders; and the chart's
+podMonitor.namespace, through --pod-monitor-namespace and a Role there (test_remote_monitor.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from splitserve_operator.render import build_pod_monitor
 from splitserve_operator.settings import OperatorSettings
 
 from .apiserver import ApiServer
-from .test_chart import helm_install, objects
+from .test_chart import RELEASE_NAMESPACE, helm_install, objects
 
 BODY = {"metadata": {"name": "llama", "namespace": "ml"}, "spec": {"model": {"name": "m"}}}
 
@@ -43,10 +44,48 @@ def apiserver_options() -> dict[str, bool]:
     return {"pod_monitors": True, "peering": True}
 
 
-async def test_the_chart_passes_pod_monitor_labels(apiserver: ApiServer, tmp_path: Path) -> None:
-    values = {"podMonitor": {"labels": {"release": "kube-prometheus-stack"}}}
+async def test_the_chart_passes_pod_monitor_labels_and_namespace(
+    apiserver: ApiServer, tmp_path: Path
+) -> None:
+    values = {"podMonitor": {"labels": {"release": "kube-prometheus-stack"}, "namespace": "monitoring"}}
     result = await helm_install(apiserver, values, tmp_path)
-    assert result["error"] is None
+    assert result["error"] is None and not result["lint"]["Errors"]
     (deployment,) = objects(apiserver, "Deployment")
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--pod-monitor-label=release=kube-prometheus-stack" in args
+    assert "--pod-monitor-namespace=monitoring" in args
+    (role,) = [r for r in objects(apiserver, "Role") if r["metadata"]["namespace"] == "monitoring"]
+    (binding,) = [b for b in objects(apiserver, "RoleBinding") if b["metadata"]["namespace"] == "monitoring"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["namespace"] == RELEASE_NAMESPACE
+    # The operator's own /metrics (the autoscaler's decisions), found the same way as the pools'.
+    (monitor,) = objects(apiserver, "PodMonitor")
+    assert monitor["metadata"]["namespace"] == "monitoring"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [RELEASE_NAMESPACE]}
+    assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "path": "/metrics"}]
+    template_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= template_labels.items()
+
+
+async def test_no_pod_monitor_namespace_by_default(apiserver: ApiServer, tmp_path: Path) -> None:
+    assert (await helm_install(apiserver, {}, tmp_path))["error"] is None
+    (deployment,) = objects(apiserver, "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not [arg for arg in args if arg.startswith("--pod-monitor-namespace")]
+    assert objects(apiserver, "Role") == []
+    (monitor,) = objects(apiserver, "PodMonitor")  # the operator's, with the PodMonitor CRD served
+    assert monitor["metadata"]["namespace"] == RELEASE_NAMESPACE
+
+
+async def test_no_operator_pod_monitor_without_its_metrics(apiserver: ApiServer, tmp_path: Path) -> None:
+    assert (await helm_install(apiserver, {"metricsPort": 0}, tmp_path))["error"] is None
+    assert objects(apiserver, "PodMonitor") == []
+
+
+@pytest.mark.parametrize("apiserver_options", [{"peering": True}])  # no Prometheus Operator CRDs
+async def test_no_operator_pod_monitor_without_the_crd(apiserver: ApiServer, tmp_path: Path) -> None:
+    assert (await helm_install(apiserver, {}, tmp_path))["error"] is None
+    assert objects(apiserver, "PodMonitor") == []
+    (deployment,) = objects(apiserver, "Deployment")  # the scrape annotations stand in
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "8081"

@@ -54,9 +54,10 @@ Permissions the operator uses in every namespace it manages: exactly the calls i
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["list", "watch", "get", "create", "patch"]
+# Deleted when podMonitor.namespace moves a pool's PodMonitor out of the pool's namespace.
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["podmonitors"]
-  verbs: ["list", "watch", "get", "create", "patch"]
+  verbs: ["list", "watch", "get", "create", "patch", "delete"]
 # Deleted when a pool turns its disruption budget off.
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]

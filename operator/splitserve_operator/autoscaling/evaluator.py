@@ -17,6 +17,7 @@ from typing import Any
 
 from splitserve.contract.names import WORKER_ROLES, WorkerRole
 from splitserve_operator.autoscaling.budget import Budget, Claim, Split, split
+from splitserve_operator.autoscaling.exporter import AutoscalerMetrics
 from splitserve_operator.autoscaling.planner import Observation
 from splitserve_operator.autoscaling.policy import Decision, PoolPolicy, PoolState, commit, propose
 from splitserve_operator.autoscaling.signals import (
@@ -175,8 +176,9 @@ Scale = Callable[[WorkerRole, int], Awaitable[None]]
 class PoolAutoscaler:
     """Evaluates InferencePools against one signal source (Prometheus, or direct scraping)."""
 
-    def __init__(self, source: SignalSource) -> None:
+    def __init__(self, source: SignalSource, metrics: AutoscalerMetrics | None = None) -> None:
         self.source = source
+        self.metrics = metrics  # where each evaluation's decisions are exported, if anywhere
 
     async def step(
         self,
@@ -248,6 +250,9 @@ class PoolAutoscaler:
         if shared is not None:
             proposals = {role: _capped(d, shared) for role, d in proposals.items()}
         decisions = {role: commit(state.pools[role], d, now) for role, d in proposals.items()}
+        if self.metrics is not None:
+            counted = {r: getattr(signals, r).replicas if signals is not None else None for r in WORKER_ROLES}
+            self.metrics.record(namespace, name, decisions, counted, now)
         condition = _condition(decisions, unavailable)
         events = _events(decisions, state.condition, condition)
         if budget is not None and shared is not None:

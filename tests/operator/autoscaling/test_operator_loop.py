@@ -66,7 +66,10 @@ async def test_operator_scales_on_what_prometheus_reports_and_holds_without_it(
             assert status["prefill"]["lastScaleTime"] and status["prefill"]["reason"]
             assert replicas(cluster, "decode") == 1
             await eventually(lambda: (c := metrics_condition(cluster)) and c["status"] == "True", what="True")
-            assert any(e["reason"] == "Autoscaled" for e in cluster.events("chat"))
+            # kopf posts events from a queue of its own, after the handler's status patch.
+            await eventually(
+                lambda: any(e["reason"] == "Autoscaled" for e in cluster.events("chat")), what="event"
+            )
 
             prometheus.stop()
             down = await eventually(

@@ -100,6 +100,15 @@ MIGRATION_OUTCOMES: Final[tuple[MigrationOutcome, ...]] = ("resumed", "exhausted
 # Seconds from process start to serving (weights loaded): the autoscaler's first start-up estimate.
 STARTUP_SECONDS: Final = "splitserve_startup_seconds"
 
+# What the autoscaler decided, exported by the operator (and by `splitserve up`'s autoscaler), per pool
+# and worker role, with the pool's namespace as `pool_namespace` (a scrape adds the exporter's own
+# `namespace`): replicas it wants, replicas it counted serving (exporting metrics), and the Unix time
+# of its last change of replicas, an info-style series whose `reason` label says why (one per role).
+AUTOSCALER_LABELS: Final = ("pool_namespace", "pool", "role")
+AUTOSCALER_DESIRED_REPLICAS: Final = "splitserve_autoscaler_desired_replicas"
+AUTOSCALER_READY_REPLICAS: Final = "splitserve_autoscaler_ready_replicas"
+AUTOSCALER_LAST_SCALE: Final = "splitserve_autoscaler_last_scale_timestamp_seconds"  # + label `reason`
+
 
 def step_seconds(stage: WorkerRole) -> str:
     """Histogram of one forward of `stage` (prefill chunk, or the decode batch)."""

@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import aiohttp
 import yaml
@@ -29,6 +30,7 @@ from splitserve.local.pool import LocalPool, check_port_free
 from splitserve.local.prometheus import LocalPrometheus, find_prometheus
 from splitserve_operator.api_base import API_GROUP, KIND
 from splitserve_operator.autoscaling.evaluator import AutoscalerState, PoolAutoscaler, signal_query
+from splitserve_operator.autoscaling.exporter import AutoscalerMetrics
 from splitserve_operator.autoscaling.scrape import ScrapeSource
 from splitserve_operator.autoscaling.signals import PrometheusSource, SignalSource, SignalsUnavailableError
 from splitserve_operator.conditions import Event
@@ -128,6 +130,9 @@ class Up:
         self.prometheus: LocalPrometheus | None = None
         self.source: SignalSource | None = None
         self.interrupts = 0
+        # The autoscaler's decisions on /metrics (the operator's series), on a free port once started.
+        self.decisions = AutoscalerMetrics()
+        self.decisions_server: WSGIServer | None = None
 
     async def run(self) -> int:
         """`_serve` until it ends or a signal cancels it; the processes are stopped either way."""
@@ -166,6 +171,8 @@ class Up:
     async def _serve(self) -> None:
         pool = self.pool
         await pool.start(self.spec.prefill.replicas.start, self.spec.decode.replicas.start)
+        if self.spec.autoscaling.enabled:
+            self.decisions_server, _ = self.decisions.serve(0, "127.0.0.1")
         self.source = await self._signal_source()
         await self._warm_up(self.source)
         print(
@@ -188,6 +195,8 @@ class Up:
         await self.pool.stop()
         if self.prometheus is not None:
             await asyncio.to_thread(self.prometheus.stop)
+        if self.decisions_server is not None:
+            await asyncio.to_thread(self.decisions_server.shutdown)
         print("stopped", flush=True)
 
     async def _signal_source(self) -> SignalSource:
@@ -226,10 +235,22 @@ class Up:
             return "autoscaling off"
         via = f"Prometheus at {self.prometheus.url}" if self.prometheus else "the workers' /metrics"
         ttft, itl = self.spec.prefill.slo.ttft_seconds, self.spec.decode.slo.itl_seconds
-        return f"autoscaling every {autoscaling.interval_seconds}s on TTFT<={ttft}s and ITL<={itl}s via {via}"
+        decisions = f"; its decisions at {self._decisions_url()}" if self.decisions_server else ""
+        return (
+            f"autoscaling every {autoscaling.interval_seconds}s on TTFT<={ttft}s and ITL<={itl}s via {via}"
+            + decisions
+        )
+
+    def _decisions_url(self) -> str:
+        assert self.decisions_server is not None
+        return f"http://127.0.0.1:{self.decisions_server.server_port}/metrics"
 
     def _targets(self) -> list[str]:
-        return [process.url.removeprefix("http://") for process in self.pool.processes()]
+        """What the local Prometheus scrapes: every process, and the autoscaler's decisions."""
+        targets = [process.url.removeprefix("http://") for process in self.pool.processes()]
+        if self.decisions_server is not None:
+            targets.append(f"127.0.0.1:{self.decisions_server.server_port}")
+        return targets
 
     def _metrics_urls(self) -> list[str]:
         return [process.url + "/metrics" for process in self.pool.processes()]
@@ -240,7 +261,7 @@ class Up:
         The first evaluation comes one interval after ready, as in the operator: before that no
         window holds a sample, and evaluating would only report the metrics as missing. Direct
         scraping samples every tick, so its rates have history by then."""
-        autoscaler = PoolAutoscaler(source)
+        autoscaler = PoolAutoscaler(source, self.decisions)
         state = AutoscalerState(last_evaluation=time.time())
         while True:
             await self._replace_dead()
