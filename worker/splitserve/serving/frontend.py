@@ -47,16 +47,14 @@ from splitserve.serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     ProtocolError,
-    Replies,
-    Usage,
     chat_messages,
     completion_prompts,
     error_body,
     parse_chat_request,
     parse_completion_request,
     sampling_params,
-    sse,
 )
+from splitserve.serving.replies import Replies, Usage, sse
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
