@@ -166,6 +166,8 @@ class _OpenAIApi:
             "max_model_len": self._max_model_len,
         }
 
+    # -------------------------------------------------------------------------------- generation
+
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         timing = ClientTiming(self._metrics, time.monotonic())
         try:
