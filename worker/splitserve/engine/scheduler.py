@@ -2,11 +2,12 @@
 
 Between two forward passes, sequences join (a prompt to prefill, or a decode stream whose KV cache
 arrived from a prefill worker) and leave (finished or aborted). Each step packs the decode tokens of
-every running stream and/or a budget of prompt tokens into one forward (engine.py), samples, and
-hands the new tokens to the asyncio side in one batch. The thread owns all engine state; the only
-way in is the command queue, the only way out is `on_step`. The one thing it shares is the KV block
-pool, whose allocator is locked: the asyncio side takes blocks for arriving caches and frees the
-caches it has shipped, then sends a wake-up so that waiting sequences are admitted.
+every running stream and/or a budget of prompt tokens into one forward (forward.py; what a step
+carries is step.py's `plan_step`), samples, and hands the new tokens to the asyncio side in one
+batch. The thread owns all engine state; the only way in is the command queue, the only way out is
+`on_step`. The one thing it shares is the KV block pool, whose allocator is locked: the asyncio side
+takes blocks for arriving caches and frees the caches it has shipped, then sends a wake-up so that
+waiting sequences are admitted.
 """
 
 from __future__ import annotations
