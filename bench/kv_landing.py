@@ -31,7 +31,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.serving import BIG_PROMPT, MAX_MODEL_LEN, RESULTS, STREAMS, gaps, log, prompt, stats
+from bench.serving_harness import BIG_PROMPT, MAX_MODEL_LEN, RESULTS, STREAMS, gaps, log, prompt, stats
 from splitserve.engine.tiny_model import write_tiny_model
 from splitserve.local.pool import LocalProcess, free_port, splitserve_argv
 

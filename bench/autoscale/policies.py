@@ -20,8 +20,9 @@ import numpy as np
 
 from bench.autoscale.simulate import Simulation
 from splitserve.contract.names import WORKER_ROLES, WorkerRole
+from splitserve_operator.autoscaling.behavior import limit_step, stabilize
 from splitserve_operator.autoscaling.evaluator import AutoscalerState, PoolAutoscaler
-from splitserve_operator.autoscaling.policy import PoolPolicy, limit_step, stabilize
+from splitserve_operator.autoscaling.policy import PoolPolicy
 from splitserve_operator.autoscaling.signals import PoolSignals, SignalQuery
 from splitserve_operator.models import InferencePoolSpec
 

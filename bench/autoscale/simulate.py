@@ -29,12 +29,8 @@ from numpy.typing import NDArray
 from bench.autoscale.capacity import Capacity
 from splitserve.contract.names import ITL_BUCKETS, TTFT_BUCKETS
 from splitserve_operator.autoscaling.planner import erlang_c
-from splitserve_operator.autoscaling.signals import (
-    PoolSignals,
-    SignalQuery,
-    WorkerSignals,
-    histogram_quantile,
-)
+from splitserve_operator.autoscaling.scrape import histogram_quantile
+from splitserve_operator.autoscaling.signals import PoolSignals, SignalQuery, WorkerSignals
 
 SAMPLES = 16  # latency samples per simulated second
 TIMEOUT = 60.0  # what a client sees when no replica serves at all

@@ -22,7 +22,7 @@ Per evaluation and pool (prefill tracks TTFT, decode tracks ITL):
    recommendation of its stabilization window, scale-down on the highest of its own (300 s by
    default, which is what stops flapping), each limited to max(maxStep, ceil(current*maxStepPercent%))
    per evaluation (a queue's drain floor excepted: it comes at once), and the result is clamped to
-   min..max.
+   min..max (behavior.py).
 5. `propose` decides, `commit` remembers: between them a shared budget (budget.py) may cap the answer.
 """
 
@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 
 from splitserve.contract.names import WorkerRole
 from splitserve_operator.autoscaling.backlog import Startups
+from splitserve_operator.autoscaling.behavior import limit_step, stabilize, step_limit
 from splitserve_operator.autoscaling.planner import (
     DecodePlanner,
     Observation,
@@ -178,39 +179,6 @@ class Decision:
     needed: int | None = None  # replicas the arrivals alone need (no queue to drain), when known
     burst: int | None = None  # the size the last burst needed, while remembered
     draining: bool = False  # the pool has a standing queue of its own
-
-
-def step_limit(current: int, rules: ScalingRules) -> int:
-    """Replicas one evaluation may add or remove: max(maxStep, ceil(current * maxStepPercent / 100))."""
-    return max(rules.max_step, math.ceil(current * rules.max_step_percent / 100))
-
-
-def stabilize(
-    history: list[tuple[float, int]], current: int, now: float, policy: PoolPolicy, hold_since: float | None
-) -> int:
-    """HPA stabilization: up to the lowest recommendation of the scale-up window, down to the highest of
-    the scale-down window. `hold_since` counts `current` as recommended then (a fresh state has not yet
-    watched a whole scale-down window, so it must not shrink the pool on its first evaluations)."""
-    up_cut = now - policy.scale_up.stabilization_window_seconds
-    down_cut = now - policy.scale_down.stabilization_window_seconds
-    ups = [rec for time, rec in history if time >= up_cut]
-    downs = [rec for time, rec in history if time >= down_cut]
-    if hold_since is not None and hold_since >= down_cut:
-        downs.append(current)
-    result = current
-    if ups and result < min(ups):
-        result = min(ups)
-    if downs and result > max(downs):
-        result = max(downs)
-    return result
-
-
-def limit_step(current: int, desired: int, policy: PoolPolicy) -> int:
-    if desired > current:
-        return min(desired, current + step_limit(current, policy.scale_up))
-    if desired < current:
-        return max(desired, current - step_limit(current, policy.scale_down))
-    return desired
 
 
 def feedback(

@@ -8,15 +8,9 @@ import random
 
 import pytest
 
+from splitserve_operator.autoscaling.behavior import limit_step, stabilize, step_limit
 from splitserve_operator.autoscaling.planner import Observation
-from splitserve_operator.autoscaling.policy import (
-    PoolPolicy,
-    PoolState,
-    decide,
-    limit_step,
-    stabilize,
-    step_limit,
-)
+from splitserve_operator.autoscaling.policy import PoolPolicy, PoolState, decide
 from splitserve_operator.autoscaling_spec import AutoscalingSpec, ScaleDownRules, ScaleUpRules, ScalingRules
 from splitserve_operator.models import (
     DecodePoolSpec,

@@ -14,7 +14,7 @@ from splitserve.serving.drain import Drain
 from splitserve.serving.frontend import build_openai_app
 from splitserve.serving.metrics import Metrics
 from tests.worker.conftest import Serve
-from tests.worker.serving.test_frontend import MAX_MODEL_LEN, MODEL, ScriptedBackend
+from tests.worker.serving.scripted_backend import MAX_MODEL_LEN, MODEL, ScriptedBackend
 
 
 async def start(

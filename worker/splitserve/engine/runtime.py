@@ -36,7 +36,8 @@ from splitserve.engine.params import (
     SamplingParams,
 )
 from splitserve.engine.sampling import finish_reason
-from splitserve.engine.scheduler import BatchPolicy, Emission, EngineLoop, EngineMetrics, Sequence
+from splitserve.engine.scheduler import EngineLoop, EngineMetrics
+from splitserve.engine.step import BatchPolicy, Emission, Sequence
 
 log = logging.getLogger(__name__)
 

@@ -2,11 +2,12 @@
 
 Between two forward passes, sequences join (a prompt to prefill, or a decode stream whose KV cache
 arrived from a prefill worker) and leave (finished or aborted). Each step packs the decode tokens of
-every running stream and/or a budget of prompt tokens into one forward (engine.py), samples, and
-hands the new tokens to the asyncio side in one batch. The thread owns all engine state; the only
-way in is the command queue, the only way out is `on_step`. The one thing it shares is the KV block
-pool, whose allocator is locked: the asyncio side takes blocks for arriving caches and frees the
-caches it has shipped, then sends a wake-up so that waiting sequences are admitted.
+every running stream and/or a budget of prompt tokens into one forward (forward.py; what a step
+carries is step.py's `plan_step`), samples, and hands the new tokens to the asyncio side in one
+batch. The thread owns all engine state; the only way in is the command queue, the only way out is
+`on_step`. The one thing it shares is the KV block pool, whose allocator is locked: the asyncio side
+takes blocks for arriving caches and frees the caches it has shipped, then sends a wake-up so that
+waiting sequences are admitted.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -26,8 +26,8 @@ from splitserve.contract.names import OffloadDirection, PrefixCacheTier
 from splitserve.engine.blocks import NoFreeBlocksError
 from splitserve.engine.forward import Engine, Work
 from splitserve.engine.kv_cache import KVPool, SequenceKV
-from splitserve.engine.params import FinishReason, SamplingParams
 from splitserve.engine.sampling import SamplingError, SamplingRow, finish_reason, sample
+from splitserve.engine.step import BatchPolicy, Emission, Sequence, plan_step
 
 log = logging.getLogger(__name__)
 
@@ -58,99 +58,6 @@ class EngineMetrics(Protocol):
 
     def record_kv_offload(self, tier: PrefixCacheTier, direction: OffloadDirection, nbytes: int) -> None:
         """KV bytes stored into a retention tier or loaded back from it."""
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One request inside the engine: its tokens so far, and the KV blocks that hold them.
-
-    Tokens `kv.length .. prefill_target-1` of `prompt + output` are still to be computed; the token
-    sampled after them is the next output. A preempted sequence lost its KV, so its target becomes
-    prompt + output: recomputing them yields exactly the token a decode step would have.
-    """
-
-    request_id: str
-    params: SamplingParams
-    kv: SequenceKV
-    prompt: list[int]
-    output: list[int] = field(default_factory=list)
-    decode_after_prefill: bool = True  # False on a prefill worker: the sequence leaves after token one
-    prefill_target: int = field(init=False)
-    admitted: int = 0  # admission order (0: waiting); the latest admitted is preempted first
-
-    def __post_init__(self) -> None:
-        self.prefill_target = len(self.prompt)
-
-    @property
-    def prefilled(self) -> bool:
-        return self.kv.length >= self.prefill_target
-
-    def target_tokens(self) -> list[int]:
-        """Every token the sequence computes before its next sample: the prompt, then (after a
-        preemption) its output so far."""
-        return (self.prompt + self.output)[: self.prefill_target]
-
-    def next_chunk(self, budget: int) -> list[int]:
-        """Up to `budget` of the tokens still to prefill."""
-        end = min(self.prefill_target, self.kv.length + budget)
-        if end <= len(self.prompt):
-            return self.prompt[self.kv.length : end]
-        return (self.prompt + self.output)[self.kv.length : end]
-
-
-@dataclass(frozen=True)
-class Emission:
-    """What one step did to one sequence; `token` is None when the sequence failed or was aborted."""
-
-    sequence: Sequence
-    token: int | None
-    finish: FinishReason | None
-    error: str | None = None
-    request_fault: bool = False  # the sequence failed alone while the step's others went on
-
-    @property
-    def done(self) -> bool:
-        """The engine has let go of the sequence (its KV may be freed or shipped)."""
-        return (
-            self.finish is not None
-            or self.error is not None
-            or (self.token is not None and not self.sequence.decode_after_prefill)
-        )
-
-
-@dataclass(frozen=True)
-class BatchPolicy:
-    """How a step is composed; each role sets it differently (see `for_role`)."""
-
-    prefill_token_budget: int  # prompt tokens per forward
-    interleave: bool  # decode streams keep stepping while prompts are being prefilled
-    max_num_seqs: int = 64  # most sequences admitted at once
-
-    @classmethod
-    def for_role(
-        cls, role: str, chunk_size: int, chunked_prefill: bool, max_model_len: int, max_num_seqs: int = 64
-    ) -> BatchPolicy:
-        if role == "both" and not chunked_prefill:
-            # The colocated baseline: whole prompts, decode waits (the stall the seeds describe).
-            return cls(prefill_token_budget=max_model_len, interleave=False, max_num_seqs=max_num_seqs)
-        return cls(prefill_token_budget=chunk_size, interleave=True, max_num_seqs=max_num_seqs)
-
-
-def plan_step(
-    prefilling: Iterable[Sequence], decoding: list[Sequence], policy: BatchPolicy
-) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
-    """One step's work: FIFO prompt chunks up to the token budget (the oldest prompt first, so a long
-    one is never starved), plus every decode stream the policy lets run beside them."""
-    plan: list[tuple[Sequence, int]] = []
-    budget = policy.prefill_token_budget
-    for seq in prefilling:
-        if budget <= 0:
-            break
-        take = min(budget, seq.prefill_target - seq.kv.length)
-        plan.append((seq, take))
-        budget -= take
-    decode = list(decoding) if (policy.interleave or not plan) else []
-    return plan, decode
 
 
 _ABORT, _ADD, _STOP, _WAKE = "abort", "add", "stop", "wake"

@@ -6,7 +6,8 @@ hands each arriving transfer to `sink.open(header)`, which takes blocks for it, 
 straight into them.
 
 One TCP connection per transfer: a broken or hostile stream fails only its own transfer, and a closed
-connection is the cancellation signal in both directions. The wire format lives in `frames`.
+connection is the cancellation signal in both directions. The wire format lives in `frames`, the
+socket I/O (zero-copy landing, scatter-gather sends) in `tcp_io`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -52,125 +53,11 @@ from splitserve.transfer.frames import (
     frame_runs,
     runs_checksum,
 )
+from splitserve.transfer.tcp_io import PeerClosedError, ReceiveConnection, recv_exactly, sendmsg_all
 
 logger = logging.getLogger(__name__)
 
-STAGING_BYTES = 64 << 10  # per connection: small frames land here; reading pauses when it is full
-DIRECT_BYTES = 16 << 10  # reads at least this big land straight in the caller's buffer
 PAUSE_QUANTUM = 1e-3  # the event loop's timers are as fine as epoll's, a millisecond
-IOV_BATCH = 512  # buffers per sendmsg call (Linux takes up to 1024)
-
-
-class _PeerClosedError(Exception):
-    pass
-
-
-class _Connection(asyncio.BufferedProtocol):
-    """One accepted socket. A pending big read receives straight into the caller's buffer (no copy);
-    other bytes land in a small staging buffer, and reading pauses while it is full, so an unread sender
-    waits on TCP instead of filling the receiver's memory."""
-
-    def __init__(self, serve: Callable[[_Connection], Coroutine[Any, Any, None]]) -> None:
-        self._serve = serve
-        self._staging = bytearray(STAGING_BYTES)
-        self._staged = memoryview(self._staging)
-        self._head = self._tail = 0
-        self._target: memoryview | None = None
-        self._target_got = 0
-        self._waiter: asyncio.Future[None] | None = None
-        self._paused = self._discarding = False
-        self._read_started = 0.0
-        self.reading_seconds = 0.0  # this thread's CPU time in recv calls: what landing costs, and paces
-        self.peer = "?"
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.peer = str(transport.get_extra_info("peername"))
-        loop = asyncio.get_running_loop()
-        self.closed: asyncio.Future[None] = loop.create_future()
-        self.task = loop.create_task(self._serve(self))
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        self._read_started = time.thread_time()  # the loop calls recv_into on what this returns
-        if self._target is not None:
-            return self._target[self._target_got :]
-        if self._head == self._tail:
-            self._head = self._tail = 0
-        elif self._tail == len(self._staging):
-            self._staging[: self._tail - self._head] = self._staging[self._head : self._tail]
-            self._head, self._tail = 0, self._tail - self._head
-        return self._staged[self._tail :]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.reading_seconds += time.thread_time() - self._read_started
-        if self._target is not None:
-            self._target_got += nbytes
-            if self._target_got == len(self._target):
-                self._target = None
-                self._wake()
-            return
-        if self._discarding:
-            return
-        self._tail += nbytes
-        if self._tail - self._head == len(self._staging):
-            self._paused = True
-            self.transport.pause_reading()
-        self._wake()
-
-    def eof_received(self) -> bool:
-        self.connection_lost(None)
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def _take(self, view: memoryview) -> int:
-        count = min(len(view), self._tail - self._head)
-        view[:count] = self._staged[self._head : self._head + count]
-        self._head += count
-        return count
-
-    async def readinto(self, view: memoryview) -> None:
-        """Fill `view` completely; _PeerClosedError if the stream ends first."""
-        got = self._take(view)
-        while got < len(view):
-            if self.closed.done():
-                raise _PeerClosedError("the sender closed the connection mid-transfer")
-            direct = len(view) - got >= DIRECT_BYTES  # staging is empty here: _take drained it
-            if direct:
-                self._target, self._target_got = view[got:], 0
-            if self._paused and not self.transport.is_closing():
-                self._paused = False
-                self.transport.resume_reading()
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-                if direct:
-                    got += self._target_got
-                    self._target = None
-            got += self._take(view[got:])
-
-    def send(self, frame: bytes) -> None:
-        if not self.transport.is_closing():
-            self.transport.write(frame)
-
-    async def linger(self, seconds: float) -> None:
-        """Drop whatever the sender still pushes until it closes (it will, on our ERROR), so that our
-        close does not reset the connection before the sender has read the reason."""
-        self._discarding = True
-        self._head = self._tail = 0
-        if self._paused and not self.transport.is_closing():
-            self._paused = False
-            self.transport.resume_reading()
-        await asyncio.wait([self.closed], timeout=seconds)
 
 
 def _abort_when_opened(task: asyncio.Task[KVDestination], reason: str) -> None:
@@ -222,7 +109,9 @@ class TcpKVReceiver(KVReceiver):
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self._serve), self._host, self._port)
+        self._server = await loop.create_server(
+            lambda: ReceiveConnection(self._serve), self._host, self._port
+        )
         self._port = self._server.sockets[0].getsockname()[1]
 
     @property
@@ -240,7 +129,7 @@ class TcpKVReceiver(KVReceiver):
             await self._server.wait_closed()
             self._server = None
 
-    async def _next(self, conn: _Connection, decoder: TransferDecoder) -> Event:
+    async def _next(self, conn: ReceiveConnection, decoder: TransferDecoder) -> Event:
         debt = 0.0  # seconds of pause owed for the landing work done so far (paid once over 1 ms)
         while True:
             view = decoder.want()
@@ -258,7 +147,7 @@ class TcpKVReceiver(KVReceiver):
                 await asyncio.sleep(debt)
                 debt -= time.perf_counter() - paused
 
-    async def _open(self, conn: _Connection, header: KVHeader) -> KVDestination:
+    async def _open(self, conn: ReceiveConnection, header: KVHeader) -> KVDestination:
         """sink.open(), given up when the sender goes away while it waits."""
         opening = asyncio.ensure_future(self._sink.open(header))
         try:
@@ -270,9 +159,9 @@ class TcpKVReceiver(KVReceiver):
         if opening.done():
             return opening.result()
         _abort_when_opened(opening, "the sender went away")
-        raise _PeerClosedError("the sender went away while the sink was opening")
+        raise PeerClosedError("the sender went away while the sink was opening")
 
-    async def _serve(self, conn: _Connection) -> None:
+    async def _serve(self, conn: ReceiveConnection) -> None:
         task = cast("asyncio.Task[None]", asyncio.current_task())
         self._tasks.add(task)
         decoder = TransferDecoder(self._limits)
@@ -302,7 +191,7 @@ class TcpKVReceiver(KVReceiver):
                 ErrorCode.TIMEOUT,
                 f"no data from the sender for {self._idle_timeout} s",
             )
-        except _PeerClosedError as exc:
+        except PeerClosedError as exc:
             await self._fail(conn, destination, request_id, ErrorCode.UNAVAILABLE, str(exc))
         except asyncio.CancelledError:
             await self._fail(conn, destination, request_id, ErrorCode.SHUTDOWN, "receiver closing")
@@ -317,7 +206,7 @@ class TcpKVReceiver(KVReceiver):
 
     async def _fail(
         self,
-        conn: _Connection,
+        conn: ReceiveConnection,
         destination: KVDestination | None,
         request_id: str,
         code: ErrorCode,
@@ -470,60 +359,15 @@ class TcpKVSender(KVSender):
         for index, runs in enumerate(payloads):
             prefix = encode_blocks_prefix(index, sum(len(run) for run in runs), runs_checksum(runs))
             async with asyncio.timeout(self._idle_timeout):
-                await _sendmsg_all(sock, [memoryview(prefix), *runs])
+                await sendmsg_all(sock, [memoryview(prefix), *runs])
         await self._send(sock, encode_frame(FrameType.END))
 
     async def _reply(self, sock: socket.socket) -> _Reply:
-        prefix = decode_prefix(await _recv_exactly(sock, PREFIX.size))
+        prefix = decode_prefix(await recv_exactly(sock, PREFIX.size))
         check_reply_prefix(prefix)
-        payload = await _recv_exactly(sock, prefix.length)
+        payload = await recv_exactly(sock, prefix.length)
         check_payload(prefix, payload)
         if prefix.type != FrameType.ERROR:
             return _Reply(prefix.type)
         code, reason = decode_error(payload)
         return _Reply(prefix.type, code, reason)
-
-
-async def _sendmsg_all(sock: socket.socket, buffers: list[memoryview]) -> None:
-    """Send every buffer, in order, with scatter-gather `sendmsg` calls on the non-blocking socket
-    (asyncio has no sendmsg of its own): a frame leaves from the blocks where it lives."""
-    loop = asyncio.get_running_loop()
-    pending = [buffer for buffer in buffers if len(buffer)]
-    first = 0
-    while first < len(pending):
-        try:
-            sent = sock.sendmsg(pending[first : first + IOV_BATCH])
-        except (BlockingIOError, InterruptedError):
-            await _writable(loop, sock)
-            continue
-        while sent and sent >= len(pending[first]):
-            sent -= len(pending[first])
-            first += 1
-        if sent:
-            pending[first] = pending[first][sent:]
-
-
-async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_writer(sock.fileno(), wake)
-    try:
-        await ready
-    finally:
-        loop.remove_writer(sock.fileno())
-
-
-async def _recv_exactly(sock: socket.socket, size: int) -> bytearray:
-    buffer = bytearray(size)
-    view, got = memoryview(buffer), 0
-    loop = asyncio.get_running_loop()
-    while got < size:
-        count = await loop.sock_recv_into(sock, view[got:])
-        if count == 0:
-            raise ConnectionError("the receiver closed the connection without a reply")
-        got += count
-    return buffer

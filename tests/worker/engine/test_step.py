@@ -6,7 +6,7 @@ import torch
 
 from splitserve.engine.kv_cache import KVLayout, KVPool
 from splitserve.engine.params import SamplingParams
-from splitserve.engine.scheduler import BatchPolicy, Sequence, plan_step
+from splitserve.engine.step import BatchPolicy, Sequence, plan_step
 
 POOL = KVPool(
     KVLayout(num_layers=1, num_kv_heads=1, head_dim=2, dtype=torch.float32),
