@@ -284,6 +284,7 @@ class _Handoff:
         self._response: aiohttp.ClientResponse | None = None
         self._prefill_task: asyncio.Task[PrefillReply] | None = None
         self._got_token = False
+        self._remote_offered = False  # the registration said a prefill worker is available
 
     async def open(self, avoid: dict[WorkerRole, set[str]]) -> GenerationChunk:
         """Register, prefill, and wait for the first token; raises _RetryError when another try may work."""
@@ -336,7 +337,7 @@ class _Handoff:
         """Register with `decode`: its KV port, the prompt tokens it holds, and where the prompt is
         prefilled (it decides: `local` when the uncached rest is short, or when no prefill worker is
         left to ask, which this call tells it)."""
-        remote = any(
+        remote = self._remote_offered = any(
             e.healthy and e.url not in avoid_prefill for e in self._backend.pools["prefill"].endpoints
         )
         body = DecodeCall(
@@ -374,6 +375,8 @@ class _Handoff:
         pool = self._backend.pools["prefill"]
         prefill = pool.acquire(avoid)
         if prefill is None:
+            if self._remote_offered:  # the last one went down since the registration: the next try is local
+                raise _RetryError("no healthy prefill worker left", status=503)
             raise _NoWorkerError("prefill")
         body = PrefillCall(
             request_id=self._id,
