@@ -10,7 +10,8 @@ the decode stream.
 Failure rules. Before the first token nothing reached the client, so a whole handoff is retried
 (bounded) with fresh workers: a prefill worker that refuses or dies, a decode worker that refuses or
 dies before its first token. Each retry registers a fresh decode request, so a half-sent KV cache
-never meets a second one. 4xx answers, and 5xx marked REQUEST_FAULT, are the request's fault and
+never meets a second one; when no prefill worker is left to try, the retry is prefilled on the decode
+worker. 4xx answers, and 5xx marked REQUEST_FAULT, are the request's fault and
 are returned, not retried. After the first token, a dying decode worker fails only its own streams
 (502). Closing the generator (client gone, stop string) closes both internal connections, which
 aborts the work on both workers.
