@@ -13,7 +13,7 @@ from splitserve.engine.blocks import BlockAllocator
 from splitserve.engine.forward import Engine
 from splitserve.engine.kv_cache import KVLayout, KVPool
 from splitserve.engine.params import GenerationError, SamplingParams
-from splitserve.engine.runtime import choose_placement
+from splitserve.engine.placement import choose_placement
 from splitserve.serving.metrics import Metrics
 from tests.conftest import Reference, random_prompt
 from tests.worker.engine.runtimes import GREEDY, assert_no_leaks, collect, request

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from splitserve.contract.config import EngineConfig
-from splitserve.contract.names import EngineRole, PrefillPlacement
+from splitserve.contract.names import EngineRole
 from splitserve.engine.block_hash import cache_salt
 from splitserve.engine.blocks import NoFreeBlocksError
 from splitserve.engine.forward import Engine
@@ -36,6 +36,7 @@ from splitserve.engine.params import (
     Load,
     SamplingParams,
 )
+from splitserve.engine.placement import Placement, choose_placement
 from splitserve.engine.sampling import finish_reason
 from splitserve.engine.scheduler import BatchPolicy, Emission, EngineLoop, EngineMetrics, Sequence
 
@@ -49,25 +50,6 @@ class PrefillResult:
 
 
 KVState = Literal["none", "expected", "receiving", "arrived"]
-
-
-@dataclass(frozen=True)
-class Placement:
-    """What a decode registration decided: `cached` leading prompt tokens are held (pinned) here, and
-    where the prompt is prefilled (local: by this worker's engine; remote: a prefill worker sends the
-    KV of tokens `cached..`)."""
-
-    cached: int
-    prefill: PrefillPlacement
-
-
-def choose_placement(
-    prompt_len: int, cached: int, local_max_tokens: int, remote_available: bool
-) -> PrefillPlacement:
-    """Conditional disaggregation: a short uncached rest is cheaper to compute here than to hand off."""
-    if not remote_available or prompt_len - cached <= local_max_tokens:
-        return "local"
-    return "remote"
 
 
 @dataclass(eq=False)
@@ -193,24 +175,22 @@ class EngineRuntime:
         local_max_tokens: int = 0,
         remote_available: bool = True,
     ) -> Placement:
-        """Announce a request. Its leading full blocks found in this worker's prefix cache are pinned;
-        if the rest is at most `local_max_tokens` (or no prefill worker is available) the engine prefills
-        it here, chunked between decode steps; otherwise a prefill worker pushes the rest of the KV
-        cache, and the request fails if it does not come in time. The prompt's tokens come along so that
-        a preempted stream can be recomputed here."""
+        """Announce a request; its leading whole blocks in this worker's prefix cache are pinned. A short
+        rest (`choose_placement`) is prefilled here, chunked between decode steps; otherwise a prefill
+        worker pushes the rest of the KV cache, and the request fails if it does not come in time. The
+        prompt comes along either way, so that a preempted stream can be recomputed here."""
         stream = self._open(request_id, prompt, params)
         kv = self._new_kv(stream)
         cached = kv.pin_prefix(prompt)
         placement = choose_placement(len(prompt), cached, local_max_tokens, remote_available)
-        if placement == "local":
-            # Admission shares the same cached blocks again (they were just used: last to be evicted).
+        if placement == "local":  # admission shares the same cached blocks again (just used: evicted last)
             kv.release()
             self._submit(stream, Sequence(request_id, stream.params, kv, stream.prompt))
-            return Placement(cached, placement)
-        stream.kv_state = "expected"
-        self._update_gauges()
-        assert self._loop is not None
-        self._loop.call_later(self.config.kv_timeout_seconds, self._kv_deadline, stream)
+        else:
+            stream.kv_state = "expected"
+            self._update_gauges()
+            assert self._loop is not None
+            self._loop.call_later(self.config.kv_timeout_seconds, self._kv_deadline, stream)
         return Placement(cached, placement)
 
     async def stream(self, request_id: str) -> AsyncGenerator[GenerationChunk]:
