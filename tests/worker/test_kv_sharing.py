@@ -9,6 +9,8 @@ transformers' `generate()` the truth.
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,8 +33,21 @@ BYTES_PER_TOKEN = 2 * 4 * 4 * 32 * 4  # the tiny model: K and V x 4 layers x 4 K
 def pool(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPool]:
     routing = RoutingConfig(local_prefill_max_tokens=LOCAL_MAX)
     pool = start_pool(tiny_model, tmp_path_factory.mktemp("pool"), prefill=1, decode=1, routing=routing)
+    wait_for_healthy_prefill(pool)
     yield pool
     asyncio.run(pool.stop())
+
+
+def wait_for_healthy_prefill(pool: LocalPool, limit_s: float = 30) -> None:
+    """The router serves once a decode worker is up (it can prefill locally), and re-reads the discovery
+    file every few seconds: these tests need it to know the prefill worker too. Nothing to await but
+    its /router/endpoints, so it is polled, bounded."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if any(e["healthy"] for e in json.loads(http_get(pool.url + "/router/endpoints"))["prefill"]):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the router saw no healthy prefill worker within {limit_s:g}s")
 
 
 def token_ids(pool: LocalPool, prompt: list[int], max_tokens: int = 12) -> list[int]:

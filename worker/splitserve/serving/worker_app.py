@@ -159,11 +159,11 @@ def build_prefill_app(state: WorkerState, sender: KVSender) -> web.Application:
             state.metrics.kv_transfer_bytes.inc(stats.bytes)
             reply = PrefillReply(
                 first_token=result.first_token,
-                prompt_len=result.kv.length,
+                prompt_len=len(call.prompt_token_ids),  # (the shipped blocks may be freed by now)
                 prefill_seconds=prefilled - started,
                 transfer_seconds=stats.seconds,
                 kv_bytes=stats.bytes,
-                sent_tokens=result.kv.length - call.skip_tokens,
+                sent_tokens=len(call.prompt_token_ids) - call.skip_tokens,
             )
             return web.json_response(reply.model_dump())
         except GenerationError as error:
