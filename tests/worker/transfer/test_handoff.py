@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from splitserve.contract.config import EngineConfig
@@ -18,11 +19,14 @@ from splitserve.engine.forward import Engine
 from splitserve.engine.loader import load_model
 from splitserve.engine.params import GenerationError
 from splitserve.engine.runtime import EngineRuntime
+from splitserve.local.pool import free_port
 from splitserve.serving.metrics import Metrics
-from splitserve.serving.worker_app import DecodeKVSink, WorkerState, ship_kv
-from splitserve.transfer.frames import PREFIX, KVHeader, encode_blocks_prefix, encode_header
+from splitserve.serving.worker_app import DecodeKVSink, WorkerState, build_prefill_app, ship_kv
+from splitserve.transfer.base import KVTransferError
+from splitserve.transfer.frames import PREFIX, ErrorCode, KVHeader, encode_blocks_prefix, encode_header
 from splitserve.transfer.tcp import TcpKVReceiver, TcpKVSender
 from tests.conftest import Reference, random_prompt
+from tests.worker.conftest import Serve
 from tests.worker.engine.runtimes import GREEDY, assert_no_leaks, collect, request
 
 pytestmark = pytest.mark.timeout(120)
@@ -74,9 +78,9 @@ async def test_greedy_output_matches_generate_across_block_sizes(split: Split, r
 
     async def one(rid: str, prompt: list[int]) -> list[int]:
         req = request(prompt, rid=rid)
-        split.decode.register(rid, prompt, GREEDY)
+        held = split.decode.register(rid, prompt, GREEDY).cached  # "alone" left p17's first blocks
         async with split.prefill.prefill(req) as result:
-            await ship_kv(TcpKVSender(), split.target, rid, result)
+            await ship_kv(TcpKVSender(), split.target, rid, result, held)
         tokens, _ = await collect(split.decode.stream(rid))
         return tokens
 
@@ -135,3 +139,57 @@ async def test_a_request_cancelled_while_its_cache_lands_frees_its_blocks(split:
             break
         await asyncio.sleep(0.01)
     assert_no_leaks(split.decode)
+
+
+async def test_only_the_missing_tokens_move_and_a_wrong_first_position_is_refused(
+    split: Split, reference: Reference
+) -> None:
+    """A second prompt sharing 40 tokens with a first: the decode worker pins its cached whole blocks,
+    the sender sends the rest only. A sender that disagrees on where the rest starts is refused before
+    any block is taken, and the right transfer still lands after it."""
+    prefix = random_prompt(40, seed=40)
+    first, second = prefix + random_prompt(3, seed=41), prefix + random_prompt(30, seed=42)
+    block = split.decode.pool.block_size
+    sent: list[int] = []
+    outputs = []
+    for rid, prompt in (("first", first), ("second", second)):
+        held = split.decode.register(rid, prompt, GREEDY).cached
+        async with split.prefill.prefill(request(prompt, rid=rid)) as result:
+            if held:
+                with pytest.raises(KVTransferError) as refused:
+                    await ship_kv(TcpKVSender(), split.target, rid, result, held - block)
+                assert refused.value.code == ErrorCode.REJECTED and "holds the first" in refused.value.reason
+            stats = await ship_kv(TcpKVSender(), split.target, rid, result, held)
+        sent.append(stats.bytes // split.decode.engine.loaded.layout.bytes_per_token)
+        outputs.append(await asyncio.wait_for(collect(split.decode.stream(rid)), 60))
+    assert sent == [len(first), len(second) - 40 // block * block]
+    for prompt, (tokens, _) in zip((first, second), outputs, strict=True):
+        assert tokens == reference.greedy(prompt, 12)
+    assert_no_leaks(split.prefill, split.decode)
+
+
+async def test_the_prefill_app_counts_failed_sends_and_refuses_skipping_the_whole_prompt(
+    split: Split, serve: Serve
+) -> None:
+    """Its /internal/prefill: a decode worker that is not there is a 502 counted as `unavailable`, one
+    that does not expect the request as `rejected`; skip_tokens covering the whole prompt is a 400."""
+    metrics = Metrics("test", "prefill")
+    app = await serve(build_prefill_app(WorkerState(metrics, split.prefill), TcpKVSender()))
+    nobody = f"127.0.0.1:{free_port()}"
+    call = {"prompt_token_ids": [5, 6, 7], "sampling": {"max_tokens": 2, "temperature": 0.0}}
+    cases = [("a", nobody, 0, 502), ("b", split.target, 0, 502), ("c", split.target, 3, 400)]
+    async with aiohttp.ClientSession() as session:
+        for rid, target, skip, status in cases:
+            body = {**call, "request_id": rid, "kv_target": target, "skip_tokens": skip}
+            async with session.post(app.url + "/internal/prefill", json=body) as reply:
+                assert reply.status == status, await reply.text()
+                if status == 400:
+                    assert (await reply.json())["error"]["param"] == "skip_tokens"
+    failures = {
+        reason: metrics.registry.get_sample_value(
+            "splitserve_kv_transfer_failures_total", {"pool": "test", "role": "prefill", "reason": reason}
+        )
+        for reason in ("unavailable", "rejected", "protocol")
+    }
+    assert failures == {"unavailable": 1.0, "rejected": 1.0, "protocol": 0.0}
+    assert_no_leaks(split.prefill)

@@ -63,6 +63,7 @@ def run_router(config: EngineConfig, args: argparse.Namespace) -> int:
         decode=_urls(args.decode),
         discovery_file=args.discovery_file,
         drain_seconds=args.drain_seconds,
+        routing=config.routing,
     )
     asyncio.run(run_router(settings))
     return 0
