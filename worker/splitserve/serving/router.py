@@ -1,16 +1,18 @@
 """The router's `GenerationBackend`: one request = a decode worker, a prefill worker and a KV handoff.
 
-Per request: register with the least loaded decode worker (`POST /internal/decode`, which answers at
-once with its KV port and then streams NDJSON tokens), ask the least loaded prefill worker to run the
-prompt and ship the KV cache there (`POST /internal/prefill`), and relay the decode stream.
+Per request: register with a decode worker (`POST /internal/decode`, which answers at once with its KV
+port and then streams NDJSON tokens), ask the least loaded prefill worker to run the prompt and ship the
+KV cache there (`POST /internal/prefill`), and relay the decode stream. The decode worker is the one
+whose cached prefix best outweighs its load (kv_index.py), or the least loaded (`routing.strategy`).
 
 Failure rules. Before the first token nothing reached the client, so a whole handoff is retried
 (bounded) with fresh workers: a prefill worker that refuses or dies, a decode worker that refuses or
 dies before its first token. Each retry registers a fresh decode request, so a half-sent KV cache
 never meets a second one. 4xx answers, and 5xx marked REQUEST_FAULT, are the request's fault and
-are returned, not retried. After the first token, a dying decode worker fails only its own streams
-(502). Closing the generator (client gone, stop string) closes both internal connections, which
-aborts the work on both workers.
+are returned, not retried. After the first token, a dying decode worker's streams move to other decode
+workers up to `routing.migration_limit` times each (migration.py), or fail with a 502 (only those
+streams) once the limit is reached. Closing the generator (client gone, stop string) closes both
+internal connections, which aborts the work on both workers.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from splitserve.contract.config import RoutingConfig
 from splitserve.contract.names import DEFAULT_DRAIN_SECONDS, WORKER_ROLES, WorkerRole
 from splitserve.engine.model_info import context_length, load_tokenizer
 from splitserve.engine.params import REQUEST_FAULT, GenerationChunk, GenerationError, GenerationRequest
@@ -43,7 +46,9 @@ from splitserve.serving.endpoints import (
 from splitserve.serving.frontend import build_openai_app
 from splitserve.serving.http import serve_app
 from splitserve.serving.internal_api import KV_PORT_HEADER, DecodeCall, PrefillCall, PrefillReply
+from splitserve.serving.kv_index import DecodePlacement
 from splitserve.serving.metrics import Metrics
+from splitserve.serving.migration import StreamLostError, resumed_request
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -77,6 +82,8 @@ class RouterSettings(BaseModel):
     drain_seconds: float = Field(
         DEFAULT_DRAIN_SECONDS, ge=0, description="On SIGTERM: how long open streams may run before they fail."
     )
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    block_size: int = Field(16, ge=1, description="The workers' KV block: the router's index hashes these.")
 
     @model_validator(mode="after")
     def _check_workers(self) -> RouterSettings:
@@ -120,8 +127,14 @@ class _DecodeLostError(Exception):
 class RouterBackend:
     """The prefill and decode pools behind the OpenAI frontend. `start()` before use, `close()` after."""
 
-    def __init__(self, settings: RouterSettings, *, resolver: Resolver = resolve_all) -> None:
+    def __init__(
+        self, settings: RouterSettings, *, resolver: Resolver = resolve_all, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics(pool=settings.pool, role="router", model_name=settings.name)
+        self.placement = DecodePlacement(
+            settings.routing, model=settings.model, revision=settings.revision, block_size=settings.block_size
+        )
         self.pools: dict[WorkerRole, EndpointPool] = {role: EndpointPool(role) for role in WORKER_ROLES}
         seeds: dict[WorkerRole, list[Seed]] = {
             "prefill": [Seed.parse(u) for u in settings.prefill],
@@ -200,13 +213,47 @@ class RouterBackend:
     # ---------------------------------------------------------------------------------- generation
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        avoid: dict[WorkerRole, set[str]] = {"prefill": set(), "decode": set()}
+        produced: list[int] = []
+        current, moves, lost = request, 0, set[str]()
+        while True:
+            handoff, chunk = await self._open(current, lost)
+            try:
+                if moves:
+                    self.metrics.record_migration("resumed")
+                while True:
+                    produced += chunk.token_ids
+                    yield chunk
+                    if chunk.finish_reason is not None:
+                        # The decode worker now caches the answer too: the conversation's next turn sends it.
+                        everything = (*request.prompt_token_ids, *produced)
+                        self.placement.remember(handoff.decode_url, self.placement.hashes(everything))
+                        return
+                    chunk = await handoff.next_chunk(self.settings.idle_timeout_s, started=True)
+            except StreamLostError as error:
+                self.placement.forget(error.worker)
+                if moves >= self.settings.routing.migration_limit:
+                    self.metrics.record_migration("exhausted")
+                    raise
+                moves += 1
+                lost.add(error.worker)
+                log.warning(
+                    "decode stream lost, resuming on another worker",
+                    extra={"request_id": request.request_id, "error": error.message, "tokens": len(produced)},
+                )
+                current = resumed_request(request, produced, moves)
+            finally:
+                handoff.close()
+
+    async def _open(self, request: GenerationRequest, lost: set[str]) -> tuple[_Handoff, GenerationChunk]:
+        """A handoff that delivered its first chunk, retried with fresh workers (never the `lost` decode
+        workers) while failures are worth another try."""
+        avoid: dict[WorkerRole, set[str]] = {"prefill": set(), "decode": set(lost)}
         failure: _RetryError | None = None
         for attempt in range(self.settings.max_attempts):
             request_id = request.request_id if attempt == 0 else f"{request.request_id[:110]}.retry{attempt}"
             handoff = _Handoff(self, request, request_id)
             try:
-                chunk = await handoff.open(avoid)
+                return handoff, await handoff.open(avoid)
             except _RetryError as retry:
                 handoff.close()
                 log.warning(
@@ -227,14 +274,6 @@ class RouterBackend:
             except BaseException:
                 handoff.close()
                 raise
-            try:
-                yield chunk
-                while chunk.finish_reason is None:
-                    chunk = await handoff.next_chunk(self.settings.idle_timeout_s, started=True)
-                    yield chunk
-            finally:
-                handoff.close()
-            return
         assert failure is not None
         raise GenerationError(
             f"{failure.message} (gave up after {self.settings.max_attempts} attempts)", status=failure.status
@@ -263,9 +302,13 @@ class _Handoff:
 
     async def open(self, avoid: dict[WorkerRole, set[str]]) -> GenerationChunk:
         """Register, prefill, and wait for the first token; raises _RetryError when another try may work."""
-        decode = self._decode = self._backend.pools["decode"].acquire(avoid["decode"])
+        placement = self._backend.placement
+        hashes = placement.hashes(self._request.prompt_token_ids)
+        pick = placement.chooser(hashes)
+        decode = self._decode = self._backend.pools["decode"].acquire(avoid["decode"], pick)
         if decode is None:
             raise _NoWorkerError("decode")
+        placement.remember(decode.url, hashes)
         kv_port = await self._register(decode)
         host = f"[{decode.host}]" if ":" in decode.host else decode.host
         kv_target = f"{host}:{kv_port}"
@@ -377,7 +420,7 @@ class _Handoff:
             decode.mark_unhealthy(repr(exc))
             if started:
                 message = f"decode worker {decode.url} failed mid-stream: {exc}"
-                raise GenerationError(message, status=502) from exc
+                raise StreamLostError(message, worker=decode.url) from exc
             raise _RetryError(f"decode worker {decode.url} failed: {exc}", decode=decode) from exc
         except TimeoutError:
             raise GenerationError(
@@ -397,6 +440,11 @@ class _Handoff:
             raise GenerationError(
                 f"decode worker {decode.url} sent an invalid line: {line[:200]!r}", status=502
             ) from exc
+
+    @property
+    def decode_url(self) -> str:
+        assert self._decode is not None
+        return self._decode.url
 
     def close(self) -> None:
         """Close both connections (aborting whatever still runs there) and release the decode slot.
@@ -449,13 +497,13 @@ def build_router_app(
     """The router's whole HTTP app: the OpenAI API over a RouterBackend that starts and stops with it."""
     if tokenizer is None:
         tokenizer = load_tokenizer(settings.model, settings.revision)
-    backend = RouterBackend(settings, resolver=resolver)
+    backend = RouterBackend(settings, resolver=resolver, metrics=metrics)
     app = build_openai_app(
         backend,
         tokenizer,
         served_model_name=settings.name,
         max_model_len=settings.max_model_len or context_length(settings.model, settings.revision),
-        metrics=metrics or Metrics(pool=settings.pool, role="router", model_name=settings.name),
+        metrics=backend.metrics,
         drain=Drain(settings.drain_seconds),
     )
     app[BACKEND_KEY] = backend
