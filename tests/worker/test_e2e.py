@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import openai
@@ -28,13 +29,15 @@ pytestmark = pytest.mark.slow
 MODEL = "tiny"
 
 
-def start_pool(tiny_model: Path, workdir: Path, prefill: int, decode: int) -> LocalPool:
+def start_pool(tiny_model: Path, workdir: Path, prefill: int, decode: int, **engine: Any) -> LocalPool:
+    """Router and workers as processes; `engine` overrides EngineConfig fields (the router's `routing`)."""
     config = EngineConfig(
         model=str(tiny_model),
         served_model_name=MODEL,
         max_model_len=2048,
         kv_cache_bytes=256 << 20,
         kv_timeout_seconds=20,
+        **engine,
     )
     pool = LocalPool(
         "e2e",
