@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import openai
@@ -19,7 +18,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from splitserve.contract.config import EngineConfig
+from splitserve.contract.config import EngineConfig, RoutingConfig
 from splitserve.local.pool import LocalPool, free_port
 from splitserve.serving.internal_api import KV_PORT_HEADER
 from splitserve.transfer.frames import KVHeader, encode_blocks_prefix, encode_header
@@ -29,15 +28,18 @@ pytestmark = pytest.mark.slow
 MODEL = "tiny"
 
 
-def start_pool(tiny_model: Path, workdir: Path, prefill: int, decode: int, **engine: Any) -> LocalPool:
-    """Router and workers as processes; `engine` overrides EngineConfig fields (the router's `routing`)."""
+def start_pool(
+    tiny_model: Path, workdir: Path, prefill: int, decode: int, routing: RoutingConfig | None = None
+) -> LocalPool:
+    """The pool; by default every prompt is prefilled on a prefill worker while one is up (these tests
+    are about the handoff), `routing` to place short prompts on the decode worker."""
     config = EngineConfig(
         model=str(tiny_model),
         served_model_name=MODEL,
         max_model_len=2048,
         kv_cache_bytes=256 << 20,
         kv_timeout_seconds=20,
-        **engine,
+        routing=routing or RoutingConfig(local_prefill_max_tokens=0),
     )
     pool = LocalPool(
         "e2e",
@@ -284,7 +286,7 @@ async def test_malformed_kv_frames_are_rejected_and_the_decode_worker_keeps_serv
         # 1. Garbage instead of a frame: an error reply, connection closed.
         assert b"SSKV" in await exchange(kv_port, b"GET / HTTP/1.1\r\n\r\n" * 4)
         # ... and a peer of the previous release (frame version 1) is told so.
-        assert b"KV frame version 1, this side speaks 2" in await exchange(kv_port, b"SSKV\x01" + bytes(19))
+        assert b"KV frame version 1, this side speaks 3" in await exchange(kv_port, b"SSKV\x01" + bytes(19))
         # 2. A registered request whose frame fails its checksum, or stops mid-frame: that request fails
         # and gives back the blocks it took, nothing else.
         for case in ("bad-checksum", "truncated"):

@@ -22,13 +22,14 @@ def request(prompt: list[int], sampling: SamplingParams = GREEDY, rid: str = "r"
 
 
 async def hand_off(prefill: EngineRuntime, decode: EngineRuntime, req: GenerationRequest) -> None:
-    """What the KV transfer does, minus the socket: prefill, copy every layer's runs, announce arrival."""
+    """What the KV transfer does, minus the socket: prefill, copy every layer's runs past the prefix the
+    decode runtime holds already, announce arrival."""
     prompt_len = len(req.prompt_token_ids)
-    decode.register(req.request_id, list(req.prompt_token_ids), req.sampling)
+    held = decode.register(req.request_id, list(req.prompt_token_ids), req.sampling).cached
     async with prefill.prefill(req) as result:
-        kv = await decode.receive_kv(req.request_id, prompt_len)
+        kv = await decode.receive_kv(req.request_id, prompt_len, held)
         for layer in range(result.kv.layout.num_layers):
-            copy_runs(result.kv.runs(layer, 0, prompt_len), kv.runs(layer, 0, prompt_len))
+            copy_runs(result.kv.runs(layer, held, prompt_len), kv.runs(layer, held, prompt_len))
         decode.kv_arrived(req.request_id, kv, result.first_token)
 
 

@@ -122,7 +122,7 @@ async def test_a_broken_transfer_frees_the_blocks_it_took(engines: tuple[Engine,
     await decode.start()
     try:
         decode.register("cut", random_prompt(40, seed=4), GREEDY)
-        await decode.receive_kv("cut", 40)
+        await decode.receive_kv("cut", 40, 0)
         assert decode.pool.allocator.num_used == 3
         decode.kv_failed("cut", "the sender went away mid-layer")
         with pytest.raises(GenerationError, match="KV transfer failed"):

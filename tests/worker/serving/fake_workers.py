@@ -15,7 +15,7 @@ from aiohttp import web
 
 from splitserve.engine.params import REQUEST_FAULT
 from splitserve.serving.http import RunningApp
-from splitserve.serving.internal_api import KV_PORT_HEADER
+from splitserve.serving.internal_api import CACHED_TOKENS_HEADER, KV_PORT_HEADER, PREFILL_HEADER
 from tests.worker.conftest import Serve
 
 
@@ -115,7 +115,12 @@ class FakeDecode(_FakeWorker):
         self.registered.append(body)
         self._waiting_for_kv[request_id] = asyncio.get_running_loop().create_future()
         response = web.StreamResponse(
-            headers={KV_PORT_HEADER: str(self.kv_port), "Content-Type": "application/x-ndjson"}
+            headers={
+                KV_PORT_HEADER: str(self.kv_port),
+                CACHED_TOKENS_HEADER: "0",
+                PREFILL_HEADER: "remote",
+                "Content-Type": "application/x-ndjson",
+            }
         )
         self._active[id(request)] = request
         try:
@@ -197,5 +202,6 @@ class FakePrefill(_FakeWorker):
                 "prefill_seconds": 0.0,
                 "transfer_seconds": 0.0,
                 "kv_bytes": 0,
+                "sent_tokens": prompt_len,
             }
         )

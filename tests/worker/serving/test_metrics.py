@@ -52,9 +52,9 @@ def exported(role: str) -> set[str]:
 @pytest.mark.parametrize(
     ("role", "series"),
     [
-        ("router", CLIENT),
-        ("prefill", ENGINE | TRANSFER | PREFILL),
-        ("decode", ENGINE | TRANSFER | DECODE),
+        ("router", CLIENT | {names.PREFILLS, names.MIGRATIONS}),
+        ("prefill", ENGINE | TRANSFER | PREFILL | {names.KV_TRANSFER_FAILURES}),
+        ("decode", ENGINE | TRANSFER | DECODE | {names.KV_HANDOFF_BLOCKS}),
         ("both", CLIENT | ENGINE | PREFILL | DECODE),
     ],
 )

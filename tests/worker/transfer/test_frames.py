@@ -101,9 +101,20 @@ def header_payload(
     head_dim: int = 4,
     block_size: int = 2,
     per_frame: int = 1,
+    first_position: int = 0,
 ) -> bytes:
     fixed = struct.pack(
-        "<HBxIIQIIII", len(rid), dtype, num_layers, 0, num_tokens, heads, head_dim, block_size, per_frame
+        "<HBxIIQIIIIQ",
+        len(rid),
+        dtype,
+        num_layers,
+        0,
+        num_tokens,
+        heads,
+        head_dim,
+        block_size,
+        per_frame,
+        first_position,
     )
     return fixed + rid
 
@@ -152,6 +163,36 @@ def test_round_trip_is_bit_exact(
     assert wire_bytes(landed, tokens) == wire_bytes(source, tokens)
 
 
+@pytest.mark.parametrize(
+    ("tokens", "first", "sender_block", "receiver_block"),
+    [
+        (70, 64, 16, 16),  # the receiver holds 4 whole blocks: 6 tokens move
+        (70, 15, 16, 5),  # its blocks are smaller: the first position is in the sender's first block
+        (70, 32, 4, 32),  # ... or bigger
+        (17, 16, 1, 16),  # one token moves
+    ],
+)
+def test_a_transfer_past_the_held_prefix_moves_only_the_rest(
+    tokens: int, first: int, sender_block: int, receiver_block: int
+) -> None:
+    """Tokens `first..` land at their own positions of the receiver's blocks; only their bytes move."""
+    source = filled(KVLayout(3, 2, 8, torch.float16), tokens, sender_block)
+    header = KVHeader.for_blocks(
+        "part", 7, tokens, shape(3, 2, 8, torch.float16), sender_block, frame_bytes=600, first_position=first
+    )
+    assert header.sent_tokens == tokens - first
+    assert header.total_nbytes == (tokens - first) * header.token_nbytes * 3
+    assert all(first <= begin < end <= tokens for _, begin, end in header.frames())
+    data = encode_transfer(header, source)
+    events, landed = feed(TransferDecoder(KVLimits()), data, receiver_block, fragmented=True)
+    assert events == [Begin(header), End()]  # the first position made it through the BEGIN frame
+    assert landed is not None
+    for layer in range(3):
+        assert b"".join(landed.runs(layer, first, tokens)) == b"".join(source.runs(layer, first, tokens))
+    framing = len(encode_header(header)) + (header.num_frames + 1) * PREFIX.size
+    assert len(data) == header.total_nbytes + framing
+
+
 def test_for_blocks_sizes_frames() -> None:
     header = KVHeader.for_blocks("r", 0, 4000, shape(32, 8, 128, torch.bfloat16), 16)
     assert header.blocks_per_frame == 64  # 64 KiB blocks, 4 MiB frames
@@ -192,6 +233,8 @@ def test_header_round_trip_and_sizes() -> None:
         ({"blocks_per_frame": 1.5}, "blocks_per_frame"),
         ({"dtype": torch.int8}, "dtype"),
         ({"num_tokens": 2**40, "block_size": 1, "num_layers": 2**20}, "frames do not fit"),
+        ({"first_position": 10}, "first position"),  # the receiver would get no token at all
+        ({"first_position": -1}, "first position"),
     ],
 )
 def test_header_validation(fields: dict[str, object], message: str) -> None:
@@ -229,8 +272,9 @@ def test_limits() -> None:
     ("frame", "message"),
     [
         (prefix(magic=b"HTTP"), "bad magic"),
-        (prefix(version=1), "KV frame version 1, this side speaks 2: both ends .* same splitserve release"),
-        (prefix(version=3), "version 3"),
+        (prefix(version=1), "KV frame version 1, this side speaks 3: both ends .* same splitserve release"),
+        (prefix(version=2), "KV frame version 2, this side speaks 3"),  # sent the whole prompt always
+        (prefix(version=4), "version 4"),
         (prefix(kind=99), "unknown frame type"),
         (prefix(flags=1), "flags"),
         (prefix(FrameType.BLOCKS, 8), "BLOCKS frame before BEGIN"),
@@ -253,6 +297,7 @@ def test_bad_prefix_is_rejected_before_any_payload(frame: bytes, message: str) -
         (header_payload(block_size=0), "block_size", ErrorCode.PROTOCOL),
         (header_payload(per_frame=0), "blocks_per_frame", ErrorCode.PROTOCOL),
         (header_payload(num_tokens=0), "num_tokens", ErrorCode.PROTOCOL),
+        (header_payload(first_position=3), "first position", ErrorCode.PROTOCOL),
         (header_payload(rid=b"\xff\xfe"), "utf-8", ErrorCode.PROTOCOL),
         (header_payload()[:-1] + b"ab", "disagrees", ErrorCode.PROTOCOL),
         (header_payload(heads=1024, head_dim=1 << 30), "exceed", ErrorCode.LIMIT),

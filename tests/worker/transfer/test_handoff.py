@@ -20,7 +20,8 @@ from splitserve.engine.params import GenerationError
 from splitserve.engine.runtime import EngineRuntime
 from splitserve.serving.metrics import Metrics
 from splitserve.serving.worker_app import DecodeKVSink, WorkerState, ship_kv
-from splitserve.transfer.frames import PREFIX, KVHeader, encode_blocks_prefix, encode_header
+from splitserve.transfer.base import KVTransferError
+from splitserve.transfer.frames import PREFIX, ErrorCode, KVHeader, encode_blocks_prefix, encode_header
 from splitserve.transfer.tcp import TcpKVReceiver, TcpKVSender
 from tests.conftest import Reference, random_prompt
 from tests.worker.engine.runtimes import GREEDY, assert_no_leaks, collect, request
@@ -74,9 +75,9 @@ async def test_greedy_output_matches_generate_across_block_sizes(split: Split, r
 
     async def one(rid: str, prompt: list[int]) -> list[int]:
         req = request(prompt, rid=rid)
-        split.decode.register(rid, prompt, GREEDY)
+        held = split.decode.register(rid, prompt, GREEDY).cached  # "alone" left p17's first blocks
         async with split.prefill.prefill(req) as result:
-            await ship_kv(TcpKVSender(), split.target, rid, result)
+            await ship_kv(TcpKVSender(), split.target, rid, result, held)
         tokens, _ = await collect(split.decode.stream(rid))
         return tokens
 
@@ -135,3 +136,30 @@ async def test_a_request_cancelled_while_its_cache_lands_frees_its_blocks(split:
             break
         await asyncio.sleep(0.01)
     assert_no_leaks(split.decode)
+
+
+async def test_only_the_missing_tokens_move_and_a_wrong_first_position_is_refused(
+    split: Split, reference: Reference
+) -> None:
+    """A second prompt sharing 40 tokens with a first: the decode worker pins its cached whole blocks,
+    the sender sends the rest only. A sender that disagrees on where the rest starts is refused before
+    any block is taken, and the right transfer still lands after it."""
+    prefix = random_prompt(40, seed=40)
+    first, second = prefix + random_prompt(3, seed=41), prefix + random_prompt(30, seed=42)
+    block = split.decode.pool.block_size
+    sent: list[int] = []
+    outputs = []
+    for rid, prompt in (("first", first), ("second", second)):
+        held = split.decode.register(rid, prompt, GREEDY).cached
+        async with split.prefill.prefill(request(prompt, rid=rid)) as result:
+            if held:
+                with pytest.raises(KVTransferError) as refused:
+                    await ship_kv(TcpKVSender(), split.target, rid, result, held - block)
+                assert refused.value.code == ErrorCode.REJECTED and "holds the first" in refused.value.reason
+            stats = await ship_kv(TcpKVSender(), split.target, rid, result, held)
+        sent.append(stats.bytes // split.decode.engine.loaded.layout.bytes_per_token)
+        outputs.append(await asyncio.wait_for(collect(split.decode.stream(rid)), 60))
+    assert sent == [len(first), len(second) - 40 // block * block]
+    for prompt, (tokens, _) in zip((first, second), outputs, strict=True):
+        assert tokens == reference.greedy(prompt, 12)
+    assert_no_leaks(split.prefill, split.decode)

@@ -15,6 +15,7 @@ from splitserve.engine.kv_cache import KVLayout, SequenceKV
 from splitserve.transfer.base import KVDestination, KVRejected, KVTransferError, TransferStats
 from splitserve.transfer.frames import (
     PREFIX,
+    VERSION,
     ErrorCode,
     FrameType,
     KVHeader,
@@ -297,11 +298,11 @@ def begin_payload_with(dtype: int | None = None, head_dim: int | None = None) ->
         pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "bad magic", id="bad-magic"),
         pytest.param(
             b"SSKV\x01" + bytes(19),
-            "KV frame version 1, this side speaks 2: both ends of a transfer must run the same",
+            "KV frame version 1, this side speaks 3: both ends of a transfer must run the same",
             id="v1-peer",
         ),
         pytest.param(
-            PREFIX.pack(b"SSKV", 2, FrameType.BEGIN, 0, 0, 0, 1 << 62),
+            PREFIX.pack(b"SSKV", VERSION, FrameType.BEGIN, 0, 0, 0, 1 << 62),
             "BEGIN frame of 4611686018427387904 bytes",
             id="oversized-header",
         ),
@@ -328,7 +329,7 @@ async def test_bad_begin_is_rejected_before_the_sink(
 async def test_oversized_frame_length_is_rejected_before_reading_it(
     receiver: TcpKVReceiver, sink: Sink
 ) -> None:
-    forged = PREFIX.pack(b"SSKV", 2, FrameType.BLOCKS, 0, 0, 0, 1 << 50)
+    forged = PREFIX.pack(b"SSKV", VERSION, FrameType.BLOCKS, 0, 0, 0, 1 << 50)
     replies = await raw_session(receiver, encode_header(HEADER), forged)
     assert [r.type for r in replies] == [FrameType.ACCEPT, FrameType.ERROR]
     assert "frame 0 of 1125899906842624 bytes, the header says 640" in replies[1].reason

@@ -101,22 +101,38 @@ class BlockAllocator:
         leading run of `hashes` (read lazily, stopping at the first miss). All or none, like `allocate`;
         a cached free block it revives counts against the free blocks. Returns (blocks, shared)."""
         with self._lock:
-            shared: list[int] = []
-            for content in hashes:
-                block = self._block_of.get(content)
-                if block is None or len(shared) == count:
-                    break
-                shared.append(block)
+            shared = self._cached_run(hashes, count)
             wanted = count - len(shared) + sum(1 for block in shared if block in self._cached_free)
             if wanted + keep_free > self.num_free:
                 raise NoFreeBlocksError(
                     f"{wanted} blocks wanted, {self.num_free} free, {keep_free} kept back"
                 )
-            for block in shared:
-                self._cached_free.pop(block, None)
-                self._refs[block] = self._refs.get(block, 0) + 1
+            self._hold(shared)
             fresh = self._allocate(count - len(shared), 0, after=shared[-1] if shared else None)
             return shared + fresh, len(shared)
+
+    def share(self, hashes: Iterable[int], limit: int) -> list[int]:
+        """Hold the cached blocks of the longest leading run of `hashes` (at most `limit`), taking no
+        fresh block: how a decode worker pins the prefix it already has while the rest is sent to it."""
+        with self._lock:
+            shared = self._cached_run(hashes, limit)
+            self._hold(shared)
+            return shared
+
+    def _cached_run(self, hashes: Iterable[int], limit: int) -> list[int]:
+        """Blocks holding the leading run of `hashes` (read lazily, stopping at the first miss)."""
+        shared: list[int] = []
+        for content in hashes:
+            block = self._block_of.get(content)
+            if block is None or len(shared) == limit:
+                break
+            shared.append(block)
+        return shared
+
+    def _hold(self, shared: list[int]) -> None:
+        for block in shared:
+            self._cached_free.pop(block, None)
+            self._refs[block] = self._refs.get(block, 0) + 1
 
     def register(self, block: int, content: int) -> None:
         """`block` (in use, now full) holds the block hashed `content`; kept once the sequence lets go.

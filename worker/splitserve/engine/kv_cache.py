@@ -132,6 +132,16 @@ class KVPool:
         return (table[:, None] * self.block_size + self._offsets).flatten()
 
 
+def _prefix_hashes(tokens: list[int], size: int, salt: bytes, found: list[int]) -> Iterator[int]:
+    """Chained hashes of the full blocks of `tokens` before its last token, lazily (a lookup stops at
+    its first miss); each one computed is also appended to `found`."""
+    parent: int | None = None
+    for start in range(0, len(tokens) - size, size):
+        parent = block_hash(parent, tokens[start : start + size], salt)
+        found.append(parent)
+        yield parent
+
+
 class SequenceKV:
     """Block table and length of one sequence; `length` tokens of it are written.
 
@@ -184,15 +194,7 @@ class SequenceKV:
             return {}
         size = self.pool.block_size
         found: list[int] = []
-
-        def chain() -> Iterator[int]:
-            parent: int | None = None
-            for start in range(0, len(tokens) - size, size):  # full blocks before the last token
-                parent = block_hash(parent, tokens[start : start + size], salt)
-                found.append(parent)
-                yield parent
-
-        hashes = chain()
+        hashes = _prefix_hashes(tokens, size, salt, found)
         allocator = self.pool.allocator
         table, shared = allocator.allocate_prefixed(hashes, self.pool.blocks_for(len(tokens)), keep_free)
         self.block_table, self._slots = table, None
@@ -214,6 +216,37 @@ class SequenceKV:
         self.length = cached * size
         self.tokens = tokens[: self.length]
         return hits
+
+    def pin_prefix(self, tokens: list[int]) -> int:
+        """Hold the longest prefix of full blocks of `tokens` that the device's prefix cache has (the
+        last token excluded, as in `admit`), taking no fresh block; returns its length in tokens, which
+        becomes `length`. A decode worker does this when a request registers: those blocks need not be
+        sent, and held they cannot be evicted before the rest arrives (`grow` then takes the rest)."""
+        if self.block_table:
+            raise ValueError("pin_prefix() is for a sequence that holds no blocks")
+        salt = self.pool.salt
+        if salt is None:
+            return 0
+        size = self.pool.block_size
+        found: list[int] = []
+        table = self.pool.allocator.share(
+            _prefix_hashes(tokens, size, salt, found), (len(tokens) - 1) // size
+        )
+        self.block_table, self._slots = table, None
+        self.contiguous = not table or table == list(range(table[0], table[0] + len(table)))
+        self.hashes = found[: len(table)]
+        self.length = len(table) * size
+        self.tokens = tokens[: self.length]
+        return self.length
+
+    def drop_unwritten(self) -> None:
+        """Give back the blocks past the `length` tokens written (taken for a transfer that failed), so
+        that a pinned prefix stays held for the next attempt."""
+        keep = self.pool.blocks_for(self.length)
+        extra, self.block_table = self.block_table[keep:], self.block_table[:keep]
+        if extra:
+            self._slots = None
+            self.pool.allocator.release(extra)
 
     def advance(self, token_ids: list[int]) -> None:
         """`token_ids` were written after the first `length` tokens; full blocks join the prefix cache."""

@@ -4,7 +4,9 @@ Three ways in, one per role:
 - `generate()` (both): prefill and decode here, stream tokens.
 - `prefill()` (prefill): run the prompt, hand back the first token and the KV cache to ship.
 - `register()` + `receive_kv()` (decode): a request announced by the router, then its KV cache
-  arriving from a prefill worker; the sequence joins the running batch once it is in.
+  arriving from a prefill worker; the sequence joins the running batch once it is in. Registration
+  pins the prompt's leading blocks this worker's prefix cache holds (only the rest is sent), and
+  prefills a short uncached rest here instead (conditional disaggregation: `Placement`).
 KV blocks are taken by the engine thread (admission, growth) and by this loop (arriving caches);
 the engine frees what it finishes, this loop what it shipped or what failed, and wakes the engine.
 """
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from splitserve.contract.config import EngineConfig
-from splitserve.contract.names import EngineRole
+from splitserve.contract.names import EngineRole, PrefillPlacement
 from splitserve.engine.block_hash import cache_salt
 from splitserve.engine.blocks import NoFreeBlocksError
 from splitserve.engine.forward import Engine
@@ -49,6 +51,25 @@ class PrefillResult:
 KVState = Literal["none", "expected", "receiving", "arrived"]
 
 
+@dataclass(frozen=True)
+class Placement:
+    """What a decode registration decided: `cached` leading prompt tokens are held (pinned) here, and
+    where the prompt is prefilled (local: by this worker's engine; remote: a prefill worker sends the
+    KV of tokens `cached..`)."""
+
+    cached: int
+    prefill: PrefillPlacement
+
+
+def choose_placement(
+    prompt_len: int, cached: int, local_max_tokens: int, remote_available: bool
+) -> PrefillPlacement:
+    """Conditional disaggregation: a short uncached rest is cheaper to compute here than to hand off."""
+    if not remote_available or prompt_len - cached <= local_max_tokens:
+        return "local"
+    return "remote"
+
+
 @dataclass(eq=False)
 class _Stream:
     """One request as the loop sees it; `_settle` frees its KV once nothing needs it any more."""
@@ -68,6 +89,12 @@ class _Stream:
     def busy(self) -> bool:
         """Someone still writes into this stream's KV: the engine, or a transfer in flight."""
         return self.in_engine or self.kv_state == "receiving"
+
+    @property
+    def keeps_kv(self) -> bool:
+        """Its blocks stay while the consumer is there: a prefill's cache until shipped, a decode
+        registration's pinned prefix until the rest arrives (or the request fails)."""
+        return self.hold_kv or (self.kv_state == "expected" and not self.failed)
 
 
 class EngineRuntime:
@@ -112,7 +139,9 @@ class EngineRuntime:
         admitting = sum(
             1
             for stream in self._streams.values()
-            if not stream.in_engine and stream.kv is None and not stream.closed
+            if not stream.in_engine
+            and not stream.closed
+            and (stream.kv is None or stream.kv_state == "expected")
         )
         return Load(running=in_engine - queued, waiting=admitting + queued, kv_cache_usage=self.pool.usage)
 
@@ -155,13 +184,34 @@ class EngineRuntime:
 
     # ---- decode -------------------------------------------------------------------------------
 
-    def register(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
-        """Announce a request whose KV cache a prefill worker will push; it fails if none comes in time.
-        The prompt's tokens come along so that a preempted stream can be recomputed here."""
+    def register(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        *,
+        local_max_tokens: int = 0,
+        remote_available: bool = True,
+    ) -> Placement:
+        """Announce a request. Its leading full blocks found in this worker's prefix cache are pinned;
+        if the rest is at most `local_max_tokens` (or no prefill worker is available) the engine prefills
+        it here, chunked between decode steps; otherwise a prefill worker pushes the rest of the KV
+        cache, and the request fails if it does not come in time. The prompt's tokens come along so that
+        a preempted stream can be recomputed here."""
         stream = self._open(request_id, prompt, params)
+        kv = self._new_kv(stream)
+        cached = kv.pin_prefix(prompt)
+        placement = choose_placement(len(prompt), cached, local_max_tokens, remote_available)
+        if placement == "local":
+            # Admission shares the same cached blocks again (they were just used: last to be evicted).
+            kv.release()
+            self._submit(stream, Sequence(request_id, stream.params, kv, stream.prompt))
+            return Placement(cached, placement)
         stream.kv_state = "expected"
+        self._update_gauges()
         assert self._loop is not None
         self._loop.call_later(self.config.kv_timeout_seconds, self._kv_deadline, stream)
+        return Placement(cached, placement)
 
     async def stream(self, request_id: str) -> AsyncGenerator[GenerationChunk]:
         stream = self._streams[request_id]
@@ -171,8 +221,10 @@ class EngineRuntime:
         finally:
             self._close(stream)
 
-    async def receive_kv(self, request_id: str, num_tokens: int) -> SequenceKV:
-        """Take blocks for an arriving cache; waits (FIFO) while they are not free (back-pressure on TCP)."""
+    async def receive_kv(self, request_id: str, num_tokens: int, first_position: int) -> SequenceKV:
+        """Take blocks for an arriving cache of tokens `first_position..num_tokens-1`, after the prefix
+        pinned at registration (the two must meet exactly); waits (FIFO) while they are not free
+        (back-pressure on TCP)."""
         stream = self._streams.get(request_id)
         if stream is None or stream.kv_state != "expected" or stream.closed or stream.failed:
             raise GenerationError(f"no request {request_id!r} is waiting for a KV cache", status=404)
@@ -180,12 +232,19 @@ class EngineRuntime:
             raise GenerationError(
                 f"KV cache has {num_tokens} tokens, the request's prompt has {len(stream.prompt)}", status=400
             )
+        kv = stream.kv
+        assert kv is not None
+        if first_position != kv.length:
+            raise GenerationError(
+                f"KV cache starts at token {first_position}, this worker holds the first {kv.length}",
+                status=400,
+            )
         stream.kv_state = "receiving"
-        kv = self._new_kv(stream)
         try:
             await self._take_blocks(kv, num_tokens)
         except asyncio.CancelledError:
             stream.kv_state = "expected"  # the transfer broke off; another one may still come
+            kv.drop_unwritten()
             self._settle(stream)
             raise
         if stream.closed or stream.failed:
@@ -197,7 +256,7 @@ class EngineRuntime:
         """Every layer is in: emit the first token (sampled by prefill) and join the decode batch."""
         stream = self._streams[request_id]
         stream.kv_state = "arrived"
-        kv.advance(stream.prompt)  # its full blocks join this worker's prefix cache
+        kv.advance(stream.prompt[kv.length :])  # its full blocks join this worker's prefix cache
         finish = finish_reason(stream.params, self.engine.loaded.eos_token_ids, first_token, 1)
         if finish is None and not (stream.closed or stream.failed):
             self._submit(stream, Sequence(request_id, stream.params, kv, stream.prompt, [first_token]))
@@ -253,13 +312,15 @@ class EngineRuntime:
         except asyncio.CancelledError:
             if entry in self._kv_waiters:
                 self._kv_waiters.remove(entry)
-            kv.release()  # granted and cancelled in the same tick: give the blocks back
+            kv.drop_unwritten()  # granted and cancelled in the same tick: give the new blocks back
             raise
 
     def _try_take(self, kv: SequenceKV, tokens: int) -> bool:
         """Blocks for an arriving cache, within `max_num_seqs` (those sequences bypass admission)."""
         holding = sum(
-            1 for s in self._streams.values() if s.in_engine or (s.kv is not None and s.kv.block_table)
+            1
+            for s in self._streams.values()
+            if s.kv is not kv and (s.in_engine or (s.kv is not None and s.kv.block_table))
         )
         if holding >= self.config.max_num_seqs:
             return False
@@ -314,7 +375,7 @@ class EngineRuntime:
         """Free the KV once nobody writes or reads it; forget the stream once its consumer is gone.
         (The engine frees what it finishes itself; here go shipped, failed and cancelled caches.)"""
         kv = stream.kv
-        if not stream.busy and kv is not None and kv.block_table and (stream.closed or not stream.hold_kv):
+        if not stream.busy and kv is not None and kv.block_table and (stream.closed or not stream.keeps_kv):
             kv.release()
             self.engine_loop.wake()
             self._grant_waiters()

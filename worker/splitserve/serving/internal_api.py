@@ -67,3 +67,4 @@ class PrefillReply(_Body):
     prefill_seconds: float
     transfer_seconds: float
     kv_bytes: int
+    sent_tokens: int = Field(ge=0, description="Prompt tokens whose KV was sent (past skip_tokens).")

@@ -25,6 +25,7 @@ from splitserve.contract.names import (
     TTFT_BUCKETS,
     MigrationOutcome,
     OffloadDirection,
+    PrefillPlacement,
     PrefixCacheTier,
 )
 from splitserve.serving.vllm_metrics import VllmSeries
@@ -137,6 +138,32 @@ class Metrics:
         )
         for reason in names.KV_DISK_ERROR_REASONS:
             self._kv_disk_errors.labels(**values, reason=reason)
+        # The pool sharing its KV: where prompts were prefilled (router), prompt blocks reused or received
+        # at a handoff (decode), failed sends by reason (prefill).
+        self._prefills = Counter(
+            names.PREFILLS,
+            "Prompts prefilled, by placement: remote (a prefill worker) or local (the decode worker).",
+            (*labels, "placement"),
+            registry=reg(names.PREFILLS),
+        )
+        for placement in names.PREFILL_PLACEMENTS:
+            self._prefills.labels(**values, placement=placement)
+        self._kv_handoff_blocks = Counter(
+            names.KV_HANDOFF_BLOCKS,
+            "Prompt KV blocks of handed-off requests: already cached here, or received from prefill.",
+            (*labels, "source"),
+            registry=reg(names.KV_HANDOFF_BLOCKS),
+        )
+        for source in names.KV_HANDOFF_SOURCES:
+            self._kv_handoff_blocks.labels(**values, source=source)
+        self._kv_transfer_failures = Counter(
+            names.KV_TRANSFER_FAILURES,
+            "KV cache sends that failed, by the transfer's error code.",
+            (*labels, "reason"),
+            registry=reg(names.KV_TRANSFER_FAILURES),
+        )
+        for reason in names.KV_TRANSFER_FAILURE_REASONS:
+            self._kv_transfer_failures.labels(**values, reason=reason)
         self.prefill_step = histogram(
             names.step_seconds("prefill"), "Duration of one prefill forward (one chunk).", STEP_BUCKETS
         )
@@ -190,6 +217,18 @@ class Metrics:
 
     def record_kv_disk_error(self, reason: str) -> None:
         self._kv_disk_errors.labels(pool=self.pool, role=self.role, reason=reason).inc()
+
+    def record_prefill(self, placement: PrefillPlacement) -> None:
+        self._prefills.labels(pool=self.pool, role=self.role, placement=placement).inc()
+
+    def record_kv_handoff(self, cached: int, transferred: int) -> None:
+        """One handed-off prompt's blocks (this worker's block size): pinned from its cache, received."""
+        labels = {"pool": self.pool, "role": self.role}
+        self._kv_handoff_blocks.labels(**labels, source="cached").inc(cached)
+        self._kv_handoff_blocks.labels(**labels, source="transferred").inc(transferred)
+
+    def record_kv_transfer_failure(self, reason: str) -> None:
+        self._kv_transfer_failures.labels(pool=self.pool, role=self.role, reason=reason).inc()
 
     def prefix_cache_hits(self, tier: PrefixCacheTier) -> Counter:
         """The hit counter of one tier (vLLM's `prefix_cache_hits` is the device one)."""

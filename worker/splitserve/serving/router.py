@@ -1,9 +1,12 @@
 """The router's `GenerationBackend`: one request = a decode worker, a prefill worker and a KV handoff.
 
 Per request: register with a decode worker (`POST /internal/decode`, which answers at once with its KV
-port and then streams NDJSON tokens), ask the least loaded prefill worker to run the prompt and ship the
-KV cache there (`POST /internal/prefill`), and relay the decode stream. The decode worker is the one
-whose cached prefix best outweighs its load (kv_index.py), or the least loaded (`routing.strategy`).
+port, how many leading prompt tokens it already holds and where the prompt is to be prefilled, then
+streams NDJSON tokens); unless it prefills the prompt itself (a short uncached rest, or no prefill worker
+left: conditional disaggregation), ask the least loaded prefill worker to run the prompt and ship the KV
+cache of the tokens the decode worker lacks (`POST /internal/prefill`); relay the decode stream. The
+decode worker is the one whose cached prefix best outweighs its load (kv_index.py), or the least loaded
+(`routing.strategy`).
 
 Failure rules. Before the first token nothing reached the client, so a whole handoff is retried
 (bounded) with fresh workers: a prefill worker that refuses or dies, a decode worker that refuses or
@@ -30,7 +33,13 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from splitserve.contract.config import RoutingConfig
-from splitserve.contract.names import DEFAULT_DRAIN_SECONDS, WORKER_ROLES, WorkerRole
+from splitserve.contract.names import (
+    DEFAULT_DRAIN_SECONDS,
+    PREFILL_PLACEMENTS,
+    WORKER_ROLES,
+    PrefillPlacement,
+    WorkerRole,
+)
 from splitserve.engine.model_info import context_length, load_tokenizer
 from splitserve.engine.params import REQUEST_FAULT, GenerationChunk, GenerationError, GenerationRequest
 from splitserve.serving.drain import FLUSH_SECONDS, Drain
@@ -45,7 +54,14 @@ from splitserve.serving.endpoints import (
 )
 from splitserve.serving.frontend import build_openai_app
 from splitserve.serving.http import serve_app
-from splitserve.serving.internal_api import KV_PORT_HEADER, DecodeCall, PrefillCall, PrefillReply
+from splitserve.serving.internal_api import (
+    CACHED_TOKENS_HEADER,
+    KV_PORT_HEADER,
+    PREFILL_HEADER,
+    DecodeCall,
+    PrefillCall,
+    PrefillReply,
+)
 from splitserve.serving.kv_index import DecodePlacement
 from splitserve.serving.metrics import Metrics
 from splitserve.serving.migration import StreamLostError, resumed_request
@@ -82,7 +98,9 @@ class RouterSettings(BaseModel):
     drain_seconds: float = Field(
         DEFAULT_DRAIN_SECONDS, ge=0, description="On SIGTERM: how long open streams may run before they fail."
     )
-    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    routing: RoutingConfig = Field(
+        default_factory=RoutingConfig, description="Placement: the engine config's `routing` block."
+    )
     block_size: int = Field(16, ge=1, description="The workers' KV block: the router's index hashes these.")
 
     @model_validator(mode="after")
@@ -161,7 +179,8 @@ class RouterBackend:
             await self._session.close()
 
     def is_ready(self) -> bool:
-        return all(pool.any_healthy() for pool in self.pools.values())
+        """Decode workers suffice: with no prefill worker up they prefill the prompts themselves."""
+        return self.pools["decode"].any_healthy()
 
     def snapshot(self) -> dict[str, list[dict[str, Any]]]:
         """Every endpoint's state, for GET /router/endpoints and tests."""
@@ -302,22 +321,28 @@ class _Handoff:
 
     async def open(self, avoid: dict[WorkerRole, set[str]]) -> GenerationChunk:
         """Register, prefill, and wait for the first token; raises _RetryError when another try may work."""
-        placement = self._backend.placement
-        hashes = placement.hashes(self._request.prompt_token_ids)
-        pick = placement.chooser(hashes)
+        index = self._backend.placement
+        hashes = index.hashes(self._request.prompt_token_ids)
+        pick = index.chooser(hashes)
         decode = self._decode = self._backend.pools["decode"].acquire(avoid["decode"], pick)
         if decode is None:
             raise _NoWorkerError("decode")
-        placement.remember(decode.url, hashes)
-        kv_port = await self._register(decode)
-        host = f"[{decode.host}]" if ":" in decode.host else decode.host
-        kv_target = f"{host}:{kv_port}"
-        prefill = self._prefill_task = asyncio.create_task(self._prefill(kv_target, avoid["prefill"]))
+        index.remember(decode.url, hashes)
+        kv_port, cached, placement = await self._register(decode, avoid["prefill"])
+        prefill: asyncio.Task[PrefillReply] | None = None
+        if placement == "remote":  # else the decode worker prefills the prompt itself
+            host = f"[{decode.host}]" if ":" in decode.host else decode.host
+            kv_target = f"{host}:{kv_port}"
+            prefill = self._prefill_task = asyncio.create_task(
+                self._prefill(kv_target, avoid["prefill"], cached)
+            )
         first = asyncio.create_task(self.next_chunk(None, started=False))
         try:
-            await asyncio.wait({prefill, first}, return_when=asyncio.FIRST_COMPLETED)
+            if prefill is not None:
+                await asyncio.wait({prefill, first}, return_when=asyncio.FIRST_COMPLETED)
             if not first.done():
-                prefill.result()  # the prefill failed (raises), or the KV cache is on its way
+                if prefill is not None:
+                    prefill.result()  # the prefill failed (raises), or the KV cache is on its way
                 try:
                     await asyncio.wait_for(asyncio.shield(first), self._settings.first_token_timeout_s)
                 except TimeoutError:
@@ -330,6 +355,8 @@ class _Handoff:
             try:
                 chunk = first.result()
             except GenerationError:  # the decode worker gave up on it: a failed prefill is the likelier cause
+                if prefill is None:
+                    raise
                 await asyncio.wait({prefill}, timeout=self._settings.connect_timeout_s)
                 if prefill.done() and not prefill.cancelled():
                     with contextlib.suppress(GenerationError):
@@ -340,13 +367,22 @@ class _Handoff:
                 first.cancel()
                 await asyncio.gather(first, return_exceptions=True)
         self._got_token = True
+        self._backend.metrics.record_prefill(placement)
         return chunk
 
-    async def _register(self, decode: Endpoint) -> int:
+    async def _register(self, decode: Endpoint, avoid_prefill: set[str]) -> tuple[int, int, PrefillPlacement]:
+        """Register with `decode`: its KV port, the prompt tokens it holds, and where the prompt is
+        prefilled (it decides: `local` when the uncached rest is short, or when no prefill worker is
+        left to ask, which this call tells it)."""
+        remote = any(
+            e.healthy and e.url not in avoid_prefill for e in self._backend.pools["prefill"].endpoints
+        )
         body = DecodeCall(
             request_id=self._id,
             prompt_token_ids=self._request.prompt_token_ids,
             sampling=self._request.sampling,
+            local_prefill_max_tokens=self._settings.routing.local_prefill_max_tokens,
+            remote_prefill=remote,
         ).model_dump(mode="json")
         try:
             async with asyncio.timeout(self._settings.register_timeout_s):
@@ -360,14 +396,19 @@ class _Handoff:
         except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
             decode.mark_unhealthy(repr(exc))
             raise _RetryError(f"decode worker {decode.url} unreachable: {exc!r}", decode=decode) from exc
+        headers = response.headers
         try:
-            return int(response.headers[KV_PORT_HEADER])
-        except (KeyError, ValueError):
+            kv_port, cached = int(headers[KV_PORT_HEADER]), int(headers[CACHED_TOKENS_HEADER])
+            placement = next(p for p in PREFILL_PLACEMENTS if p == headers[PREFILL_HEADER])
+        except (KeyError, ValueError, StopIteration):
             raise GenerationError(
-                f"decode worker {decode.url} sent no valid {KV_PORT_HEADER} header", status=502
+                f"decode worker {decode.url} sent no valid {KV_PORT_HEADER}, {CACHED_TOKENS_HEADER} or "
+                f"{PREFILL_HEADER} header",
+                status=502,
             ) from None
+        return kv_port, cached, placement
 
-    async def _prefill(self, kv_target: str, avoid: set[str]) -> PrefillReply:
+    async def _prefill(self, kv_target: str, avoid: set[str], skip_tokens: int) -> PrefillReply:
         pool = self._backend.pools["prefill"]
         prefill = pool.acquire(avoid)
         if prefill is None:
@@ -377,6 +418,7 @@ class _Handoff:
             prompt_token_ids=self._request.prompt_token_ids,
             sampling=self._request.sampling,
             kv_target=kv_target,
+            skip_tokens=skip_tokens,
         ).model_dump(mode="json")
         try:
             async with (

@@ -24,7 +24,15 @@ from splitserve.engine.params import GenerationChunk, GenerationError, Generatio
 from splitserve.engine.runtime import EngineRuntime, PrefillResult
 from splitserve.serving.drain import LIVENESS_QUERY, Drain
 from splitserve.serving.frontend import DEFAULT_MAX_BODY_BYTES, error_response
-from splitserve.serving.internal_api import KV_PORT_HEADER, NDJSON, DecodeCall, PrefillCall, PrefillReply
+from splitserve.serving.internal_api import (
+    CACHED_TOKENS_HEADER,
+    KV_PORT_HEADER,
+    NDJSON,
+    PREFILL_HEADER,
+    DecodeCall,
+    PrefillCall,
+    PrefillReply,
+)
 from splitserve.serving.metrics import Metrics
 from splitserve.transfer.base import KVDestination, KVRejected, KVSender, KVTransferError, TransferStats
 from splitserve.transfer.frames import KVHeader
@@ -105,9 +113,12 @@ async def _parse(request: web.Request, model: type[Body]) -> Body:
 # ---- prefill ------------------------------------------------------------------------------------
 
 
-async def ship_kv(sender: KVSender, target: str, request_id: str, result: PrefillResult) -> TransferStats:
-    """Send a prefilled prompt's cache and first token to the decode worker at `target`, straight from
-    its blocks (in frames of whole blocks of this worker's block size)."""
+async def ship_kv(
+    sender: KVSender, target: str, request_id: str, result: PrefillResult, skip_tokens: int = 0
+) -> TransferStats:
+    """Send a prefilled prompt's cache (but its first `skip_tokens` tokens, which the decode worker
+    holds) and first token to the decode worker at `target`, straight from its blocks (in frames of
+    whole blocks of this worker's block size)."""
     layout = result.kv.layout
     header = KVHeader.for_blocks(
         request_id,
@@ -115,6 +126,7 @@ async def ship_kv(sender: KVSender, target: str, request_id: str, result: Prefil
         result.kv.length,
         (layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.dtype),
         result.kv.pool.block_size,
+        first_position=skip_tokens,
     )
     return await sender.send(target, header, result.kv)
 
@@ -127,6 +139,14 @@ def build_prefill_app(state: WorkerState, sender: KVSender) -> web.Application:
             call = await _parse(request, PrefillCall)
             runtime = state.ready_runtime()
             check_vocabulary(call.prompt_token_ids, call.sampling, runtime.engine.loaded.vocab_size)
+            if call.skip_tokens >= len(call.prompt_token_ids):
+                raise GenerationError(
+                    f"skip_tokens ({call.skip_tokens}) must be below the prompt length "
+                    f"({len(call.prompt_token_ids)}): the last token is always sent",
+                    status=400,
+                    kind="invalid_request_error",
+                    param="skip_tokens",
+                )
             generation = GenerationRequest(
                 request_id=call.request_id, prompt_token_ids=call.prompt_token_ids, sampling=call.sampling
             )
@@ -134,7 +154,7 @@ def build_prefill_app(state: WorkerState, sender: KVSender) -> web.Application:
             with state.drain.request(partial(runtime.fail, call.request_id)):
                 async with runtime.prefill(generation) as result:
                     prefilled = time.perf_counter()
-                    stats = await ship_kv(sender, call.kv_target, call.request_id, result)
+                    stats = await ship_kv(sender, call.kv_target, call.request_id, result, call.skip_tokens)
             state.metrics.kv_transfer_seconds.observe(stats.seconds)
             state.metrics.kv_transfer_bytes.inc(stats.bytes)
             reply = PrefillReply(
@@ -143,11 +163,13 @@ def build_prefill_app(state: WorkerState, sender: KVSender) -> web.Application:
                 prefill_seconds=prefilled - started,
                 transfer_seconds=stats.seconds,
                 kv_bytes=stats.bytes,
+                sent_tokens=result.kv.length - call.skip_tokens,
             )
             return web.json_response(reply.model_dump())
         except GenerationError as error:
             return error_response(error.status, error.message, type=error.kind, param=error.param)
         except KVTransferError as error:
+            state.metrics.record_kv_transfer_failure(error.code.name.lower())
             message = f"KV transfer to the decode worker failed: {error}"
             return error_response(502, message, type="kv_transfer_error")
 
@@ -170,10 +192,22 @@ def build_decode_app(state: WorkerState, kv_port: int) -> web.Application:
                 runtime = state.ready_runtime()
                 check_vocabulary(call.prompt_token_ids, call.sampling, runtime.engine.loaded.vocab_size)
                 held.enter_context(state.drain.request(partial(runtime.fail, call.request_id)))
-                runtime.register(call.request_id, list(call.prompt_token_ids), call.sampling)
+                placement = runtime.register(
+                    call.request_id,
+                    list(call.prompt_token_ids),
+                    call.sampling,
+                    local_max_tokens=call.local_prefill_max_tokens,
+                    remote_available=call.remote_prefill,
+                )
             except GenerationError as error:
                 return error_response(error.status, error.message, type=error.kind, param=error.param)
-            response = web.StreamResponse(headers={KV_PORT_HEADER: str(kv_port), "Content-Type": NDJSON})
+            headers = {
+                KV_PORT_HEADER: str(kv_port),
+                CACHED_TOKENS_HEADER: str(placement.cached),
+                PREFILL_HEADER: placement.prefill,
+                "Content-Type": NDJSON,
+            }
+            response = web.StreamResponse(headers=headers)
             tokens = runtime.stream(call.request_id)
             try:
                 await response.prepare(request)  # the router reads this as "registered"
@@ -210,26 +244,29 @@ class DecodeKVSink:
                     f"KV layout (layers, kv heads, head dim, dtype) {sent} does not match this worker's "
                     f"model {mine}"
                 )
-            kv = await runtime.receive_kv(header.request_id, header.num_tokens)
+            kv = await runtime.receive_kv(header.request_id, header.num_tokens, header.first_position)
         except GenerationError as error:
             raise KVRejected(error.message) from error
         return _Destination(runtime, header, kv, self.state.metrics)
 
 
 class _Destination:
-    """Blocks taken for one arriving cache: frames land in them (a block size other than the sender's
-    is fine, tokens go to their own slots); the engine sees them only at `commit`."""
+    """Blocks taken for one arriving cache: frames land in them after the prefix pinned at registration
+    (a block size other than the sender's is fine, tokens go to their own slots); the engine sees them
+    only at `commit`."""
 
     def __init__(self, runtime: EngineRuntime, header: KVHeader, kv: SequenceKV, metrics: Metrics) -> None:
         self.runtime, self.header, self.kv, self.metrics = runtime, header, kv, metrics
         self.started = time.perf_counter()
+        self.cached_blocks = kv.pool.blocks_for(header.first_position)  # whole blocks: what was pinned
 
     def runs(self, layer: int, begin: int, end: int) -> list[memoryview]:
         return self.kv.runs(layer, begin, end)
 
     def commit(self) -> None:
         self.metrics.kv_transfer_seconds.observe(time.perf_counter() - self.started)
-        self.metrics.kv_transfer_bytes.inc(self.header.num_tokens * self.kv.layout.bytes_per_token)
+        self.metrics.kv_transfer_bytes.inc(self.header.sent_tokens * self.kv.layout.bytes_per_token)
+        self.metrics.record_kv_handoff(self.cached_blocks, len(self.kv.block_table) - self.cached_blocks)
         self.runtime.kv_arrived(self.header.request_id, self.kv, self.header.first_token)
 
     def abort(self, reason: str) -> None:

@@ -1,4 +1,4 @@
-"""Wire format of one KV cache transfer (version 2): header and KV blocks <-> bytes, validated, without I/O.
+"""Wire format of one KV cache transfer (version 3): header and KV blocks <-> bytes, validated, without I/O.
 
 Raw bytes behind fixed-size little-endian struct headers, so that nothing a peer sends is ever executed
 or unpickled (no pickle, no torch.load, no object arrays). Every frame is a 24-byte prefix and `length`
@@ -14,6 +14,10 @@ layer by layer: its payload is those tokens' keys then values, head by head, tok
 pool's blocks and the receiver lands straight into its own (no copy of the cache on either side), and a
 receiver whose blocks are another size places the same tokens in its own slots. Every length is checked
 against the frame type, the header and the receiver's limits before a byte of payload is read.
+
+A transfer may start past the prompt's first token (`KVHeader.first_position`): the decode worker
+already holds the leading blocks (its prefix cache), so only tokens `first_position..num_tokens-1` move;
+frames address absolute token positions, so both ends index their own blocks as usual.
 """
 
 from __future__ import annotations
@@ -29,11 +33,11 @@ import torch
 from splitserve.engine.blocks import blocks_for
 
 MAGIC = b"SSKV"
-VERSION = 2  # 1 carried whole layers; both ends of a transfer run the same release
+VERSION = 3  # 1 carried whole layers, 2 always the whole prompt; both ends run the same release
 PREFIX = struct.Struct("<4sBBHIIQ")  # magic, version, type, flags, index, crc32, length
 # request id length, dtype, (pad), num_layers, first_token, num_tokens, kv heads, head dim, block size,
-# blocks per frame
-_HEADER = struct.Struct("<HBxIIQIIII")
+# blocks per frame, first position
+_HEADER = struct.Struct("<HBxIIQIIIIQ")
 _ERROR = struct.Struct("<H")  # error code; the utf-8 reason follows
 
 MAX_REQUEST_ID_BYTES = 128
@@ -118,6 +122,7 @@ class KVHeader:
     head_dim: int
     block_size: int  # tokens per block on the wire: the sender's; the receiver's may differ
     blocks_per_frame: int  # blocks of one layer per BLOCKS frame
+    first_position: int = 0  # first token sent; the receiver holds 0..first_position-1 already
 
     def __post_init__(self) -> None:
         rid = self.request_id.encode("utf-8") if isinstance(self.request_id, str) else b""
@@ -132,6 +137,10 @@ class KVHeader:
         )
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size", "blocks_per_frame"):
             _require(_is_u32(getattr(self, name)), f"{name} {getattr(self, name)!r} is not a positive u32")
+        _require(
+            isinstance(self.first_position, int) and 0 <= self.first_position < self.num_tokens,
+            f"first position {self.first_position!r} is not within the {self.num_tokens} tokens",
+        )
         _require(self.dtype in _DTYPE_CODES, f"dtype {self.dtype} is not one of float32, bfloat16, float16")
         _require(self.num_frames < 2**32, f"{self.num_frames} frames do not fit a u32 frame index")
 
@@ -144,13 +153,32 @@ class KVHeader:
         shape: tuple[int, int, int, torch.dtype],
         block_size: int,
         frame_bytes: int = FRAME_BYTES,
+        first_position: int = 0,
     ) -> KVHeader:
-        """The header for sending a cache of `shape` = (layers, kv heads, head dim, dtype) from blocks of
-        `block_size`, with frames of about `frame_bytes` (at least one block each)."""
+        """The header for sending tokens `first_position..num_tokens-1` of a cache of `shape` = (layers,
+        kv heads, head dim, dtype) from blocks of `block_size`, with frames of about `frame_bytes` (at
+        least one block each)."""
         layers, heads, head_dim, dtype = shape
         block_bytes = 2 * heads * block_size * head_dim * dtype.itemsize
-        per_frame = max(1, min(frame_bytes // max(1, block_bytes), blocks_for(num_tokens, block_size)))
-        return cls(request_id, first_token, num_tokens, layers, dtype, heads, head_dim, block_size, per_frame)
+        sent = blocks_for(num_tokens - first_position, block_size)
+        per_frame = max(1, min(frame_bytes // max(1, block_bytes), sent))
+        return cls(
+            request_id,
+            first_token,
+            num_tokens,
+            layers,
+            dtype,
+            heads,
+            head_dim,
+            block_size,
+            per_frame,
+            first_position,
+        )
+
+    @property
+    def sent_tokens(self) -> int:
+        """Tokens whose KV is on the wire: those the receiver does not hold yet."""
+        return self.num_tokens - self.first_position
 
     @property
     def token_nbytes(self) -> int:
@@ -163,7 +191,7 @@ class KVHeader:
 
     @property
     def frames_per_layer(self) -> int:
-        return blocks_for(self.num_tokens, self.frame_tokens)
+        return blocks_for(self.sent_tokens, self.frame_tokens)
 
     @property
     def num_frames(self) -> int:
@@ -171,16 +199,16 @@ class KVHeader:
 
     @property
     def max_frame_nbytes(self) -> int:
-        return min(self.frame_tokens, self.num_tokens) * self.token_nbytes
+        return min(self.frame_tokens, self.sent_tokens) * self.token_nbytes
 
     @property
     def total_nbytes(self) -> int:
-        return self.num_tokens * self.token_nbytes * self.num_layers
+        return self.sent_tokens * self.token_nbytes * self.num_layers
 
     def frame(self, index: int) -> tuple[int, int, int]:
-        """(layer, first token, end token) of BLOCKS frame `index`."""
+        """(layer, first token, end token) of BLOCKS frame `index`, as positions in the prompt."""
         layer, part = divmod(index, self.frames_per_layer)
-        begin = part * self.frame_tokens
+        begin = self.first_position + part * self.frame_tokens
         return layer, begin, min(self.num_tokens, begin + self.frame_tokens)
 
     def frames(self) -> Iterator[tuple[int, int, int]]:
@@ -273,6 +301,7 @@ def encode_header(header: KVHeader) -> bytes:
         header.head_dim,
         header.block_size,
         header.blocks_per_frame,
+        header.first_position,
     )
     return encode_frame(FrameType.BEGIN, fixed + rid)
 
@@ -280,8 +309,8 @@ def encode_header(header: KVHeader) -> bytes:
 def decode_header(payload: bytes | bytearray | memoryview) -> KVHeader:
     """A BEGIN payload (checksum already checked) -> KVHeader; every field validated."""
     _require(_HEADER.size <= len(payload) <= MAX_HEADER_BYTES, f"header of {len(payload)} bytes")
-    rid_len, dtype_code, layers, first, tokens, heads, head_dim, block_size, per_frame = _HEADER.unpack_from(
-        payload
+    rid_len, dtype_code, layers, first, tokens, heads, head_dim, block_size, per_frame, position = (
+        _HEADER.unpack_from(payload)
     )
     _require(dtype_code in _DTYPES, f"unknown dtype code {dtype_code}")
     _require(len(payload) == _HEADER.size + rid_len, "header length disagrees with its request id length")
@@ -290,7 +319,16 @@ def decode_header(payload: bytes | bytearray | memoryview) -> KVHeader:
     except UnicodeDecodeError:
         raise KVProtocolError("request id is not utf-8") from None
     return KVHeader(
-        request_id, first, tokens, layers, _DTYPES[dtype_code], heads, head_dim, block_size, per_frame
+        request_id,
+        first,
+        tokens,
+        layers,
+        _DTYPES[dtype_code],
+        heads,
+        head_dim,
+        block_size,
+        per_frame,
+        position,
     )
 
 
