@@ -1,12 +1,12 @@
 """Multi-turn chat over 2 prefill + 2 decode workers: KV-aware routing against least-loaded, same run.
 
-    PYTHONPATH=worker python -m bench.kv_routing [--conversations 16] [--turns 6]
+    PYTHONPATH=worker python -m bench.kv_routing [--conversations 16] [--turns 8]
 
 Each mode gets a fresh pool of processes on 127.0.0.1 (`splitserve up`'s LocalPool: router, 2 prefill
 and 2 decode workers, the tiny model, one thread each, the default engine and routing settings but
 `routing.strategy`). CONVERSATIONS chats run at once; each starts from its own system prompt and, turn
-after turn, resends its whole history plus a new user message (greedy answers of ANSWER tokens, sent
-as token ids through the official `openai` client, streaming). Reported per mode:
+after turn and a think time, resends its whole history plus a new user message (greedy answers of
+ANSWER tokens, sent as token ids through the official `openai` client, streaming). Reported per mode:
 - TTFT p50/p90 over every turn, as the client sees it;
 - KV bytes moved prefill -> decode (the decode workers' splitserve_kv_transfer_bytes_total);
 - prefill placements (the router's splitserve_prefills_total: remote vs local);
@@ -30,7 +30,12 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SYSTEM, USER, ANSWER = 256, 96, 64
+# A turn's new tokens (the last answer and the next question, 224) stay under routing's default
+# local_prefill_max_tokens (256): on the worker holding the history they are prefilled there.
+SYSTEM, USER, ANSWER = 1024, 128, 96
+# Before each turn a user thinks for up to this long (uniform, seeded): without it every conversation
+# would send its turns in lockstep, a pattern that lets even least-loaded keep each on one worker.
+THINK_SECONDS = 1.0
 MODES = ("least-loaded", "kv-aware")
 BLOCK = 16  # EngineConfig's default block size, which the pool uses
 
@@ -41,6 +46,7 @@ async def conversation(api: Any, index: int, turns: int, ttfts: list[float], ora
     history = [rng.randrange(4, 300) for _ in range(SYSTEM)]
     held, sent = 0, 0  # tokens of the history some worker has computed
     for _ in range(turns):
+        await asyncio.sleep(rng.uniform(0, THINK_SECONDS))  # the user reads and types: turns interleave
         history += [rng.randrange(4, 300) for _ in range(USER)]
         oracle.append(held // BLOCK * BLOCK)
         sent += len(history)
@@ -109,8 +115,8 @@ async def run_mode(model: Path, workdir: Path, mode: str, conversations: int, tu
         f"bench-{mode}", config, workdir / mode, free_port(), threads=threads, progress=lambda _: None
     )
     await pool.start(prefill=2, decode=2)
+    api = openai.AsyncOpenAI(base_url=pool.url + "/v1", api_key="-", max_retries=0, timeout=300)
     try:
-        api = openai.AsyncOpenAI(base_url=pool.url + "/v1", api_key="-", max_retries=0, timeout=300)
         ttfts: list[float] = []
         oracle: list[int] = []
         started = time.perf_counter()
@@ -121,6 +127,7 @@ async def run_mode(model: Path, workdir: Path, mode: str, conversations: int, tu
         decode = [await scrape(worker.url) for worker in pool.workers["decode"]]
         router = [await scrape(pool.url)]
     finally:
+        await api.close()
         await pool.stop()
     prompt_tokens = sum(sent)
     hits = total(decode, "splitserve_prefix_cache_hits_total")
@@ -165,7 +172,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--conversations", type=int, default=16)
-    parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--turns", type=int, default=8)
     args = parser.parse_args()
     from splitserve.engine.tiny_model import write_tiny_model
 
