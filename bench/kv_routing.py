@@ -35,7 +35,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEM, USER, ANSWER = 1024, 128, 96
 # Before each turn a user thinks for up to this long (uniform, seeded): without it every conversation
 # would send its turns in lockstep, a pattern that lets even least-loaded keep each on one worker.
-THINK_SECONDS = 1.0
+THINK_SECONDS = 3.0
 MODES = ("least-loaded", "kv-aware")
 BLOCK = 16  # EngineConfig's default block size, which the pool uses
 
