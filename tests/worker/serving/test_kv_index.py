@@ -42,6 +42,10 @@ def test_index_counts_the_leading_run_and_expires_after_its_ttl() -> None:
     assert index.cached_blocks("a", [1, 2]) == 0
     index.forget("a")
     assert index.size("a") == 0
+    index.record("a", [1])
+    index.record("gone", [1])
+    index.retain({"a", "new"})  # the pool after a discovery round
+    assert (index.size("a"), index.size("gone")) == (1, 0)
 
 
 def test_index_is_bounded_and_drops_a_chains_tail_first() -> None:

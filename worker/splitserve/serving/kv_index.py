@@ -66,8 +66,14 @@ class PrefixIndex:
         return count
 
     def forget(self, worker: str) -> None:
-        """The worker lost its cache (it died) or left the pool."""
+        """The worker lost its cache (it died)."""
         self._workers.pop(worker, None)
+
+    def retain(self, workers: set[str]) -> None:
+        """Only these workers are in the pool: the others' entries go (pods come and go with new
+        addresses, and an address that is never looked up again would never expire)."""
+        for worker in self._workers.keys() - workers:
+            del self._workers[worker]
 
     def size(self, worker: str) -> int:
         return len(self._workers.get(worker, ()))

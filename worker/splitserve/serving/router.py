@@ -217,6 +217,7 @@ class RouterBackend:
     async def _discover(self) -> None:
         addresses = await self._discovery.addresses()
         added = [e for role, pool in self.pools.items() for e in pool.update(addresses[role])]
+        self.placement.index.retain({endpoint.url for endpoint in self.pools["decode"].endpoints})
         await self._probe(added)
 
     async def _probe(self, endpoints: list[Endpoint]) -> None:
