@@ -233,6 +233,8 @@ class RouterBackend:
     # ---------------------------------------------------------------------------------- generation
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Relay one request's tokens; a decode worker lost mid-stream hands the rest to another
+        (migration.py) up to `routing.migration_limit` times, unseen by the client."""
         produced: list[int] = []
         current, moves, lost = request, 0, set[str]()
         while True:
