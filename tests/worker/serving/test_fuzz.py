@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from splitserve.engine.params import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
-from splitserve.serving.internal_api import KV_PORT_HEADER
+from splitserve.serving.internal_api import CACHED_TOKENS_HEADER, KV_PORT_HEADER
 from tests.conftest import Reference, random_prompt
 from tests.worker.serving.live_stack import MODEL, LiveStack
 
@@ -270,7 +270,8 @@ async def _internal_call(
             _no_server_error(decode.status, await decode.read(), registration)
             return None
         kv_port = int(decode.headers[KV_PORT_HEADER])
-        prefill_body = {**call, "kv_target": f"127.0.0.1:{kv_port}"}
+        held = int(decode.headers[CACHED_TOKENS_HEADER])  # its cached prefix: not sent again
+        prefill_body = {**call, "kv_target": f"127.0.0.1:{kv_port}", "skip_tokens": held}
         status, reply = await _post(session, stack.urls["prefill"] + "/internal/prefill", prefill_body)
         _no_server_error(status, reply, prefill_body)
         if status != 200:

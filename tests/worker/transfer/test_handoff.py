@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from splitserve.contract.config import EngineConfig
@@ -18,12 +19,14 @@ from splitserve.engine.forward import Engine
 from splitserve.engine.loader import load_model
 from splitserve.engine.params import GenerationError
 from splitserve.engine.runtime import EngineRuntime
+from splitserve.local.pool import free_port
 from splitserve.serving.metrics import Metrics
-from splitserve.serving.worker_app import DecodeKVSink, WorkerState, ship_kv
+from splitserve.serving.worker_app import DecodeKVSink, WorkerState, build_prefill_app, ship_kv
 from splitserve.transfer.base import KVTransferError
 from splitserve.transfer.frames import PREFIX, ErrorCode, KVHeader, encode_blocks_prefix, encode_header
 from splitserve.transfer.tcp import TcpKVReceiver, TcpKVSender
 from tests.conftest import Reference, random_prompt
+from tests.worker.conftest import Serve
 from tests.worker.engine.runtimes import GREEDY, assert_no_leaks, collect, request
 
 pytestmark = pytest.mark.timeout(120)
@@ -163,3 +166,30 @@ async def test_only_the_missing_tokens_move_and_a_wrong_first_position_is_refuse
     for prompt, (tokens, _) in zip((first, second), outputs, strict=True):
         assert tokens == reference.greedy(prompt, 12)
     assert_no_leaks(split.prefill, split.decode)
+
+
+async def test_the_prefill_app_counts_failed_sends_and_refuses_skipping_the_whole_prompt(
+    split: Split, serve: Serve
+) -> None:
+    """Its /internal/prefill: a decode worker that is not there is a 502 counted as `unavailable`, one
+    that does not expect the request as `rejected`; skip_tokens covering the whole prompt is a 400."""
+    metrics = Metrics("test", "prefill")
+    app = await serve(build_prefill_app(WorkerState(metrics, split.prefill), TcpKVSender()))
+    nobody = f"127.0.0.1:{free_port()}"
+    call = {"prompt_token_ids": [5, 6, 7], "sampling": {"max_tokens": 2, "temperature": 0.0}}
+    cases = [("a", nobody, 0, 502), ("b", split.target, 0, 502), ("c", split.target, 3, 400)]
+    async with aiohttp.ClientSession() as session:
+        for rid, target, skip, status in cases:
+            body = {**call, "request_id": rid, "kv_target": target, "skip_tokens": skip}
+            async with session.post(app.url + "/internal/prefill", json=body) as reply:
+                assert reply.status == status, await reply.text()
+                if status == 400:
+                    assert (await reply.json())["error"]["param"] == "skip_tokens"
+    failures = {
+        reason: metrics.registry.get_sample_value(
+            "splitserve_kv_transfer_failures_total", {"pool": "test", "role": "prefill", "reason": reason}
+        )
+        for reason in ("unavailable", "rejected", "protocol")
+    }
+    assert failures == {"unavailable": 1.0, "rejected": 1.0, "protocol": 0.0}
+    assert_no_leaks(split.prefill)

@@ -53,7 +53,8 @@ class RoutingConfig(BaseModel):
         ge=0,
         description="Conditional disaggregation: a prompt whose uncached part on the chosen decode worker "
         "is at most this many tokens is prefilled there (chunked between its decode steps) instead of on "
-        "a prefill worker; 0 = always on a prefill worker while one is up.",
+        "a prefill worker; 0 = always on a prefill worker while one is up. 256: up to there local "
+        "prefill was faster and did not stall running streams (bench/results/conditional.json).",
     )
     migration_limit: int = Field(
         1,

@@ -11,11 +11,12 @@ decode worker is the one whose cached prefix best outweighs its load (kv_index.p
 Failure rules. Before the first token nothing reached the client, so a whole handoff is retried
 (bounded) with fresh workers: a prefill worker that refuses or dies, a decode worker that refuses or
 dies before its first token. Each retry registers a fresh decode request, so a half-sent KV cache
-never meets a second one. 4xx answers, and 5xx marked REQUEST_FAULT, are the request's fault and
-are returned, not retried. After the first token, a dying decode worker's streams move to other decode
-workers up to `routing.migration_limit` times each (migration.py), or fail with a 502 (only those
-streams) once the limit is reached. Closing the generator (client gone, stop string) closes both
-internal connections, which aborts the work on both workers.
+never meets a second one; when no prefill worker is left to try, the retry is prefilled on the decode
+worker. 4xx answers, and 5xx marked REQUEST_FAULT, are the request's fault and are returned, not
+retried. After the first token, a dying decode worker's streams move to other decode workers up to
+`routing.migration_limit` times each (migration.py), or fail with a 502 (only those streams) once the
+limit is reached. Closing the generator (client gone, stop string) closes both internal connections,
+which aborts the work on both workers.
 """
 
 from __future__ import annotations
@@ -321,6 +322,7 @@ class _Handoff:
         self._response: aiohttp.ClientResponse | None = None
         self._prefill_task: asyncio.Task[PrefillReply] | None = None
         self._got_token = False
+        self._remote_offered = False  # the registration said a prefill worker is available
 
     async def open(self, avoid: dict[WorkerRole, set[str]]) -> GenerationChunk:
         """Register, prefill, and wait for the first token; raises _RetryError when another try may work."""
@@ -377,7 +379,7 @@ class _Handoff:
         """Register with `decode`: its KV port, the prompt tokens it holds, and where the prompt is
         prefilled (it decides: `local` when the uncached rest is short, or when no prefill worker is
         left to ask, which this call tells it)."""
-        remote = any(
+        remote = self._remote_offered = any(
             e.healthy and e.url not in avoid_prefill for e in self._backend.pools["prefill"].endpoints
         )
         body = DecodeCall(
@@ -415,6 +417,8 @@ class _Handoff:
         pool = self._backend.pools["prefill"]
         prefill = pool.acquire(avoid)
         if prefill is None:
+            if self._remote_offered:  # the last one went down since the registration: the next try is local
+                raise _RetryError("no healthy prefill worker left", status=503)
             raise _NoWorkerError("prefill")
         body = PrefillCall(
             request_id=self._id,
