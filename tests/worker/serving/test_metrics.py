@@ -52,7 +52,7 @@ def exported(role: str) -> set[str]:
 @pytest.mark.parametrize(
     ("role", "series"),
     [
-        ("router", CLIENT | {names.PREFILLS}),
+        ("router", CLIENT | {names.PREFILLS, names.MIGRATIONS}),
         ("prefill", ENGINE | TRANSFER | PREFILL | {names.KV_TRANSFER_FAILURES}),
         ("decode", ENGINE | TRANSFER | DECODE | {names.KV_HANDOFF_BLOCKS}),
         ("both", CLIENT | ENGINE | PREFILL | DECODE),

@@ -17,6 +17,8 @@ import pytest
 from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
+from splitserve.contract.config import RoutingConfig
+from splitserve.contract.names import MIGRATIONS, MigrationOutcome
 from splitserve.engine.model_info import context_length
 from splitserve.serving.endpoints import (
     SLOW_PROBES_TOLERATED,
@@ -92,6 +94,12 @@ async def _literal_resolver(host: str, port: int) -> list[str]:
     return [host]
 
 
+def migrations(backend: RouterBackend, outcome: MigrationOutcome) -> float:
+    """The router's MIGRATIONS counter of one outcome."""
+    labels = {"pool": "test", "role": "router", "outcome": outcome}
+    return backend.metrics.registry.get_sample_value(MIGRATIONS, labels) or 0.0
+
+
 async def eventually(condition: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
     for _ in range(int(seconds / 0.02)):
         if condition():
@@ -129,9 +137,11 @@ async def test_happy_path(
 
 
 async def test_decode_worker_death_fails_only_its_streams(serve: Serve, start_router: StartRouter) -> None:
+    """With migration off (`migration_limit: 0`); test_migration.py has it on."""
     prefill = await FakePrefill().start(serve)
     doomed, survivor = [await FakeDecode(token_delay=0.05).start(serve) for _ in range(2)]
-    router = await start_router([prefill.url], [doomed.url, survivor.url])
+    no_migration = RoutingConfig(migration_limit=0)
+    router = await start_router([prefill.url], [doomed.url, survivor.url], routing=no_migration)
     progress = [asyncio.Event() for _ in range(4)]
 
     async def consume(index: int, client: openai.AsyncOpenAI) -> tuple[str, str, str | None]:
@@ -159,6 +169,7 @@ async def test_decode_worker_death_fails_only_its_streams(serve: Serve, start_ro
             else:
                 assert (error, text) == (None, router.expected("stream", 40))
         assert router.healthy("decode") == {doomed.url: False, survivor.url: True}
+        assert migrations(router.backend, "exhausted") == len(on_doomed)
         for _ in range(3):
             reply = await client.completions.create(model=MODEL, prompt="after", max_tokens=3)
             assert reply.choices[0].text == router.expected("after", 3)

@@ -29,7 +29,9 @@ class RoutingConfig(BaseModel):
     A decode worker's score is `cache_weight * hit - load_weight * load`: `hit` is the fraction of the
     prompt's full blocks the router believes the worker holds (its index, see `index_ttl_seconds`),
     `load` is the larger of its KV usage and its running + waiting sequences over the busiest
-    candidate's. A stale index costs a recompute, never wrong output: the worker checks its own cache.
+    candidate's plus one (the request being placed: a full hit then beats an idle worker's cold cache
+    until `overload_margin` cuts the credit). A stale index costs a recompute, never wrong output: the
+    worker checks its own cache.
     """
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())

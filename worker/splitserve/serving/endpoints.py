@@ -84,6 +84,10 @@ def pick_least_loaded(endpoints: Iterable[Endpoint], exclude: set[str]) -> Endpo
     return min(candidates, key=lambda e: (e.in_flight, e.reported_load, e.last_pick), default=None)
 
 
+Picker = Callable[[Iterable[Endpoint], set[str]], Endpoint | None]
+"""Chooses among endpoints, skipping unhealthy ones and the excluded URLs; None when none is left."""
+
+
 class EndpointPool:
     """The endpoints of one role, updated by discovery without losing their in-flight counts."""
 
@@ -113,9 +117,10 @@ class EndpointPool:
                 added.append(self._endpoints[url])
         return added
 
-    def acquire(self, exclude: set[str]) -> Endpoint | None:
-        """Pick the least loaded healthy endpoint and count a request on it (release() when done)."""
-        endpoint = pick_least_loaded(self._endpoints.values(), exclude)
+    def acquire(self, exclude: set[str], pick: Picker = pick_least_loaded) -> Endpoint | None:
+        """Pick a healthy endpoint (the least loaded unless told otherwise) and count a request on it
+        (release() when done)."""
+        endpoint = pick(self._endpoints.values(), exclude)
         if endpoint is not None:
             self._picks += 1
             endpoint.last_pick = self._picks

@@ -23,6 +23,7 @@ from splitserve.contract.names import (
     STEP_BUCKETS,
     TRANSFER_BUCKETS,
     TTFT_BUCKETS,
+    MigrationOutcome,
     OffloadDirection,
     PrefillPlacement,
     PrefixCacheTier,
@@ -183,6 +184,15 @@ class Metrics:
         )
         for outcome in OUTCOMES:
             self._requests.labels(**values, outcome=outcome)
+        self._migrations = Counter(
+            names.MIGRATIONS,
+            "Streams whose decode worker died mid-stream, by outcome: resumed on another decode worker, or "
+            "failed because the request had moved migrationLimit times already.",
+            (*labels, "outcome"),
+            registry=reg(names.MIGRATIONS),
+        )
+        for migration in names.MIGRATION_OUTCOMES:
+            self._migrations.labels(**values, outcome=migration)
         self.vllm = VllmSeries(self, self.model_name or self.pool)
 
     def record_kv_blocks(self, free: int, used: int) -> None:
@@ -223,6 +233,9 @@ class Metrics:
     def prefix_cache_hits(self, tier: PrefixCacheTier) -> Counter:
         """The hit counter of one tier (vLLM's `prefix_cache_hits` is the device one)."""
         return self._prefix_cache_hits.labels(pool=self.pool, role=self.role, tier=tier)
+
+    def record_migration(self, outcome: MigrationOutcome) -> None:
+        self._migrations.labels(pool=self.pool, role=self.role, outcome=outcome).inc()
 
     def request_finished(self, outcome: str) -> None:
         self._requests.labels(pool=self.pool, role=self.role, outcome=outcome).inc()

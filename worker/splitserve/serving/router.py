@@ -1,20 +1,22 @@
 """The router's `GenerationBackend`: one request = a decode worker, a prefill worker and a KV handoff.
 
-Per request: register with the least loaded decode worker (`POST /internal/decode`, which answers at
-once with its KV port, how many leading prompt tokens it already holds and where the prompt is to be
-prefilled, then streams NDJSON tokens); unless it prefills the prompt itself (a short uncached rest, or
-no prefill worker left: conditional disaggregation), ask the least loaded prefill worker to run the
-prompt and ship the KV cache of the tokens the decode worker lacks (`POST /internal/prefill`); relay
-the decode stream.
+Per request: register with a decode worker (`POST /internal/decode`, which answers at once with its KV
+port, how many leading prompt tokens it already holds and where the prompt is to be prefilled, then
+streams NDJSON tokens); unless it prefills the prompt itself (a short uncached rest, or no prefill worker
+left: conditional disaggregation), ask the least loaded prefill worker to run the prompt and ship the KV
+cache of the tokens the decode worker lacks (`POST /internal/prefill`); relay the decode stream. The
+decode worker is the one whose cached prefix best outweighs its load (kv_index.py), or the least loaded
+(`routing.strategy`).
 
 Failure rules. Before the first token nothing reached the client, so a whole handoff is retried
 (bounded) with fresh workers: a prefill worker that refuses or dies, a decode worker that refuses or
 dies before its first token. Each retry registers a fresh decode request, so a half-sent KV cache
 never meets a second one; when no prefill worker is left to try, the retry is prefilled on the decode
-worker. 4xx answers, and 5xx marked REQUEST_FAULT, are the request's fault and
-are returned, not retried. After the first token, a dying decode worker fails only its own streams
-(502). Closing the generator (client gone, stop string) closes both internal connections, which
-aborts the work on both workers.
+worker. 4xx answers, and 5xx marked REQUEST_FAULT, are the request's fault and are returned, not
+retried. After the first token, a dying decode worker's streams move to other decode workers up to
+`routing.migration_limit` times each (migration.py), or fail with a 502 (only those streams) once the
+limit is reached. Closing the generator (client gone, stop string) closes both internal connections,
+which aborts the work on both workers.
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ from splitserve.serving.internal_api import (
     PrefillCall,
     PrefillReply,
 )
+from splitserve.serving.kv_index import DecodePlacement
 from splitserve.serving.metrics import Metrics
+from splitserve.serving.migration import StreamLostError, resumed_request
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -98,6 +102,7 @@ class RouterSettings(BaseModel):
     routing: RoutingConfig = Field(
         default_factory=RoutingConfig, description="Placement: the engine config's `routing` block."
     )
+    block_size: int = Field(16, ge=1, description="The workers' KV block: the router's index hashes these.")
 
     @model_validator(mode="after")
     def _check_workers(self) -> RouterSettings:
@@ -146,6 +151,9 @@ class RouterBackend:
     ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics(pool=settings.pool, role="router", model_name=settings.name)
+        self.placement = DecodePlacement(
+            settings.routing, model=settings.model, revision=settings.revision, block_size=settings.block_size
+        )
         self.pools: dict[WorkerRole, EndpointPool] = {role: EndpointPool(role) for role in WORKER_ROLES}
         seeds: dict[WorkerRole, list[Seed]] = {
             "prefill": [Seed.parse(u) for u in settings.prefill],
@@ -210,6 +218,7 @@ class RouterBackend:
     async def _discover(self) -> None:
         addresses = await self._discovery.addresses()
         added = [e for role, pool in self.pools.items() for e in pool.update(addresses[role])]
+        self.placement.index.retain({endpoint.url for endpoint in self.pools["decode"].endpoints})
         await self._probe(added)
 
     async def _probe(self, endpoints: list[Endpoint]) -> None:
@@ -225,13 +234,49 @@ class RouterBackend:
     # ---------------------------------------------------------------------------------- generation
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        avoid: dict[WorkerRole, set[str]] = {"prefill": set(), "decode": set()}
+        """Relay one request's tokens; a decode worker lost mid-stream hands the rest to another
+        (migration.py) up to `routing.migration_limit` times, unseen by the client."""
+        produced: list[int] = []
+        current, moves, lost = request, 0, set[str]()
+        while True:
+            handoff, chunk = await self._open(current, lost)
+            try:
+                if moves:
+                    self.metrics.record_migration("resumed")
+                while True:
+                    produced += chunk.token_ids
+                    yield chunk
+                    if chunk.finish_reason is not None:
+                        # The decode worker now caches the answer too: the conversation's next turn sends it.
+                        everything = (*request.prompt_token_ids, *produced)
+                        self.placement.remember(handoff.decode_url, self.placement.hashes(everything))
+                        return
+                    chunk = await handoff.next_chunk(self.settings.idle_timeout_s, started=True)
+            except StreamLostError as error:
+                self.placement.forget(error.worker)
+                if moves >= self.settings.routing.migration_limit:
+                    self.metrics.record_migration("exhausted")
+                    raise
+                moves += 1
+                lost.add(error.worker)
+                log.warning(
+                    "decode stream lost, resuming on another worker",
+                    extra={"request_id": request.request_id, "error": error.message, "tokens": len(produced)},
+                )
+                current = resumed_request(request, produced, moves)
+            finally:
+                handoff.close()
+
+    async def _open(self, request: GenerationRequest, lost: set[str]) -> tuple[_Handoff, GenerationChunk]:
+        """A handoff that delivered its first chunk, retried with fresh workers (never the `lost` decode
+        workers) while failures are worth another try."""
+        avoid: dict[WorkerRole, set[str]] = {"prefill": set(), "decode": set(lost)}
         failure: _RetryError | None = None
         for attempt in range(self.settings.max_attempts):
             request_id = request.request_id if attempt == 0 else f"{request.request_id[:110]}.retry{attempt}"
             handoff = _Handoff(self, request, request_id)
             try:
-                chunk = await handoff.open(avoid)
+                return handoff, await handoff.open(avoid)
             except _RetryError as retry:
                 handoff.close()
                 log.warning(
@@ -252,14 +297,6 @@ class RouterBackend:
             except BaseException:
                 handoff.close()
                 raise
-            try:
-                yield chunk
-                while chunk.finish_reason is None:
-                    chunk = await handoff.next_chunk(self.settings.idle_timeout_s, started=True)
-                    yield chunk
-            finally:
-                handoff.close()
-            return
         assert failure is not None
         raise GenerationError(
             f"{failure.message} (gave up after {self.settings.max_attempts} attempts)", status=failure.status
@@ -289,9 +326,13 @@ class _Handoff:
 
     async def open(self, avoid: dict[WorkerRole, set[str]]) -> GenerationChunk:
         """Register, prefill, and wait for the first token; raises _RetryError when another try may work."""
-        decode = self._decode = self._backend.pools["decode"].acquire(avoid["decode"])
+        index = self._backend.placement
+        hashes = index.hashes(self._request.prompt_token_ids)
+        pick = index.chooser(hashes)
+        decode = self._decode = self._backend.pools["decode"].acquire(avoid["decode"], pick)
         if decode is None:
             raise _NoWorkerError("decode")
+        index.remember(decode.url, hashes)
         kv_port, cached, placement = await self._register(decode, avoid["prefill"])
         prefill: asyncio.Task[PrefillReply] | None = None
         if placement == "remote":  # else the decode worker prefills the prompt itself
@@ -428,7 +469,7 @@ class _Handoff:
             decode.mark_unhealthy(repr(exc))
             if started:
                 message = f"decode worker {decode.url} failed mid-stream: {exc}"
-                raise GenerationError(message, status=502) from exc
+                raise StreamLostError(message, worker=decode.url) from exc
             raise _RetryError(f"decode worker {decode.url} failed: {exc}", decode=decode) from exc
         except TimeoutError:
             raise GenerationError(
@@ -448,6 +489,11 @@ class _Handoff:
             raise GenerationError(
                 f"decode worker {decode.url} sent an invalid line: {line[:200]!r}", status=502
             ) from exc
+
+    @property
+    def decode_url(self) -> str:
+        assert self._decode is not None
+        return self._decode.url
 
     def close(self) -> None:
         """Close both connections (aborting whatever still runs there) and release the decode slot.

@@ -64,6 +64,7 @@ def run_router(config: EngineConfig, args: argparse.Namespace) -> int:
         discovery_file=args.discovery_file,
         drain_seconds=args.drain_seconds,
         routing=config.routing,
+        block_size=config.block_size,
     )
     asyncio.run(run_router(settings))
     return 0
