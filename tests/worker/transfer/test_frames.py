@@ -12,21 +12,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from splitserve.engine.kv_cache import KVLayout, SequenceKV
+from splitserve.transfer.frame_decoder import Begin, End, Event, TransferDecoder
 from splitserve.transfer.frames import (
     MAGIC,
     MAX_HEADER_BYTES,
     MAX_REASON_BYTES,
     PREFIX,
     VERSION,
-    Begin,
-    End,
     ErrorCode,
-    Event,
     FrameType,
     KVHeader,
     KVLimits,
     KVProtocolError,
-    TransferDecoder,
     check_payload,
     check_reply_prefix,
     checksum,

@@ -39,11 +39,11 @@ VERSION = 3  # 1 carried whole layers, 2 always the whole prompt; both ends run 
 PREFIX = struct.Struct("<4sBBHIIQ")  # magic, version, type, flags, index, crc32, length
 # request id length, dtype, (pad), num_layers, first_token, num_tokens, kv heads, head dim, block size,
 # blocks per frame, first position
-_HEADER = struct.Struct("<HBxIIQIIIIQ")
+HEADER = struct.Struct("<HBxIIQIIIIQ")
 _ERROR = struct.Struct("<H")  # error code; the utf-8 reason follows
 
 MAX_REQUEST_ID_BYTES = 128
-MAX_HEADER_BYTES = _HEADER.size + MAX_REQUEST_ID_BYTES
+MAX_HEADER_BYTES = HEADER.size + MAX_REQUEST_ID_BYTES
 MAX_REASON_BYTES = 1024
 CHUNK_BYTES = 1 << 20  # payload is read (and checksummed) in pieces at most this big: short loop steps
 FRAME_BYTES = 4 << 20  # what a sender aims a BLOCKS frame at: each frame costs a round of the event loop
@@ -93,7 +93,7 @@ _DTYPES: dict[int, torch.dtype] = {1: torch.float32, 2: torch.bfloat16, 3: torch
 _DTYPE_CODES = {dtype: code for code, dtype in _DTYPES.items()}
 
 
-def _require(condition: bool, message: str, code: ErrorCode = ErrorCode.PROTOCOL) -> None:
+def require(condition: bool, message: str, code: ErrorCode = ErrorCode.PROTOCOL) -> None:
     if not condition:
         raise KVProtocolError(message, code)
 
@@ -128,25 +128,25 @@ class KVHeader:
 
     def __post_init__(self) -> None:
         rid = self.request_id.encode("utf-8") if isinstance(self.request_id, str) else b""
-        _require(
+        require(
             0 < len(rid) <= MAX_REQUEST_ID_BYTES,
             f"request id must be 1..{MAX_REQUEST_ID_BYTES} bytes of utf-8",
         )
-        _require(_is_u32(self.first_token, 0), f"first token {self.first_token!r} is not a u32")
-        _require(
+        require(_is_u32(self.first_token, 0), f"first token {self.first_token!r} is not a u32")
+        require(
             isinstance(self.num_tokens, int) and 0 < self.num_tokens < 2**63,
             f"num_tokens {self.num_tokens!r} is not positive",
         )
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size", "blocks_per_frame"):
-            _require(_is_u32(getattr(self, name)), f"{name} {getattr(self, name)!r} is not a positive u32")
-        _require(
+            require(_is_u32(getattr(self, name)), f"{name} {getattr(self, name)!r} is not a positive u32")
+        require(
             isinstance(self.first_position, int) and 0 <= self.first_position < self.num_tokens,
             f"first position {self.first_position!r} is not within the {self.num_tokens} tokens",
         )
-        _require(
+        require(
             self.dtype in _DTYPE_CODES, f"dtype {self.dtype} is not one of float32, bfloat16, float16, int8"
         )
-        _require(self.num_frames < 2**32, f"{self.num_frames} frames do not fit a u32 frame index")
+        require(self.num_frames < 2**32, f"{self.num_frames} frames do not fit a u32 frame index")
 
     @classmethod
     def for_blocks(
@@ -229,17 +229,17 @@ class KVLimits:
 
     def check(self, header: KVHeader) -> None:
         limit = ErrorCode.LIMIT
-        _require(
+        require(
             header.num_layers <= self.max_layers,
             f"{header.num_layers} layers exceed the limit of {self.max_layers}",
             limit,
         )
-        _require(
+        require(
             header.max_frame_nbytes <= self.max_frame_bytes,
             f"a frame of {header.max_frame_nbytes} bytes exceeds the limit of {self.max_frame_bytes}",
             limit,
         )
-        _require(
+        require(
             header.total_nbytes <= self.max_transfer_bytes,
             f"{header.total_nbytes} bytes exceed the transfer limit of {self.max_transfer_bytes}",
             limit,
@@ -272,22 +272,22 @@ def runs_checksum(runs: list[memoryview]) -> int:
 
 
 def decode_prefix(data: bytes | bytearray | memoryview) -> FramePrefix:
-    _require(len(data) == PREFIX.size, f"frame prefix must be {PREFIX.size} bytes, got {len(data)}")
+    require(len(data) == PREFIX.size, f"frame prefix must be {PREFIX.size} bytes, got {len(data)}")
     magic, version, kind, flags, index, crc, length = PREFIX.unpack(data)
-    _require(magic == MAGIC, f"bad magic {bytes(magic)!r}")
-    _require(
+    require(magic == MAGIC, f"bad magic {bytes(magic)!r}")
+    require(
         version == VERSION,
         f"KV frame version {version}, this side speaks {VERSION}: both ends of a transfer must run "
         "the same splitserve release",
     )
-    _require(kind in FrameType._value2member_map_, f"unknown frame type {kind}")
-    _require(flags == 0, f"unknown frame flags {flags:#x}")
-    _require(kind == FrameType.BLOCKS or index == 0, f"{FrameType(kind).name} frame with index {index}")
+    require(kind in FrameType._value2member_map_, f"unknown frame type {kind}")
+    require(flags == 0, f"unknown frame flags {flags:#x}")
+    require(kind == FrameType.BLOCKS or index == 0, f"{FrameType(kind).name} frame with index {index}")
     return FramePrefix(FrameType(kind), index, crc, length)
 
 
 def check_payload(prefix: FramePrefix, payload: bytes | bytearray | memoryview) -> None:
-    _require(
+    require(
         checksum(payload) == prefix.crc, f"{prefix.type.name} frame checksum mismatch", ErrorCode.CHECKSUM
     )
 
@@ -295,7 +295,7 @@ def check_payload(prefix: FramePrefix, payload: bytes | bytearray | memoryview) 
 def encode_header(header: KVHeader) -> bytes:
     """The BEGIN frame."""
     rid = header.request_id.encode("utf-8")
-    fixed = _HEADER.pack(
+    fixed = HEADER.pack(
         len(rid),
         _DTYPE_CODES[header.dtype],
         header.num_layers,
@@ -312,14 +312,14 @@ def encode_header(header: KVHeader) -> bytes:
 
 def decode_header(payload: bytes | bytearray | memoryview) -> KVHeader:
     """A BEGIN payload (checksum already checked) -> KVHeader; every field validated."""
-    _require(_HEADER.size <= len(payload) <= MAX_HEADER_BYTES, f"header of {len(payload)} bytes")
+    require(HEADER.size <= len(payload) <= MAX_HEADER_BYTES, f"header of {len(payload)} bytes")
     rid_len, dtype_code, layers, first, tokens, heads, head_dim, block_size, per_frame, position = (
-        _HEADER.unpack_from(payload)
+        HEADER.unpack_from(payload)
     )
-    _require(dtype_code in _DTYPES, f"unknown dtype code {dtype_code}")
-    _require(len(payload) == _HEADER.size + rid_len, "header length disagrees with its request id length")
+    require(dtype_code in _DTYPES, f"unknown dtype code {dtype_code}")
+    require(len(payload) == HEADER.size + rid_len, "header length disagrees with its request id length")
     try:
-        request_id = bytes(payload[_HEADER.size :]).decode("utf-8")
+        request_id = bytes(payload[HEADER.size :]).decode("utf-8")
     except UnicodeDecodeError:
         raise KVProtocolError("request id is not utf-8") from None
     return KVHeader(
@@ -344,20 +344,20 @@ def encode_error(code: ErrorCode, reason: str) -> bytes:
 
 def check_reply_prefix(prefix: FramePrefix) -> None:
     """Bound a receiver's reply before reading its payload."""
-    _require(
+    require(
         prefix.type in (FrameType.ACCEPT, FrameType.OK, FrameType.ERROR),
         f"{prefix.type.name} frame where a reply was expected",
     )
-    _require(
+    require(
         prefix.length <= (_ERROR.size + MAX_REASON_BYTES if prefix.type == FrameType.ERROR else 0),
         f"{prefix.type.name} reply of {prefix.length} bytes",
     )
 
 
 def decode_error(payload: bytes | bytearray | memoryview) -> tuple[ErrorCode, str]:
-    _require(len(payload) >= _ERROR.size, "ERROR frame without a code")
+    require(len(payload) >= _ERROR.size, "ERROR frame without a code")
     (code,) = _ERROR.unpack_from(payload)
-    _require(code in ErrorCode._value2member_map_, f"unknown error code {code}")
+    require(code in ErrorCode._value2member_map_, f"unknown error code {code}")
     try:
         return ErrorCode(code), bytes(payload[_ERROR.size :]).decode("utf-8")
     except UnicodeDecodeError:
@@ -369,120 +369,5 @@ def frame_runs(header: KVHeader, source: BlockRuns, index: int) -> list[memoryvi
     layer, begin, end = header.frame(index)
     runs = source.runs(layer, begin, end)
     got, wanted = sum(len(run) for run in runs), (end - begin) * header.token_nbytes
-    _require(got == wanted, f"frame {index} maps to {got} bytes of KV, not {wanted}", ErrorCode.INTERNAL)
+    require(got == wanted, f"frame {index} maps to {got} bytes of KV, not {wanted}", ErrorCode.INTERNAL)
     return runs
-
-
-@dataclass(frozen=True)
-class Begin:
-    header: KVHeader
-
-
-@dataclass(frozen=True)
-class End:
-    pass
-
-
-Event = Begin | End
-
-
-class TransferDecoder:
-    """The receiving side of one transfer as a state machine: the socket code stays thin and every check
-    is testable without sockets.
-
-    Loop: `view = want()`, fill `view` completely (from a socket, a file...), `event = filled()`. Events:
-    Begin (then the caller takes blocks for the header and calls `land_into`), then End once every
-    BLOCKS frame landed intact. A frame's payload lands straight in the destination's memory, piece by
-    piece (no buffer of the decoder's own); a frame whose checksum fails raises, and the caller frees
-    the blocks, whose contents were never committed. Any KVProtocolError ends the transfer.
-    """
-
-    def __init__(self, limits: KVLimits, chunk_bytes: int = CHUNK_BYTES) -> None:
-        self._limits = limits
-        self._chunk = chunk_bytes
-        self._prefix_buf = bytearray(PREFIX.size)
-        self._want = memoryview(self._prefix_buf)
-        self._prefix: FramePrefix | None = None  # of the frame whose payload is being read
-        self._begin_buf = bytearray()
-        self.header: KVHeader | None = None
-        self._destination: BlockRuns | None = None
-        self._pieces: list[memoryview] = []  # the rest of the frame being landed, in order
-        self._next_frame = 0
-        self._crc = 0
-        self.done = False
-
-    def land_into(self, destination: BlockRuns) -> None:
-        """Where BLOCKS frames land: blocks taken for every token of the header."""
-        self._destination = destination
-
-    def want(self) -> memoryview:
-        """Where the next bytes of the stream go; fill it completely before calling `filled`."""
-        _require(not self.done, "data after END")
-        return self._want
-
-    def filled(self) -> Event | None:
-        """Validate what just landed in `want()`; an event when one is complete."""
-        prefix = self._prefix
-        if prefix is None:
-            return self._on_prefix(decode_prefix(self._prefix_buf))
-        if prefix.type == FrameType.BLOCKS:
-            return self._on_piece(prefix)
-        check_payload(prefix, self._begin_buf)
-        header = decode_header(self._begin_buf)
-        self._limits.check(header)
-        self.header = header
-        self._expect_prefix()
-        return Begin(header)
-
-    def _expect_prefix(self) -> None:
-        self._prefix = None
-        self._want = memoryview(self._prefix_buf)
-
-    def _on_prefix(self, prefix: FramePrefix) -> Event | None:
-        header = self.header
-        if header is None:
-            _require(prefix.type == FrameType.BEGIN, f"{prefix.type.name} frame before BEGIN")
-            _require(
-                _HEADER.size <= prefix.length <= MAX_HEADER_BYTES,
-                f"BEGIN frame of {prefix.length} bytes (at most {MAX_HEADER_BYTES})",
-            )
-            self._prefix = prefix
-            self._begin_buf = bytearray(prefix.length)
-            self._want = memoryview(self._begin_buf)
-            return None
-        done, total = self._next_frame, header.num_frames
-        if prefix.type == FrameType.END:
-            _require(done == total, f"END after {done} of {total} frames")
-            _require(prefix.length == 0, f"END frame with {prefix.length} payload bytes")
-            check_payload(prefix, b"")
-            self.done = True
-            return End()
-        _require(
-            prefix.type == FrameType.BLOCKS and done < total,
-            f"{prefix.type.name} frame where {'BLOCKS' if done < total else 'END'} was expected",
-        )
-        _require(prefix.index == done, f"frame {prefix.index} where frame {done} was expected")
-        _, begin, end = header.frame(done)
-        wanted = (end - begin) * header.token_nbytes
-        _require(prefix.length == wanted, f"frame {done} of {prefix.length} bytes, the header says {wanted}")
-        if self._destination is None:
-            raise RuntimeError("BLOCKS frames before land_into(): take the blocks first")
-        self._pieces = [
-            run[offset : offset + self._chunk]
-            for run in reversed(frame_runs(header, self._destination, done))
-            for offset in reversed(range(0, len(run), self._chunk))
-        ]
-        self._prefix = prefix
-        self._crc = 0
-        self._want = self._pieces.pop()
-        return None
-
-    def _on_piece(self, prefix: FramePrefix) -> Event | None:
-        self._crc = block_checksum(self._want, self._crc)
-        if self._pieces:
-            self._want = self._pieces.pop()
-            return None
-        _require(self._crc == prefix.crc, f"frame {prefix.index} checksum mismatch", ErrorCode.CHECKSUM)
-        self._next_frame += 1
-        self._expect_prefix()
-        return None

@@ -30,18 +30,15 @@ from splitserve.transfer.base import (
     KVTransferError,
     TransferStats,
 )
+from splitserve.transfer.frame_decoder import Begin, End, Event, TransferDecoder
 from splitserve.transfer.frames import (
     PREFIX,
-    Begin,
     BlockRuns,
-    End,
     ErrorCode,
-    Event,
     FrameType,
     KVHeader,
     KVLimits,
     KVProtocolError,
-    TransferDecoder,
     check_payload,
     check_reply_prefix,
     decode_error,
