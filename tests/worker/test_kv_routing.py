@@ -21,7 +21,7 @@ from splitserve.serving.metrics import Metrics
 from splitserve.serving.router import BACKEND_KEY, RouterBackend, RouterSettings, build_router_app
 from tests.conftest import Reference, random_prompt
 from tests.worker.conftest import Serve
-from tests.worker.serving.test_router import eventually
+from tests.worker.serving.router_harness import eventually
 from tests.worker.test_e2e import MODEL, start_pool
 
 pytestmark = pytest.mark.slow

@@ -8,6 +8,7 @@ from transformers import PreTrainedTokenizerBase
 from splitserve.serving.frontend import build_openai_app
 from splitserve.serving.metrics import Metrics
 from tests.worker.conftest import Serve
+from tests.worker.serving.router_harness import start_router  # noqa: F401 (a fixture for the router tests)
 from tests.worker.serving.scripted_backend import (
     MAX_BODY,
     MAX_MODEL_LEN,

@@ -13,9 +13,8 @@ import openai
 
 from tests.worker.conftest import Serve
 from tests.worker.serving.fake_workers import FakeDecode, FakePrefill
-from tests.worker.serving.test_router import MODEL, StartRouter, migrations, start_router
+from tests.worker.serving.router_harness import MODEL, StartRouter, migrations
 
-__all__ = ["start_router"]  # the fixture, shared with test_router.py
 TOKENS = 40
 
 

@@ -1,4 +1,5 @@
-"""The router over fake prefill/decode workers on loopback, driven by the official `openai` client."""
+"""The router over fake prefill/decode workers on loopback, driven by the official `openai` client:
+the happy path, discovery, picking and readiness."""
 
 from __future__ import annotations
 
@@ -7,9 +8,7 @@ import ipaddress
 import itertools
 import json
 import os
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import openai
@@ -17,8 +16,6 @@ import pytest
 from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
-from splitserve.contract.config import RoutingConfig
-from splitserve.contract.names import MIGRATIONS, MigrationOutcome
 from splitserve.engine.model_info import context_length
 from splitserve.serving.endpoints import (
     SLOW_PROBES_TOLERATED,
@@ -28,84 +25,12 @@ from splitserve.serving.endpoints import (
     probe,
     read_discovery_file,
 )
-from splitserve.serving.metrics import Metrics
 from splitserve.serving.router import (
-    BACKEND_KEY,
-    RouterBackend,
     RouterSettings,
-    build_router_app,
 )
 from tests.worker.conftest import Serve
-from tests.worker.serving.fake_workers import FakeDecode, FakePrefill, expected_tokens
-
-MODEL = "tiny"
-StartRouter = Callable[..., Awaitable["Router"]]
-
-
-class Router:
-    def __init__(self, url: str, backend: RouterBackend, tokenizer: PreTrainedTokenizerBase) -> None:
-        self.url, self.backend, self.tokenizer = url, backend, tokenizer
-
-    def client(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=10)
-
-    def expected(self, prompt: str, max_tokens: int) -> str:
-        ids = expected_tokens(len(self.tokenizer.encode(prompt)), max_tokens)
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
-
-    def urls(self, role: str) -> list[str]:
-        return sorted(endpoint["url"] for endpoint in self.backend.snapshot()[role])
-
-    def in_flight(self, role: str) -> int:
-        return sum(endpoint["in_flight"] for endpoint in self.backend.snapshot()[role])
-
-    def healthy(self, role: str) -> dict[str, bool]:
-        return {endpoint["url"]: endpoint["healthy"] for endpoint in self.backend.snapshot()[role]}
-
-
-@pytest.fixture
-def start_router(serve: Serve, tokenizer: PreTrainedTokenizerBase) -> StartRouter:
-    """A router over the given worker URLs, with fast polling and short timeouts."""
-
-    async def start(
-        prefill: list[str] | None = None, decode: list[str] | None = None, **settings: Any
-    ) -> Router:
-        resolver = settings.pop("resolver", _literal_resolver)
-        options: dict[str, Any] = {
-            "health_interval_s": 0.1,
-            "discovery_interval_s": 0.1,
-            "connect_timeout_s": 1.0,
-            "first_token_timeout_s": 5.0,
-            "idle_timeout_s": 5.0,
-        } | settings
-        config = RouterSettings(
-            model=MODEL, max_model_len=512, prefill=prefill or [], decode=decode or [], **options
-        )
-        app = build_router_app(
-            config, tokenizer=tokenizer, metrics=Metrics(pool="test", role="router"), resolver=resolver
-        )
-        running = await serve(app)
-        return Router(running.url, app[BACKEND_KEY], tokenizer)
-
-    return start
-
-
-async def _literal_resolver(host: str, port: int) -> list[str]:
-    return [host]
-
-
-def migrations(backend: RouterBackend, outcome: MigrationOutcome) -> float:
-    """The router's MIGRATIONS counter of one outcome."""
-    labels = {"pool": "test", "role": "router", "outcome": outcome}
-    return backend.metrics.registry.get_sample_value(MIGRATIONS, labels) or 0.0
-
-
-async def eventually(condition: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
-    for _ in range(int(seconds / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.worker.serving.fake_workers import FakeDecode, FakePrefill
+from tests.worker.serving.router_harness import MODEL, StartRouter, eventually
 
 
 async def test_happy_path(
@@ -134,165 +59,6 @@ async def test_happy_path(
     async with aiohttp.ClientSession() as session, session.get(router.url + "/health") as response:
         assert response.status == 200
     await eventually(lambda: router.in_flight("decode") == 0, "the decode slots freed")
-
-
-async def test_decode_worker_death_fails_only_its_streams(serve: Serve, start_router: StartRouter) -> None:
-    """With migration off (`migration_limit: 0`); test_migration.py has it on."""
-    prefill = await FakePrefill().start(serve)
-    doomed, survivor = [await FakeDecode(token_delay=0.05).start(serve) for _ in range(2)]
-    no_migration = RoutingConfig(migration_limit=0)
-    router = await start_router([prefill.url], [doomed.url, survivor.url], routing=no_migration)
-    progress = [asyncio.Event() for _ in range(4)]
-
-    async def consume(index: int, client: openai.AsyncOpenAI) -> tuple[str, str, str | None]:
-        stream = await client.completions.create(model=MODEL, prompt="stream", max_tokens=40, stream=True)
-        request_id, text = "", ""
-        try:
-            async for chunk in stream:
-                request_id, text = chunk.id, text + chunk.choices[0].text
-                if len(text) >= 2:
-                    progress[index].set()
-        except openai.APIError as error:
-            return request_id, text, error.message
-        return request_id, text, None
-
-    async with router.client() as client:
-        streams = [asyncio.create_task(consume(i, client)) for i in range(4)]
-        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in progress)), 10)
-        await doomed.die()
-        results = await asyncio.wait_for(asyncio.gather(*streams), 10)
-        on_doomed = {r["request_id"] for r in doomed.registered}
-        assert 0 < len(on_doomed) < 4
-        for request_id, text, error in results:
-            if request_id in on_doomed:
-                assert error is not None and "failed mid-stream" in error and doomed.url in error
-            else:
-                assert (error, text) == (None, router.expected("stream", 40))
-        assert router.healthy("decode") == {doomed.url: False, survivor.url: True}
-        assert migrations(router.backend, "exhausted") == len(on_doomed)
-        for _ in range(3):
-            reply = await client.completions.create(model=MODEL, prompt="after", max_tokens=3)
-            assert reply.choices[0].text == router.expected("after", 3)
-    assert len(survivor.registered) == 4 - len(on_doomed) + 3
-
-
-async def test_prefill_that_dies_mid_request_is_routed_around(
-    serve: Serve, start_router: StartRouter
-) -> None:
-    dying, healthy = await FakePrefill("die").start(serve), await FakePrefill().start(serve)
-    decode = await FakeDecode().start(serve)
-    router = await start_router([dying.url, healthy.url], [decode.url])
-    async with router.client() as client:
-        for _ in range(3):
-            reply = await client.completions.create(model=MODEL, prompt="retry me", max_tokens=4)
-            assert reply.choices[0].text == router.expected("retry me", 4)
-    assert dying.requests, "the dying worker should have been tried"
-    assert any(".retry1" in r["request_id"] for r in healthy.requests)
-    # Each failed handoff's decode registration was closed, so the decode worker freed it.
-    retried = {r["request_id"] for r in dying.requests}
-    await eventually(lambda: retried <= decode.disconnected, "the abandoned decode registrations closed")
-
-
-async def test_prefill_that_refuses_connections_is_routed_around(
-    serve: Serve, start_router: StartRouter
-) -> None:
-    gone, alive = await FakePrefill().start(serve), await FakePrefill().start(serve)
-    decode = await FakeDecode().start(serve)
-    router = await start_router([gone.url, alive.url], [decode.url], health_interval_s=60)
-    assert router.healthy("prefill") == {gone.url: True, alive.url: True}
-    await gone.die()  # the router has not noticed: its next poll is a minute away
-    async with router.client() as client:
-        for _ in range(2):
-            reply = await client.completions.create(model=MODEL, prompt="hello", max_tokens=2)
-            assert reply.choices[0].text == router.expected("hello", 2)
-    assert router.healthy("prefill") == {gone.url: False, alive.url: True}
-    assert len(alive.requests) == 2
-
-
-async def test_prefill_server_errors_are_retried_and_reported(
-    serve: Serve, start_router: StartRouter
-) -> None:
-    failing = await FakePrefill("fail").start(serve)
-    decode = await FakeDecode().start(serve)
-    router = await start_router([failing.url], [decode.url])
-    async with router.client() as client:
-        with pytest.raises(openai.APIStatusError, match="out of memory") as caught:
-            await client.completions.create(model=MODEL, prompt="hello", max_tokens=2)
-    assert caught.value.status_code in (502, 503)
-    assert len(failing.requests) == 1  # the only prefill worker is not asked twice
-
-
-async def test_worker_4xx_is_returned_not_retried(serve: Serve, start_router: StartRouter) -> None:
-    rejecting = await FakePrefill("reject").start(serve)
-    decode = await FakeDecode(kv_budget_tokens=20).start(serve)
-    router = await start_router([rejecting.url], [decode.url])
-    async with router.client() as client:
-        with pytest.raises(openai.BadRequestError, match="exceed the KV budget"):
-            await client.completions.create(model=MODEL, prompt="hello", max_tokens=100)
-        with pytest.raises(openai.BadRequestError, match="out of range"):
-            await client.completions.create(model=MODEL, prompt="hello", max_tokens=2)
-    assert len(rejecting.requests) == 1
-    assert router.healthy("prefill") == {rejecting.url: True}
-
-
-async def test_a_request_fault_is_returned_not_retried(serve: Serve, start_router: StartRouter) -> None:
-    """A 5xx marked REQUEST_FAULT failed alone on a healthy worker: the next one would fail the same."""
-    faulty = [await FakePrefill("fault").start(serve) for _ in range(2)]
-    decode = await FakeDecode().start(serve)
-    router = await start_router([worker.url for worker in faulty], [decode.url])
-    async with router.client() as client:
-        with pytest.raises(openai.InternalServerError, match="sampling failed") as caught:
-            await client.completions.create(model=MODEL, prompt="hello", max_tokens=2)
-    assert caught.value.status_code == 500
-    assert sum(len(worker.requests) for worker in faulty) == 1
-    assert set(router.healthy("prefill").values()) == {True}
-
-
-async def test_decode_error_line_is_relayed(serve: Serve, start_router: StartRouter) -> None:
-    prefill, decode = await FakePrefill().start(serve), await FakeDecode(error_after=2).start(serve)
-    router = await start_router([prefill.url], [decode.url])
-    async with router.client() as client:
-        stream = await client.completions.create(model=MODEL, prompt="x", max_tokens=10, stream=True)
-        with pytest.raises(openai.APIError, match="KV cache corrupted"):
-            async for _ in stream:
-                pass
-    assert router.healthy("decode") == {decode.url: True}  # a failed request is not a failed worker
-
-
-async def test_client_disconnect_during_prefill_closes_both_connections(
-    serve: Serve, start_router: StartRouter
-) -> None:
-    prefill, decode = await FakePrefill("hang").start(serve), await FakeDecode().start(serve)
-    router = await start_router([prefill.url], [decode.url])
-    async with aiohttp.ClientSession() as session:
-        with pytest.raises(asyncio.TimeoutError):
-            await session.post(
-                router.url + "/v1/completions",
-                json={"model": MODEL, "prompt": "hi"},
-                timeout=aiohttp.ClientTimeout(total=0.5),
-            )
-    request_id = prefill.requests[0]["request_id"]
-    await eventually(
-        lambda: request_id in prefill.disconnected and request_id in decode.disconnected,
-        "both workers to see the disconnect",
-    )
-    await eventually(lambda: router.in_flight("decode") == 0, "the decode slot freed")
-
-
-async def test_client_disconnect_mid_stream_closes_the_decode_stream(
-    serve: Serve, start_router: StartRouter
-) -> None:
-    prefill, decode = await FakePrefill().start(serve), await FakeDecode(token_delay=0.1).start(serve)
-    router = await start_router([prefill.url], [decode.url])
-    body = {"model": MODEL, "prompt": "hi", "max_tokens": 50, "stream": True}
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(router.url + "/v1/completions", json=body) as response,
-    ):
-        assert (await response.content.readuntil(b"\n\n")).startswith(b"data: ")
-    request_id = decode.registered[0]["request_id"]
-    await eventually(lambda: request_id in decode.disconnected, "the decode worker to see the disconnect")
-    assert request_id not in decode.finished
 
 
 async def test_discovery_file_adds_and_removes_endpoints(
