@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from splitserve.contract.names import WORKER_ROLES, WorkerRole
 from splitserve_operator import naming
 from splitserve_operator.api_base import API_GROUP, API_VERSION, PLURAL
+from splitserve_operator.apply import TransientError
 from splitserve_operator.autoscaling.evaluator import AutoscalerState, PoolAutoscaler, signal_query
 from splitserve_operator.autoscaling.exporter import AutoscalerMetrics
 from splitserve_operator.autoscaling.signals import (
@@ -40,7 +41,7 @@ from splitserve_operator.kv_status import (
     transfer_problem,
 )
 from splitserve_operator.models import InferencePoolSpec
-from splitserve_operator.reconcile import Object, Reconciler, TransientError
+from splitserve_operator.reconcile import Object, Reconciler
 from splitserve_operator.remote_monitor import delete_recorded
 from splitserve_operator.settings import OperatorSettings
 from splitserve_operator.status import Problem

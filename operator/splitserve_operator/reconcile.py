@@ -11,16 +11,16 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-import aiohttp
 from pydantic import ValidationError
 
 from splitserve.contract.errors import one_line
 from splitserve_operator import naming
+from splitserve_operator.apply import ConflictError, apply_child, call_api, owned
 from splitserve_operator.conditions import Event, get_condition
 from splitserve_operator.deletion_cost import before_decode_scale_down
-from splitserve_operator.diff import covers, merge_diff, strip_nones, with_removals
+from splitserve_operator.diff import merge_diff
 from splitserve_operator.kube import ApiError, KubeClient
 from splitserve_operator.kv_status import kv_events
 from splitserve_operator.models import InferencePoolSpec
@@ -30,9 +30,9 @@ from splitserve_operator.settings import OperatorSettings
 from splitserve_operator.status import Problem, build_status
 
 Object = Mapping[str, Any]
-# Ready=False reasons that deserve a Warning event (the others are ordinary progress).
 # How long a child we wrote stands in for its not-yet-indexed watch event.
 WRITTEN_TTL_SECONDS = 30.0
+# Ready=False reasons that deserve a Warning event (the others are ordinary progress).
 WARNING_REASONS = frozenset({"InvalidSpec", "SecretNotFound", "ApplyFailed", "ChildConflict"})
 
 
@@ -47,10 +47,6 @@ class Outcome:
     status_patch: dict[str, Any] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     annotations: dict[str, str | None] = field(default_factory=dict)  # the pool's, to set (None: remove)
-
-
-class TransientError(Exception):
-    """The apiserver could not be reached or was overloaded: retry the whole reconcile later."""
 
 
 def parse(body: Object, settings: OperatorSettings) -> tuple[Pool | None, Problem | None]:
@@ -82,101 +78,13 @@ async def check_secret(client: KubeClient, pool: Pool) -> Problem | None:
     ref = hub.token_secret_ref if hub is not None else None
     if ref is None:
         return None
-    secret = await _call(client.get("Secret", pool.namespace, ref.name))
+    secret = await call_api(client.get("Secret", pool.namespace, ref.name))
     if secret is None:
         where = "spec.model.source.hub.tokenSecretRef"
         return Problem("SecretNotFound", f"Secret {ref.name} ({where}) not found")
     if ref.key not in (secret.get("data") or {}) and ref.key not in (secret.get("stringData") or {}):
         return Problem("SecretNotFound", f"Secret {ref.name} has no key {ref.key!r}")
     return None
-
-
-async def _call(awaitable: Any) -> Any:
-    """Await an API call, turning overload and connection failures into TransientError."""
-    try:
-        return await awaitable
-    except ApiError as exc:
-        if exc.status == 429 or exc.status >= 500:
-            raise TransientError(str(exc)) from exc
-        raise
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise TransientError(f"apiserver unreachable: {exc}") from exc
-
-
-def _comparable(desired: Manifest, autoscaled: bool) -> Manifest:
-    """What must match on the live object: replicas of autoscaled pools belong to the autoscaler."""
-    want = dict(desired)
-    if autoscaled:
-        want["spec"] = {k: v for k, v in desired["spec"].items() if k != "replicas"}
-    return want
-
-
-def owner_reference(owner: Object) -> dict[str, Any]:
-    """The controller reference that makes the garbage collector delete children with their pool."""
-    meta = owner["metadata"]
-    return {
-        "apiVersion": owner["apiVersion"],
-        "kind": owner["kind"],
-        "name": meta["name"],
-        "uid": meta["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
-class ConflictError(ApiError):
-    """A child's name is taken by an object another controller owns; `live` is that object."""
-
-    def __init__(self, problem: Problem, live: Object) -> None:
-        super().__init__(409, problem.reason, problem.message)
-        self.live = live
-
-
-def _owner_problem(actual: Object, owner: Object) -> Problem | None:
-    uid = owner["metadata"].get("uid")
-    for ref in (actual.get("metadata") or {}).get("ownerReferences") or []:
-        if ref.get("controller") and ref.get("uid") != uid:
-            name = actual["metadata"]["name"]
-            return Problem(
-                "ChildConflict",
-                f"{actual.get('kind')} {name} is controlled by "
-                f"{ref.get('kind')} {ref.get('name')}; rename or delete it",
-            )
-    return None
-
-
-async def apply_child(
-    client: KubeClient, desired: Manifest, actual: Object | None, owner: Object, *, autoscaled: bool
-) -> tuple[Literal["created", "updated", "unchanged"], Object]:
-    """Create the child, or patch the fields that drifted; the second element is the live object."""
-    kind, meta = desired["kind"], desired["metadata"]
-    ours = owner_reference(owner)
-    if actual is None:
-        try:
-            created = {**desired, "metadata": {**meta, "ownerReferences": [ours]}}
-            return "created", await _call(client.create(strip_nones(created)))
-        except ApiError as exc:
-            if exc.status != 409:  # 409: our index is behind (it was just created); compare instead
-                raise
-        actual = await _call(client.get(kind, meta["namespace"], meta["name"]))
-        if actual is None:
-            raise TransientError(f"{kind} {meta['name']} conflicted on create but cannot be read")
-    if (problem := _owner_problem(actual, owner)) is not None:
-        raise ConflictError(problem, actual)
-    want = _comparable(desired, autoscaled)
-    refs = list((actual.get("metadata") or {}).get("ownerReferences") or [])
-    owned = _owned(actual, owner)
-    if owned and covers(actual, want):
-        return "unchanged", actual
-    want = with_removals(actual, want)
-    if not owned:  # adopt: a merge patch replaces the list, so keep the references already there
-        want["metadata"] = {**want["metadata"], "ownerReferences": [*refs, ours]}
-    return "updated", await _call(client.merge_patch(kind, meta["namespace"], meta["name"], want))
-
-
-def _owned(child: Object, owner: Object) -> bool:
-    uid = owner["metadata"].get("uid")
-    return any(ref.get("uid") == uid for ref in (child.get("metadata") or {}).get("ownerReferences") or [])
 
 
 def _endpoint(pool: Pool, service: Object | None) -> str:
@@ -314,7 +222,7 @@ class Reconciler:
             endpoint = await self._apply_all(
                 body, pool, desired_children, children, deployments, problems, outcome
             )
-            annotations, problem = await _call(
+            annotations, problem = await call_api(
                 self.remote_monitors.reconcile(meta, pool, pod_monitor=pod_monitor, recheck=recheck)
             )
             problems += [problem] if problem is not None else []
@@ -345,9 +253,9 @@ class Reconciler:
         deleted = []
         for kind, name in unwanted_children(pool):
             live = self._current(children, kind, pool.namespace, name)
-            if live is None or not _owned(live, body):
+            if live is None or not owned(live, body):
                 continue
-            await _call(self.client.delete(kind, pool.namespace, name))
+            await call_api(self.client.delete(kind, pool.namespace, name))
             self._written.pop((kind, pool.namespace, name), None)
             deleted.append(f"{kind} {name}")
         return deleted
