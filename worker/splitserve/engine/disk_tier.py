@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,7 +95,9 @@ class DiskTier:
     """Block files under `directory`, LRU within `capacity_bytes` and `ttl_seconds` of last use.
 
     Files already there (a restarted worker, or a PVC the pool shares) are adopted at start, oldest
-    modification first. Blocking I/O: the engine calls it off its decode loop.
+    modification first. The index is locked, the files are read and written outside the lock: a loader
+    thread reading a block back (tier_load.py) holds up no eviction storing one. `read` reads a file
+    (a test makes it slow).
     """
 
     def __init__(
@@ -105,11 +108,14 @@ class DiskTier:
         ttl_seconds: float | None,
         clock: Clock,
         on_error: Callable[[MissReason | Literal["write_error"]], None] = lambda _: None,
+        read: Callable[[Path], bytes] = Path.read_bytes,
     ) -> None:
         self.directory = directory
         self.salt = salt
         self.on_error = on_error
+        self.read = read
         self.index: LRUTier[None] = LRUTier(capacity_bytes, ttl_seconds, clock)
+        self._lock = threading.Lock()
         directory.mkdir(parents=True, exist_ok=True)
         found = []
         for path in directory.glob(f"*{SUFFIX}"):
@@ -124,7 +130,8 @@ class DiskTier:
         return self.directory / f"{key:016x}{SUFFIX}"
 
     def __contains__(self, key: int) -> bool:
-        return key in self.index
+        with self._lock:
+            return key in self.index
 
     def store(self, key: int, block: torch.Tensor) -> bool:
         """Write one block (atomically); False when the disk refused (counted as `write_error`)."""
@@ -138,17 +145,19 @@ class DiskTier:
             _remove(temporary)
             self.on_error("write_error")
             return False
-        self._drop(self.index.put(key, None, len(data)))
-        return key in self.index
+        with self._lock:
+            self._drop(self.index.put(key, None, len(data)))
+            return key in self.index
 
     def load(self, key: int) -> torch.Tensor | Miss:
         """The block, or why not (every reason but `missing` is also reported to `on_error`)."""
-        self._drop(self.index.expire())
-        if key not in self.index:
-            return Miss("missing", "not in this tier")
-        self.index.get(key)  # a hit counts as a use
+        with self._lock:
+            self._drop(self.index.expire())
+            if key not in self.index:
+                return Miss("missing", "not in this tier")
+            self.index.get(key)  # a hit counts as a use
         try:
-            data = self.path(key).read_bytes()
+            data = self.read(self.path(key))
         except FileNotFoundError:
             result: torch.Tensor | Miss = Miss("missing", "file removed behind our back")
         except OSError as error:
@@ -156,8 +165,9 @@ class DiskTier:
         else:
             result = decode(data, key, self.salt)
         if isinstance(result, Miss):
-            self.index.pop(key)
-            _remove(self.path(key))
+            with self._lock:
+                self.index.pop(key)
+                _remove(self.path(key))
             if result.reason != "missing":
                 self.on_error(result.reason)
         return result

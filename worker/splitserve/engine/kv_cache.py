@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 
-from splitserve.contract.names import PrefixCacheTier
 from splitserve.engine.block_hash import block_hash
 from splitserve.engine.blocks import BlockAllocator, blocks_for
 from splitserve.engine.kv_quant import is_quantized, row_nbytes, row_width
@@ -152,7 +151,7 @@ class KVPool:
         return SequenceKV(self)
 
     def keep_evicted_in(self, tiers: KVTiers) -> None:
-        """Copy every cached block the allocator evicts to `tiers`; admission loads them back."""
+        """Copy every cached block the allocator evicts to `tiers`; admission finds them there (`admit`)."""
         self.tiers = tiers
         self.allocator.on_evict = lambda block, content: tiers.offload(content, self.block_data(block))
 
@@ -213,19 +212,20 @@ class SequenceKV:
             self.block_table += taken
             self._slots = None
 
-    def admit(self, tokens: list[int], keep_free: int = 0) -> dict[PrefixCacheTier, int]:
+    def admit(self, tokens: list[int], keep_free: int = 0) -> list[int]:
         """Take the blocks of a sequence about to compute `tokens` (it holds none yet). Its longest
-        prefix of full blocks found in the prefix cache is not computed again: blocks still on the
-        device are shared, and after them blocks kept in the host or disk tier are copied back into
-        fresh ones. The last token never comes from the cache (its logits are needed). Returns the
-        tokens found in each tier; `length` is their sum. NoFreeBlocksError (nothing taken) if the
-        blocks do not fit."""
+        prefix of full blocks still on the device is shared, not computed again (`length` covers it).
+        Returns the hashes of the full blocks after that prefix which the host or disk tier holds, in
+        order: they are to be copied back, off the engine thread (tier_load.py), into the fresh blocks
+        that follow the shared ones (`load_targets`), and then counted in (`attach_loaded`). The last
+        token never comes from the cache (its logits are needed). NoFreeBlocksError (nothing taken) if
+        the blocks do not fit."""
         if self.block_table:
             raise ValueError("admit() is for a sequence that holds no blocks")
         salt = self.pool.salt
         if salt is None:
             self.grow(len(tokens), keep_free)
-            return {}
+            return []
         size = self.pool.block_size
         found: list[int] = []
         hashes = _prefix_hashes(tokens, size, salt, found)
@@ -233,23 +233,28 @@ class SequenceKV:
         table, shared = allocator.allocate_prefixed(hashes, self.pool.blocks_for(len(tokens)), keep_free)
         self.block_table, self._slots = table, None
         self.contiguous = not table or table == list(range(table[0], table[0] + len(table)))
-        hits: dict[PrefixCacheTier, int] = {"device": shared * size}
-        cached = shared
-        if self.pool.tiers is not None:
-            for content in itertools.chain(found[shared:], hashes):
-                taken = self.pool.tiers.take(content)
-                target = self.pool.block_data(table[cached])
-                if taken is None or taken[0].shape != target.shape or taken[0].dtype != target.dtype:
-                    break  # (a file of another layout is recomputed, never cast)
-                block, tier = taken
-                target.copy_(block, non_blocking=block.is_pinned())
-                allocator.register(table[cached], content)
-                hits[tier] = hits.get(tier, 0) + size
-                cached += 1
-        self.hashes = found[:cached]
-        self.length = cached * size
+        self.hashes = found[:shared]
+        self.length = shared * size
         self.tokens = tokens[: self.length]
-        return hits
+        tiers = self.pool.tiers
+        if tiers is None:
+            return []
+        return list(itertools.takewhile(tiers.holds, itertools.chain(found[shared:], hashes)))
+
+    def load_targets(self, count: int) -> list[torch.Tensor]:
+        """The `count` blocks after the written ones, each `[layers, 2, kv_heads, block_size, row]` (views):
+        where the blocks `admit` found in a lower tier land."""
+        first = len(self.hashes)
+        return [self.pool.block_data(block) for block in self.block_table[first : first + count]]
+
+    def attach_loaded(self, tokens: list[int], contents: list[int]) -> None:
+        """The blocks hashed `contents` (the leading ones `admit` returned for `tokens`) were copied into
+        `load_targets`: they join the prefix cache and `length`."""
+        for content in contents:
+            self.pool.allocator.register(self.block_table[len(self.hashes)], content)
+            self.hashes.append(content)
+        self.length = len(self.hashes) * self.pool.block_size
+        self.tokens = tokens[: self.length]
 
     def pin_prefix(self, tokens: list[int]) -> int:
         """Hold the longest prefix of full blocks of `tokens` that the device's prefix cache has (the

@@ -4,9 +4,10 @@ The allocator reports each cached block it is about to reuse (`BlockAllocator.on
 lock, before the block is overwritten); its keys and values are copied to host memory (pinned on
 CUDA, so loading back is a DMA) into an LRU bounded by bytes and TTL (tiers.py). What the host tier
 lets go of is written to the disk tier when there is one (disk_tier.py), else dropped. Admission
-asks here for the blocks the device no longer holds (`take`) and copies them back into fresh device
-blocks instead of recomputing them. One lock: evictions happen on the engine thread and on the
-asyncio side (arriving caches take blocks too).
+asks which of the blocks the device no longer holds are here (`holds`, no I/O); a loader thread then
+takes them (`take`: the disk read) and copies them back into fresh device blocks instead of
+recomputing them (tier_load.py). One lock: evictions happen on the engine thread and on the asyncio
+side (arriving caches take blocks too), loads on the loader thread.
 """
 
 from __future__ import annotations
@@ -94,22 +95,29 @@ class KVTiers:
                 self.metrics.record_kv_offload("host", "store", nbytes)
             self._spill(released)
 
+    def holds(self, content: int) -> bool:
+        """Whether a tier has the block hashed `content` (by its index: a disk file may still turn out
+        damaged when `take` reads it, a miss then)."""
+        with self._lock:
+            return content in self.host or (self.disk is not None and content in self.disk)
+
     def take(self, content: int) -> tuple[torch.Tensor, PrefixCacheTier] | None:
         """The block hashed `content` from the highest tier that has it, or None. A host hit leaves
-        the host tier (the block is on the device again); a disk file stays for other workers."""
+        the host tier (the block is on the device again); a disk file stays for other workers. The
+        disk read runs outside this lock, so evictions on the engine thread go on meanwhile."""
         with self._lock:
             self._spill(self.host.expire())
             block = self.host.pop(content) if content in self.host else None
             if block is not None:
                 self.metrics.record_kv_offload("host", "load", block.numel() * block.element_size())
                 return block, "host"
-            if self.disk is None:
-                return None
-            loaded = self.disk.load(content)
-            if not isinstance(loaded, torch.Tensor):
-                return None
-            self.metrics.record_kv_offload("disk", "load", loaded.numel() * loaded.element_size())
-            return loaded, "disk"
+        if self.disk is None:
+            return None
+        loaded = self.disk.load(content)
+        if not isinstance(loaded, torch.Tensor):
+            return None
+        self.metrics.record_kv_offload("disk", "load", loaded.numel() * loaded.element_size())
+        return loaded, "disk"
 
     def _spill(self, released: list[Released[torch.Tensor]]) -> None:
         if self.disk is not None:

@@ -7,12 +7,14 @@ carries is step.py's `plan_step`), samples, and hands the new tokens to the asyn
 batch. The thread owns all engine state; the only way in is the command queue, the only way out is
 `on_step`. The one thing it shares is the KV block pool, whose allocator is locked: the asyncio side
 takes blocks for arriving caches and frees the caches it has shipped, then sends a wake-up so that
-waiting sequences are admitted.
+waiting sequences are admitted. A prefix found in the host or disk tier is copied back by a loader
+thread (tier_load.py) while the others keep stepping; its end comes in as a command too.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import queue
 import threading
@@ -28,6 +30,7 @@ from splitserve.engine.forward import Engine, Work
 from splitserve.engine.kv_cache import KVPool, SequenceKV
 from splitserve.engine.sampling import SamplingError, SamplingRow, finish_reason, sample
 from splitserve.engine.step import BatchPolicy, Emission, Sequence, plan_step
+from splitserve.engine.tier_load import TierLoad, TierLoader
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ class EngineMetrics(Protocol):
         """KV bytes stored into a retention tier or loaded back from it."""
 
 
-_ABORT, _ADD, _STOP, _WAKE = "abort", "add", "stop", "wake"
+_ABORT, _ADD, _LOADED, _STOP, _WAKE = "abort", "add", "loaded", "stop", "wake"
 WATERMARK_FRACTION = 0.01  # of the pool kept free at admission, so running streams can grow (vLLM's 1 %)
 PROBE_TOKEN = 0  # any id in the vocabulary: the probe only asks whether the engine still runs
 
@@ -72,7 +75,8 @@ class EngineLoop:
     watermark are free (so a long prompt at the head is never overtaken by short ones). Decode
     streams take a block only when they cross a block boundary; if none is free, the most recently
     admitted sequence is preempted (its blocks freed, it waits at the head of the queue to be
-    recomputed), as vLLM's recompute preemption does.
+    recomputed), as vLLM's recompute preemption does. A sequence whose prefix is being loaded back from
+    a lower tier holds its blocks but is neither stepped nor preempted until the load ends.
     """
 
     def __init__(
@@ -93,6 +97,9 @@ class EngineLoop:
         self.waiting: collections.deque[Sequence] = collections.deque()  # holding no blocks
         self.prefilling: collections.deque[Sequence] = collections.deque()
         self.decoding: list[Sequence] = []
+        self.loading: dict[Sequence, TierLoad] = {}  # admitted, its prefix being copied back
+        self._aborting: set[Sequence] = set()  # loading sequences to drop once their copy stopped
+        self._loader = TierLoader()
         self._admissions = 0
         self._commands: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._queued = 0  # sequences waiting for admission; written by the engine thread only
@@ -129,6 +136,9 @@ class EngineLoop:
         while True:
             self._admit()  # before blocking: a step that preempted every stream freed their blocks
             if not self._drain_commands(block=not (self.prefilling or self.decoding)):
+                for load in self.loading.values():
+                    load.cancelled.set()
+                self._loader.close()
                 return
             self._admit()
             self._queued = len(self.waiting)
@@ -155,6 +165,9 @@ class EngineLoop:
                     self.waiting.append(payload)
             elif kind == _ABORT:
                 aborted.extend(self._remove(str(payload)))
+            elif kind == _LOADED:
+                assert isinstance(payload, Sequence)
+                aborted.extend(self._loaded(payload))
         if aborted:
             self.on_step(aborted)
         return True
@@ -162,12 +175,12 @@ class EngineLoop:
     def _admit(self) -> None:
         """FIFO: take the head's blocks while they and the watermark are free; its longest cached
         prefix is shared instead of taken (and not computed again)."""
-        while self.waiting and len(self.prefilling) + len(self.decoding) < self.policy.max_num_seqs:
+        while self.waiting and self._admitted() < self.policy.max_num_seqs:
             seq = self.waiting[0]
-            running = bool(self.prefilling or self.decoding)
+            running = bool(self._admitted())
             try:
                 # The watermark protects running streams; with none running it would only stall.
-                hits = seq.kv.admit(seq.target_tokens(), keep_free=self.watermark if running else 0)
+                lower = seq.kv.admit(seq.target_tokens(), keep_free=self.watermark if running else 0)
             except NoFreeBlocksError:
                 if not running and self.pool.blocks_for(seq.prefill_target) > self.pool.num_blocks:
                     self.waiting.popleft()
@@ -176,15 +189,44 @@ class EngineLoop:
                     self.on_step([Emission(seq, None, None, error=error)])
                     continue
                 return
-            if self.pool.salt is not None:
-                self.metrics.record_prefix_cache(seq.prefill_target, hits)
             self.waiting.popleft()
             self._admissions += 1
             seq.admitted = self._admissions
+            if lower and self.pool.tiers is not None:
+                load = TierLoad(self.pool.tiers, lower, seq.kv.load_targets(len(lower)))
+                self.loading[seq] = load
+                self._loader.start(load, functools.partial(self._commands.put, (_LOADED, seq)))
+                continue
+            if self.pool.salt is not None:
+                self.metrics.record_prefix_cache(seq.prefill_target, {"device": seq.kv.length})
             self.prefilling.append(seq)
 
+    def _admitted(self) -> int:
+        return len(self.prefilling) + len(self.decoding) + len(self.loading)
+
+    def _loaded(self, seq: Sequence) -> list[Emission]:
+        """A load ended: what it copied joins the prefix cache (also when the sequence was aborted
+        meanwhile: the blocks stay cached), and the sequence prefills the rest, or leaves."""
+        load = self.loading.pop(seq)
+        device = seq.kv.length
+        seq.kv.attach_loaded(seq.target_tokens(), load.loaded)
+        self.metrics.record_prefix_cache(
+            seq.prefill_target, {"device": device, **load.hits(self.pool.block_size)}
+        )
+        if seq in self._aborting:
+            self._aborting.remove(seq)
+            seq.kv.release()
+            return [Emission(seq, None, None, error="aborted")]
+        self.prefilling.append(seq)
+        return []
+
     def _remove(self, request_id: str) -> list[Emission]:
-        """Take a sequence out wherever it is and free its blocks; what an abort reports."""
+        """Take a sequence out wherever it is and free its blocks; what an abort reports. A loading one
+        has its copy cancelled, and leaves (and frees its blocks) once the copy has stopped (`_loaded`)."""
+        for seq, load in self.loading.items():
+            if seq.request_id == request_id:
+                load.cancelled.set()
+                self._aborting.add(seq)
         gone = [
             seq for seq in (*self.waiting, *self.prefilling, *self.decoding) if seq.request_id == request_id
         ]
@@ -203,7 +245,7 @@ class EngineLoop:
             log.exception("engine step failed")
             emissions = self._isolate(prefill_plan, decode, error)
         self._queued = len(self.waiting)
-        self.metrics.requests_running.set(len(self.decoding) + len(self.prefilling))
+        self.metrics.requests_running.set(self._admitted())
         self.metrics.record_kv_blocks(self.pool.allocator.num_free, self.pool.allocator.num_used)
         if self.pool.tiers is not None:
             self.metrics.record_kv_tier_usage(self.pool.tiers.usage_bytes())
