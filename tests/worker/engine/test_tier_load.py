@@ -25,7 +25,7 @@ from tests.worker.engine.runtimes import GREEDY, assert_no_leaks, collect, reque
 from tests.worker.engine.test_kv_tiers import FIRST, OTHERS, disk_errors
 from tests.worker.engine.test_paging import make_runtime
 from tests.worker.engine.test_prefix_cache import hits
-from tests.worker.serving.test_router import eventually
+from tests.worker.serving.router_harness import eventually
 
 RUNNER = random_prompt(20, seed=40)
 STEPS = 30
