@@ -18,8 +18,6 @@ import collections
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass, field
-from typing import Literal
 
 from splitserve.contract.config import EngineConfig
 from splitserve.contract.names import EngineRole
@@ -41,44 +39,9 @@ from splitserve.engine.placement import Placement, choose_placement
 from splitserve.engine.sampling import finish_reason
 from splitserve.engine.scheduler import EngineLoop, EngineMetrics
 from splitserve.engine.step import BatchPolicy, Emission, Sequence
+from splitserve.engine.streams import PrefillResult, RequestStream
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PrefillResult:
-    first_token: int
-    kv: SequenceKV
-
-
-KVState = Literal["none", "expected", "receiving", "arrived"]
-
-
-@dataclass(eq=False)
-class _Stream:
-    """One request as the loop sees it; `_settle` frees its KV once nothing needs it any more."""
-
-    request_id: str
-    prompt: list[int]
-    params: SamplingParams
-    outbox: asyncio.Queue[GenerationChunk | GenerationError] = field(default_factory=asyncio.Queue)
-    kv: SequenceKV | None = None  # its blocks, once it has some (the engine grows them)
-    in_engine: bool = False  # the engine thread holds the sequence
-    hold_kv: bool = False  # prefill: the KV outlives the engine's interest until it is shipped
-    kv_state: KVState = "none"  # decode: where the pushed KV cache is
-    closed: bool = False  # the consumer is gone
-    failed: bool = False  # an error was delivered; nothing more will be
-
-    @property
-    def busy(self) -> bool:
-        """Someone still writes into this stream's KV: the engine, or a transfer in flight."""
-        return self.in_engine or self.kv_state == "receiving"
-
-    @property
-    def keeps_kv(self) -> bool:
-        """Its blocks stay while the consumer is there: a prefill's cache until shipped, a decode
-        registration's pinned prefix until the rest arrives (or the request fails)."""
-        return self.hold_kv or (self.kv_state == "expected" and not self.failed)
 
 
 class EngineRuntime:
@@ -101,7 +64,7 @@ class EngineRuntime:
             role, config.prefill_chunk_size, config.chunked_prefill, loaded.max_model_len, config.max_num_seqs
         )
         self.engine_loop = EngineLoop(engine, self.pool, policy, metrics, self._from_engine_thread)
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._kv_waiters: collections.deque[tuple[SequenceKV, int, asyncio.Future[None]]] = (
             collections.deque()
         )
@@ -254,7 +217,7 @@ class EngineRuntime:
 
     # ---- plumbing -----------------------------------------------------------------------------
 
-    def _open(self, request_id: str, prompt: list[int], params: SamplingParams) -> _Stream:
+    def _open(self, request_id: str, prompt: list[int], params: SamplingParams) -> RequestStream:
         """Refuse what can never fit; cap `max_tokens` at what the pool can hold for one sequence, so
         "no max_tokens" (the rest of the context window) is admitted without reserving anything."""
         if request_id in self._streams:
@@ -273,12 +236,12 @@ class EngineRuntime:
             params = params.model_copy(
                 update={"max_tokens": room, "min_tokens": min(params.min_tokens, room)}
             )
-        stream = _Stream(request_id, prompt, params)
+        stream = RequestStream(request_id, prompt, params)
         self._streams[request_id] = stream
         self._update_gauges()
         return stream
 
-    def _new_kv(self, stream: _Stream) -> SequenceKV:
+    def _new_kv(self, stream: RequestStream) -> SequenceKV:
         stream.kv = self.pool.sequence()
         return stream.kv
 
@@ -323,37 +286,37 @@ class EngineRuntime:
             if not future.done():
                 future.set_result(None)
 
-    def _submit(self, stream: _Stream, sequence: Sequence) -> None:
+    def _submit(self, stream: RequestStream, sequence: Sequence) -> None:
         stream.in_engine = True
         self.engine_loop.add(sequence)
         self._update_gauges()
 
-    def _deliver(self, stream: _Stream, item: GenerationChunk | GenerationError) -> None:
+    def _deliver(self, stream: RequestStream, item: GenerationChunk | GenerationError) -> None:
         if not stream.failed:
             stream.failed = isinstance(item, GenerationError)
             stream.outbox.put_nowait(item)
 
-    async def _next(self, stream: _Stream) -> GenerationChunk:
+    async def _next(self, stream: RequestStream) -> GenerationChunk:
         item = await stream.outbox.get()
         if isinstance(item, GenerationError):
             raise item
         return item
 
-    async def _drain(self, stream: _Stream) -> AsyncIterator[GenerationChunk]:
+    async def _drain(self, stream: RequestStream) -> AsyncIterator[GenerationChunk]:
         while True:
             chunk = await self._next(stream)
             yield chunk
             if chunk.finish_reason is not None:
                 return
 
-    def _close(self, stream: _Stream) -> None:
+    def _close(self, stream: RequestStream) -> None:
         """The consumer is done: abort in the engine if the sequence is still there, free the rest."""
         stream.closed = True
         if stream.in_engine:
             self.engine_loop.abort(stream.request_id)  # settled when the engine confirms
         self._settle(stream)
 
-    def _settle(self, stream: _Stream) -> None:
+    def _settle(self, stream: RequestStream) -> None:
         """Free the KV once nobody writes or reads it; forget the stream once its consumer is gone.
         (The engine frees what it finishes itself; here go shipped, failed and cancelled caches.)"""
         kv = stream.kv
@@ -365,7 +328,7 @@ class EngineRuntime:
             self._streams.pop(stream.request_id, None)
         self._update_gauges()
 
-    def _kv_deadline(self, stream: _Stream) -> None:
+    def _kv_deadline(self, stream: RequestStream) -> None:
         if stream.kv_state in ("expected", "receiving") and not stream.closed:
             self._deliver(
                 stream,

@@ -21,7 +21,8 @@ from pydantic import ValidationError
 from splitserve.contract.errors import location, one_line
 from splitserve.engine.kv_cache import KVLayout, SequenceKV
 from splitserve.engine.params import GenerationChunk, GenerationError, GenerationRequest, check_vocabulary
-from splitserve.engine.runtime import EngineRuntime, PrefillResult
+from splitserve.engine.runtime import EngineRuntime
+from splitserve.engine.streams import PrefillResult
 from splitserve.serving.drain import LIVENESS_QUERY, Drain
 from splitserve.serving.frontend import DEFAULT_MAX_BODY_BYTES, error_response
 from splitserve.serving.internal_api import (
