@@ -218,7 +218,9 @@ def test_bad_input_gets_an_openai_error_and_disturbs_nothing(
 
 
 def test_killed_decode_worker_fails_only_its_own_streams(tiny_model: Path, tmp_path: Path) -> None:
-    pool = start_pool(tiny_model, tmp_path, prefill=1, decode=2)
+    # Without migration (test_stream_migration.py has it on): the dead worker's streams end in an error.
+    routing = RoutingConfig(local_prefill_max_tokens=0, migration_limit=0)
+    pool = start_pool(tiny_model, tmp_path, prefill=1, decode=2, routing=routing)
     try:
         api = client(pool)
         streams = [
