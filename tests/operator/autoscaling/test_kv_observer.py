@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,12 @@ def degraded(cluster: Cluster) -> tuple[str, str] | None:
 
 
 async def test_status_shows_kv_sharing_and_degrades_while_transfers_keep_failing(
-    apiserver: ApiServer, cluster: Cluster, counters: KvCounters, prometheus_bin: str, tmp_path: Path
+    apiserver: ApiServer,
+    settings: OperatorSettings,
+    cluster: Cluster,
+    counters: KvCounters,
+    prometheus_bin: str,
+    tmp_path: Path,
 ) -> None:
     prometheus = Prometheus(prometheus_bin, tmp_path, [f"127.0.0.1:{counters.port}"])
 
@@ -99,14 +105,9 @@ async def test_status_shows_kv_sharing_and_degrades_while_transfers_keep_failing
             await asyncio.sleep(0.2)
 
     ticking = asyncio.create_task(traffic())
-    settings = OperatorSettings(
-        worker_image="splitserve/worker:test",
-        poll_seconds=0.1,
-        resync_seconds=0.5,
-        prometheus_url=prometheus.url,
-    )
+    with_prometheus = dataclasses.replace(settings, prometheus_url=prometheus.url)
     try:
-        async with running_operator(apiserver, settings):
+        async with running_operator(apiserver, with_prometheus):
             await cluster.create_pool(POOL, SPEC, namespace=NAMESPACE)
             await eventually(
                 lambda: degraded(cluster) == ("True", KV_TRANSFERS_FAILING), limit=LIMIT, what="Degraded"

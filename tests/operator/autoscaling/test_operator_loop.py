@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ def metrics_condition(cluster: Cluster) -> dict[str, Any] | None:
 
 async def test_operator_scales_on_what_prometheus_reports_and_holds_without_it(
     apiserver: ApiServer,
+    settings: OperatorSettings,
     cluster: Cluster,
     endpoints: Endpoints,
     prometheus_bin: str,
@@ -45,14 +47,9 @@ async def test_operator_scales_on_what_prometheus_reports_and_holds_without_it(
 ) -> None:
     prometheus = Prometheus(prometheus_bin, tmp_path, [e.target for e in endpoints.values()])
     traffic = Traffic(endpoints)  # TTFT 3 s against the 1 s target, ITL within target
-    settings = OperatorSettings(
-        worker_image="splitserve/worker:test",
-        poll_seconds=0.1,
-        resync_seconds=0.5,
-        prometheus_url=prometheus.url,
-    )
+    with_prometheus = dataclasses.replace(settings, prometheus_url=prometheus.url)
     try:
-        async with running_operator(apiserver, settings):
+        async with running_operator(apiserver, with_prometheus):
             await cluster.create_pool("chat", SPEC, namespace=NAMESPACE)
             await eventually(lambda: replicas(cluster, "prefill") > 1, limit=40, what="prefill scale-up")
             # kopf applies the timer's status patch once the handler returns, just after the scale.
@@ -91,6 +88,7 @@ async def test_operator_scales_on_what_prometheus_reports_and_holds_without_it(
 
 async def test_prefill_pool_stops_when_ttft_allows_and_comes_back_when_it_misses(
     apiserver: ApiServer,
+    settings: OperatorSettings,
     cluster: Cluster,
     endpoints: Endpoints,
     prometheus_bin: str,
@@ -120,14 +118,9 @@ async def test_prefill_pool_stops_when_ttft_allows_and_comes_back_when_it_misses
     ticking = asyncio.create_task(traffic())
     spec = copy.deepcopy(SPEC)
     spec["prefill"]["replicas"] |= {"min": 0, "initial": 1}  # without `initial` it would start at zero
-    settings = OperatorSettings(
-        worker_image="splitserve/worker:test",
-        poll_seconds=0.1,
-        resync_seconds=0.5,
-        prometheus_url=prometheus.url,
-    )
+    with_prometheus = dataclasses.replace(settings, prometheus_url=prometheus.url)
     try:
-        async with running_operator(apiserver, settings):
+        async with running_operator(apiserver, with_prometheus):
             await cluster.create_pool("chat", spec, namespace=NAMESPACE)
             await eventually(lambda: replicas(cluster, "prefill") == 1, what="the prefill Deployment")
             await eventually(lambda: replicas(cluster, "prefill") == 0, limit=40, what="prefill to zero")

@@ -8,7 +8,7 @@ a registry nobody scrapes, so code paths shared between roles need no role check
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -58,6 +58,13 @@ class Metrics:
         def gauge(name: str, doc: str) -> Gauge:
             return Gauge(name, doc, labels, registry=reg(name)).labels(**values)
 
+        def counter_by(name: str, doc: str, label: str, choices: Iterable[str]) -> Counter:
+            """A counter with one more label, each of whose values is exported from the start (at 0)."""
+            series = Counter(name, doc, (*labels, label), registry=reg(name))
+            for choice in choices:
+                series.labels(**values, **{label: choice})
+            return series
+
         # What clients see (router, both).
         self.ttft = histogram(
             names.TTFT,
@@ -72,12 +79,7 @@ class Metrics:
         self.e2e = histogram(names.E2E_LATENCY, "Request arrival to last token.", E2E_BUCKETS)
         self.prompt_tokens = counter(names.PROMPT_TOKENS, "Prompt tokens of admitted requests.")
         self.generation_tokens = counter(names.GENERATION_TOKENS, "Tokens sent to clients.")
-        self._requests = Counter(
-            names.REQUESTS,
-            "Finished requests by outcome.",
-            (*labels, "outcome"),
-            registry=reg(names.REQUESTS),
-        )
+        self._requests = counter_by(names.REQUESTS, "Finished requests by outcome.", "outcome", OUTCOMES)
         # What a worker's stage costs (prefill, decode, both).
         self.kv_transfer_seconds = histogram(
             names.KV_TRANSFER_SECONDS,
@@ -130,40 +132,32 @@ class Metrics:
         for tier in ("host", "disk"):
             for direction in names.OFFLOAD_DIRECTIONS:
                 self._kv_offload_bytes.labels(**values, tier=tier, direction=direction)
-        self._kv_disk_errors = Counter(
+        self._kv_disk_errors = counter_by(
             names.KV_DISK_ERRORS,
             "Disk-tier block files that could not be read back (a miss, recomputed) or written.",
-            (*labels, "reason"),
-            registry=reg(names.KV_DISK_ERRORS),
+            "reason",
+            names.KV_DISK_ERROR_REASONS,
         )
-        for reason in names.KV_DISK_ERROR_REASONS:
-            self._kv_disk_errors.labels(**values, reason=reason)
         # The pool sharing its KV: where prompts were prefilled (router), prompt blocks reused or received
         # at a handoff (decode), failed sends by reason (prefill).
-        self._prefills = Counter(
+        self._prefills = counter_by(
             names.PREFILLS,
             "Prompts prefilled, by placement: remote (a prefill worker) or local (the decode worker).",
-            (*labels, "placement"),
-            registry=reg(names.PREFILLS),
+            "placement",
+            names.PREFILL_PLACEMENTS,
         )
-        for placement in names.PREFILL_PLACEMENTS:
-            self._prefills.labels(**values, placement=placement)
-        self._kv_handoff_blocks = Counter(
+        self._kv_handoff_blocks = counter_by(
             names.KV_HANDOFF_BLOCKS,
             "Prompt KV blocks of handed-off requests: already cached here, or received from prefill.",
-            (*labels, "source"),
-            registry=reg(names.KV_HANDOFF_BLOCKS),
+            "source",
+            names.KV_HANDOFF_SOURCES,
         )
-        for source in names.KV_HANDOFF_SOURCES:
-            self._kv_handoff_blocks.labels(**values, source=source)
-        self._kv_transfer_failures = Counter(
+        self._kv_transfer_failures = counter_by(
             names.KV_TRANSFER_FAILURES,
             "KV cache sends that failed, by the transfer's error code.",
-            (*labels, "reason"),
-            registry=reg(names.KV_TRANSFER_FAILURES),
+            "reason",
+            names.KV_TRANSFER_FAILURE_REASONS,
         )
-        for reason in names.KV_TRANSFER_FAILURE_REASONS:
-            self._kv_transfer_failures.labels(**values, reason=reason)
         self.prefill_step = histogram(
             names.step_seconds("prefill"), "Duration of one prefill forward (one chunk).", STEP_BUCKETS
         )
@@ -182,17 +176,13 @@ class Metrics:
         self.startup_seconds = gauge(
             names.STARTUP_SECONDS, "Seconds from process start to serving: imports, weights loaded, warm."
         )
-        for outcome in OUTCOMES:
-            self._requests.labels(**values, outcome=outcome)
-        self._migrations = Counter(
+        self._migrations = counter_by(
             names.MIGRATIONS,
             "Streams whose decode worker died mid-stream, by outcome: resumed on another decode worker, or "
             "failed because the request had moved migrationLimit times already.",
-            (*labels, "outcome"),
-            registry=reg(names.MIGRATIONS),
+            "outcome",
+            names.MIGRATION_OUTCOMES,
         )
-        for migration in names.MIGRATION_OUTCOMES:
-            self._migrations.labels(**values, outcome=migration)
         self.vllm = VllmSeries(self, self.model_name or self.pool)
 
     def record_kv_blocks(self, free: int, used: int) -> None:
