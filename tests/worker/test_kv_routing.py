@@ -121,6 +121,12 @@ async def test_next_turns_follow_the_history_and_any_index_gives_the_same_answer
             long_streams.append(response)
         in_flight = {e["url"]: e["in_flight"] for e in backend.snapshot()["decode"]}
         assert in_flight == {home: MARGIN, away: 0}
+        # The router's last /load poll of `away` may date from the other conversation's turn: wait until
+        # it shows the worker idle, as it is.
+        await eventually(
+            lambda: all(e["reported_load"] == 0 for e in backend.snapshot()["decode"] if e["url"] == away),
+            what="the idle worker's load polled",
+        )
         assert away in await served_by(chat)  # `away` is idle but for this turn
         for response in long_streams:
             response.close()  # the client goes away: the router aborts the stream
